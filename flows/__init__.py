@@ -1,0 +1,1 @@
+"""ganflow's edges: command line, orchestration, distribution and tracking."""

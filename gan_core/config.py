@@ -1,0 +1,299 @@
+"""One typed, validated config tree per run.
+
+Names follow the papers, stated once: k (Algorithm 1's discriminator steps per generator
+step) is ``train.d_steps``; CycleGAN's λ is ``loss.lambda_cyc``; m (the minibatch size) is
+``train.batch_size``; G, F, D_X, D_Y are the model keys.
+
+Every field is checked on construction, so a bad value fails before any work starts with
+a message that names the field. ``to_flat_dict`` gives MLflow-style params
+(``train.d_steps``) and ``from_flat_dict`` reads them back; ``apply_overrides`` takes the
+command line's ``key=value`` pairs, where a leaf name alone (``d_steps``) is enough when it
+is unambiguous.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+FAMILIES = ("gan", "cgan", "cyclegan")
+ARCHS = {"gan": ("mlp", "conv"), "cgan": ("mlp", "conv"), "cyclegan": ("resnet",)}
+DEFAULT_DATASET = {"gan": "builtin:digits", "cgan": "builtin:digits", "cyclegan": "builtin:digits-unpaired"}
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message starts with the dotted field name."""
+
+
+def _check(ok: bool, name: str, msg: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {msg}, got {value!r}")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "builtin:digits"
+    """A built-in name (builtin:digits, builtin:digits-unpaired) or a snapshot id/name."""
+    image_size: int = 16
+    """Images are resized to image_size x image_size (bilinear)."""
+    channels: int = 1
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.dataset, str) and bool(self.dataset), "data.dataset", "must be a non-empty string", self.dataset)
+        _check(_is_int(self.image_size) and 8 <= self.image_size <= 512, "data.image_size", "must be an integer in [8, 512]", self.image_size)
+        _check(self.channels in (1, 3), "data.channels", "must be 1 or 3", self.channels)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "mlp"
+    """gan/cgan: 'mlp' (the paper's multilayer perceptrons) or 'conv' (DCGAN-style);
+    cyclegan: 'resnet' (ResNet-block generators, PatchGAN discriminators)."""
+    z_dim: int = 64
+    """Dimension of the noise z ~ N(0, I)."""
+    hidden: int = 256
+    """Width of the MLP hidden layers."""
+    mlp_layers: int = 2
+    """Number of hidden layers in each MLP."""
+    ngf: int = 32
+    """Base channel count of convolutional generators."""
+    ndf: int = 32
+    """Base channel count of convolutional discriminators."""
+    n_res_blocks: int = 3
+    """ResNet blocks in CycleGAN's generators (the paper: 6 at 128px, 9 at 256px)."""
+    patch_layers: int = 2
+    """Stride-2 layers in the PatchGAN discriminator (sets its receptive field)."""
+    num_classes: int = 10
+    """Number of labels y for the conditional GAN."""
+    embed_dim: int = 16
+    """Size of the label embedding fed to G(z, y) and D(x, y)."""
+
+    def __post_init__(self) -> None:
+        for name in ("z_dim", "hidden", "mlp_layers", "ngf", "ndf", "num_classes", "embed_dim", "patch_layers"):
+            v = getattr(self, name)
+            _check(_is_int(v) and v >= 1, f"model.{name}", "must be an integer >= 1", v)
+        _check(_is_int(self.n_res_blocks) and self.n_res_blocks >= 0, "model.n_res_blocks", "must be an integer >= 0", self.n_res_blocks)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    gan_loss: str = "minimax"
+    """'minimax' (Goodfellow's V(D, G), from logits) or 'lsgan' (least squares, CycleGAN's practice)."""
+    g_loss: str = "non_saturating"
+    """With minimax: 'non_saturating' (maximise log D(G(z)), the default) or 'saturating'."""
+    lambda_cyc: float = 10.0
+    """λ, the weight of CycleGAN's cycle-consistency loss (10 in the paper)."""
+    lambda_id: float = 0.0
+    """Identity-loss weight as a fraction of λ (the CycleGAN code uses 0.5; 0 disables it)."""
+
+    def __post_init__(self) -> None:
+        _check(self.gan_loss in ("minimax", "lsgan"), "loss.gan_loss", "must be 'minimax' or 'lsgan'", self.gan_loss)
+        _check(self.g_loss in ("non_saturating", "saturating"), "loss.g_loss", "must be 'non_saturating' or 'saturating'", self.g_loss)
+        _check(_is_num(self.lambda_cyc) and self.lambda_cyc >= 0 and self.lambda_cyc == self.lambda_cyc and self.lambda_cyc != float("inf"), "loss.lambda_cyc", "must be a finite number >= 0", self.lambda_cyc)
+        _check(_is_num(self.lambda_id) and 0 <= self.lambda_id < float("inf"), "loss.lambda_id", "must be a finite number >= 0", self.lambda_id)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    decay_start: float = 1.0
+    """Fraction of the steps after which learning rates decay linearly to 0 (CycleGAN: 0.5);
+    1.0 keeps them constant."""
+
+    def __post_init__(self) -> None:
+        for name in ("lr_g", "lr_d"):
+            v = getattr(self, name)
+            _check(_is_num(v) and 0 < v < 1, f"optim.{name}", "must be a number in (0, 1)", v)
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            _check(_is_num(v) and 0 <= v < 1, f"optim.{name}", "must be a number in [0, 1)", v)
+        _check(_is_num(self.decay_start) and 0 <= self.decay_start <= 1, "optim.decay_start", "must be a number in [0, 1]", self.decay_start)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    d_steps: int = 1
+    """k: discriminator updates per generator update (Algorithm 1; k = 1 in the paper)."""
+    batch_size: int = 64
+    """m: minibatch size, per worker."""
+    steps: int = 2000
+    """Training iterations (generator updates)."""
+    seed: int = 0
+    log_every: int = 100
+    """Metrics are synced to the host and reported every log_every iterations."""
+    pool_size: int = 50
+    """CycleGAN's history of generated images fed to the discriminators (0 disables)."""
+    precision: str = "fp32"
+    """'fp32' or 'bf16' (autocast of the forward passes; losses stay in fp32)."""
+    device: str = "auto"
+    """'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:N]'."""
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.d_steps) and self.d_steps >= 1, "train.d_steps", "k must be an integer >= 1", self.d_steps)
+        _check(_is_int(self.batch_size) and self.batch_size >= 1, "train.batch_size", "must be an integer >= 1", self.batch_size)
+        _check(_is_int(self.steps) and self.steps >= 1, "train.steps", "must be an integer >= 1", self.steps)
+        _check(_is_int(self.seed) and self.seed >= 0, "train.seed", "must be an integer >= 0", self.seed)
+        _check(_is_int(self.log_every) and self.log_every >= 1, "train.log_every", "must be an integer >= 1", self.log_every)
+        _check(_is_int(self.pool_size) and self.pool_size >= 0, "train.pool_size", "must be an integer >= 0", self.pool_size)
+        _check(self.precision in ("fp32", "bf16"), "train.precision", "must be 'fp32' or 'bf16'", self.precision)
+        _check(isinstance(self.device, str) and (self.device in ("auto", "cpu") or self.device.startswith("cuda")), "train.device", "must be 'auto', 'cpu' or 'cuda[:N]'", self.device)
+
+
+@dataclass(frozen=True)
+class GanConfig:
+    family: str = "gan"
+    """'gan' (Goodfellow et al.), 'cgan' (Mirza & Osindero) or 'cyclegan' (Zhu et al.)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.family in FAMILIES, "family", f"must be one of {', '.join(FAMILIES)}", self.family)
+        archs = ARCHS[self.family]
+        _check(self.model.arch in archs, "model.arch", f"must be one of {', '.join(archs)} for {self.family}", self.model.arch)
+        s = self.data.image_size
+        if self.model.arch == "conv":
+            # DCGAN-style nets double/halve the side from a 4x4 base.
+            _check(s >= 8 and s & (s - 1) == 0, "data.image_size", "the conv architecture needs a power of two >= 8", s)
+        if self.model.arch == "resnet":
+            # Two stride-2 downsamplings in G, then PatchGAN's strides and two 4x4 valid-ish convs.
+            _check(s % 4 == 0, "data.image_size", "the resnet generator needs a multiple of 4", s)
+            need = 3 * 2**self.model.patch_layers
+            _check(s >= need, "data.image_size", f"PatchGAN with patch_layers={self.model.patch_layers} needs >= {need}", s)
+
+    # --- flat dict round trip -------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_flat_dict(self) -> dict[str, object]:
+        flat: dict[str, object] = {"family": self.family}
+        for section in _SECTIONS:
+            for f in dataclasses.fields(getattr(self, section)):
+                flat[f"{section}.{f.name}"] = getattr(getattr(self, section), f.name)
+        return flat
+
+    @classmethod
+    def from_flat_dict(cls, flat: dict[str, object]) -> GanConfig:
+        """Inverse of to_flat_dict; values may be strings (as MLflow returns params)."""
+        return apply_overrides(cls(family=str(flat.get("family", "gan"))), {k: v for k, v in flat.items() if k != "family"})
+
+
+_SECTIONS = ("data", "model", "loss", "optim", "train")
+
+
+def _field_type(section: str, name: str) -> type:
+    cls = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "train": TrainConfig}[section]
+    hints = typing.get_type_hints(cls)
+    t = hints[name]
+    if isinstance(t, types.UnionType):
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    return t
+
+
+def _coerce(key: str, t: type, value: object) -> object:
+    if not isinstance(value, str):
+        if t is float and _is_int(value):
+            return float(value)
+        return value
+    try:
+        if t is int:
+            return int(value)
+        if t is float:
+            return float(value)
+        if t is bool:
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(value)
+    except ValueError:
+        raise ConfigError(f"{key}: expected {t.__name__}, got {value!r}") from None
+    return value
+
+
+def resolve_key(key: str) -> tuple[str, str]:
+    """'d_steps' or 'train.d_steps' -> ('train', 'd_steps'); unknown/ambiguous keys fail."""
+    if "." in key:
+        section, _, name = key.partition(".")
+        if section in _SECTIONS and name in {f.name for f in dataclasses.fields(_field_type_owner(section))}:
+            return section, name
+        raise ConfigError(f"{key}: unknown config field")
+    matches = [(s, key) for s in _SECTIONS if key in {f.name for f in dataclasses.fields(_field_type_owner(s))}]
+    if not matches:
+        raise ConfigError(f"{key}: unknown config field")
+    if len(matches) > 1:
+        raise ConfigError(f"{key}: ambiguous, use one of {', '.join(f'{s}.{n}' for s, n in matches)}")
+    return matches[0]
+
+
+def _field_type_owner(section: str) -> type:
+    return {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "train": TrainConfig}[section]
+
+
+def apply_overrides(cfg: GanConfig, overrides: dict[str, object] | list[str]) -> GanConfig:
+    """Return a new, re-validated config with overrides applied.
+
+    overrides: {'train.d_steps': 3} or ['d_steps=3', 'lambda_cyc=10', 'family=cgan'].
+    """
+    if isinstance(overrides, list):
+        pairs: dict[str, object] = {}
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"{item}: overrides must look like key=value")
+            pairs[key.strip()] = value.strip()
+        overrides = pairs
+    family = str(overrides.get("family", cfg.family))
+    sections = {s: {} for s in _SECTIONS}
+    for key, value in overrides.items():
+        if key == "family":
+            continue
+        section, name = resolve_key(key)
+        sections[section][name] = _coerce(f"{section}.{name}", _field_type(section, name), value)
+    kwargs = {s: dataclasses.replace(getattr(cfg, s), **sections[s]) for s in _SECTIONS}
+    return GanConfig(family=family, **kwargs)
+
+
+# --- presets: functions that return configs -----------------------------------------
+
+
+def preset(family: str, name: str = "default") -> GanConfig:
+    """Named presets. 'default' is what the main job trains; 'tiny' is for fast tests;
+    'paper' is the paper-sized MLP GAN on 28x28 images at m = 64 (benchmarks)."""
+    _check(family in FAMILIES, "family", f"must be one of {', '.join(FAMILIES)}", family)
+    data = DataConfig(dataset=DEFAULT_DATASET[family], image_size=16)
+    if family == "cyclegan":
+        cfg = GanConfig(
+            family=family,
+            data=data,
+            model=ModelConfig(arch="resnet", ngf=16, ndf=32, n_res_blocks=3),
+            loss=LossConfig(gan_loss="lsgan", lambda_cyc=10.0, lambda_id=0.5),
+            optim=OptimConfig(decay_start=0.5),
+            train=TrainConfig(batch_size=16, steps=600, log_every=50),
+        )
+    else:
+        cfg = GanConfig(family=family, data=data, model=ModelConfig(arch="mlp"), train=TrainConfig(batch_size=64, steps=3000))
+    if name == "default":
+        return cfg
+    if name == "tiny":
+        small = {"train.steps": 20, "train.log_every": 5, "train.batch_size": 8, "model.hidden": 32, "model.ngf": 8, "model.ndf": 8, "model.n_res_blocks": 1}
+        return apply_overrides(cfg, small)
+    if name == "paper":
+        _check(family == "gan", "preset", "'paper' is defined for the gan family only", family)
+        return apply_overrides(cfg, {"data.image_size": 28, "model.hidden": 1200, "model.z_dim": 100, "train.batch_size": 64})
+    raise ConfigError(f"preset: unknown preset {name!r} (known: default, tiny, paper)")

@@ -1,0 +1,432 @@
+"""One training loop for every family: Algorithm 1 of Goodfellow et al. (2014).
+
+    for each training iteration:
+        repeat k times:                     # k = cfg.train.d_steps
+            sample m noise samples and a fresh minibatch of m examples
+            update D by ascending its stochastic gradient of V
+        sample m fresh noise samples
+        update G once (D frozen: its weights get no gradients)
+
+A family (GAN, cGAN, CycleGAN) plugs in through ``FAMILIES``: it says how to draw a
+minibatch and what one D update and one G update are. Everything random draws from
+generators held in ``TrainState`` (the data samplers, the noise generator, the image
+pools), so a checkpoint restores the exact stream and a resumed run reproduces the
+uninterrupted one. Checkpoints hold only tensors and primitives and load with
+``weights_only=True``: nothing is unpickled.
+
+Code-to-paper names: G, F (CycleGAN's Y -> X generator), D, D_X, D_Y; k = d_steps;
+m = batch_size; λ = lambda_cyc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from gan_core import losses
+from gan_core.config import GanConfig
+from gan_core.data import ImageSet, MinibatchSampler, UnpairedSet
+from gan_core.models import build_models
+
+Metrics = dict[str, Tensor]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def plain(module: nn.Module) -> nn.Module:
+    """The module under a DistributedDataParallel-style wrapper, without importing one.
+
+    G's update calls D through this: D is frozen there, so its gradients must not be
+    all-reduced, and a DDP forward whose backward never reaches its parameters would leave
+    the reducer waiting."""
+    return getattr(module, "module", module)
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """D's parameters are not differentiated during G's update (saves D's weight gradients)."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+class ImagePool:
+    """CycleGAN's history of generated images (Shrivastava et al.): D sees a mix of current
+    and past fakes. Per image: while the pool fills, store and return it; after that, with
+    probability ½ return a stored image and store the new one in its place."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.images: Tensor | None = None
+        self.count = 0
+
+    def query(self, images: Tensor) -> Tensor:
+        if self.size == 0:
+            return images
+        if self.images is None:
+            self.images = images.new_zeros((self.size, *images.shape[1:]))
+        n = images.shape[0]
+        # Decisions come from a CPU generator: no device sync, and they checkpoint cleanly.
+        coins = torch.rand(n, generator=self.generator).tolist()
+        slots = torch.randint(0, self.size, (n,), generator=self.generator).tolist()
+        out = images.clone()
+        for i in range(n):
+            if self.count < self.size:
+                self.images[self.count] = images[i]
+                self.count += 1
+            elif coins[i] > 0.5:
+                j = slots[i]
+                out[i] = self.images[j]
+                self.images[j] = images[i]
+        return out
+
+    def state_dict(self) -> dict:
+        state = {"generator": self.generator.get_state(), "count": self.count}
+        if self.images is not None:
+            state["images"] = self.images
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.count = int(state["count"])
+        self.images = state.get("images")
+
+
+@dataclass
+class Batch:
+    """A minibatch of m rows. x: images (domain X for CycleGAN); labels: y for the cGAN;
+    y: domain-Y images for CycleGAN."""
+
+    x: Tensor
+    labels: Tensor | None = None
+    y: Tensor | None = None
+
+
+@dataclass
+class TrainState:
+    cfg: GanConfig
+    models: dict[str, nn.Module]
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler]
+    samplers: dict[str, MinibatchSampler]
+    noise: torch.Generator
+    device: torch.device
+    pools: dict[str, ImagePool] = field(default_factory=dict)
+    step: int = 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        # bf16 autocast of forward passes only; losses are computed on .float() outputs.
+        enabled = self.cfg.train.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def z(self, m: int) -> Tensor:
+        return torch.randn(m, self.cfg.model.z_dim, generator=self.noise, device=self.device)
+
+
+# --- families ---------------------------------------------------------------------------
+
+
+class Family:
+    """What a GAN variant plugs into the loop. Subclasses override the four hooks."""
+
+    name: str = ""
+    generators: tuple[str, ...] = ("G",)
+    discriminators: tuple[str, ...] = ("D",)
+    g_uses_data = False
+    """Whether G's update needs a data minibatch (labels for the cGAN, real x, y for CycleGAN)."""
+
+    def samplers(self, cfg: GanConfig, data, rank: int, world_size: int) -> dict[str, MinibatchSampler]:
+        seed = cfg.train.seed * 1_000_003 + 1
+        return {"x": MinibatchSampler(len(data), cfg.train.batch_size, seed, rank, world_size)}
+
+    def next_batch(self, state: TrainState, data: ImageSet) -> Batch:
+        idx = state.samplers["x"].next_indices().to(data.images.device)
+        labels = None if data.labels is None else data.labels[idx]
+        return Batch(data.images[idx], labels)
+
+    def d_step(self, state: TrainState, batch: Batch) -> Metrics:
+        raise NotImplementedError
+
+    def g_step(self, state: TrainState, batch: Batch | None) -> Metrics:
+        raise NotImplementedError
+
+
+class GanFamily(Family):
+    """Goodfellow et al. (2014): G(z), D(x)."""
+
+    name = "gan"
+
+    def _labels(self, batch: Batch | None) -> Tensor | None:
+        return None
+
+    def d_step(self, state: TrainState, batch: Batch) -> Metrics:
+        G, D = state.models["G"], state.models["D"]
+        y = self._labels(batch)
+        with torch.no_grad(), state.autocast():  # no graph through G in D's update
+            fake = G(state.z(batch.x.shape[0]), y) if y is not None else G(state.z(batch.x.shape[0]))
+        with state.autocast():
+            real_logits = D(batch.x, y) if y is not None else D(batch.x)
+            fake_logits = D(fake, y) if y is not None else D(fake)
+        loss = losses.discriminator_loss(state.cfg.loss.gan_loss)(real_logits.float(), fake_logits.float())
+        state.opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        state.opt_d.step()
+        return {"loss_D": loss.detach(), "D_real": losses.d_probability(real_logits), "D_fake": losses.d_probability(fake_logits)}
+
+    def g_step(self, state: TrainState, batch: Batch | None) -> Metrics:
+        G, D = state.models["G"], plain(state.models["D"])
+        y = self._labels(batch)
+        m = state.cfg.train.batch_size
+        with frozen(D), state.autocast():
+            fake = G(state.z(m), y) if y is not None else G(state.z(m))
+            fake_logits = D(fake, y) if y is not None else D(fake)
+        loss = losses.generator_loss(state.cfg.loss.gan_loss, state.cfg.loss.g_loss)(fake_logits.float())
+        state.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        state.opt_g.step()
+        return {"loss_G": loss.detach()}
+
+
+class CganFamily(GanFamily):
+    """Mirza & Osindero (2014): G(z, y), D(x, y), y ~ p_data(y) drawn with the minibatch."""
+
+    name = "cgan"
+    g_uses_data = True  # G's labels are the labels of a fresh data minibatch: y ~ p_data(y)
+
+    def _labels(self, batch: Batch | None) -> Tensor | None:
+        if batch is None or batch.labels is None:
+            raise ValueError("the cgan family needs a labelled dataset")
+        return batch.labels
+
+
+class CycleGanFamily(Family):
+    """Zhu et al. (2017): G: X -> Y, F: Y -> X, D_Y judges Y, D_X judges X."""
+
+    name = "cyclegan"
+    generators = ("G", "F")
+    discriminators = ("D_X", "D_Y")
+    g_uses_data = True
+
+    def samplers(self, cfg: GanConfig, data: UnpairedSet, rank: int, world_size: int) -> dict[str, MinibatchSampler]:
+        seed = cfg.train.seed * 1_000_003
+        m = cfg.train.batch_size
+        return {
+            "x": MinibatchSampler(len(data.x), m, seed + 1, rank, world_size),
+            "y": MinibatchSampler(len(data.y), m, seed + 2, rank, world_size),
+        }
+
+    def next_batch(self, state: TrainState, data: UnpairedSet) -> Batch:
+        dev = data.x.images.device
+        ix = state.samplers["x"].next_indices().to(dev)
+        iy = state.samplers["y"].next_indices().to(dev)
+        return Batch(data.x.images[ix], data.x.labels[ix] if data.x.labels is not None else None, data.y.images[iy])
+
+    def d_step(self, state: TrainState, batch: Batch) -> Metrics:
+        mo = state.models
+        with torch.no_grad(), state.autocast():
+            fake_y, fake_x = mo["G"](batch.x), mo["F"](batch.y)
+        fake_y = state.pools["Y"].query(fake_y.float())
+        fake_x = state.pools["X"].query(fake_x.float())
+        d_loss = losses.discriminator_loss(state.cfg.loss.gan_loss)
+        with state.autocast():
+            scores = [mo["D_Y"](batch.y), mo["D_Y"](fake_y), mo["D_X"](batch.x), mo["D_X"](fake_x)]
+        loss_d_y = d_loss(scores[0].float(), scores[1].float())
+        loss_d_x = d_loss(scores[2].float(), scores[3].float())
+        state.opt_d.zero_grad(set_to_none=True)
+        (loss_d_x + loss_d_y).backward()
+        state.opt_d.step()
+        return {"loss_D_X": loss_d_x.detach(), "loss_D_Y": loss_d_y.detach()}
+
+    def g_step(self, state: TrainState, batch: Batch | None) -> Metrics:
+        assert batch is not None and batch.y is not None
+        G, F = state.models["G"], state.models["F"]
+        D_X, D_Y = plain(state.models["D_X"]), plain(state.models["D_Y"])
+        lc = state.cfg.loss
+        g_loss = losses.generator_loss(lc.gan_loss, lc.g_loss)
+        x, y = batch.x, batch.y
+        with frozen(D_X, D_Y), state.autocast():
+            fake_y, fake_x = G(x), F(y)
+            cycled_x, cycled_y = F(fake_y), G(fake_x)
+            adv_g = g_loss(D_Y(fake_y).float())  # L_GAN(G, D_Y, X, Y), G's side
+            adv_f = g_loss(D_X(fake_x).float())  # L_GAN(F, D_X, Y, X), F's side
+            cyc = losses.cycle_consistency_loss(x, cycled_x.float(), y, cycled_y.float())
+            total = adv_g + adv_f + lc.lambda_cyc * cyc
+            metrics = {"loss_G": adv_g.detach(), "loss_F": adv_f.detach(), "loss_cyc": cyc.detach()}
+            if lc.lambda_id > 0:
+                idt = losses.identity_loss(x, F(x).float(), y, G(y).float())
+                total = total + lc.lambda_cyc * lc.lambda_id * idt
+                metrics["loss_idt"] = idt.detach()
+        state.opt_g.zero_grad(set_to_none=True)
+        total.backward()
+        state.opt_g.step()
+        metrics["loss_G_total"] = total.detach()
+        return metrics
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (GanFamily(), CganFamily(), CycleGanFamily())}
+
+
+# --- state, loop, checkpoints -----------------------------------------------------------
+
+
+def _lr_lambda(steps: int, decay_start: float) -> Callable[[int], float]:
+    start = int(decay_start * steps)
+
+    def factor(step: int) -> float:
+        # Constant, then linear to 0 at the last step (CycleGAN's "linear" policy).
+        return 1.0 - max(0, step - start) / max(1, steps - start)
+
+    return factor
+
+
+def init_state(
+    cfg: GanConfig,
+    data: ImageSet | UnpairedSet,
+    device: torch.device | str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+) -> TrainState:
+    """Fresh models, optimisers and RNG streams for cfg. ``wrap`` (e.g. a DDP wrapper)
+    is applied to each network separately at the edge; models are built identically on
+    every rank (same seed), so wrapped replicas start equal."""
+    device = torch.device(device) if device is not None else resolve_device(cfg.train.device)
+    family = FAMILIES[cfg.family]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        models = {k: v.to(device) for k, v in build_models(cfg).items()}
+    if wrap is not None:
+        models = {k: wrap(v) for k, v in models.items()}
+    o = cfg.optim
+    g_params = itertools.chain(*(models[k].parameters() for k in family.generators))
+    d_params = itertools.chain(*(models[k].parameters() for k in family.discriminators))
+    opt_g = torch.optim.Adam(g_params, lr=o.lr_g, betas=(o.beta1, o.beta2))
+    opt_d = torch.optim.Adam(d_params, lr=o.lr_d, betas=(o.beta1, o.beta2))
+    factor = _lr_lambda(cfg.train.steps, o.decay_start)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in (opt_g, opt_d)]
+    noise = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank)
+    pools = {}
+    if cfg.family == "cyclegan":
+        pools = {"X": ImagePool(cfg.train.pool_size, cfg.train.seed * 31 + 2 * rank + 1), "Y": ImagePool(cfg.train.pool_size, cfg.train.seed * 31 + 2 * rank + 2)}
+    samplers = family.samplers(cfg, data, rank, world_size)
+    return TrainState(cfg, models, opt_g, opt_d, schedulers, samplers, noise, device, pools)
+
+
+def train(
+    state: TrainState,
+    data: ImageSet | UnpairedSet,
+    callbacks: Iterable[Callable[[TrainState, dict[str, float]], None]] = (),
+    until: int | None = None,
+) -> TrainState:
+    """Run Algorithm 1 from state.step to cfg.train.steps (or ``until``).
+
+    Every log_every iterations the running means of the step metrics are synced to the
+    host in one transfer and passed to each callback with the learning rate; between
+    those points nothing forces a device sync."""
+    cfg = state.cfg
+    family = FAMILIES[cfg.family]
+    end = cfg.train.steps if until is None else min(until, cfg.train.steps)
+    for net in state.models.values():
+        net.train()
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def accumulate(metrics: Metrics) -> None:
+        for k, v in metrics.items():
+            sums[k] = sums[k] + v if k in sums else v.clone()
+            counts[k] = counts.get(k, 0) + 1
+
+    while state.step < end:
+        for _ in range(cfg.train.d_steps):
+            accumulate(family.d_step(state, family.next_batch(state, data)))
+        accumulate(family.g_step(state, family.next_batch(state, data) if family.g_uses_data else None))
+        for sched in state.schedulers:
+            sched.step()
+        state.step += 1
+        if state.step % cfg.train.log_every == 0 or state.step == end:
+            keys = list(sums)
+            values = torch.stack([sums[k].float() / counts[k] for k in keys]).tolist()  # the one host sync
+            report = dict(zip(keys, values))
+            report["lr_g"] = state.opt_g.param_groups[0]["lr"]
+            sums.clear()
+            counts.clear()
+            for cb in callbacks:
+                cb(state, report)
+    return state
+
+
+def state_dict(state: TrainState) -> dict:
+    """Everything needed to resume exactly, as tensors and primitives only."""
+    return {
+        "step": state.step,
+        "config": state.cfg.to_flat_dict(),
+        "models": {k: plain(v).state_dict() for k, v in state.models.items()},
+        "opt_g": state.opt_g.state_dict(),
+        "opt_d": state.opt_d.state_dict(),
+        "schedulers": [s.state_dict() for s in state.schedulers],
+        "samplers": {k: s.state_dict() for k, s in state.samplers.items()},
+        "noise": state.noise.get_state(),
+        "pools": {k: p.state_dict() for k, p in state.pools.items()},
+    }
+
+
+def load_state_dict(state: TrainState, sd: dict) -> TrainState:
+    for k, net in state.models.items():
+        plain(net).load_state_dict(sd["models"][k])
+    state.opt_g.load_state_dict(sd["opt_g"])
+    state.opt_d.load_state_dict(sd["opt_d"])
+    for sched, s in zip(state.schedulers, sd["schedulers"]):
+        sched.load_state_dict(s)
+    for k, s in sd["samplers"].items():
+        state.samplers[k].load_state_dict(s)
+    state.noise.set_state(sd["noise"])
+    for k, p in sd["pools"].items():
+        if "images" in p:
+            p = {**p, "images": p["images"].to(state.device)}
+        state.pools[k].load_state_dict(p)
+    state.step = int(sd["step"])
+    return state
+
+
+def save_checkpoint(state: TrainState, path: str | os.PathLike) -> Path:
+    """Atomic: written to a temporary file, then renamed, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state_dict(state), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """weights_only=True: tensors and primitives only, never arbitrary pickled objects."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_checkpoint(path: str | os.PathLike, data: ImageSet | UnpairedSet, device: torch.device | str | None = None, rank: int = 0, world_size: int = 1, wrap=None) -> TrainState:
+    """Rebuild the state a checkpoint was saved from (its config is stored inside it)."""
+    sd = read_checkpoint(path)
+    cfg = GanConfig.from_flat_dict(sd["config"])
+    state = init_state(cfg, data, device, rank, world_size, wrap)
+    return load_state_dict(state, sd)
