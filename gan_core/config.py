@@ -190,7 +190,7 @@ class GanConfig:
     @classmethod
     def from_flat_dict(cls, flat: dict[str, object]) -> GanConfig:
         """Inverse of to_flat_dict; values may be strings (as MLflow returns params)."""
-        return apply_overrides(cls(family=str(flat.get("family", "gan"))), {k: v for k, v in flat.items() if k != "family"})
+        return apply_overrides(cls(), dict(flat))
 
 
 _SECTIONS = ("data", "model", "loss", "optim", "train")

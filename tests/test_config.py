@@ -1,0 +1,60 @@
+"""The config tree: validation names the field; flat dicts round-trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from gan_core.config import ConfigError, GanConfig, apply_overrides, preset
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"train.d_steps": 0}, "train.d_steps"),
+        ({"d_steps": "-2"}, "train.d_steps"),
+        ({"d_steps": "two"}, "train.d_steps"),
+        ({"lambda_cyc": -1}, "loss.lambda_cyc"),
+        ({"lambda_cyc": "nan"}, "loss.lambda_cyc"),
+        ({"family": "wgan"}, "family"),
+        ({"model.arch": "resnet"}, "model.arch"),
+        ({"model.arch": "conv", "data.image_size": 12}, "data.image_size"),
+        ({"batch_size": 0}, "train.batch_size"),
+        ({"lr_g": 5}, "optim.lr_g"),
+        ({"gan_loss": "wasserstein"}, "loss.gan_loss"),
+        ({"no_such_field": 1}, "no_such_field"),
+        ({"train.nope": 1}, "train.nope"),
+    ],
+)
+def test_invalid_values_fail_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=rf"^{field}:"):
+        apply_overrides(preset("gan"), overrides)
+
+
+def test_cyclegan_image_size_must_fit_patchgan():
+    with pytest.raises(ConfigError, match=r"^data.image_size:.*PatchGAN"):
+        apply_overrides(preset("cyclegan"), {"data.image_size": 8})
+
+
+@pytest.mark.parametrize("family", ["gan", "cgan", "cyclegan"])
+@pytest.mark.parametrize("name", ["default", "tiny"])
+def test_flat_dict_round_trip_including_strings(family, name):
+    cfg = preset(family, name)
+    flat = cfg.to_flat_dict()
+    assert all("." in k for k in flat if k != "family")
+    assert GanConfig.from_flat_dict(flat) == cfg
+    as_strings = {k: str(v) for k, v in flat.items()}  # what MLflow gives back
+    assert GanConfig.from_flat_dict(as_strings) == cfg
+
+
+def test_overrides_by_leaf_name():
+    cfg = apply_overrides(preset("cyclegan"), ["d_steps=3", "lambda_cyc=2.5", "train.seed=7"])
+    assert (cfg.train.d_steps, cfg.loss.lambda_cyc, cfg.train.seed) == (3, 2.5, 7)
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(cfg, ["d_steps"])
+
+
+def test_paper_preset_is_the_paper_sized_mlp():
+    cfg = preset("gan", "paper")
+    assert (cfg.model.arch, cfg.data.image_size, cfg.train.batch_size) == ("mlp", 28, 64)
+    with pytest.raises(ConfigError, match="^preset:"):
+        preset("cgan", "paper")
