@@ -20,7 +20,11 @@ from dataclasses import dataclass, field
 
 FAMILIES = ("gan", "cgan", "cyclegan")
 ARCHS = {"gan": ("mlp", "conv"), "cgan": ("mlp", "conv"), "cyclegan": ("resnet",)}
-DEFAULT_DATASET = {"gan": "builtin:digits", "cgan": "builtin:digits", "cyclegan": "builtin:digits-unpaired"}
+DEFAULT_DATASET = {
+    "gan": "builtin:digits",
+    "cgan": "builtin:digits",
+    "cyclegan": "builtin:digits-unpaired",
+}
 
 
 class ConfigError(ValueError):
@@ -49,8 +53,18 @@ class DataConfig:
     channels: int = 1
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.dataset, str) and bool(self.dataset), "data.dataset", "must be a non-empty string", self.dataset)
-        _check(_is_int(self.image_size) and 8 <= self.image_size <= 512, "data.image_size", "must be an integer in [8, 512]", self.image_size)
+        _check(
+            isinstance(self.dataset, str) and bool(self.dataset),
+            "data.dataset",
+            "must be a non-empty string",
+            self.dataset,
+        )
+        _check(
+            _is_int(self.image_size) and 8 <= self.image_size <= 512,
+            "data.image_size",
+            "must be an integer in [8, 512]",
+            self.image_size,
+        )
         _check(self.channels in (1, 3), "data.channels", "must be 1 or 3", self.channels)
 
 
@@ -71,6 +85,8 @@ class ModelConfig:
     """Base channel count of convolutional discriminators."""
     n_res_blocks: int = 3
     """ResNet blocks in CycleGAN's generators (the paper: 6 at 128px, 9 at 256px)."""
+    g_downsample: int = 2
+    """Stride-2 down- (and up-) samplings in CycleGAN's generators (the paper: 2)."""
     patch_layers: int = 2
     """Stride-2 layers in the PatchGAN discriminator (sets its receptive field)."""
     num_classes: int = 10
@@ -79,10 +95,21 @@ class ModelConfig:
     """Size of the label embedding fed to G(z, y) and D(x, y)."""
 
     def __post_init__(self) -> None:
-        for name in ("z_dim", "hidden", "mlp_layers", "ngf", "ndf", "num_classes", "embed_dim", "patch_layers"):
+        for name in (
+            "z_dim",
+            "hidden",
+            "mlp_layers",
+            "ngf",
+            "ndf",
+            "num_classes",
+            "embed_dim",
+            "patch_layers",
+        ):
             v = getattr(self, name)
             _check(_is_int(v) and v >= 1, f"model.{name}", "must be an integer >= 1", v)
-        _check(_is_int(self.n_res_blocks) and self.n_res_blocks >= 0, "model.n_res_blocks", "must be an integer >= 0", self.n_res_blocks)
+        for name in ("n_res_blocks", "g_downsample"):
+            v = getattr(self, name)
+            _check(_is_int(v) and v >= 0, f"model.{name}", "must be an integer >= 0", v)
 
 
 @dataclass(frozen=True)
@@ -97,10 +124,33 @@ class LossConfig:
     """Identity-loss weight as a fraction of λ (the CycleGAN code uses 0.5; 0 disables it)."""
 
     def __post_init__(self) -> None:
-        _check(self.gan_loss in ("minimax", "lsgan"), "loss.gan_loss", "must be 'minimax' or 'lsgan'", self.gan_loss)
-        _check(self.g_loss in ("non_saturating", "saturating"), "loss.g_loss", "must be 'non_saturating' or 'saturating'", self.g_loss)
-        _check(_is_num(self.lambda_cyc) and self.lambda_cyc >= 0 and self.lambda_cyc == self.lambda_cyc and self.lambda_cyc != float("inf"), "loss.lambda_cyc", "must be a finite number >= 0", self.lambda_cyc)
-        _check(_is_num(self.lambda_id) and 0 <= self.lambda_id < float("inf"), "loss.lambda_id", "must be a finite number >= 0", self.lambda_id)
+        _check(
+            self.gan_loss in ("minimax", "lsgan"),
+            "loss.gan_loss",
+            "must be 'minimax' or 'lsgan'",
+            self.gan_loss,
+        )
+        _check(
+            self.g_loss in ("non_saturating", "saturating"),
+            "loss.g_loss",
+            "must be 'non_saturating' or 'saturating'",
+            self.g_loss,
+        )
+        _check(
+            _is_num(self.lambda_cyc)
+            and self.lambda_cyc >= 0
+            and self.lambda_cyc == self.lambda_cyc
+            and self.lambda_cyc != float("inf"),
+            "loss.lambda_cyc",
+            "must be a finite number >= 0",
+            self.lambda_cyc,
+        )
+        _check(
+            _is_num(self.lambda_id) and 0 <= self.lambda_id < float("inf"),
+            "loss.lambda_id",
+            "must be a finite number >= 0",
+            self.lambda_id,
+        )
 
 
 @dataclass(frozen=True)
@@ -120,7 +170,12 @@ class OptimConfig:
         for name in ("beta1", "beta2"):
             v = getattr(self, name)
             _check(_is_num(v) and 0 <= v < 1, f"optim.{name}", "must be a number in [0, 1)", v)
-        _check(_is_num(self.decay_start) and 0 <= self.decay_start <= 1, "optim.decay_start", "must be a number in [0, 1]", self.decay_start)
+        _check(
+            _is_num(self.decay_start) and 0 <= self.decay_start <= 1,
+            "optim.decay_start",
+            "must be a number in [0, 1]",
+            self.decay_start,
+        )
 
 
 @dataclass(frozen=True)
@@ -142,14 +197,55 @@ class TrainConfig:
     """'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:N]'."""
 
     def __post_init__(self) -> None:
-        _check(_is_int(self.d_steps) and self.d_steps >= 1, "train.d_steps", "k must be an integer >= 1", self.d_steps)
-        _check(_is_int(self.batch_size) and self.batch_size >= 1, "train.batch_size", "must be an integer >= 1", self.batch_size)
-        _check(_is_int(self.steps) and self.steps >= 1, "train.steps", "must be an integer >= 1", self.steps)
-        _check(_is_int(self.seed) and self.seed >= 0, "train.seed", "must be an integer >= 0", self.seed)
-        _check(_is_int(self.log_every) and self.log_every >= 1, "train.log_every", "must be an integer >= 1", self.log_every)
-        _check(_is_int(self.pool_size) and self.pool_size >= 0, "train.pool_size", "must be an integer >= 0", self.pool_size)
-        _check(self.precision in ("fp32", "bf16"), "train.precision", "must be 'fp32' or 'bf16'", self.precision)
-        _check(isinstance(self.device, str) and (self.device in ("auto", "cpu") or self.device.startswith("cuda")), "train.device", "must be 'auto', 'cpu' or 'cuda[:N]'", self.device)
+        _check(
+            _is_int(self.d_steps) and self.d_steps >= 1,
+            "train.d_steps",
+            "k must be an integer >= 1",
+            self.d_steps,
+        )
+        _check(
+            _is_int(self.batch_size) and self.batch_size >= 1,
+            "train.batch_size",
+            "must be an integer >= 1",
+            self.batch_size,
+        )
+        _check(
+            _is_int(self.steps) and self.steps >= 1,
+            "train.steps",
+            "must be an integer >= 1",
+            self.steps,
+        )
+        _check(
+            _is_int(self.seed) and self.seed >= 0,
+            "train.seed",
+            "must be an integer >= 0",
+            self.seed,
+        )
+        _check(
+            _is_int(self.log_every) and self.log_every >= 1,
+            "train.log_every",
+            "must be an integer >= 1",
+            self.log_every,
+        )
+        _check(
+            _is_int(self.pool_size) and self.pool_size >= 0,
+            "train.pool_size",
+            "must be an integer >= 0",
+            self.pool_size,
+        )
+        _check(
+            self.precision in ("fp32", "bf16"),
+            "train.precision",
+            "must be 'fp32' or 'bf16'",
+            self.precision,
+        )
+        _check(
+            isinstance(self.device, str)
+            and (self.device in ("auto", "cpu") or self.device.startswith("cuda")),
+            "train.device",
+            "must be 'auto', 'cpu' or 'cuda[:N]'",
+            self.device,
+        )
 
 
 @dataclass(frozen=True)
@@ -163,18 +259,41 @@ class GanConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        _check(self.family in FAMILIES, "family", f"must be one of {', '.join(FAMILIES)}", self.family)
+        _check(
+            self.family in FAMILIES, "family", f"must be one of {', '.join(FAMILIES)}", self.family
+        )
         archs = ARCHS[self.family]
-        _check(self.model.arch in archs, "model.arch", f"must be one of {', '.join(archs)} for {self.family}", self.model.arch)
+        _check(
+            self.model.arch in archs,
+            "model.arch",
+            f"must be one of {', '.join(archs)} for {self.family}",
+            self.model.arch,
+        )
         s = self.data.image_size
         if self.model.arch == "conv":
             # DCGAN-style nets double/halve the side from a 4x4 base.
-            _check(s >= 8 and s & (s - 1) == 0, "data.image_size", "the conv architecture needs a power of two >= 8", s)
+            _check(
+                s >= 8 and s & (s - 1) == 0,
+                "data.image_size",
+                "the conv architecture needs a power of two >= 8",
+                s,
+            )
         if self.model.arch == "resnet":
-            # Two stride-2 downsamplings in G, then PatchGAN's strides and two 4x4 valid-ish convs.
-            _check(s % 4 == 0, "data.image_size", "the resnet generator needs a multiple of 4", s)
+            # G's stride-2 downsamplings, then PatchGAN's strides and two 4x4 valid-ish convs.
+            f = 2**self.model.g_downsample
+            _check(
+                s % f == 0,
+                "data.image_size",
+                f"the resnet generator with g_downsample={self.model.g_downsample} needs a multiple of {f}",
+                s,
+            )
             need = 3 * 2**self.model.patch_layers
-            _check(s >= need, "data.image_size", f"PatchGAN with patch_layers={self.model.patch_layers} needs >= {need}", s)
+            _check(
+                s >= need,
+                "data.image_size",
+                f"PatchGAN with patch_layers={self.model.patch_layers} needs >= {need}",
+                s,
+            )
 
     # --- flat dict round trip -------------------------------------------------------
     def to_dict(self) -> dict:
@@ -197,7 +316,13 @@ _SECTIONS = ("data", "model", "loss", "optim", "train")
 
 
 def _field_type(section: str, name: str) -> type:
-    cls = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "train": TrainConfig}[section]
+    cls = {
+        "data": DataConfig,
+        "model": ModelConfig,
+        "loss": LossConfig,
+        "optim": OptimConfig,
+        "train": TrainConfig,
+    }[section]
     hints = typing.get_type_hints(cls)
     t = hints[name]
     if isinstance(t, types.UnionType):
@@ -230,19 +355,33 @@ def resolve_key(key: str) -> tuple[str, str]:
     """'d_steps' or 'train.d_steps' -> ('train', 'd_steps'); unknown/ambiguous keys fail."""
     if "." in key:
         section, _, name = key.partition(".")
-        if section in _SECTIONS and name in {f.name for f in dataclasses.fields(_field_type_owner(section))}:
+        if section in _SECTIONS and name in {
+            f.name for f in dataclasses.fields(_field_type_owner(section))
+        }:
             return section, name
         raise ConfigError(f"{key}: unknown config field")
-    matches = [(s, key) for s in _SECTIONS if key in {f.name for f in dataclasses.fields(_field_type_owner(s))}]
+    matches = [
+        (s, key)
+        for s in _SECTIONS
+        if key in {f.name for f in dataclasses.fields(_field_type_owner(s))}
+    ]
     if not matches:
         raise ConfigError(f"{key}: unknown config field")
     if len(matches) > 1:
-        raise ConfigError(f"{key}: ambiguous, use one of {', '.join(f'{s}.{n}' for s, n in matches)}")
+        raise ConfigError(
+            f"{key}: ambiguous, use one of {', '.join(f'{s}.{n}' for s, n in matches)}"
+        )
     return matches[0]
 
 
 def _field_type_owner(section: str) -> type:
-    return {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "train": TrainConfig}[section]
+    return {
+        "data": DataConfig,
+        "model": ModelConfig,
+        "loss": LossConfig,
+        "optim": OptimConfig,
+        "train": TrainConfig,
+    }[section]
 
 
 def apply_overrides(cfg: GanConfig, overrides: dict[str, object] | list[str]) -> GanConfig:
@@ -281,19 +420,47 @@ def preset(family: str, name: str = "default") -> GanConfig:
         cfg = GanConfig(
             family=family,
             data=data,
-            model=ModelConfig(arch="resnet", ngf=16, ndf=32, n_res_blocks=3),
-            loss=LossConfig(gan_loss="lsgan", lambda_cyc=10.0, lambda_id=0.5),
+            # One down/up-sampling instead of the paper's two: at 16 px a 4x4 bottleneck
+            # let G learn a digit permutation (label preservation 0.03, measured); at 8x8 it
+            # keeps the digit (0.98). No identity loss: it asks G(y) = y, but here T inverts
+            # colours, and with it G stayed near the identity (ratio 0.83 vs 0.08 without).
+            model=ModelConfig(arch="resnet", ngf=16, ndf=32, n_res_blocks=3, g_downsample=1),
+            loss=LossConfig(gan_loss="lsgan", lambda_cyc=10.0, lambda_id=0.0),
             optim=OptimConfig(decay_start=0.5),
             train=TrainConfig(batch_size=16, steps=600, log_every=50),
         )
     else:
-        cfg = GanConfig(family=family, data=data, model=ModelConfig(arch="mlp"), train=TrainConfig(batch_size=64, steps=3000))
+        # Linear decay over the second half steadies the end of training (the GAN's Fréchet
+        # distance drifted up late without it, measured).
+        cfg = GanConfig(
+            family=family,
+            data=data,
+            model=ModelConfig(arch="mlp"),
+            optim=OptimConfig(decay_start=0.5),
+            train=TrainConfig(batch_size=64, steps=3000),
+        )
     if name == "default":
         return cfg
     if name == "tiny":
-        small = {"train.steps": 20, "train.log_every": 5, "train.batch_size": 8, "model.hidden": 32, "model.ngf": 8, "model.ndf": 8, "model.n_res_blocks": 1}
+        small = {
+            "train.steps": 20,
+            "train.log_every": 5,
+            "train.batch_size": 8,
+            "model.hidden": 32,
+            "model.ngf": 8,
+            "model.ndf": 8,
+            "model.n_res_blocks": 1,
+        }
         return apply_overrides(cfg, small)
     if name == "paper":
         _check(family == "gan", "preset", "'paper' is defined for the gan family only", family)
-        return apply_overrides(cfg, {"data.image_size": 28, "model.hidden": 1200, "model.z_dim": 100, "train.batch_size": 64})
+        return apply_overrides(
+            cfg,
+            {
+                "data.image_size": 28,
+                "model.hidden": 1200,
+                "model.z_dim": 100,
+                "train.batch_size": 64,
+            },
+        )
     raise ConfigError(f"preset: unknown preset {name!r} (known: default, tiny, paper)")

@@ -57,13 +57,19 @@ def resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
     """The one resize rule: bilinear, align_corners=False. images: [N, C, h, w]."""
     if images.shape[-1] == image_size and images.shape[-2] == image_size:
         return images
-    return nnf.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return nnf.interpolate(
+        images, size=(image_size, image_size), mode="bilinear", align_corners=False
+    )
 
 
 def appearance_transform(images: torch.Tensor) -> torch.Tensor:
     """Ground-truth X -> Y map: thicken strokes (3x3 max filter), then invert. [-1,1] in and out."""
     # At 8x8 a 3x3 max filter would swallow the digit, so the stroke is kept as is there.
-    thick = nnf.max_pool2d(images, kernel_size=3, stride=1, padding=1) if images.shape[-1] >= 12 else images
+    thick = (
+        nnf.max_pool2d(images, kernel_size=3, stride=1, padding=1)
+        if images.shape[-1] >= 12
+        else images
+    )
     return -thick
 
 
@@ -129,7 +135,9 @@ class MinibatchSampler:
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         if batch_size > n // world_size:
-            raise ValueError(f"batch_size {batch_size} exceeds the {n // world_size} rows per worker")
+            raise ValueError(
+                f"batch_size {batch_size} exceeds the {n // world_size} rows per worker"
+            )
         self.n, self.batch_size = n, batch_size
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
@@ -150,7 +158,11 @@ class MinibatchSampler:
         return idx
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "perm": self._perm.clone(), "pos": self._pos}
+        return {
+            "generator": self.generator.get_state(),
+            "perm": self._perm.clone(),
+            "pos": self._pos,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])

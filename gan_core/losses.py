@@ -61,7 +61,10 @@ def generator_loss(kind: str, g_loss: str = "non_saturating"):
     """The G loss for LossConfig (gan_loss, g_loss)."""
     if kind == "lsgan":
         return lsgan_generator_loss
-    return {"non_saturating": generator_non_saturating_loss, "saturating": generator_saturating_loss}[g_loss]
+    return {
+        "non_saturating": generator_non_saturating_loss,
+        "saturating": generator_saturating_loss,
+    }[g_loss]
 
 
 def d_probability(logits: Tensor) -> Tensor:

@@ -23,15 +23,35 @@ def _mlp(sizes: list[int], act: nn.Module) -> nn.Sequential:
 
 
 class MLPGenerator(nn.Module):
-    """G(z) or G(z, y): the paper's multilayer perceptron (ReLU hidden units, tanh output)."""
+    """G(z) or G(z, y): the paper's multilayer perceptron with a tanh output.
 
-    def __init__(self, z_dim: int, image_shape: tuple[int, int, int], hidden: int, layers: int, num_classes: int = 0, embed_dim: int = 0):
+    Hidden layers are Linear -> BatchNorm -> LeakyReLU(0.2): without batch norm the MLP
+    generator collapses onto one sample per label on the digits within a few hundred steps
+    (measured: identical rows in the cGAN grid), with it the samples stay diverse."""
+
+    def __init__(
+        self,
+        z_dim: int,
+        image_shape: tuple[int, int, int],
+        hidden: int,
+        layers: int,
+        num_classes: int = 0,
+        embed_dim: int = 0,
+    ):
         super().__init__()
         self.image_shape = image_shape
         self.embed = nn.Embedding(num_classes, embed_dim) if num_classes else None
         in_dim = z_dim + (embed_dim if num_classes else 0)
         out_dim = image_shape[0] * image_shape[1] * image_shape[2]
-        self.net = _mlp([in_dim] + [hidden] * layers + [out_dim], nn.ReLU())
+        blocks: list[nn.Module] = []
+        for i in range(layers):
+            blocks += [
+                nn.Linear(in_dim if i == 0 else hidden, hidden),
+                nn.BatchNorm1d(hidden),
+                nn.LeakyReLU(0.2),
+            ]
+        blocks.append(nn.Linear(hidden if layers else in_dim, out_dim))
+        self.net = nn.Sequential(*blocks)
 
     def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
         if self.embed is not None:
@@ -42,10 +62,19 @@ class MLPGenerator(nn.Module):
 class MLPDiscriminator(nn.Module):
     """D(x) or D(x, y): an MLP to one logit (LeakyReLU, which trains more reliably than maxout here)."""
 
-    def __init__(self, image_shape: tuple[int, int, int], hidden: int, layers: int, num_classes: int = 0, embed_dim: int = 0):
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        hidden: int,
+        layers: int,
+        num_classes: int = 0,
+        embed_dim: int = 0,
+    ):
         super().__init__()
         self.embed = nn.Embedding(num_classes, embed_dim) if num_classes else None
-        in_dim = image_shape[0] * image_shape[1] * image_shape[2] + (embed_dim if num_classes else 0)
+        in_dim = image_shape[0] * image_shape[1] * image_shape[2] + (
+            embed_dim if num_classes else 0
+        )
         self.net = _mlp([in_dim] + [hidden] * layers + [1], nn.LeakyReLU(0.2))
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
@@ -58,17 +87,31 @@ class MLPDiscriminator(nn.Module):
 class ConvGenerator(nn.Module):
     """DCGAN-style G: project z (and the label embedding) to 4x4, then double until size S."""
 
-    def __init__(self, z_dim: int, channels: int, image_size: int, ngf: int, num_classes: int = 0, embed_dim: int = 0):
+    def __init__(
+        self,
+        z_dim: int,
+        channels: int,
+        image_size: int,
+        ngf: int,
+        num_classes: int = 0,
+        embed_dim: int = 0,
+    ):
         super().__init__()
         n_up = (image_size // 4).bit_length() - 1  # 4 * 2**n_up == image_size
         c0 = ngf * 2**n_up
         self.embed = nn.Embedding(num_classes, embed_dim) if num_classes else None
         in_dim = z_dim + (embed_dim if num_classes else 0)
-        self.project = nn.Sequential(nn.Linear(in_dim, c0 * 16), nn.Unflatten(1, (c0, 4, 4)), nn.BatchNorm2d(c0), nn.ReLU())
+        self.project = nn.Sequential(
+            nn.Linear(in_dim, c0 * 16), nn.Unflatten(1, (c0, 4, 4)), nn.BatchNorm2d(c0), nn.ReLU()
+        )
         ups: list[nn.Module] = []
         c = c0
         for _ in range(n_up):
-            ups += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU()]
+            ups += [
+                nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(c // 2),
+                nn.ReLU(),
+            ]
             c //= 2
         ups += [nn.Conv2d(c, channels, 3, 1, 1), nn.Tanh()]
         self.net = nn.Sequential(*ups)
@@ -87,7 +130,9 @@ class ConvDiscriminator(nn.Module):
     broadcast to an extra input plane.
     """
 
-    def __init__(self, channels: int, image_size: int, ndf: int, num_classes: int = 0, embed_dim: int = 0):
+    def __init__(
+        self, channels: int, image_size: int, ndf: int, num_classes: int = 0, embed_dim: int = 0
+    ):
         super().__init__()
         n_down = (image_size // 4).bit_length() - 1
         self.embed = nn.Embedding(num_classes, image_size * image_size) if num_classes else None
@@ -121,19 +166,28 @@ class ResnetBlock(nn.Module):
 
 
 class ResnetGenerator(nn.Module):
-    """CycleGAN's generator (Johnson et al. layout): c7s1, two stride-2 downs, n ResNet
-    blocks, two stride-2 ups, c7s1 to tanh. Instance norm, reflection padding."""
+    """CycleGAN's generator (Johnson et al. layout): c7s1, n_down stride-2 downs (2 in the paper), n ResNet
+    blocks, as many stride-2 ups, c7s1 to tanh. Instance norm, reflection padding."""
 
-    def __init__(self, channels: int, ngf: int, n_blocks: int):
+    def __init__(self, channels: int, ngf: int, n_blocks: int, n_down: int = 2):
         super().__init__()
-        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(channels, ngf, 7), nn.InstanceNorm2d(ngf), nn.ReLU()]
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(channels, ngf, 7),
+            nn.InstanceNorm2d(ngf),
+            nn.ReLU(),
+        ]
         c = ngf
-        for _ in range(2):
+        for _ in range(n_down):
             layers += [nn.Conv2d(c, c * 2, 3, 2, 1), nn.InstanceNorm2d(c * 2), nn.ReLU()]
             c *= 2
         layers += [ResnetBlock(c) for _ in range(n_blocks)]
-        for _ in range(2):
-            layers += [nn.ConvTranspose2d(c, c // 2, 3, 2, 1, output_padding=1), nn.InstanceNorm2d(c // 2), nn.ReLU()]
+        for _ in range(n_down):
+            layers += [
+                nn.ConvTranspose2d(c, c // 2, 3, 2, 1, output_padding=1),
+                nn.InstanceNorm2d(c // 2),
+                nn.ReLU(),
+            ]
             c //= 2
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(c, channels, 7), nn.Tanh()]
         self.net = nn.Sequential(*layers)
@@ -152,7 +206,12 @@ class PatchDiscriminator(nn.Module):
         for _ in range(1, n_layers):
             layers += [nn.Conv2d(c, c * 2, 4, 2, 1), nn.InstanceNorm2d(c * 2), nn.LeakyReLU(0.2)]
             c *= 2
-        layers += [nn.Conv2d(c, c * 2, 4, 1, 1), nn.InstanceNorm2d(c * 2), nn.LeakyReLU(0.2), nn.Conv2d(c * 2, 1, 4, 1, 1)]
+        layers += [
+            nn.Conv2d(c, c * 2, 4, 1, 1),
+            nn.InstanceNorm2d(c * 2),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(c * 2, 1, 4, 1, 1),
+        ]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -179,8 +238,8 @@ def build_models(cfg: GanConfig) -> dict[str, nn.Module]:
     emb = m.embed_dim if ncls else 0
     if cfg.family == "cyclegan":
         models = {
-            "G": ResnetGenerator(d.channels, m.ngf, m.n_res_blocks),
-            "F": ResnetGenerator(d.channels, m.ngf, m.n_res_blocks),
+            "G": ResnetGenerator(d.channels, m.ngf, m.n_res_blocks, m.g_downsample),
+            "F": ResnetGenerator(d.channels, m.ngf, m.n_res_blocks, m.g_downsample),
             "D_X": PatchDiscriminator(d.channels, m.ndf, m.patch_layers),
             "D_Y": PatchDiscriminator(d.channels, m.ndf, m.patch_layers),
         }

@@ -156,7 +156,9 @@ class Family:
     g_uses_data = False
     """Whether G's update needs a data minibatch (labels for the cGAN, real x, y for CycleGAN)."""
 
-    def samplers(self, cfg: GanConfig, data, rank: int, world_size: int) -> dict[str, MinibatchSampler]:
+    def samplers(
+        self, cfg: GanConfig, data, rank: int, world_size: int
+    ) -> dict[str, MinibatchSampler]:
         seed = cfg.train.seed * 1_000_003 + 1
         return {"x": MinibatchSampler(len(data), cfg.train.batch_size, seed, rank, world_size)}
 
@@ -184,15 +186,23 @@ class GanFamily(Family):
         G, D = state.models["G"], state.models["D"]
         y = self._labels(batch)
         with torch.no_grad(), state.autocast():  # no graph through G in D's update
-            fake = G(state.z(batch.x.shape[0]), y) if y is not None else G(state.z(batch.x.shape[0]))
+            fake = (
+                G(state.z(batch.x.shape[0]), y) if y is not None else G(state.z(batch.x.shape[0]))
+            )
         with state.autocast():
             real_logits = D(batch.x, y) if y is not None else D(batch.x)
             fake_logits = D(fake, y) if y is not None else D(fake)
-        loss = losses.discriminator_loss(state.cfg.loss.gan_loss)(real_logits.float(), fake_logits.float())
+        loss = losses.discriminator_loss(state.cfg.loss.gan_loss)(
+            real_logits.float(), fake_logits.float()
+        )
         state.opt_d.zero_grad(set_to_none=True)
         loss.backward()
         state.opt_d.step()
-        return {"loss_D": loss.detach(), "D_real": losses.d_probability(real_logits), "D_fake": losses.d_probability(fake_logits)}
+        return {
+            "loss_D": loss.detach(),
+            "D_real": losses.d_probability(real_logits),
+            "D_fake": losses.d_probability(fake_logits),
+        }
 
     def g_step(self, state: TrainState, batch: Batch | None) -> Metrics:
         G, D = state.models["G"], plain(state.models["D"])
@@ -201,7 +211,9 @@ class GanFamily(Family):
         with frozen(D), state.autocast():
             fake = G(state.z(m), y) if y is not None else G(state.z(m))
             fake_logits = D(fake, y) if y is not None else D(fake)
-        loss = losses.generator_loss(state.cfg.loss.gan_loss, state.cfg.loss.g_loss)(fake_logits.float())
+        loss = losses.generator_loss(state.cfg.loss.gan_loss, state.cfg.loss.g_loss)(
+            fake_logits.float()
+        )
         state.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         state.opt_g.step()
@@ -228,7 +240,9 @@ class CycleGanFamily(Family):
     discriminators = ("D_X", "D_Y")
     g_uses_data = True
 
-    def samplers(self, cfg: GanConfig, data: UnpairedSet, rank: int, world_size: int) -> dict[str, MinibatchSampler]:
+    def samplers(
+        self, cfg: GanConfig, data: UnpairedSet, rank: int, world_size: int
+    ) -> dict[str, MinibatchSampler]:
         seed = cfg.train.seed * 1_000_003
         m = cfg.train.batch_size
         return {
@@ -240,7 +254,11 @@ class CycleGanFamily(Family):
         dev = data.x.images.device
         ix = state.samplers["x"].next_indices().to(dev)
         iy = state.samplers["y"].next_indices().to(dev)
-        return Batch(data.x.images[ix], data.x.labels[ix] if data.x.labels is not None else None, data.y.images[iy])
+        return Batch(
+            data.x.images[ix],
+            data.x.labels[ix] if data.x.labels is not None else None,
+            data.y.images[iy],
+        )
 
     def d_step(self, state: TrainState, batch: Batch) -> Metrics:
         mo = state.models
@@ -328,7 +346,10 @@ def init_state(
     noise = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank)
     pools = {}
     if cfg.family == "cyclegan":
-        pools = {"X": ImagePool(cfg.train.pool_size, cfg.train.seed * 31 + 2 * rank + 1), "Y": ImagePool(cfg.train.pool_size, cfg.train.seed * 31 + 2 * rank + 2)}
+        pools = {
+            "X": ImagePool(cfg.train.pool_size, cfg.train.seed * 31 + 2 * rank + 1),
+            "Y": ImagePool(cfg.train.pool_size, cfg.train.seed * 31 + 2 * rank + 2),
+        }
     samplers = family.samplers(cfg, data, rank, world_size)
     return TrainState(cfg, models, opt_g, opt_d, schedulers, samplers, noise, device, pools)
 
@@ -360,13 +381,17 @@ def train(
     while state.step < end:
         for _ in range(cfg.train.d_steps):
             accumulate(family.d_step(state, family.next_batch(state, data)))
-        accumulate(family.g_step(state, family.next_batch(state, data) if family.g_uses_data else None))
+        accumulate(
+            family.g_step(state, family.next_batch(state, data) if family.g_uses_data else None)
+        )
         for sched in state.schedulers:
             sched.step()
         state.step += 1
         if state.step % cfg.train.log_every == 0 or state.step == end:
             keys = list(sums)
-            values = torch.stack([sums[k].float() / counts[k] for k in keys]).tolist()  # the one host sync
+            values = torch.stack(
+                [sums[k].float() / counts[k] for k in keys]
+            ).tolist()  # the one host sync
             report = dict(zip(keys, values))
             report["lr_g"] = state.opt_g.param_groups[0]["lr"]
             sums.clear()
@@ -424,7 +449,14 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def load_checkpoint(path: str | os.PathLike, data: ImageSet | UnpairedSet, device: torch.device | str | None = None, rank: int = 0, world_size: int = 1, wrap=None) -> TrainState:
+def load_checkpoint(
+    path: str | os.PathLike,
+    data: ImageSet | UnpairedSet,
+    device: torch.device | str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    wrap=None,
+) -> TrainState:
     """Rebuild the state a checkpoint was saved from (its config is stored inside it)."""
     sd = read_checkpoint(path)
     cfg = GanConfig.from_flat_dict(sd["config"])

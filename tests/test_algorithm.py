@@ -105,7 +105,9 @@ def test_cyclegan_loss_weights_cycle_term_by_lambda():
 
 
 def test_learning_rate_decays_linearly_for_cyclegan():
-    cfg, data, state = _setup("cyclegan", **{"train.steps": 10, "optim.decay_start": 0.5, "train.log_every": 1})
+    cfg, data, state = _setup(
+        "cyclegan", **{"train.steps": 10, "optim.decay_start": 0.5, "train.log_every": 1}
+    )
     lrs = []
     train(state, data, callbacks=[lambda s, m: lrs.append(m["lr_g"])])
     lr = cfg.optim.lr_g

@@ -21,7 +21,10 @@ def _run(cfg, data, state, until=None):
 @pytest.mark.parametrize("family", ["gan", "cgan", "cyclegan"])
 def test_resume_continues_exactly(family, tmp_path):
     # Small pool so CycleGAN's pool is full and swapping by the halfway point.
-    cfg = apply_overrides(preset(family, "tiny"), {"train.steps": 12, "train.log_every": 1, "train.pool_size": 10, "train.d_steps": 2})
+    cfg = apply_overrides(
+        preset(family, "tiny"),
+        {"train.steps": 12, "train.log_every": 1, "train.pool_size": 10, "train.d_steps": 2},
+    )
     data = load_builtin(cfg.data.dataset, cfg.data.image_size)
 
     full = _run(cfg, data, init_state(cfg, data, "cpu"))

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gan_core.data import MinibatchSampler, appearance_transform, load_builtin, load_digits, load_digits_unpaired
+from gan_core.data import (
+    MinibatchSampler,
+    appearance_transform,
+    load_builtin,
+    load_digits,
+    load_digits_unpaired,
+)
 
 
 def test_digits_split_is_stratified_and_disjoint():

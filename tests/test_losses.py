@@ -13,7 +13,9 @@ from gan_core import losses
 
 def _logits(n=257, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, generator=g, dtype=torch.float64) * 3, torch.randn(n, generator=g, dtype=torch.float64) * 3
+    return torch.randn(n, generator=g, dtype=torch.float64) * 3, torch.randn(
+        n, generator=g, dtype=torch.float64
+    ) * 3
 
 
 def test_value_function_matches_formula():
@@ -33,7 +35,10 @@ def test_generator_losses_match_formulas():
 
 def test_lsgan_cycle_and_identity_match_formulas():
     real, fake = _logits(seed=2)
-    assert_close(losses.lsgan_discriminator_loss(real, fake), 0.5 * (((real - 1) ** 2).mean() + (fake**2).mean()))
+    assert_close(
+        losses.lsgan_discriminator_loss(real, fake),
+        0.5 * (((real - 1) ** 2).mean() + (fake**2).mean()),
+    )
     assert_close(losses.lsgan_generator_loss(fake), ((fake - 1) ** 2).mean())
     g = torch.Generator().manual_seed(3)
     x, fgx, y, gfy = (torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(4))
@@ -69,7 +74,9 @@ def test_non_saturating_gradient_where_saturating_vanishes():
 
 def test_value_at_global_optimum_is_minus_log_4():
     half = torch.zeros(100, dtype=torch.float64)  # logit 0 <=> D = 1/2
-    assert_close(losses.value_function(half, half), torch.tensor(-math.log(4.0), dtype=torch.float64))
+    assert_close(
+        losses.value_function(half, half), torch.tensor(-math.log(4.0), dtype=torch.float64)
+    )
 
 
 def _fit_discriminator(data: torch.Tensor, fake: torch.Tensor, steps: int = 1500) -> nn.Module:

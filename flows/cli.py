@@ -1,0 +1,134 @@
+"""The `ganflow` command line.
+
+Conventions every command follows: `--help`; `--json` prints the result as one JSON object
+on the last line of stdout; errors are one line on stderr and a non-zero exit, with the
+traceback only under `--debug`; local state lives under GANFLOW_HOME (default ./.ganflow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from gan_core.config import FAMILIES, ConfigError, apply_overrides, preset
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, without a traceback."""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as one JSON object on the last line of stdout",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def _families(text: str) -> list[str]:
+    names = [f.strip() for f in text.split(",") if f.strip()]
+    bad = [f for f in names if f not in FAMILIES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown family {', '.join(bad) or text!r}; choose from {', '.join(FAMILIES)}"
+        )
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ganflow", description="Train, evaluate and benchmark GANs (GAN, cGAN, CycleGAN)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="the main job: train each family on the built-in data, evaluate, write sample grids",
+    )
+    run.add_argument(
+        "--families",
+        type=_families,
+        default=list(FAMILIES),
+        help="comma-separated subset of gan,cgan,cyclegan (default: all)",
+    )
+    run.add_argument(
+        "--preset", default="default", help="config preset: default or tiny (default: default)"
+    )
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. d_steps=3 or train.steps=500 (repeatable)",
+    )
+    run.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_common(run)
+
+    bench = sub.add_parser(
+        "bench",
+        help="training throughput and FLOP utilisation of each family's default architecture",
+    )
+    bench.add_argument(
+        "--iters", type=int, default=50, help="timed iterations per config (default: 50)"
+    )
+    _add_common(bench)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> dict:
+    from flows.local_job import run_all
+
+    configs = [apply_overrides(preset(f, args.preset), args.overrides) for f in args.families]
+    results = run_all(configs, progress=not args.quiet)
+    if not args.json:
+        print(f"{'family':10} {'steps':>6} {'time':>7}  metrics")
+        for r in results:
+            shown = ", ".join(f"{k}={v:.3g}" for k, v in r.metrics.items())
+            print(f"{r.family:10} {r.steps:6d} {r.seconds:6.1f}s  {shown}")
+            print(f"{'':10} samples: {r.out_dir}/samples.png  losses: {r.out_dir}/losses.png")
+    return {"results": [r.__dict__ for r in results]}
+
+
+def cmd_bench(args: argparse.Namespace) -> dict:
+    from gan_core.bench import run_suite
+
+    rows = run_suite(iters=args.iters)
+    if not args.json:
+        print(
+            f"{'family':9} {'arch':7} {'m':>4} {'size':>4} {'steps/s':>9} {'samples/s':>10} {'MFLOP/step':>11} {'GFLOP/s':>8} {'peak':>7} {'util':>6}"
+        )
+        for r in rows:
+            print(
+                f"{r['family']:9} {r['arch']:7} {r['batch_size']:4d} {r['image_size']:4d} {r['steps_per_s']:9.1f} {r['samples_per_s']:10.0f} "
+                f"{r['flops_per_step'] / 1e6:11.1f} {r['achieved_flops_per_s'] / 1e9:8.2f} {r['peak_flops_per_s'] / 1e9:7.1f} {100 * r['utilisation']:5.1f}%"
+            )
+    return {"results": rows}
+
+
+COMMANDS = {"run": cmd_run, "bench": cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = COMMANDS[args.command](args)
+    except (UserError, ConfigError, FileNotFoundError, ValueError) as exc:
+        if args.debug:
+            raise
+        print(f"ganflow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ganflow {args.command}: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

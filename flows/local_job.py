@@ -1,0 +1,107 @@
+"""The main job on embedded defaults: train each family on the built-in data, evaluate it on
+held-out digits, and write what a person looks at (sample grid, loss curves, metrics).
+
+This is the single-process path; distributed training, tracking and orchestration wrap the
+same gan_core loop at the edges.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flows.settings import cache_dir, runs_dir
+from gan_core.classifier import classifier_accuracy, load_or_train_classifier
+from gan_core.config import GanConfig
+from gan_core.data import load_builtin
+from gan_core.evaluate import PRIMARY_METRIC, evaluate, sample_grid
+from gan_core.train import init_state, save_checkpoint, train
+from gan_core.viz import save_grid
+
+
+@dataclass
+class FamilyResult:
+    family: str
+    steps: int
+    seconds: float
+    metrics: dict[str, float]
+    primary: str
+    out_dir: str
+
+
+def _progress(family: str, total: int, stream=sys.stderr):
+    start = time.perf_counter()
+
+    def cb(state, m: dict[str, float]) -> None:
+        rate = state.step / max(time.perf_counter() - start, 1e-9)
+        losses = " ".join(f"{k}={v:.3f}" for k, v in m.items() if k.startswith("loss"))
+        eta = (total - state.step) / max(rate, 1e-9)
+        print(
+            f"[{family}] step {state.step}/{total} {losses} ({rate:.0f} it/s, eta {eta:.0f}s)",
+            file=stream,
+            flush=True,
+        )
+
+    return cb
+
+
+def plot_losses(history: list[tuple[int, dict[str, float]]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    keys = [k for k in history[0][1] if k.startswith("loss")] if history else []
+    for k in keys:
+        ax.plot([s for s, _ in history], [m[k] for _, m in history], label=k)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def train_and_evaluate(cfg: GanConfig, out_dir: Path, progress: bool = True) -> FamilyResult:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = load_builtin(cfg.data.dataset, cfg.data.image_size, "train")
+    heldout = load_builtin(cfg.data.dataset, cfg.data.image_size, "test")
+    clf = load_or_train_classifier(cfg.data.image_size, cache_dir())
+    state = init_state(cfg, data)
+    history: list[tuple[int, dict[str, float]]] = []
+    callbacks = [lambda s, m: history.append((s.step, m))]
+    if progress:
+        callbacks.append(_progress(cfg.family, cfg.train.steps))
+    t0 = time.perf_counter()
+    train(state, data, callbacks=callbacks)
+    seconds = time.perf_counter() - t0
+    metrics = evaluate(cfg, state.models, heldout, clf)
+    real = heldout.x if cfg.family == "cyclegan" else heldout
+    metrics["classifier_accuracy_real"] = classifier_accuracy(clf, real.images, real.labels)
+    images, nrow = sample_grid(cfg, state.models, heldout)
+    save_grid(images, out_dir / "samples.png", nrow=nrow, scale=4)
+    plot_losses(history, out_dir / "losses.png", f"{cfg.family}: losses")
+    save_checkpoint(state, out_dir / "checkpoint.pt")
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_flat_dict(), indent=2))
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return FamilyResult(
+        cfg.family, cfg.train.steps, seconds, metrics, PRIMARY_METRIC[cfg.family][0], str(out_dir)
+    )
+
+
+def run_all(configs: list[GanConfig], progress: bool = True) -> list[FamilyResult]:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return [
+        train_and_evaluate(cfg, runs_dir() / f"{stamp}-{cfg.family}", progress) for cfg in configs
+    ]

@@ -1,0 +1,159 @@
+"""The benchmark: its result shape, its FLOP count against layer-size arithmetic, and that
+measuring never disturbs the caller's training state or config."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+import gan_core.train as train_mod
+from gan_core import bench
+from gan_core.config import apply_overrides, preset
+from gan_core.data import load_builtin
+from gan_core.train import init_state, state_dict
+
+
+def _mlp_gan_iteration_flops(cfg, d_weight_grads_in_g_step: bool = False) -> int:
+    """One iteration of the MLP GAN from layer sizes.
+
+    A linear layer in -> out on m rows costs 2*m*in*out forward (FlopCounterMode counts
+    matmuls only), and in backward 2*m*in*out for its weight gradient plus 2*m*in*out for
+    its input gradient, each only when autograd needs it:
+    - D step: G runs forward only (no_grad). D runs forward and full backward on the real
+      and the fake minibatch, except the input gradient of its first layer (neither x nor
+      the no-grad fake requires grad).
+    - G step: G forward, D forward, then backward through D for input gradients only (D is
+      frozen: no weight gradients), then G's weight gradients and input gradients except
+      for its first layer (z needs none).
+    """
+    m, k = cfg.train.batch_size, cfg.train.d_steps
+    pixels = cfg.data.channels * cfg.data.image_size**2
+    g_sizes = [cfg.model.z_dim] + [cfg.model.hidden] * cfg.model.mlp_layers + [pixels]
+    d_sizes = [pixels] + [cfg.model.hidden] * cfg.model.mlp_layers + [1]
+    lg = sum(a * b for a, b in zip(g_sizes, g_sizes[1:]))  # sum of in*out over G's layers
+    ld = sum(a * b for a, b in zip(d_sizes, d_sizes[1:]))
+    g_first, d_first = g_sizes[0] * g_sizes[1], d_sizes[0] * d_sizes[1]
+
+    d_step = lg + 2 * (
+        ld + ld + (ld - d_first)
+    )  # G fwd; per D pass: fwd + weight grads + input grads
+    g_step = (
+        lg + ld + ld + lg + (lg - g_first)
+    )  # G fwd, D fwd, D input grads, G weight + input grads
+    if d_weight_grads_in_g_step:
+        g_step += ld
+    return 2 * m * (k * d_step + g_step)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The ops here are tiny; with two intra-op threads on a shared 2-core box they wait on
+    # each other's descheduled sibling and run up to 50x slower (measured). Restored after.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    return load_builtin("builtin:digits", 16)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_mlp_gan_flops_match_layer_arithmetic(digits16, k):
+    cfg = apply_overrides(preset("gan", "tiny"), {"train.d_steps": k})
+    state = init_state(cfg, digits16, "cpu")
+    assert bench.count_flops_per_step(state, digits16) == _mlp_gan_iteration_flops(cfg)
+
+
+def test_flop_count_sees_d_weight_grads_in_g_step(digits16, monkeypatch):
+    # If D were not frozen in G's update, its weight gradients would be computed and thrown
+    # away; the counter must see that (so the test above guards against it).
+    monkeypatch.setattr(train_mod, "frozen", lambda *modules: contextlib.nullcontext())
+    cfg = preset("gan", "tiny")
+    state = init_state(cfg, digits16, "cpu")
+    got = bench.count_flops_per_step(state, digits16)
+    assert got == _mlp_gan_iteration_flops(cfg, d_weight_grads_in_g_step=True)
+    assert got > _mlp_gan_iteration_flops(cfg)
+
+
+def test_count_flops_leaves_state_untouched(digits16):
+    cfg = preset("gan", "tiny")
+    state = init_state(cfg, digits16, "cpu")
+    train_mod.train(state, digits16, until=2)  # non-trivial optimiser moments and streams
+    before = state_dict(state)
+    bench.count_flops_per_step(state, digits16)
+    after = state_dict(state)
+    assert state.step == 2 and after.pop("config") == before.pop("config")
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_peak_flops_is_a_plausible_rate():
+    peak = bench.measure_peak_flops(n=256, repeats=3)
+    assert math.isfinite(peak) and 1e8 < peak < 1e15
+
+
+@pytest.mark.parametrize("family", ["gan", "cgan", "cyclegan"])
+def test_benchmark_result_shape(family):
+    cfg = preset(family, "tiny")
+    flat_before = cfg.to_flat_dict()
+    rng_before = torch.random.get_rng_state()
+    r = bench.benchmark(cfg, warmup=1, iters=3, device="cpu", peak_flops_per_s=1e10)
+    assert set(r) == set(bench.RESULT_KEYS)
+    assert (r["family"], r["arch"]) == (family, cfg.model.arch)
+    assert (r["batch_size"], r["image_size"], r["d_steps"]) == (8, 16, 1)
+    for key in (
+        "steps_per_s",
+        "samples_per_s",
+        "flops_per_step",
+        "achieved_flops_per_s",
+        "peak_flops_per_s",
+        "utilisation",
+    ):
+        assert math.isfinite(r[key]) and r[key] > 0, key
+    assert isinstance(r["flops_per_step"], int)
+    assert r["samples_per_s"] == pytest.approx(r["steps_per_s"] * 8 * 2)
+    assert r["achieved_flops_per_s"] == pytest.approx(r["flops_per_step"] * r["steps_per_s"])
+    assert r["utilisation"] == pytest.approx(r["achieved_flops_per_s"] / 1e10)
+    # The caller's config and the global RNG stream are untouched.
+    assert cfg.to_flat_dict() == flat_before
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
+
+
+def test_run_suite_measures_peak_once(monkeypatch):
+    calls = []
+
+    def fake_peak(**kwargs):
+        calls.append(kwargs)
+        return 2e10
+
+    monkeypatch.setattr(bench, "measure_peak_flops", fake_peak)
+    configs = [
+        preset("gan", "tiny"),
+        apply_overrides(preset("gan", "tiny"), {"model.arch": "conv"}),
+    ]
+    seen = []
+    results = bench.run_suite(configs, warmup=0, iters=2, device="cpu", progress=seen.append)
+    assert len(calls) == 1
+    assert seen == results and [r["arch"] for r in results] == ["mlp", "conv"]
+    assert all(r["peak_flops_per_s"] == 2e10 for r in results)
+    assert "mlp" in bench.format_table(results)
+
+
+def test_default_suite_covers_families_and_archs():
+    suite = bench.default_suite()
+    kinds = {(c.family, c.model.arch, c.data.image_size) for c in suite}
+    assert kinds == {
+        ("gan", "mlp", 16),
+        ("gan", "mlp", 28),
+        ("gan", "conv", 16),
+        ("cgan", "mlp", 16),
+        ("cgan", "conv", 16),
+        ("cyclegan", "resnet", 16),
+    }
+    paper = next(c for c in suite if c.data.image_size == 28)
+    assert (paper.model.hidden, paper.train.batch_size) == (1200, 64)
