@@ -8,6 +8,7 @@ traceback only under `--debug`; local state lives under GANFLOW_HOME (default ./
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -111,12 +112,18 @@ def cmd_bench(args: argparse.Namespace) -> dict:
 
 COMMANDS = {"run": cmd_run, "bench": cmd_bench}
 
+# Modules that add subcommands: each has add_commands(subparsers, add_common) and registers
+# its parsers with set_defaults(func=...), where func(args) -> dict is the JSON result.
+# Their imports must stay cheap (Ray, MLflow and Prefect are imported inside the commands).
+PLUGINS: list[str] = []
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        result = COMMANDS[args.command](args)
+        func = getattr(args, "func", None) or COMMANDS[args.command]
+        result = func(args)
     except (UserError, ConfigError, FileNotFoundError, ValueError) as exc:
         if args.debug:
             raise

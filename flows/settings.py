@@ -18,3 +18,19 @@ def cache_dir() -> Path:
 
 def runs_dir() -> Path:
     return ganflow_home() / "runs"
+
+
+def snapshot_root() -> str:
+    """Where dataset snapshots live: GANFLOW_STORAGE_ROOT (a local path or s3://bucket/prefix),
+    default GANFLOW_HOME/snapshots."""
+    return os.environ.get("GANFLOW_STORAGE_ROOT") or str(ganflow_home() / "snapshots")
+
+
+def mlflow_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else a SQLite file under GANFLOW_HOME."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ganflow_home() / 'mlflow.db'}"
+
+
+def mlflow_artifact_root() -> str:
+    """Artifact location for experiments this project creates (never ./mlruns)."""
+    return os.environ.get("GANFLOW_MLFLOW_ARTIFACT_ROOT") or (ganflow_home() / "mlartifacts").as_uri()

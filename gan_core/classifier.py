@@ -135,8 +135,11 @@ def load_or_train_classifier(
     if path.exists():
         model = DigitClassifier()
         # safetensors holds only tensors: loading cannot execute code, unlike torch.load.
-        model.load_state_dict(load_file(str(path)))
-        return model.eval()
+        try:
+            model.load_state_dict(load_file(str(path)))
+            return model.eval()
+        except (RuntimeError, OSError, ValueError):
+            pass  # a stale or damaged cache file is retrained and replaced, not trusted
 
     model = train_digit_classifier(image_size, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
