@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--iters", type=int, default=50, help="timed iterations per config (default: 50)"
     )
     _add_common(bench)
+    for module in PLUGINS:
+        importlib.import_module(module).add_commands(sub, _add_common)
     return parser
 
 
