@@ -74,7 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="training throughput and FLOP utilisation of each family's default architecture",
     )
     bench.add_argument(
-        "--iters", type=int, default=50, help="timed iterations per config (default: 50)"
+        "--iters", type=int, default=30, help="timed iterations per config (default: 30)"
+    )
+    bench.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads (default: torch's choice; use 1 on a shared machine)",
     )
     _add_common(bench)
     for module in PLUGINS:
@@ -97,18 +103,19 @@ def cmd_run(args: argparse.Namespace) -> dict:
 
 
 def cmd_bench(args: argparse.Namespace) -> dict:
-    from gan_core.bench import run_suite
+    from gan_core.bench import format_table, run_suite
 
-    rows = run_suite(iters=args.iters)
-    if not args.json:
-        print(
-            f"{'family':9} {'arch':7} {'m':>4} {'size':>4} {'steps/s':>9} {'samples/s':>10} {'MFLOP/step':>11} {'GFLOP/s':>8} {'peak':>7} {'util':>6}"
-        )
-        for r in rows:
+    def progress(r: dict) -> None:
+        if not args.json:
             print(
-                f"{r['family']:9} {r['arch']:7} {r['batch_size']:4d} {r['image_size']:4d} {r['steps_per_s']:9.1f} {r['samples_per_s']:10.0f} "
-                f"{r['flops_per_step'] / 1e6:11.1f} {r['achieved_flops_per_s'] / 1e9:8.2f} {r['peak_flops_per_s'] / 1e9:7.1f} {100 * r['utilisation']:5.1f}%"
+                f"[bench] {r['family']}/{r['arch']} m={r['batch_size']} {r['steps_per_s']:.1f} steps/s",
+                file=sys.stderr,
+                flush=True,
             )
+
+    rows = run_suite(iters=args.iters, progress=progress, num_threads=args.threads or None)
+    if not args.json:
+        print(format_table(rows))
     return {"results": rows}
 
 
