@@ -31,15 +31,17 @@ def _train_and_eval(family: str, overrides: dict, cache) -> dict:
 
 
 def test_cgan_samples_carry_their_label(classifier_cache):
-    out = _train_and_eval("cgan", {"train.steps": 1200}, classifier_cache)  # measured 0.91
+    out = _train_and_eval("cgan", {"train.steps": 1200}, classifier_cache)  # measured 0.883
     assert out["class_accuracy"] >= 0.80
+    assert out["classes_covered"] == 10
 
 
 def test_gan_covers_the_classes(classifier_cache):
-    out = _train_and_eval("gan", {"train.steps": 1200}, classifier_cache)  # measured 10 classes
+    out = _train_and_eval("gan", {"train.steps": 1200}, classifier_cache)  # measured 10, FD 45.9
     assert out["classes_covered"] >= 9
 
 
 def test_cyclegan_beats_identity_by_half(classifier_cache):
-    out = _train_and_eval("cyclegan", {"train.steps": 300}, classifier_cache)
+    out = _train_and_eval("cyclegan", {"train.steps": 300}, classifier_cache)  # measured 0.082
     assert out["truth_error_ratio"] <= 0.5
+    assert out["label_preservation"] >= 0.8  # measured 0.983: G(x) keeps the digit
