@@ -1,0 +1,175 @@
+"""Registry and promotion against a real MLflow (SQLite backend, local artifact store)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from flows import registry
+from gan_core.classifier import load_or_train_classifier
+from gan_core.config import apply_overrides, preset
+from gan_core.data import load_builtin
+from gan_core.evaluate import sample
+from gan_core.train import init_state, train
+
+
+@pytest.fixture(scope="module")
+def models():
+    """An untrained and a trained MLP GAN: the trained one is clearly better (lower FD)."""
+    cfg = apply_overrides(preset("gan"), {"train.steps": 400})
+    data = load_builtin(cfg.data.dataset, cfg.data.image_size)
+    untrained = init_state(cfg, data, "cpu")
+    trained = train(init_state(apply_overrides(cfg, {"train.seed": 1}), data, "cpu"), data)
+    return cfg, untrained.models, trained.models
+
+
+@pytest.fixture(scope="module")
+def medium(models):
+    """Between the two: better than untrained, worse than the 400-step model."""
+    cfg = apply_overrides(models[0], {"train.steps": 60})
+    data = load_builtin(cfg.data.dataset, cfg.data.image_size)
+    return train(init_state(cfg, data, "cpu"), data).models
+
+
+@pytest.fixture(scope="module")
+def judge(classifier_cache):
+    return load_builtin("builtin:digits", 16, "test"), load_or_train_classifier(
+        16, classifier_cache
+    )
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    exp = client.create_experiment(
+        "registry-test", artifact_location=(tmp_path / "artifacts").as_uri()
+    )
+    return uri, client, exp
+
+
+def _alias(client, name, alias):
+    return str(client.get_model_version_by_alias(name, alias).version)
+
+
+def _register(mlflow_uri, cfg, nets, name):
+    uri, client, exp = mlflow_uri
+    run = client.create_run(exp)
+    return registry.register(run.info.run_id, cfg, nets, name, {"fd": 1.0}, "snap-123", "test")
+
+
+def test_promotion_rejection_and_rollback(mlflow_uri, models, judge):
+    cfg, worse, better = models
+    heldout, clf = judge
+    name = registry.model_name("gan", "builtin:digits")
+    assert name == "ganflow-gan-builtin-digits"
+    client = mlflow_uri[1]
+
+    v1 = _register(mlflow_uri, cfg, worse, name)
+    d1 = registry.promote(name, v1, heldout, clf)
+    assert d1.decision == "champion" and d1.champion is None
+
+    v2 = _register(mlflow_uri, cfg, better, name)
+    d2 = registry.promote(name, v2, heldout, clf, margin=1.0)
+    assert d2.decision == "champion" and d2.champion_version == v1
+    assert d2.candidate < d2.champion - 1.0  # lower Fréchet distance is better
+    assert _alias(client, name, "champion") == v2
+
+    v3 = _register(mlflow_uri, cfg, worse, name)
+    d3 = registry.promote(name, v3, heldout, clf)
+    assert d3.decision == "rejected"
+    tags = client.get_model_version(name, v3).tags
+    assert tags["promotion.decision"] == "rejected"
+    assert float(tags["eval.fd"]) == pytest.approx(d3.candidate, rel=1e-5)
+    assert float(tags["eval.champion.fd"]) == pytest.approx(
+        d2.candidate, rel=1e-5
+    )  # same conditions, same figure
+    assert "does not beat champion" in tags["promotion.reason"]
+    assert _alias(client, name, "challenger") == v3
+    assert _alias(client, name, "champion") == v2
+
+    out = registry.rollback(name)
+    assert out == {"name": name, "champion": v1, "demoted": v2}
+    assert _alias(client, name, "champion") == v1
+    assert client.get_model_version(name, v2).tags["promotion.rolled_back"] == "true"
+    with pytest.raises(registry.RegistryError, match="no previous champion"):
+        registry.rollback(name)
+
+
+def test_registered_generator_round_trips_weights_only(mlflow_uri, models):
+    cfg, _, better = models
+    name = "ganflow-gan-roundtrip"
+    v = _register(mlflow_uri, cfg, better, name)
+    mlflow_uri[1].set_registered_model_alias(name, "champion", v)
+    for ref in (name, f"{name}@champion", f"{name}/{v}"):
+        cfg2, nets, meta = registry.load_registered(ref)
+        assert cfg2 == cfg and meta["snapshot_id"] == "snap-123" and meta["version"] == v
+        torch.testing.assert_close(
+            sample(cfg2, nets["G"], 16, seed=3), sample(cfg, better["G"], 16, seed=3)
+        )
+    with pytest.raises(registry.RegistryError, match="no alias 'nope'"):
+        registry.load_registered(f"{name}@nope")
+    with pytest.raises(registry.RegistryError, match="no registered model"):
+        registry.load_registered("ganflow-missing")
+
+
+def test_concurrent_promotions_end_consistent(mlflow_uri, models, medium, judge, monkeypatch):
+    """Both candidates beat the champion; the better one must win whatever the timing.
+    The worse one is made slow to evaluate, so without the lock it would read the old
+    champion, lose the race in time and overwrite the better winner (checked: it does)."""
+    cfg, worse, better = models
+    heldout, clf = judge
+    name = "ganflow-gan-race"
+    base = _register(mlflow_uri, cfg, worse, name)
+    registry.promote(name, base, heldout, clf)
+    va = _register(mlflow_uri, cfg, better, name)
+    vb = _register(mlflow_uri, cfg, medium, name)
+    real_eval = registry.evaluate_version
+
+    def slow_for_vb(client, n, version, *a, **k):
+        if version == vb:
+            time.sleep(1.5)
+        return real_eval(client, n, version, *a, **k)
+
+    monkeypatch.setattr(registry, "evaluate_version", slow_for_vb)
+    results, errors = {}, []
+
+    def go(v, delay):
+        try:
+            time.sleep(delay)
+            results[v] = registry.promote(name, v, heldout, clf)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=go, args=(vb, 0.0)),
+        threading.Thread(target=go, args=(va, 0.3)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    client = mlflow_uri[1]
+    assert _alias(client, name, "champion") == va  # the better one, by the rule
+    assert results[va].decision == "champion"
+    history = json.loads(client.get_registered_model(name).tags[registry.HISTORY_TAG])
+    assert history == [base, vb]  # vb was champion briefly, then beaten: a consistent chain
+    assert not [m for m in client.search_registered_models() if m.name.endswith(".promotion-lock")]
+
+
+def test_stale_lock_is_broken(mlflow_uri):
+    client = mlflow_uri[1]
+    client.create_registered_model("ganflow-x.promotion-lock", tags={"created": "0"})
+    with registry.promotion_lock(client, "ganflow-x", ttl_s=1.0, wait_s=5.0):
+        pass
+    with pytest.raises(registry.RegistryError, match="timed out"):
+        client.create_registered_model("ganflow-y.promotion-lock", tags={"created": "9e12"})
+        with registry.promotion_lock(client, "ganflow-y", ttl_s=600, wait_s=0.5):
+            pass
