@@ -173,3 +173,95 @@ def test_stale_lock_is_broken(mlflow_uri):
         client.create_registered_model("ganflow-y.promotion-lock", tags={"created": "9e12"})
         with registry.promotion_lock(client, "ganflow-y", ttl_s=600, wait_s=0.5):
             pass
+
+
+def test_generate_command_for_each_family(mlflow_uri, models, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from flows.cli import main
+
+    cfg, _, better = models
+    _register(mlflow_uri, cfg, better, "ganflow-gan-gen")
+    assert (
+        main(
+            [
+                "generate",
+                "ganflow-gan-gen/1",
+                "--n",
+                "12",
+                "--out",
+                str(tmp_path / "g.npz"),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    arrays = np.load(tmp_path / "g.npz", allow_pickle=False)
+    assert arrays["images"].shape == (12, 1, 16, 16) and "labels" not in arrays
+
+    ccfg = preset("cgan", "tiny")
+    cdata = load_builtin(ccfg.data.dataset, ccfg.data.image_size)
+    _register(mlflow_uri, ccfg, init_state(ccfg, cdata, "cpu").models, "ganflow-cgan-gen")
+    assert (
+        main(
+            [
+                "generate",
+                "ganflow-cgan-gen/1",
+                "--n",
+                "5",
+                "--label",
+                "7",
+                "--out",
+                str(tmp_path / "c.npz"),
+            ]
+        )
+        == 0
+    )
+    arrays = np.load(tmp_path / "c.npz", allow_pickle=False)
+    assert arrays["labels"].tolist() == [7] * 5
+    assert (
+        main(["generate", "ganflow-cgan-gen/1", "--label", "12", "--out", str(tmp_path / "x.png")])
+        == 2
+    )
+    assert "--label must be one of" in capsys.readouterr().err
+
+    ycfg = preset("cyclegan", "tiny")
+    ydata = load_builtin(ycfg.data.dataset, ycfg.data.image_size)
+    _register(mlflow_uri, ycfg, init_state(ycfg, ydata, "cpu").models, "ganflow-cyclegan-gen")
+    src = tmp_path / "digit.png"
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).save(src)
+    assert (
+        main(
+            [
+                "generate",
+                "ganflow-cyclegan-gen/1",
+                "--input",
+                str(src),
+                "--out",
+                str(tmp_path / "t.png"),
+            ]
+        )
+        == 0
+    )
+    with Image.open(tmp_path / "t.png") as im:
+        assert im.size[0] > im.size[1]  # input and translation side by side
+    assert main(["generate", "ganflow-cyclegan-gen/1", "--out", str(tmp_path / "t2.png")]) == 2
+    assert "pass --input" in capsys.readouterr().err
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    assert (
+        main(
+            [
+                "generate",
+                "ganflow-cyclegan-gen/1",
+                "--input",
+                str(tmp_path / "bad.png"),
+                "--out",
+                str(tmp_path / "t3.png"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "cannot decode input image" in err and "Traceback" not in err
+    assert not (tmp_path / "t3.png").exists()
