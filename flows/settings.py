@@ -33,4 +33,6 @@ def mlflow_tracking_uri() -> str:
 
 def mlflow_artifact_root() -> str:
     """Artifact location for experiments this project creates (never ./mlruns)."""
-    return os.environ.get("GANFLOW_MLFLOW_ARTIFACT_ROOT") or (ganflow_home() / "mlartifacts").as_uri()
+    return (
+        os.environ.get("GANFLOW_MLFLOW_ARTIFACT_ROOT") or (ganflow_home() / "mlartifacts").as_uri()
+    )
