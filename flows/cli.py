@@ -124,7 +124,7 @@ COMMANDS = {"run": cmd_run, "bench": cmd_bench}
 # Modules that add subcommands: each has add_commands(subparsers, add_common) and registers
 # its parsers with set_defaults(func=...), where func(args) -> dict is the JSON result.
 # Their imports must stay cheap (Ray, MLflow and Prefect are imported inside the commands).
-PLUGINS: list[str] = ["flows.models_cli"]
+PLUGINS: list[str] = ["flows.models_cli", "flows.ingest"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

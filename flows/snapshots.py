@@ -1,0 +1,315 @@
+"""The snapshot store: versioned, content-addressed datasets that training reads.
+
+Layout under the storage root (:func:`flows.settings.snapshot_root`, local or ``s3://``)::
+
+    <id>/train-00000.npz ...   shards: images float32 [n, C, H, W] in [-1, 1], labels int64 [n],
+                               truth (CycleGAN ground truth T(x), built-in pairs only)
+    <id>/manifest.json         written last: a snapshot exists once its manifest does
+    refs/names/<name>/<created>-<id>.json    name -> id history (latest = last)
+    refs/sources/<fingerprint>.json          listing fingerprint -> id (the no-work fast path)
+
+Atomicity: shards are written first, each in one put (a rename from a temporary file on local
+disks, one PUT on S3), then the manifest, which lists every shard with its sha256. A crash
+before the manifest leaves only an unreferenced folder that nothing lists or loads, and the
+rerun (same id, since the id hashes the source content) overwrites it. Readers check every
+shard's hash, so a shard replaced under a manifest is detected, not trained on.
+
+Shards are ``.npz`` read with ``allow_pickle=False``: nothing loaded from storage can run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import time
+import uuid
+import zipfile
+
+import numpy as np
+import torch
+
+from flows.settings import snapshot_root
+from flows.storage import StorageError, describe, get_filesystem, is_remote, join, with_retries
+from gan_core.data import ImageSet, UnpairedSet
+
+FORMAT_VERSION = 1
+SHARD_BYTES = 64 << 20
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_ID_RE = re.compile(r"^[0-9a-f]{20}$")
+
+
+class SnapshotNotFound(ValueError):
+    """No snapshot matches a ref (id, name or builtin) in a storage root."""
+
+    def __init__(self, ref: str, root: str):
+        super().__init__(
+            f"no snapshot {ref!r} in {root} (not an id or a name there; "
+            "`ganflow datasets` lists them, `ganflow ingest` makes one)"
+        )
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.match(name) or name == "refs":
+        raise ValueError(
+            f"snapshot name {name!r} must be 1-100 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def digest(obj) -> str:
+    """sha256 of a JSON-serialisable object in canonical form (the snapshot id's hash)."""
+    return hashlib.sha256(
+        json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+class Store:
+    """One storage root. Every call goes through storage retries and one-line errors."""
+
+    def __init__(self, root: str | None = None):
+        self.url = root or snapshot_root()
+        self.fs, self.path = get_filesystem(self.url)
+
+    def _call(self, fn, *args, what: str | None = None, **kwargs):
+        try:
+            return with_retries(fn, *args, **kwargs)
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            raise describe(exc, what or self.url) from None
+        except StorageError:
+            raise
+        except Exception as exc:  # botocore/aiohttp errors that s3fs does not translate
+            if type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp"):
+                raise describe(exc, what or self.url) from None
+            raise
+
+    def _p(self, *parts: str) -> str:
+        return join(self.path, *parts)
+
+    def put(self, rel: str, data: bytes) -> None:
+        self._call(_put_bytes, self.fs, self._p(rel), data, what=join(self.url, rel))
+
+    def get(self, rel: str) -> bytes | None:
+        try:
+            return self._call(self.fs.cat_file, self._p(rel), what=join(self.url, rel))
+        except StorageError as exc:
+            if str(exc).startswith("not found:"):
+                return None
+            raise
+
+    def ls(self, rel: str) -> list[str]:
+        """Base names under a folder; [] when it does not exist."""
+        path = self._p(rel)
+        self.fs.invalidate_cache(path)
+        try:
+            names = self._call(self.fs.ls, path, detail=False, what=join(self.url, rel))
+        except StorageError as exc:
+            if str(exc).startswith("not found:"):
+                return []
+            raise
+        return sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in names)
+
+    def check_root(self) -> None:
+        """Fail early and in one line when a remote root's bucket is missing or denied."""
+        if is_remote(self.url):
+            bucket = self.path.split("/", 1)[0]
+            try:
+                self._call(self.fs.ls, bucket, what=self.url)
+            except StorageError as exc:
+                if str(exc).startswith("not found:"):
+                    raise StorageError(
+                        f"bucket {bucket!r} of the storage root {self.url} does not exist"
+                    ) from None
+                raise
+
+    # -- manifests and refs ------------------------------------------------------------------
+
+    def manifest(self, snapshot_id: str) -> dict | None:
+        raw = self.get(f"{snapshot_id}/manifest.json")
+        return None if raw is None else json.loads(raw)
+
+    def source_ref(self, fingerprint: str) -> dict | None:
+        raw = self.get(f"refs/sources/{fingerprint}.json")
+        if raw is None:
+            return None
+        return self.manifest(json.loads(raw)["id"])
+
+    def latest_for_name(self, name: str) -> str | None:
+        refs = self.ls(f"refs/names/{name}")
+        return refs[-1].rsplit("-", 1)[-1].removesuffix(".json") if refs else None
+
+    def add_refs(self, manifest: dict, name: str, fingerprint: str | None) -> None:
+        """Point name (and the source fingerprint) at the snapshot; after the manifest exists."""
+        check_name(name)
+        if self.latest_for_name(name) != manifest["id"]:
+            ns = time.time_ns()
+            stamp = (
+                time.strftime("%Y%m%dT%H%M%S", time.gmtime(ns / 1e9)) + f".{ns // 1000 % 10**6:06d}"
+            )
+            self.put(
+                f"refs/names/{name}/{stamp}Z-{manifest['id']}.json",
+                json.dumps({"id": manifest["id"]}).encode(),
+            )
+        if fingerprint:
+            self.put(
+                f"refs/sources/{fingerprint}.json", json.dumps({"id": manifest["id"]}).encode()
+            )
+
+    def write_snapshot(self, manifest: dict, parts: dict[str, dict[str, np.ndarray]]) -> dict:
+        """Shards first, manifest last. parts: {'train' | 'test' | 'train-x' ...: arrays}."""
+        sid = manifest["id"]
+        shards = []
+        for part, arrays in sorted(parts.items()):
+            n = len(arrays["images"])
+            per_image = max(1, sum(a[0:1].nbytes for a in arrays.values()))
+            step = max(1, SHARD_BYTES // per_image)
+            for k, start in enumerate(range(0, max(n, 1), step)):
+                data = npz_bytes({key: a[start : start + step] for key, a in arrays.items()})
+                fname = f"{part}-{k:05d}.npz"
+                self.put(f"{sid}/{fname}", data)
+                split, _, domain = part.partition("-")
+                shards.append(
+                    {
+                        "file": fname,
+                        "split": split,
+                        "part": domain or "data",
+                        "count": len(arrays["images"][start : start + step]),
+                        "bytes": len(data),
+                        "sha256": hashlib.sha256(data).hexdigest(),
+                    }
+                )
+        manifest = {**manifest, "shards": shards}
+        self.put(f"{sid}/manifest.json", json.dumps(manifest, indent=1).encode())
+        return manifest
+
+    def list(self) -> list[dict]:
+        out = []
+        for entry in self.ls(""):
+            if _ID_RE.match(entry):
+                m = self.manifest(entry)
+                if m is not None:
+                    out.append(m)
+        return sorted(out, key=lambda m: m["created"])
+
+    def resolve(self, ref: str) -> dict:
+        if _ID_RE.match(ref):
+            m = self.manifest(ref)
+            if m is not None:
+                return m
+        if _NAME_RE.match(ref) and ref != "refs":
+            sid = self.latest_for_name(ref)
+            m = self.manifest(sid) if sid else None
+            if m is not None:
+                return {**m, "name": ref}
+        raise SnapshotNotFound(ref, self.url)
+
+    def read_part(self, manifest: dict, split: str, part: str) -> dict[str, np.ndarray]:
+        chunks: dict[str, list[np.ndarray]] = {}
+        for shard in manifest["shards"]:
+            if shard["split"] != split or shard["part"] != part:
+                continue
+            data = self.get(f"{manifest['id']}/{shard['file']}")
+            if data is None or hashlib.sha256(data).hexdigest() != shard["sha256"]:
+                raise ValueError(
+                    f"snapshot {manifest['id']} in {self.url}: shard {shard['file']} is missing "
+                    "or does not match its manifest hash; re-ingest the source"
+                )
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                for key in z.files:
+                    chunks.setdefault(key, []).append(z[key])
+        return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An .npz (np.load-compatible) with fixed member times, so equal arrays give equal bytes:
+    concurrent writers of one snapshot (Ray workers loading a built-in) write identical shards."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key in sorted(arrays):
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _put_bytes(fs, path: str, data: bytes) -> None:
+    """Write one object atomically: one PUT on object stores, write-then-rename on disks.
+
+    (The single seam through which every snapshot byte is written: tests inject faults here.)
+    """
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols:
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+# ---------------------------------------------------------------------------------------------
+# The interface training uses.
+
+
+def resolve_snapshot(ref: str, root: str | None = None) -> dict:
+    """The manifest for a snapshot id, or the latest snapshot of a name. SnapshotNotFound else."""
+    return Store(root).resolve(ref)
+
+
+def list_snapshots(root: str | None = None) -> list[dict]:
+    """Every complete snapshot (manifest present) in a root, oldest first."""
+    return Store(root).list()
+
+
+def _image_set(arrays: dict[str, np.ndarray], manifest: dict) -> ImageSet:
+    if "images" not in arrays:  # an empty split
+        s = manifest["image_size"]
+        return ImageSet(torch.zeros(0, manifest["channels"], s, s))
+    labels = torch.from_numpy(arrays["labels"]) if "labels" in arrays else None
+    return ImageSet(torch.from_numpy(arrays["images"]), labels)
+
+
+def load_dataset(
+    ref: str, split: str = "train", root: str | None = None, *, image_size: int | None = None
+) -> ImageSet | UnpairedSet:
+    """A snapshot's split as gan_core data: ImageSet (labels when the layout has classes) or,
+    for CycleGAN layouts, UnpairedSet (x_truth only for built-in pairs, whose truth is known).
+
+    ref: snapshot id, snapshot name (its latest snapshot) or a ``builtin:`` dataset, which is
+    ingested into the store first (a no-op when already there), so it gets an id and lineage
+    like any other data. image_size: the size to ingest a built-in at (default 16); for other
+    refs, a check that the snapshot has that size. Same behaviour for local and s3:// roots.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    store = Store(root)
+    if ref.startswith("builtin:"):
+        from flows.ingest import IngestOptions, ingest_builtin
+
+        result = ingest_builtin(ref, IngestOptions(image_size=image_size or 16), root=store.url)
+        manifest = store.resolve(result["id"])
+    else:
+        manifest = store.resolve(ref)
+        if image_size is not None and image_size != manifest["image_size"]:
+            raise ValueError(
+                f"snapshot {manifest['id']} ({ref}) holds {manifest['image_size']}px images, "
+                f"not {image_size}px; ingest the source again with --image-size {image_size}"
+            )
+    if manifest["kind"] == "unpaired":
+        x = store.read_part(manifest, split, "x")
+        y = store.read_part(manifest, split, "y")
+        truth = torch.from_numpy(x["truth"]) if "truth" in x else None
+        return UnpairedSet(_image_set(x, manifest), _image_set(y, manifest), truth)
+    return _image_set(store.read_part(manifest, split, "data"), manifest)
+
+
+def lineage(manifest: dict) -> dict:
+    """What an MLflow run records about its dataset input (params/tags, flat strings)."""
+    return {
+        "dataset.id": manifest["id"],
+        "dataset.name": manifest["name"],
+        "dataset.source": manifest["source"],
+        "dataset.num_images": str(manifest["num_images"]),
+        "dataset.image_size": str(manifest["image_size"]),
+    }
