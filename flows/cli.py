@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
-        "run",
-        help="the main job: train each family on the built-in data, evaluate, write sample grids",
+        "local",
+        help="train each family in this process (no Ray, MLflow or Prefect), evaluate, write sample grids",
     )
     run.add_argument(
         "--families",
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_run(args: argparse.Namespace) -> dict:
+def cmd_local(args: argparse.Namespace) -> dict:
     from flows.local_job import run_all
 
     configs = [apply_overrides(preset(f, args.preset), args.overrides) for f in args.families]
@@ -119,12 +119,18 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     return {"results": rows}
 
 
-COMMANDS = {"run": cmd_run, "bench": cmd_bench}
+COMMANDS = {"local": cmd_local, "bench": cmd_bench}
 
 # Modules that add subcommands: each has add_commands(subparsers, add_common) and registers
 # its parsers with set_defaults(func=...), where func(args) -> dict is the JSON result.
 # Their imports must stay cheap (Ray, MLflow and Prefect are imported inside the commands).
-PLUGINS: list[str] = ["flows.models_cli", "flows.ingest"]
+PLUGINS: list[str] = [
+    "flows.models_cli",
+    "flows.ingest",
+    "flows.pipeline_cli",
+    "flows.tune",
+    "flows.train_ray",
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
