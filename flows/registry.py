@@ -315,11 +315,12 @@ def promote(
             or champ_version == version
             or _is_better(cand, champ, mode, margin)
         ):
-            reason = (
-                "no champion yet"
-                if champ is None
-                else f"{metric} {cand:.4g} beats champion v{champ_version} {champ:.4g} by more than {margin:g} ({mode})"
-            )
+            if champ_version == version:
+                reason = f"v{version} is already the champion ({metric} {cand:.4g})"
+            elif champ is None:
+                reason = "no champion yet"
+            else:
+                reason = f"{metric} {cand:.4g} beats champion v{champ_version} {champ:.4g} by more than {margin:g} ({mode})"
             history = json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
             if champ_version is not None and champ_version != version:
                 history.append(champ_version)
