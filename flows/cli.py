@@ -128,7 +128,7 @@ PLUGINS: list[str] = [
     "flows.models_cli",
     "flows.ingest",
     "flows.pipeline_cli",
-    "flows.tune",
+    "flows.tune_cli",
     "flows.train_ray",
 ]
 

@@ -1,0 +1,108 @@
+"""`ganflow tune`: the command line of the search (flows/tune.py), kept apart so that building
+the command line never imports Ray or Prefect."""
+
+from __future__ import annotations
+
+import argparse
+
+# --- command line -----------------------------------------------------------------------
+
+
+def cmd_tune(args: argparse.Namespace) -> dict:
+    from flows.tune import SearchRequest, count_trials, load_space, run_search, validate_space
+    from gan_core.config import apply_overrides, preset
+
+    base = preset(args.family)
+    if args.dataset is None:
+        args.dataset = base.data.dataset
+    base = apply_overrides(base, args.overrides)
+    space = validate_space(load_space(args.space, args.family), base)
+    n = count_trials(space, args.samples)
+    if not args.json:
+        print(f"search over {', '.join(space)}: {n} trials, scheduler {args.scheduler}")
+    result = run_search(
+        SearchRequest(
+            family=args.family,
+            dataset=args.dataset,
+            base=base,
+            space=space,
+            samples=args.samples,
+            scheduler=args.scheduler,
+            max_concurrent=args.max_concurrent,
+            workers_per_trial=args.workers_per_trial,
+            gpus_per_worker=args.gpus_per_worker,
+            name=args.name,
+            resume=args.resume,
+        ),
+        progress=not args.json,
+    )
+    if not args.json:
+        print(format_trials(result))
+    return result
+
+
+def format_trials(result: dict) -> str:
+    lines = [f"{'trial':>10}  {'config':40}  {result['metric']:>12}  {'step':>5}  status"]
+    for t in result["trials"]:
+        cfg = ", ".join(
+            f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+            for k, v in t["config"].items()
+        )
+        status = "error" if t["error"] else ("stopped early" if t["stopped_early"] else "completed")
+        val = "-" if t["metric"] is None else f"{t['metric']:.4g}"
+        lines.append(f"{str(t['trial_id']):>10}  {cfg:40}  {val:>12}  {t['step']:>5}  {status}")
+    b = result["best"]
+    lines.append(
+        "best: none completed"
+        if b is None
+        else f"best: {b['config']} {b['metric_name']}={b['metric']:.4g} (run {b['run_id']})"
+    )
+    return "\n".join(lines)
+
+
+def add_commands(sub, add_common) -> None:
+    from gan_core.config import FAMILIES
+
+    p = sub.add_parser(
+        "tune", help="search λ (lambda_cyc), k (d_steps) and other fields with Ray Tune"
+    )
+    p.add_argument("--family", required=True, choices=FAMILIES)
+    p.add_argument(
+        "--dataset",
+        default=None,
+        metavar="SNAPSHOT",
+        help="snapshot id or name, or builtin:NAME (default: the family's built-in data)",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        help="samples per grid point / random samples (default: 1)",
+    )
+    p.add_argument(
+        "--space",
+        default=None,
+        metavar="FILE",
+        help="YAML: field: {grid|choice: [..]} or {uniform|loguniform|randint: [low, high]}",
+    )
+    p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="trials at once (default: what the cluster's CPUs fit)",
+    )
+    p.add_argument("--workers-per-trial", type=int, default=1)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fixed overrides for every trial, e.g. train.steps=200",
+    )
+    p.add_argument("--name", default=None, help="search name (reuse it with --resume)")
+    p.add_argument("--resume", action="store_true", help="resume the interrupted search --name")
+    add_common(p)
+    p.set_defaults(func=cmd_tune)
