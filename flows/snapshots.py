@@ -38,6 +38,7 @@ FORMAT_VERSION = 1
 SHARD_BYTES = 64 << 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _ID_RE = re.compile(r"^[0-9a-f]{20}$")
+_RAISE = object()
 
 
 class SnapshotNotFound(ValueError):
@@ -73,9 +74,13 @@ class Store:
         self.url = root or snapshot_root()
         self.fs, self.path = get_filesystem(self.url)
 
-    def _call(self, fn, *args, what: str | None = None, **kwargs):
+    def _call(self, fn, *args, what: str | None = None, missing=_RAISE, **kwargs):
         try:
             return with_retries(fn, *args, **kwargs)
+        except FileNotFoundError as exc:
+            if missing is not _RAISE:
+                return missing
+            raise describe(exc, what or self.url) from None
         except (OSError, ConnectionError, TimeoutError) as exc:
             raise describe(exc, what or self.url) from None
         except StorageError:
@@ -92,37 +97,23 @@ class Store:
         self._call(_put_bytes, self.fs, self._p(rel), data, what=join(self.url, rel))
 
     def get(self, rel: str) -> bytes | None:
-        try:
-            return self._call(self.fs.cat_file, self._p(rel), what=join(self.url, rel))
-        except StorageError as exc:
-            if str(exc).startswith("not found:"):
-                return None
-            raise
+        return self._call(self.fs.cat_file, self._p(rel), what=join(self.url, rel), missing=None)
 
     def ls(self, rel: str) -> list[str]:
         """Base names under a folder; [] when it does not exist."""
         path = self._p(rel)
         self.fs.invalidate_cache(path)
-        try:
-            names = self._call(self.fs.ls, path, detail=False, what=join(self.url, rel))
-        except StorageError as exc:
-            if str(exc).startswith("not found:"):
-                return []
-            raise
+        names = self._call(self.fs.ls, path, detail=False, what=join(self.url, rel), missing=[])
         return sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in names)
 
     def check_root(self) -> None:
         """Fail early and in one line when a remote root's bucket is missing or denied."""
         if is_remote(self.url):
             bucket = self.path.split("/", 1)[0]
-            try:
-                self._call(self.fs.ls, bucket, what=self.url)
-            except StorageError as exc:
-                if str(exc).startswith("not found:"):
-                    raise StorageError(
-                        f"bucket {bucket!r} of the storage root {self.url} does not exist"
-                    ) from None
-                raise
+            if self._call(self.fs.ls, bucket, what=self.url, missing=None) is None:
+                raise StorageError(
+                    f"bucket {bucket!r} of the storage root {self.url} does not exist"
+                )
 
     # -- manifests and refs ------------------------------------------------------------------
 

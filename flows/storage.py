@@ -115,7 +115,9 @@ def describe(exc: BaseException, url: str) -> StorageError:
     """One line for a storage failure at ``url``, secrets masked."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     low = text.lower()
-    if isinstance(exc, FileNotFoundError) and ("nosuchbucket" in low or "bucket" in low):
+    if isinstance(exc, FileNotFoundError) and (
+        "nosuchbucket" in low or (is_remote(url) and "bucket" in low)
+    ):
         msg = f"bucket not found for {url}"
     elif isinstance(exc, FileNotFoundError):
         msg = f"not found: {url}"

@@ -1,0 +1,50 @@
+"""The Prefect flow behind `ganflow ingest`: same result as the plain pipeline, and failures
+surface as one line on the command line, not as Prefect's logged traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from ingest_data import make_layout
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One temporary Prefect server for the session (starting one costs about 10 s)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    mp.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
+    mp.delenv("PREFECT_API_URL", raising=False)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+    mp.undo()
+
+
+def test_flow_matches_plain_pipeline_and_is_idempotent(prefect_harness, tmp_path):
+    from flows.ingest import ingest
+    from flows.ingest_flow import run_flow
+
+    folder, _, _ = make_layout("classes", tmp_path / "raw")
+    r = run_flow(str(folder), root=str(tmp_path / "store"), name="digits")
+    plain = ingest(str(folder), root=str(tmp_path / "plain"))
+    assert r["id"] == plain["id"] and not r["reused"]
+    again = run_flow(str(folder), root=str(tmp_path / "store"), name="digits")
+    assert again["id"] == r["id"] and again["reused"]
+
+
+def test_cli_through_the_flow(prefect_harness, tmp_path, capsys):
+    from flows.cli import main
+
+    folder, _, _ = make_layout("flat", tmp_path / "raw")
+    root = str(tmp_path / "store")
+    assert main(["ingest", str(folder), "--root", root, "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["num_images"] == 30 and out["quarantined"] == []
+    assert main(["ingest", str(tmp_path / "missing"), "--root", root]) == 2
+    err = capsys.readouterr().err
+    assert "source not found" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
