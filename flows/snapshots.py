@@ -26,13 +26,15 @@ import re
 import time
 import uuid
 import zipfile
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from flows.settings import snapshot_root
 from flows.storage import StorageError, describe, get_filesystem, is_remote, join, with_retries
-from gan_core.data import ImageSet, UnpairedSet
+
+if TYPE_CHECKING:  # torch is imported when data is loaded: the CLI imports this module
+    from gan_core.data import ImageSet, UnpairedSet
 
 FORMAT_VERSION = 1
 SHARD_BYTES = 64 << 20
@@ -254,6 +256,10 @@ def list_snapshots(root: str | None = None) -> list[dict]:
 
 
 def _image_set(arrays: dict[str, np.ndarray], manifest: dict) -> ImageSet:
+    import torch
+
+    from gan_core.data import ImageSet
+
     if "images" not in arrays:  # an empty split
         s = manifest["image_size"]
         return ImageSet(torch.zeros(0, manifest["channels"], s, s))
@@ -288,6 +294,10 @@ def load_dataset(
                 f"not {image_size}px; ingest the source again with --image-size {image_size}"
             )
     if manifest["kind"] == "unpaired":
+        import torch
+
+        from gan_core.data import UnpairedSet
+
         x = store.read_part(manifest, split, "x")
         y = store.read_part(manifest, split, "y")
         truth = torch.from_numpy(x["truth"]) if "truth" in x else None
