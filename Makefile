@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# No usage-stats reporting from Ray on a machine that may have no internet.
 run: setup
-	$(VENV)/bin/ganflow run
+	RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/ganflow run
 
 test: setup
 	$(PY) -m pytest
