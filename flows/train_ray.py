@@ -1,0 +1,755 @@
+"""`ganflow train`: every GAN family as a Ray Train job (TorchTrainer, the Train V2 API).
+
+One CPU process or many GPU nodes, by configuration alone. The boundary between Ray and
+gan_core is :func:`train_loop_per_worker`: it loads the dataset snapshot, builds gan_core's
+state with :func:`ddp_wrap` applied to each network separately, restores the latest Ray
+checkpoint, and runs gan_core's one training loop with :class:`RayCallback` attached.
+
+Distribution, stated once:
+
+- Data parallel: every worker runs the full loop on its own shard (gan_core's
+  MinibatchSampler, sharded by rank). ``train.batch_size`` is per worker, so the global
+  minibatch is ``batch_size * workers``: to compare with a 1-worker run at the same global
+  batch, divide batch_size by the number of workers.
+- G and D are wrapped for DistributedDataParallel separately (one DDP module around both
+  fails). gan_core's G step calls D through ``plain(D)`` with D frozen, so no all-reduce runs
+  for D there, and D's step computes fakes under no_grad, so G's DDP forward there prepares
+  no reduction: every DDP backward reaches all of that module's parameters, and
+  ``find_unused_parameters=False`` holds. Buffers are synced at every forward (DDP's
+  default): BatchNorm running statistics follow rank 0's, so evaluation sees rank 0's.
+- Devices: CUDA when the worker has a GPU (NCCL; bf16 autocast of the forward passes unless
+  the config says otherwise; losses stay fp32 in gan_core), else CPU with gloo.
+
+Checkpoints (every ``checkpoint_every`` iterations and at the end) are reported through
+``ray.train.report`` by every rank into one directory: rank 0 writes ``state.pt`` (models,
+optimisers, schedulers, step, config) and each rank writes ``rank-<r>.pt`` with its own random
+streams (sampler, noise, CycleGAN image pools), so a resumed run draws exactly the batches
+and noise the uninterrupted one would have. Files hold tensors and primitives only and load
+with ``weights_only=True``. Storage is local (GANFLOW_HOME/ray_results) or ``s3://`` with the
+endpoint passed explicitly to pyarrow. FailureConfig restarts a dead worker group from the
+latest checkpoint; rerunning a run name resumes it (Ray finds the run in storage, and the
+MLflow run tagged with that name is reused).
+
+MLflow: the driver checks the tracking server, creates the run and logs the config and the
+dataset snapshot before any cluster work; rank 0 alone logs metrics, sample grids, the
+evaluation and the final generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flows.settings import cache_dir, ganflow_home, snapshot_root
+from gan_core.config import FAMILIES, GanConfig, apply_overrides, preset
+
+STATE_FILE = "state.pt"
+EXPERIMENT = "ganflow-train"
+
+# Settings a worker needs to see as the driver does (no secrets: credentials come from the
+# cluster's own environment or instance roles, never through Ray's runtime env).
+_FORWARDED_ENV = (
+    "GANFLOW_HOME",
+    "GANFLOW_STORAGE_ROOT",
+    "GANFLOW_MLFLOW_ARTIFACT_ROOT",
+    "GANFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+)
+
+
+class TrainError(ValueError):
+    """A training job cannot start or did not finish; one line for the command line."""
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Chaos drill (used by the fault-tolerance test): rank ``rank`` kills its own process with
+    SIGKILL when it reaches iteration ``step`` (a log point), once: ``marker`` records it."""
+
+    rank: int
+    step: int
+    marker: str
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What the driver hands every worker (the TorchTrainer's train_loop_config)."""
+
+    config: dict
+    snapshot_id: str
+    snapshot_root: str
+    cache_dir: str
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    checkpoint_every: int = 100
+    sample_every: int = 500
+    threads: int = 1
+    check_replicas: bool = False
+    fault: dict | None = None
+    eval_every: int | None = None
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+def resolve_dataset(ref: str, root: str, image_size: int) -> dict:
+    """The snapshot manifest for ref (id, name, or builtin: ingested now). On the driver, once:
+    workers then load by id, so they never race to ingest."""
+    from flows import snapshots
+
+    if ref.startswith("builtin:"):
+        from flows.ingest import IngestOptions, ingest_builtin
+
+        result = ingest_builtin(ref, IngestOptions(image_size=image_size), root=root)
+        return snapshots.resolve_snapshot(result["id"], root)
+    return snapshots.resolve_snapshot(ref, root)
+
+
+def load_split(job: WorkerJob, cfg: GanConfig, split: str):
+    from flows.snapshots import load_dataset
+
+    return load_dataset(job.snapshot_id, split, job.snapshot_root, image_size=cfg.data.image_size)
+
+
+# --- distribution ---------------------------------------------------------------------------
+
+
+def ddp_wrap(module: nn.Module) -> nn.Module:
+    """The one place a network is made data-parallel: moved to this worker's device and, with
+    more than one worker, wrapped in DistributedDataParallel (see the module notes)."""
+    from ray.train.torch import prepare_model
+
+    return prepare_model(
+        module,
+        parallel_strategy="ddp",
+        # Buffers (BatchNorm statistics) are synced from rank 0 at every forward: the default.
+        parallel_strategy_kwargs={"find_unused_parameters": False},
+    )
+
+
+def _all_mean(values: list[float], device: torch.device) -> list[float]:
+    """Mean over ranks of a list of floats (one all-reduce; a host sync, at log points only)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def replica_divergence(models: dict[str, nn.Module], device: torch.device) -> float:
+    """Largest |difference| of any parameter between ranks (0.0 when replicas are equal).
+    Two all-reduces of every parameter: a diagnostic, not for production intervals."""
+    import torch.distributed as dist
+
+    from gan_core.train import plain
+
+    vec = torch.cat(
+        [p.detach().flatten().double() for m in models.values() for p in plain(m).parameters()]
+    ).to(device)
+    hi, lo = vec.clone(), vec.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return float((hi - lo).max())
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
+def write_checkpoint(state, directory: Path, rank: int, world_size: int) -> None:
+    """Rank 0: shared state; every rank: its own random streams (see the module notes)."""
+    from gan_core.train import state_dict
+
+    sd = state_dict(state)
+    per_rank = {k: sd.pop(k) for k in ("samplers", "noise", "pools")}
+    torch.save({**per_rank, "world_size": world_size}, directory / _rank_file(rank))
+    if rank == 0:
+        torch.save({**sd, "world_size": world_size}, directory / STATE_FILE)
+
+
+def restore_checkpoint(state, directory: Path, rank: int, world_size: int) -> bool:
+    """Load a checkpoint into state. Returns whether this rank's random streams were restored
+    (False when the run was resumed at another world size: fresh streams for the new shard)."""
+    from gan_core.train import load_state_dict, read_checkpoint, state_dict
+
+    sd = read_checkpoint(directory / STATE_FILE, map_location=state.device)
+    rank_path = directory / _rank_file(rank)
+    exact = rank_path.exists() and int(sd["world_size"]) == world_size
+    if exact:
+        per_rank = read_checkpoint(rank_path, map_location="cpu")
+    else:
+        fresh = state_dict(state)
+        per_rank = {k: fresh[k] for k in ("samplers", "noise", "pools")}
+    per_rank["noise"] = per_rank["noise"].cpu()  # Generator.set_state wants a CPU ByteTensor
+    load_state_dict(state, {**sd, **per_rank})
+    return exact
+
+
+def report_checkpoint(state, metrics: dict, rank: int, world_size: int) -> None:
+    """Every rank writes its files into a temporary folder; Ray merges them into one
+    checkpoint directory in storage (all ranks must call report the same number of times)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="ganflow-ckpt-") as tmp:
+        write_checkpoint(state, Path(tmp), rank, world_size)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint-{state.step:08d}",
+        )
+
+
+# --- the worker side ------------------------------------------------------------------------
+
+
+class RayCallback:
+    """gan_core callback at every log point: average metrics over ranks, log them (rank 0),
+    report them to Ray with a checkpoint every ``checkpoint_every`` iterations and at the end.
+    Every rank calls it at the same iterations, so collectives and reports line up."""
+
+    def __init__(self, job: WorkerJob, rank: int, world_size: int, end: int, heldout):
+        self.job, self.rank, self.world_size, self.end = job, rank, world_size, end
+        self.heldout = heldout
+        self.last_t: float | None = None
+        self.latest_eval: dict[str, float] = {}
+        self.last_step = 0
+
+    def __call__(self, state, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        now = time.perf_counter()
+        if self.last_t is not None:
+            metrics["steps_per_s"] = (state.step - self.last_step) / max(now - self.last_t, 1e-9)
+        self.last_t, self.last_step = now, state.step
+        if self.world_size > 1:
+            keys = sorted(metrics)
+            metrics = dict(zip(keys, _all_mean([metrics[k] for k in keys], state.device)))
+            if self.job.check_replicas:
+                metrics["replica_max_abs_diff"] = replica_divergence(state.models, state.device)
+        metrics["step"] = state.step
+        every = self.job.eval_every
+        evaluated = bool(every) and state.step % every == 0 and state.step != self.end
+        if self.rank == 0 and evaluated:
+            self.latest_eval = evaluate_rank0(self.job, state, self.heldout, log_models=False)
+        metrics.update(self.latest_eval)
+        if self.rank == 0 and self.job.run_id:
+            self._track(state, {k: v for k, v in metrics.items() if k not in self.latest_eval})
+        fault = self.job.fault
+        if (
+            fault
+            and fault["rank"] == self.rank
+            and fault["step"] == state.step
+            and not os.path.exists(fault["marker"])
+        ):
+            Path(fault["marker"]).write_text(str(os.getpid()))
+            # Give the controller time to register checkpoints already reported (it polls
+            # workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); then die as a crash does.
+            time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGKILL)
+        # Ray's controller takes one report per worker every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
+        # (2 s by default) and the queue is one deep: a report per log point would pace
+        # training at 0.5 log points/s (measured). So only checkpoints and evaluations are
+        # reported to Ray; losses go to MLflow at every log point. The last iteration's
+        # checkpoint is reported after evaluation, with its figures.
+        if state.step == self.end:
+            return
+        if state.step % self.job.checkpoint_every == 0:
+            report_checkpoint(state, metrics, self.rank, self.world_size)
+        elif evaluated:
+            ray.train.report(metrics)
+
+    def _track(self, state, metrics: dict[str, float]) -> None:
+        from flows import tracking
+        from gan_core.evaluate import sample_grid
+
+        tracking.log_metrics(
+            self.job.tracking_uri, self.job.run_id, {k: v for k, v in metrics.items()}, state.step
+        )
+        if state.step % self.job.sample_every == 0 or state.step == self.end:
+            images, nrow = sample_grid(state.cfg, state.models, self.heldout)
+            tracking.log_grid(self.job.tracking_uri, self.job.run_id, images, nrow, state.step)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The single boundary between Ray and gan_core (runs on every worker)."""
+    import ray.train
+    import ray.train.torch
+
+    job = WorkerJob(**config)
+    # One intra-op thread per worker by default: several workers share a node's cores, and
+    # OpenMP oversubscription slowed training 10-30x on a 2-core machine (measured).
+    torch.set_num_threads(job.threads)
+    from gan_core.train import init_state, train
+
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    cfg = GanConfig.from_flat_dict(job.config)
+    data = load_split(job, cfg, "train").to(device)
+    heldout = load_split(job, cfg, "test") if rank == 0 else None
+    state = init_state(cfg, data, device, rank, world_size, wrap=ddp_wrap)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            exact = restore_checkpoint(state, Path(d), rank, world_size)
+        print(
+            f"[ganflow rank {rank}] resumed at iteration {state.step}"
+            + ("" if exact else " (world size changed: fresh data/noise streams)"),
+            file=sys.stderr,
+            flush=True,
+        )
+    end = cfg.train.steps
+    nodes = _count_nodes(world_size)
+    start_step, t0 = state.step, time.perf_counter()
+    train(state, data, callbacks=[RayCallback(job, rank, world_size, end, heldout)])
+    seconds = time.perf_counter() - t0
+    final: dict[str, float] = {
+        "step": state.step,
+        "ray_nodes": nodes,
+        "ray_workers": world_size,
+        # This attempt's training throughput (MLflow logging and checkpoints included).
+        "train_steps_per_s": (state.step - start_step) / max(seconds, 1e-9),
+    }
+    if rank == 0:
+        final.update(evaluate_rank0(job, state, heldout, log_models=True))
+    # Result.metrics on the driver are those of the latest checkpoint: the evaluation.
+    report_checkpoint(state, final, rank, world_size)
+
+
+def _count_nodes(world_size: int) -> int:
+    """How many Ray nodes the workers run on (one all-gather at start)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world_size == 1:
+        return 1
+    import torch.distributed as dist
+
+    nodes: list[str] = [""] * world_size
+    dist.all_gather_object(nodes, node)
+    return len(set(nodes))
+
+
+def evaluate_rank0(job: WorkerJob, state, heldout, log_models: bool) -> dict[str, float]:
+    """Rank 0: held-out evaluation, logged to MLflow and returned; at the end (log_models)
+    also the loss plot and the final generator."""
+    cfg = state.cfg
+    from gan_core.classifier import load_or_train_classifier
+    from gan_core.evaluate import PRIMARY_METRIC, evaluate
+    from gan_core.train import plain
+
+    clf = load_or_train_classifier(cfg.data.image_size, job.cache_dir)
+    # Evaluated on CPU copies: the metrics' classifier lives on the CPU, and G stays untouched.
+    models = {k: copy.deepcopy(plain(v)).cpu() for k, v in state.models.items()}
+    metrics = evaluate(cfg, models, heldout, clf)
+    primary, _ = PRIMARY_METRIC[cfg.family]
+    metrics["primary_metric_value"] = metrics[primary]
+    if job.run_id:
+        from flows import tracking
+
+        tracking.log_metrics(
+            job.tracking_uri, job.run_id, {f"eval.{k}": v for k, v in metrics.items()}, state.step
+        )
+        client = tracking.client(job.tracking_uri)
+        client.set_tag(job.run_id, "ganflow.primary_metric", primary)
+        if log_models:
+            _log_loss_plot(job, cfg)
+            tracking.log_generator(job.tracking_uri, job.run_id, cfg, models)
+    return metrics
+
+
+def _log_loss_plot(job: WorkerJob, cfg: GanConfig) -> None:
+    """losses.png from the MLflow history (whole run, across resumes)."""
+    from flows import tracking
+    from flows.local_job import plot_losses
+
+    client = tracking.client(job.tracking_uri)
+    keys = [k for k in client.get_run(job.run_id).data.metrics if k.startswith("loss")]
+    by_step: dict[int, dict[str, float]] = {}
+    for k in keys:
+        for m in client.get_metric_history(job.run_id, k):
+            by_step.setdefault(m.step, {})[k] = m.value
+    history = [(s, v) for s, v in sorted(by_step.items()) if len(v) == len(keys)]
+    if not history:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = plot_losses(history, Path(tmp) / "losses.png", f"{cfg.family}: losses")
+        client.log_artifact(job.run_id, str(path))
+
+
+# --- the driver side ------------------------------------------------------------------------
+
+
+@dataclass
+class ClusterSpec:
+    """How many workers and what each gets. resources_per_worker CPU may be fractional
+    (0.9 lets two workers share 2 cores beside the driver)."""
+
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    threads: int = 1
+
+
+@dataclass
+class StorageSpec:
+    """Where Ray Train keeps checkpoints: a local folder, or s3://bucket/prefix with the
+    S3-compatible endpoint passed explicitly (pyarrow may ignore endpoint variables)."""
+
+    url: str | None = None
+    endpoint_url: str | None = None
+
+    def resolve(self) -> tuple[str, object | None]:
+        url = (
+            self.url or os.environ.get("GANFLOW_RAY_STORAGE") or str(ganflow_home() / "ray_results")
+        )
+        if not url.startswith("s3://"):
+            return str(Path(url.removeprefix("file://")).absolute()), None
+        from pyarrow import fs as pafs
+
+        endpoint = (
+            self.endpoint_url
+            or os.environ.get("GANFLOW_S3_ENDPOINT_URL")
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        kwargs: dict[str, object] = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
+        return url.removeprefix("s3://").rstrip("/"), pafs.S3FileSystem(**kwargs)
+
+
+@dataclass
+class TrainRequest:
+    cfg: GanConfig
+    dataset: str
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    storage: StorageSpec = field(default_factory=StorageSpec)
+    run_name: str | None = None
+    experiment: str = EXPERIMENT
+    checkpoint_every: int | None = None
+    """Iterations between checkpoints (default: every log point)."""
+    sample_every: int | None = None
+    """Iterations between sample grids in MLflow (default: 5 log points)."""
+    max_failures: int = 3
+    keep_checkpoints: int = 2
+    tracking: bool = True
+    check_replicas: bool = False
+    fault: FaultInjection | None = None
+    cache_dir: str | None = None
+    auto_bf16: bool = True
+    """On GPUs, switch fp32 to bf16 autocast (off when the user set train.precision)."""
+    eval_every: int | None = None
+    """Held-out evaluation every N iterations (a multiple of log_every), reported to Ray under
+    the metrics' own names (Tune's schedulers read them) and to MLflow as eval.*; later
+    reports carry the latest figures. None: at the end only."""
+    parent_run_id: str | None = None
+    """MLflow parent run (a search), recorded as mlflow.parentRunId."""
+    trainer_callbacks: list = field(default_factory=list)
+    """Ray Train UserCallbacks (e.g. Tune's TuneReportCallback)."""
+
+
+def _ensure_ray() -> None:
+    """Connect to RAY_ADDRESS when set (ray.init reads it), else start a local cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+
+
+def _check_resources(cluster: ClusterSpec) -> None:
+    import ray
+
+    need = cluster.workers * cluster.gpus_per_worker
+    if need > 0:
+        have = ray.cluster_resources().get("GPU", 0.0)
+        if have < need:
+            raise TrainError(
+                f"the job needs {need:g} GPUs ({cluster.workers} workers x "
+                f"{cluster.gpus_per_worker:g}), the Ray cluster has {have:g}"
+            )
+
+
+def default_run_name(cfg: GanConfig) -> str:
+    return f"{cfg.family}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def run_training(req: TrainRequest) -> dict:
+    """Validate, check the tracking server, resolve the snapshot, then fit on Ray.
+    Returns run_id, run_name, metrics (held-out evaluation), checkpoint, snapshot_id."""
+    from flows import tracking
+
+    cfg = req.cfg
+    cluster = req.cluster
+    if cluster.workers < 1:
+        raise TrainError(f"--workers must be >= 1, got {cluster.workers}")
+    uri = run_id = None
+    if req.tracking:
+        uri = tracking.tracking_uri()
+        tracking.check_reachable(uri)  # before any cluster work: fail in seconds, not hours
+    root = snapshot_root()
+    manifest = resolve_dataset(req.dataset, root, cfg.data.image_size)
+    cfg = apply_overrides(cfg, {"data.dataset": manifest["id"]})
+    run_name = req.run_name or default_run_name(cfg)
+
+    _ensure_ray()
+    _check_resources(cluster)
+    use_gpu = cluster.gpus_per_worker > 0
+    if use_gpu and req.auto_bf16 and cfg.train.precision == "fp32":
+        # bf16 autocast of forward passes on GPUs (losses stay fp32 in gan_core).
+        cfg = apply_overrides(cfg, {"train.precision": "bf16"})
+
+    if req.tracking:
+        exp_id = tracking.ensure_experiment(uri, req.experiment)
+        tags = {
+            "ganflow.family": cfg.family,
+            "ganflow.snapshot_id": manifest["id"],
+            "ganflow.workers": str(cluster.workers),
+        }
+        if req.parent_run_id:
+            tags["mlflow.parentRunId"] = req.parent_run_id
+        run_id = tracking.find_or_create_run(uri, exp_id, run_name, tags)
+        extra = {
+            "ray.workers": cluster.workers,
+            "ray.gpus_per_worker": cluster.gpus_per_worker,
+            "global_batch_size": cfg.train.batch_size * cluster.workers,
+            "dataset.id": manifest["id"],
+            "dataset.name": manifest.get("name", ""),
+        }
+        tracking.log_config(uri, run_id, cfg, extra)
+        tracking.log_dataset_input(uri, run_id, manifest, root)
+
+    log_every = cfg.train.log_every
+    job = WorkerJob(
+        config=cfg.to_flat_dict(),
+        snapshot_id=manifest["id"],
+        snapshot_root=root,
+        cache_dir=req.cache_dir or str(cache_dir()),
+        tracking_uri=uri,
+        run_id=run_id,
+        checkpoint_every=req.checkpoint_every or log_every,
+        sample_every=req.sample_every or 5 * log_every,
+        threads=cluster.threads,
+        check_replicas=req.check_replicas,
+        fault=asdict(req.fault) if req.fault else None,
+        eval_every=req.eval_every,
+    )
+    result = _fit(job, cluster, req, run_name, use_gpu)
+    if req.tracking:
+        tracking.finish_run(uri, run_id, "FINISHED" if result["ok"] else "FAILED")
+    if not result["ok"]:
+        raise TrainError(f"training run {run_name} failed: {result['error']}")
+    metrics = {k: v for k, v in result["metrics"].items() if k not in ("step",)}
+    return {
+        "run_id": run_id,
+        "run_name": run_name,
+        "family": cfg.family,
+        "snapshot_id": manifest["id"],
+        "steps": int(result["metrics"].get("step", 0)),
+        "metrics": metrics,
+        "checkpoint": result["checkpoint"],
+        "storage": result["storage"],
+    }
+
+
+def _fit(job: WorkerJob, cluster: ClusterSpec, req: TrainRequest, run_name: str, use_gpu: bool):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage_path, filesystem = req.storage.resolve()
+    resources = {"CPU": cluster.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cluster.gpus_per_worker
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
+    env.setdefault("GANFLOW_HOME", str(ganflow_home()))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(job),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cluster.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=req.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=req.keep_checkpoints),
+            worker_runtime_env={"env_vars": env},
+            callbacks=list(req.trainer_callbacks) or None,
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # TrainingFailedError and friends: one line for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return {"ok": False, "error": first, "metrics": {}, "checkpoint": None, "storage": ""}
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    return {
+        "ok": True,
+        "error": None,
+        "metrics": dict(result.metrics or {}),
+        "checkpoint": ckpt,
+        "storage": f"{'s3://' if filesystem is not None else ''}{storage_path}/{run_name}",
+    }
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def build_config(family: str, config_file: str | None, overrides: list[str]) -> GanConfig:
+    """preset(family) < --config FILE (flat JSON/YAML key: value) < --set key=value."""
+    cfg = preset(family, "default")
+    if config_file:
+        import yaml
+
+        try:
+            text = Path(config_file).read_text()
+        except OSError as exc:
+            raise TrainError(f"cannot read --config {config_file}: {exc.strerror}") from None
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise TrainError(f"--config {config_file}: expected a mapping of key: value")
+        flat = _flatten(loaded)
+        flat.pop("family", None)
+        cfg = apply_overrides(cfg, flat)
+    return apply_overrides(cfg, overrides)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    if args.flow:
+        from flows.train_flow import train_flow
+
+        result = train_flow(
+            family=args.family,
+            dataset=args.dataset,
+            overrides=args.overrides,
+            config_file=args.config,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker,
+            threads=args.threads,
+            storage=args.storage,
+            s3_endpoint_url=args.s3_endpoint_url,
+            run_name=args.run_name,
+            checkpoint_every=args.checkpoint_every,
+            max_failures=args.max_failures,
+        )
+    else:
+        cfg = build_config(args.family, args.config, args.overrides)  # before Ray starts
+        req = TrainRequest(
+            cfg=cfg,
+            dataset=args.dataset or cfg.data.dataset,
+            cluster=ClusterSpec(
+                workers=args.workers,
+                gpus_per_worker=args.gpus_per_worker,
+                cpus_per_worker=args.cpus_per_worker,
+                threads=args.threads,
+            ),
+            storage=StorageSpec(args.storage, args.s3_endpoint_url),
+            run_name=args.run_name,
+            checkpoint_every=args.checkpoint_every,
+            max_failures=args.max_failures,
+            auto_bf16=not any(
+                o.split("=")[0].strip().endswith("precision") for o in args.overrides
+            ),
+        )
+        result = run_training(req)
+    if not args.json:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items())
+        print(f"run {result['run_name']} (MLflow run {result['run_id']}): {shown}")
+        print(f"checkpoint: {result['checkpoint']}")
+    return result
+
+
+def add_commands(sub, add_common) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a GAN family as a Ray Train job (local or RAY_ADDRESS), tracked in MLflow",
+    )
+    p.add_argument("--family", required=True, choices=FAMILIES)
+    p.add_argument(
+        "--dataset",
+        metavar="SNAPSHOT",
+        help="snapshot id or name, or builtin:digits / builtin:digits-unpaired "
+        "(default: the family's built-in)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default: 1)")
+    p.add_argument(
+        "--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (default: 0, CPU)"
+    )
+    p.add_argument(
+        "--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default: 1)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads per worker (default: 1)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. d_steps=3 or lambda_cyc=10 (repeatable); "
+        "train.batch_size is per worker",
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML/JSON file of config fields")
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="checkpoint storage: a folder or s3://bucket/prefix "
+        "(default: GANFLOW_RAY_STORAGE, else GANFLOW_HOME/ray_results)",
+    )
+    p.add_argument(
+        "--s3-endpoint-url",
+        metavar="URL",
+        help="S3-compatible endpoint for s3:// storage (default: GANFLOW_S3_ENDPOINT_URL, "
+        "AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL)",
+    )
+    p.add_argument(
+        "--run-name", help="Ray run name; rerunning an existing name resumes it (default: new)"
+    )
+    p.add_argument(
+        "--checkpoint-every", type=int, help="iterations between checkpoints (default: log_every)"
+    )
+    p.add_argument(
+        "--max-failures", type=int, default=3, help="worker-group restarts allowed (default: 3)"
+    )
+    p.add_argument("--flow", action="store_true", help="run inside the Prefect flow")
+    add_common(p)
+    p.set_defaults(func=cmd_train)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from flows.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))
