@@ -183,17 +183,18 @@ def load_trained(result: dict):
 
 
 def stage_register(result: dict, name: str) -> str:
+    """Register the run's generator; a rerun of the same training run (same run name, e.g.
+    after a failed promotion) reuses the version it registered instead of duplicating it."""
     from flows import registry
     from flows.tracking import client, tracking_uri
     from gan_core import __version__
 
     c = client(tracking_uri())
-    existing = [
-        mv for mv in c.search_model_versions(f"name = '{name}'") if mv.run_id == result["run_id"]
-    ]
-    if existing:  # a rerun after a failed promotion: reuse, don't duplicate
-        return str(existing[0].version)
+    for mv in c.search_model_versions(f"name = '{name}'"):
+        if mv.tags.get("ganflow.run_name") == result["run_name"]:
+            return str(mv.version)
     cfg, models = load_trained(result)
+    tags = {"ganflow.run_name": result["run_name"]}
     return registry.register(
         result["run_id"],
         cfg,
@@ -202,6 +203,7 @@ def stage_register(result: dict, name: str) -> str:
         result["metrics"],
         result["snapshot_id"],
         f"ganflow {__version__}",
+        tags=tags,
     )
 
 

@@ -132,6 +132,7 @@ def register(
     snapshot_id: str,
     code_version: str = "",
     tracking_uri: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> str:
     """Log the package into run_id's artifacts and register it as a new version of name.
     Returns the version number (as a string, MLflow's type)."""
@@ -160,6 +161,7 @@ def register(
         "ganflow.config": json.dumps(cfg.to_flat_dict(), sort_keys=True)[:5000],
         "ganflow.primary_metric": primary,
         **{f"train_metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
+        **(tags or {}),
     }
     mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
     return str(mv.version)

@@ -1,0 +1,215 @@
+"""Ray Tune search over λ and k: space validation, a small search with its MLflow parent and
+child runs, ASHA stopping clearly bad trials, and resuming a killed search."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flows.tune import (
+    SearchError,
+    SearchRequest,
+    count_trials,
+    default_space,
+    run_search,
+    validate_space,
+)
+from gan_core.config import apply_overrides, preset
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def test_space_validation_names_the_problem():
+    base = preset("cyclegan")
+    ok = validate_space(
+        {"lambda_cyc": {"loguniform": [1, 50]}, "d_steps": {"choice": [1, 2, 3, 5]}}, base
+    )
+    assert set(ok) == {"loss.lambda_cyc", "train.d_steps"}
+    with pytest.raises(SearchError, match="no_such: unknown config field"):
+        validate_space({"no_such": {"grid": [1]}}, base)
+    with pytest.raises(SearchError, match=r"train.d_steps: k must be an integer >= 1, got 0"):
+        validate_space({"d_steps": {"grid": [0, 1]}}, base)
+    with pytest.raises(SearchError, match=r"loss.lambda_cyc: must be a finite number >= 0"):
+        validate_space({"lambda_cyc": {"uniform": [-1, 3]}}, base)
+    with pytest.raises(SearchError, match="loguniform needs low > 0"):
+        validate_space({"lambda_cyc": {"loguniform": [0, 3]}}, base)
+    with pytest.raises(SearchError, match="expected one of"):
+        validate_space({"lambda_cyc": [1, 2]}, base)
+    assert count_trials(default_space("cyclegan"), 1) == 4
+    assert count_trials(default_space("gan"), 2) == 8
+
+
+def _env(home, mp):
+    for k, v in {
+        "GANFLOW_HOME": str(home),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+    }.items():
+        mp.setenv(k, v)
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="module")
+def ray_home(tmp_path_factory, classifier_cache):
+    ray = pytest.importorskip("ray")
+    home = tmp_path_factory.mktemp("tune-home")
+    (home / "cache").mkdir()
+    for f in classifier_cache.iterdir():
+        (home / "cache" / f.name).write_bytes(f.read_bytes())
+    with pytest.MonkeyPatch.context() as mp:
+        _env(home, mp)
+        ray.init(num_cpus=2, log_to_driver=False)
+        try:
+            yield home
+        finally:
+            ray.shutdown()
+
+
+def test_small_cyclegan_search_with_mlflow_parent_and_children(ray_home):
+    from flows.tracking import client, tracking_uri
+
+    base = apply_overrides(preset("cyclegan", "tiny"), {"train.steps": 20, "train.log_every": 5})
+    space = validate_space({"lambda_cyc": {"grid": [1.0, 10.0]}, "d_steps": {"grid": [1, 2]}}, base)
+    result = run_search(
+        SearchRequest(
+            "cyclegan",
+            "builtin:digits-unpaired",
+            base,
+            space,
+            scheduler="fifo",
+            eval_every=10,
+            name="s-small",
+        ),
+        progress=False,
+    )
+    trials = result["trials"]
+    assert len(trials) == 4
+    assert {(t["config"]["loss.lambda_cyc"], t["config"]["train.d_steps"]) for t in trials} == {
+        (1.0, 1),
+        (1.0, 2),
+        (10.0, 1),
+        (10.0, 2),
+    }
+    assert all(t["error"] is None and not t["stopped_early"] and t["step"] == 20 for t in trials)
+    best = result["best"]
+    assert best["metric"] == min(t["metric"] for t in trials)
+    assert best["overrides"] and set(best["overrides"]) == {"loss.lambda_cyc", "train.d_steps"}
+    apply_overrides(base, best["overrides"])  # consumable by training as is
+    c = client(tracking_uri())
+    parent = c.search_runs(
+        [c.get_experiment_by_name("ganflow-search").experiment_id],
+        filter_string="tags.`ganflow.run_name` = 's-small'",
+    )[0]
+    children = c.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+    )
+    assert len(children) == 4
+    assert {ch.data.params["loss.lambda_cyc"] for ch in children} == {"1.0", "10.0"}
+    assert all(
+        f"eval.{result['metric']}" in ch.data.metrics or result["metric"] in ch.data.metrics
+        for ch in children
+    )
+    assert parent.data.params["best.loss.lambda_cyc"] == str(best["config"]["loss.lambda_cyc"])
+    assert best["run_id"] in {ch.info.run_id for ch in children}
+    arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"trials.json", "metric_vs_params.png"} <= arts
+
+
+def test_asha_stops_clearly_bad_trials(ray_home):
+    base = apply_overrides(
+        preset("gan"), {"train.steps": 120, "train.log_every": 20, "model.hidden": 64}
+    )
+    # lr 1e-7 barely moves G from its initialisation: clearly bad, and ASHA should see it.
+    space = validate_space({"lr_g": {"grid": [2e-4, 1e-7, 2e-4, 1e-7, 1e-7, 1e-7]}}, base)
+    result = run_search(
+        SearchRequest(
+            "gan",
+            "builtin:digits",
+            base,
+            space,
+            scheduler="asha",
+            eval_every=20,
+            grace_period=20,
+            max_concurrent=2,
+            tracking=False,
+            name="s-asha",
+        ),
+        progress=False,
+    )
+    trials = result["trials"]
+    assert len(trials) == 6
+    stopped = [t for t in trials if t["stopped_early"]]
+    assert stopped, [(t["config"], t["metric"], t["step"]) for t in trials]
+    completed = [t for t in trials if not t["stopped_early"] and t["error"] is None]
+    assert result["best"]["metric"] == min(t["metric"] for t in completed)
+    assert all(t["config"]["optim.lr_g"] != 1e-7 or t["step"] <= 120 for t in trials)
+
+
+def test_killed_search_resumes_with_every_trial_once(ray_home, tmp_path):
+    """The driver is SIGKILLed after the first trial finishes; --resume completes the rest."""
+    env = {
+        **os.environ,
+        "GANFLOW_HOME": str(ray_home),
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    args = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "tune",
+        "--family",
+        "gan",
+        "--name",
+        "s-resume",
+        "--scheduler",
+        "fifo",
+        "--max-concurrent",
+        "1",
+        "--set",
+        "train.steps=40",
+        "--set",
+        "train.log_every=20",
+        "--set",
+        "model.hidden=32",
+    ]
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    state = ray_home / "ray_results" / "s-resume"
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline:
+            done = (
+                [p for p in state.glob("*/result.json") if '"step": 40' in p.read_text()]
+                if state.exists()
+                else []
+            )
+            if done:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"search ended before it could be killed (rc {proc.returncode})")
+            time.sleep(1)
+        else:
+            pytest.fail("no trial finished in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    out = subprocess.run(
+        [*args, "--resume", "--json"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    trials = result["trials"]
+    assert len(trials) == 4
+    assert sorted(t["config"]["train.d_steps"] for t in trials) == [1, 2, 3, 5]
+    assert len({t["trial_id"] for t in trials}) == 4
+    assert all(t["error"] is None and t["step"] == 40 for t in trials)
