@@ -1,0 +1,52 @@
+"""A simulated 2-node Ray cluster (ray.cluster_utils.Cluster): `ganflow train`'s driver
+connects through RAY_ADDRESS and its 2 workers land one on each node (1 CPU per node, 0.9
+per worker). About 40 s on 2 shared cores."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.train_ray import ClusterSpec, TrainRequest, run_training
+from gan_core.config import apply_overrides, preset
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        try:
+            yield cluster
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+
+
+def test_job_spreads_over_two_nodes_through_ray_address(two_nodes, monkeypatch, classifier_cache):
+    import ray
+
+    assert not ray.is_initialized()
+    monkeypatch.setenv("RAY_ADDRESS", two_nodes.address)  # the driver connects, starts nothing
+    cfg = apply_overrides(preset("gan", "tiny"), ["train.steps=10", "train.log_every=5"])
+    out = run_training(
+        TrainRequest(
+            cfg=cfg,
+            dataset=cfg.data.dataset,
+            cluster=ClusterSpec(workers=2, cpus_per_worker=0.9),
+            tracking=False,
+            cache_dir=str(classifier_cache),
+        )
+    )
+    assert len(ray.nodes()) == 2
+    assert out["steps"] == 10
+    assert out["metrics"]["ray_workers"] == 2
+    assert out["metrics"]["ray_nodes"] == 2
