@@ -3,7 +3,8 @@
 Three measurements of the same config (the family's default preset, fp32, 1 thread per
 process):
 
-- ``plain``: gan_core's loop in this process, no Ray (the reference).
+- ``plain``: gan_core's loop in this process, no Ray (the reference; run first and last,
+  and ``vs plain`` divides by their mean).
 - ``ray-1``: the same loop as a 1-worker Ray Train job (DDP wrapper off at one worker).
 - ``ray-2``: 2 workers with DDP (gloo on CPU), the same per-worker batch, so twice the
   global batch per iteration: samples/s is the scaling figure.
@@ -87,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         preset(args.family, "default"),
         {"train.steps": args.steps, "train.log_every": max(1, args.steps // 10)},
     )
+    # plain runs first and last: on a shared machine the spread between them is the noise.
     rows = [bench_plain(cfg)]
     for workers in (1, 2):
         rows.append(bench_ray(cfg, workers, args.cpus_per_worker))
-    base = rows[0]["steps_per_s"]
+    rows.append(bench_plain(cfg))
+    base = (rows[0]["steps_per_s"] + rows[-1]["steps_per_s"]) / 2
     print(f"{cfg.family} m={cfg.train.batch_size}/worker, {args.steps} steps, 1 thread/process")
     print(f"{'mode':8} {'steps/s':>9} {'vs plain':>9} {'samples/s':>10} {'wall s':>8}")
     for r in rows:
