@@ -258,11 +258,13 @@ def test_checkpoints_and_mlflow_artifacts_through_an_s3_api(
         fs.mkdir("ganflow-test")
         monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)
         monkeypatch.setenv("GANFLOW_MLFLOW_ARTIFACT_ROOT", "s3://ganflow-test/mlflow")
-        cfg = _cfg("cgan", 6, 8, 3)
+        # CycleGAN on 2 workers: four DDP-wrapped networks, and two ranks' files merged into
+        # each checkpoint on the S3 side.
+        cfg = _cfg("cyclegan", 6, 4, 3)
         out = run_training(
             _req(
                 cfg,
-                1,
+                2,
                 classifier_cache,
                 storage=StorageSpec("s3://ganflow-test/ray", endpoint_url=endpoint),
                 experiment="s3-test",
@@ -273,7 +275,7 @@ def test_checkpoints_and_mlflow_artifacts_through_an_s3_api(
         names = {p.rsplit("/", 1)[-1] for p in ckpts}
         assert "checkpoint-00000006" in names, names
         files = {p.rsplit("/", 1)[-1] for p in fs.ls(out["checkpoint"])}
-        assert {"state.pt", "rank-00000.pt"} <= files
+        assert {"state.pt", "rank-00000.pt", "rank-00001.pt"} <= files
         found = fs.find(f"ganflow-test/mlflow/s3-test/{out['run_id']}")
         assert any(p.endswith("losses.png") for p in found), found
         assert any("/images/" in p for p in found), found
