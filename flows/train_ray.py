@@ -220,9 +220,10 @@ def report_checkpoint(state, metrics: dict, rank: int, world_size: int) -> None:
 
 
 class RayCallback:
-    """gan_core callback at every log point: average metrics over ranks, log them (rank 0),
-    report them to Ray with a checkpoint every ``checkpoint_every`` iterations and at the end.
-    Every rank calls it at the same iterations, so collectives and reports line up."""
+    """gan_core callback at every log point: average the metrics over ranks, log them to
+    MLflow (rank 0), evaluate every ``eval_every`` iterations (rank 0), and report to Ray
+    with a checkpoint every ``checkpoint_every`` iterations. Every rank calls it at the same
+    iterations, so collectives and reports line up."""
 
     def __init__(self, job: WorkerJob, rank: int, world_size: int, end: int, heldout):
         self.job, self.rank, self.world_size, self.end = job, rank, world_size, end
