@@ -12,8 +12,10 @@ import argparse
 
 def cmd_run(args: argparse.Namespace) -> dict:
     from flows.pipeline import PipelineConfig, retraining_flow
+    from flows.preflight import check_services
 
     PipelineConfig.load(args.config)  # validate before Ray or MLflow start
+    check_services()  # every configured remote service answers, before any work
     result = retraining_flow(args.config)
     if not args.json:
         print(result["summary"])

@@ -1,0 +1,385 @@
+"""Preflight: before any work starts, check every remote service the environment configures.
+
+`ganflow run` calls :func:`check_services` right after loading its config, so a typo in a URL,
+a stopped server, a missing bucket or a rejected password is one line in seconds, not a
+failure after ingestion or an hour of training. Only what is configured is checked:
+
+- MLflow: ``MLFLOW_TRACKING_URI`` when http(s): ``/health`` answers, and one cheap
+  authenticated API call (``experiments/search``, one result) is accepted, with
+  ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` (or ``MLFLOW_TRACKING_TOKEN``) when set.
+- Prefect: ``PREFECT_API_URL``: ``<url>/health`` (with ``PREFECT_API_AUTH_STRING`` or
+  ``PREFECT_API_KEY`` when set).
+- Object store: ``GANFLOW_STORAGE_ROOT`` and ``GANFLOW_RAY_STORAGE`` when ``s3://``: the bucket
+  exists and the credentials work (one ``ListObjectsV2`` of one key), through
+  :func:`flows.storage.get_filesystem`, so the endpoint variables apply as everywhere else.
+- Ray: ``RAY_ADDRESS`` when set and not ``auto``/``local``: a TCP connection to host:port.
+
+Each check has a timeout of ``GANFLOW_PREFLIGHT_TIMEOUT_S`` seconds (default 5) and no retries.
+Messages name the service and never carry secrets (URL userinfo and AWS keys are masked).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S = 5.0
+
+_S3_AUTH_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "InvalidToken",
+    "ExpiredToken",
+    "InvalidClientTokenId",
+    "AuthorizationHeaderMalformed",
+    "403",
+}
+
+
+class PreflightError(ValueError):
+    """A configured service cannot be used; one line naming it and why, no secrets."""
+
+
+def _redact(uri: str) -> str:
+    """The URI without user:password (safe to print)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, f"***@{host}", parts.path, "", ""))
+
+
+def _mask(text: str, env: Mapping[str, str]) -> str:
+    for var in (
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_ACCESS_KEY_ID",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+        "PREFECT_API_AUTH_STRING",
+        "PREFECT_API_KEY",
+    ):
+        value = env.get(var)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return " ".join(text.split())
+
+
+def _strip_userinfo(uri: str) -> tuple[str, str | None, str | None]:
+    """(URL without userinfo, username, password)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri, None, None
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    url = urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password or "")
+    return url, user, password
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def _get(url: str, headers: dict[str, str], timeout_s: float) -> tuple[int, str]:
+    """(HTTP status, first bytes of the body); raises OSError/URLError when nothing answers."""
+    req = urllib.request.Request(url, headers={"Accept": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:  # noqa: S310 (http(s) only)
+            return r.status, r.read(300).decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        try:
+            body = exc.read(300).decode("utf-8", "replace")
+        except Exception:
+            body = ""
+        return exc.code, body
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None) or exc
+    if isinstance(reason, TimeoutError | socket.timeout):
+        return "timed out"
+    return str(reason) or type(reason).__name__
+
+
+# --- the checks ------------------------------------------------------------------------------
+
+
+def check_mlflow(uri: str, env: Mapping[str, str], timeout_s: float) -> None:
+    shown = _redact(uri)
+    base, url_user, url_password = _strip_userinfo(uri)
+    base = base.rstrip("/")
+    user = env.get("MLFLOW_TRACKING_USERNAME") or url_user
+    password = env.get("MLFLOW_TRACKING_PASSWORD") or url_password
+    token = env.get("MLFLOW_TRACKING_TOKEN")
+    headers: dict[str, str] = {}
+    if user and password is not None:
+        headers["Authorization"] = _basic(user, password)
+    elif token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        status, _ = _get(f"{base}/health", {}, timeout_s)
+    except (urllib.error.URLError, OSError) as exc:
+        raise PreflightError(
+            f"MLflow at {shown}: unreachable ({_mask(_reason(exc), env)}); "
+            "start the server or fix MLFLOW_TRACKING_URI"
+        ) from None
+    if status >= 500:
+        raise PreflightError(f"MLflow at {shown}: /health answered HTTP {status}")
+    try:
+        status, body = _get(
+            f"{base}/api/2.0/mlflow/experiments/search?max_results=1", headers, timeout_s
+        )
+    except (urllib.error.URLError, OSError) as exc:
+        raise PreflightError(
+            f"MLflow at {shown}: no answer to an API call ({_mask(_reason(exc), env)})"
+        ) from None
+    if status in (401, 403):
+        if headers:
+            raise PreflightError(
+                f"MLflow at {shown}: credentials rejected (HTTP {status}); check "
+                "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD"
+            )
+        detail = _mask(body, env)[:160]
+        raise PreflightError(
+            f"MLflow at {shown}: HTTP {status} without credentials; set "
+            f"MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD ({detail})"
+        )
+    if status >= 400:
+        detail = _mask(body, env)[:160]
+        raise PreflightError(
+            f"MLflow at {shown}: API call answered HTTP {status}; is this an MLflow server? "
+            f"({detail})"
+        )
+
+
+def check_prefect(api_url: str, env: Mapping[str, str], timeout_s: float) -> None:
+    shown = _redact(api_url)
+    base, url_user, url_password = _strip_userinfo(api_url)
+    headers: dict[str, str] = {}
+    auth = env.get("PREFECT_API_AUTH_STRING")
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    elif env.get("PREFECT_API_KEY"):
+        headers["Authorization"] = f"Bearer {env['PREFECT_API_KEY']}"
+    elif url_user:
+        headers["Authorization"] = _basic(url_user, url_password or "")
+    try:
+        status, body = _get(f"{base.rstrip('/')}/health", headers, timeout_s)
+    except (urllib.error.URLError, OSError) as exc:
+        raise PreflightError(
+            f"Prefect API at {shown}: unreachable ({_mask(_reason(exc), env)}); "
+            "start the server or fix PREFECT_API_URL"
+        ) from None
+    if status in (401, 403):
+        what = "credentials rejected" if headers else "credentials required"
+        raise PreflightError(
+            f"Prefect API at {shown}: {what} (HTTP {status}); check PREFECT_API_AUTH_STRING"
+        )
+    if status == 404:
+        raise PreflightError(
+            f"Prefect API at {shown}: no /health there (HTTP 404); PREFECT_API_URL should end in /api"
+        )
+    if status >= 400:
+        raise PreflightError(f"Prefect API at {shown}: /health answered HTTP {status}")
+
+
+def _with_deadline(fn: Callable[[], T], timeout_s: float, what: str) -> T:
+    """fn() in a daemon thread, given up after timeout_s (a hung endpoint never blocks us)."""
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True, name=f"preflight-{what}")
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise TimeoutError(f"no answer in {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
+
+
+def _s3_filesystem(url: str, env: Mapping[str, str], timeout_s: float):
+    if env is os.environ:
+        from flows.storage import get_filesystem
+
+        fs, _ = get_filesystem(url)
+    else:  # an explicit mapping: the same endpoint order as flows.storage, from that mapping
+        import s3fs
+
+        endpoint = next(
+            (
+                env[v]
+                for v in ("GANFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+                if env.get(v)
+            ),
+            None,
+        )
+        fs = s3fs.S3FileSystem(
+            endpoint_url=endpoint,
+            key=env.get("AWS_ACCESS_KEY_ID"),
+            secret=env.get("AWS_SECRET_ACCESS_KEY"),
+            token=env.get("AWS_SESSION_TOKEN"),
+            skip_instance_cache=True,
+        )
+    # One attempt, short timeouts: a preflight reports, the pipeline's own calls retry.
+    fs.retries = 1
+    fs.connect_timeout = timeout_s
+    fs.read_timeout = timeout_s
+    fs.config_kwargs = {**fs.config_kwargs, "retries": {"max_attempts": 1, "mode": "standard"}}
+    return fs
+
+
+def _s3_endpoint(env: Mapping[str, str]) -> str:
+    for v in ("GANFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if env.get(v):
+            return _redact(env[v])
+    return "AWS S3"
+
+
+def check_bucket(url: str, var: str, env: Mapping[str, str], timeout_s: float) -> None:
+    """The bucket of an s3:// URL exists and the credentials may list it."""
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    where = f"object store at {_s3_endpoint(env)}"
+    if not bucket:
+        raise PreflightError(f"{where}: {var}={url} names no bucket")
+
+    def call():
+        fs = _s3_filesystem(url, env, timeout_s)
+        return fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1)
+
+    try:
+        _with_deadline(call, timeout_s * 2 + 1, "s3")
+    except Exception as exc:
+        raise PreflightError(_mask(_describe_s3(exc, where, bucket, var), env)) from None
+
+
+def _describe_s3(exc: BaseException, where: str, bucket: str, var: str) -> str:
+    code = ""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        err = response.get("Error") or {}
+        code = str(err.get("Code") or response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+    name = type(exc).__name__
+    text = " ".join(str(exc).split())
+    if not code and exc.__cause__ is not None:  # s3fs's translated errors keep boto's
+        inner = getattr(exc.__cause__, "response", None)
+        if isinstance(inner, dict):
+            code = str((inner.get("Error") or {}).get("Code") or "")
+    if code in ("NoSuchBucket", "404") or (
+        isinstance(exc, FileNotFoundError) and "bucket" in text.lower()
+    ):
+        return f"{where}: bucket '{bucket}' does not exist (from {var}); create it first"
+    if code in _S3_AUTH_CODES or isinstance(exc, PermissionError):
+        return (
+            f"{where}: credentials rejected for bucket '{bucket}' ({code or text[:120] or name}); check "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+        )
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return (
+            f"{where}: no credentials for bucket '{bucket}'; set "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or a profile or instance role)"
+        )
+    if (
+        name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError")
+        or isinstance(exc, ConnectionError | TimeoutError)
+        or "connect" in text.lower()
+    ):
+        return (
+            f"{where}: unreachable ({name}: {text}); start it or fix "
+            "GANFLOW_S3_ENDPOINT_URL/AWS_ENDPOINT_URL"
+        )
+    return f"{where}: bucket '{bucket}' (from {var}) cannot be listed ({code or name}: {text})"
+
+
+def ray_host_port(address: str) -> tuple[str, int] | None:
+    """host and port of RAY_ADDRESS, None for auto/local (nothing remote to check)."""
+    address = address.strip()
+    if address.lower() in ("", "auto", "local"):
+        return None
+    rest = address.split("://", 1)[1] if "://" in address else address
+    rest = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    scheme = address.split("://", 1)[0].lower() if "://" in address else ""
+    default = {"ray": 10001, "http": 8265, "https": 443}.get(scheme, 6379)
+    if rest.startswith("["):  # [ipv6]:port
+        host, _, port = rest[1:].partition("]")
+        port = port.lstrip(":")
+    elif rest.count(":") == 1:
+        host, _, port = rest.partition(":")
+    else:
+        host, port = rest, ""
+    try:
+        return host, int(port) if port else default
+    except ValueError:
+        raise PreflightError(f"Ray: RAY_ADDRESS={address!r} is not host:port") from None
+
+
+def check_ray(address: str, timeout_s: float) -> None:
+    hp = ray_host_port(address)
+    if hp is None:
+        return
+    host, port = hp
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise PreflightError(
+            f"Ray cluster at {host}:{port}: unreachable ({reason}); start it or fix RAY_ADDRESS"
+        ) from None
+
+
+# --- the entry point -------------------------------------------------------------------------
+
+
+def check_services(env: Mapping[str, str] = os.environ) -> list[str]:
+    """Check every configured remote service; returns what was checked, e.g.
+    ``["mlflow", "prefect", "s3://ganflow", "ray"]``. Raises :class:`PreflightError` (one
+    line) at the first one that cannot be used."""
+    timeout_s = float(env.get("GANFLOW_PREFLIGHT_TIMEOUT_S") or DEFAULT_TIMEOUT_S)
+    checked: list[str] = []
+    uri = env.get("MLFLOW_TRACKING_URI", "")
+    if urllib.parse.urlsplit(uri).scheme in ("http", "https"):
+        check_mlflow(uri, env, timeout_s)
+        checked.append("mlflow")
+    api = env.get("PREFECT_API_URL", "")
+    if api:
+        check_prefect(api, env, timeout_s)
+        checked.append("prefect")
+    buckets: set[str] = set()
+    for var in ("GANFLOW_STORAGE_ROOT", "GANFLOW_RAY_STORAGE"):
+        url = env.get(var, "")
+        if not (url.startswith("s3://") or url.startswith("s3a://")):
+            continue
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        if bucket in buckets:
+            continue
+        check_bucket(url, var, env, timeout_s)
+        buckets.add(bucket)
+        checked.append(f"s3://{bucket}")
+    address = env.get("RAY_ADDRESS", "")
+    if ray_host_port(address) is not None:
+        check_ray(address, timeout_s)
+        checked.append("ray")
+    return checked
