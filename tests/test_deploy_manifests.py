@@ -653,7 +653,7 @@ def test_ports_are_consistent():
 
 def test_mlflow_server_flags():
     cmd = _service_command(_compose()["services"]["mlflow"])
-    for flag in ("--backend-store-uri=postgresql://", "--serve-artifacts"):
+    for flag in ("--backend-store-uri=postgresql+psycopg2://", "--serve-artifacts"):
         assert flag in cmd
     assert "--artifacts-destination=s3://" in cmd
     assert "--app-name=basic-auth" in cmd and "--allowed-hosts=" in cmd
