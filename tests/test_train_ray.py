@@ -12,6 +12,7 @@ import socket
 
 import pytest
 import torch
+from ray_isolated import RAY_TEST_ENV, isolated_cluster
 
 from flows import tracking
 from flows.train_ray import (
@@ -31,12 +32,8 @@ from gan_core.train import read_checkpoint
 
 pytestmark = pytest.mark.timeout(600)
 
-RAY_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    # Ray Train's controller takes one report per worker per interval (default 2 s).
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    # Dummy credentials for the moto server, in the environment Ray's workers inherit.
+# Dummy credentials for the moto server, in the environment Ray's workers inherit.
+AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
@@ -47,14 +44,11 @@ RAY_ENV = {
 def ray_local(tmp_path_factory):
     ray = pytest.importorskip("ray")
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in RAY_ENV.items():
+        for k, v in {**RAY_TEST_ENV, **AWS_ENV}.items():
             mp.setenv(k, v)
         mp.setenv("GANFLOW_HOME", str(tmp_path_factory.mktemp("ray-home")))
-        ray.init(num_cpus=2, log_to_driver=False)
-        try:
+        with isolated_cluster([2]):
             yield ray
-        finally:
-            ray.shutdown()
 
 
 def _cfg(family: str, steps: int, batch: int, log_every: int, *extra: str):

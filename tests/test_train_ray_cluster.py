@@ -5,6 +5,7 @@ per worker). About 40 s on 2 shared cores."""
 from __future__ import annotations
 
 import pytest
+from ray_isolated import RAY_TEST_ENV, isolated_cluster
 
 from flows.train_ray import ClusterSpec, TrainRequest, run_training
 from gan_core.config import apply_overrides, preset
@@ -13,22 +14,13 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-
+def two_nodes():
+    pytest.importorskip("ray")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        try:
+        for k, v in RAY_TEST_ENV.items():
+            mp.setenv(k, v)
+        with isolated_cluster([1, 1], connect=False) as cluster:
             yield cluster
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
 
 
 def test_job_spreads_over_two_nodes_through_ray_address(two_nodes, monkeypatch, classifier_cache):

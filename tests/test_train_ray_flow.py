@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from ray_isolated import RAY_TEST_ENV, isolated_cluster
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -18,15 +19,16 @@ def prefect_and_ray(tmp_path_factory):
     mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     mp.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
     mp.delenv("PREFECT_API_URL", raising=False)
-    mp.delenv("RAY_ADDRESS", raising=False)
-    mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    mp.setenv("RAY_AUTH_MODE", "disabled")
-    mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    for k, v in RAY_TEST_ENV.items():
+        mp.setenv(k, v)
     from prefect.testing.utilities import prefect_test_harness
 
     try:
-        with prefect_test_harness(server_startup_timeout=60):
-            yield
+        # The job connects through RAY_ADDRESS (the flow's task calls ray.init itself).
+        with isolated_cluster([2], connect=False) as cluster:
+            mp.setenv("RAY_ADDRESS", cluster.address)
+            with prefect_test_harness(server_startup_timeout=60):
+                yield
     finally:
         ray.shutdown()
         mp.undo()
