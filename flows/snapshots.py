@@ -51,6 +51,11 @@ class SnapshotNotFound(ValueError):
             f"no snapshot {ref!r} in {root} (not an id or a name there; "
             "`ganflow datasets` lists them, `ganflow ingest` makes one)"
         )
+        self.ref, self.root = ref, root
+
+    def __reduce__(self):
+        # Ray ships exceptions between processes by pickling: rebuild from (ref, root).
+        return (type(self), (self.ref, self.root))
 
 
 def check_name(name: str) -> str:

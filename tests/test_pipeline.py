@@ -37,7 +37,7 @@ def test_config_validation(tmp_path):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, classifier_cache):
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     home = tmp_path_factory.mktemp("pipeline-home")
     with pytest.MonkeyPatch.context() as mp:
         for k, v in {
@@ -55,11 +55,12 @@ def env(tmp_path_factory, classifier_cache):
         (home / "cache").mkdir()
         for f in classifier_cache.iterdir():
             (home / "cache" / f.name).write_bytes(f.read_bytes())
-        ray.init(num_cpus=2, log_to_driver=False)
-        try:
+        from ray_isolated import RAY_TEST_ENV, isolated_cluster
+
+        for k, v in RAY_TEST_ENV.items():
+            mp.setenv(k, v)
+        with isolated_cluster([2]):
             yield home
-        finally:
-            ray.shutdown()
 
 
 def _write(tmp_path, **cfg) -> str:

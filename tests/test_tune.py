@@ -57,21 +57,29 @@ def _env(home, mp):
 
 @pytest.fixture(scope="module")
 def ray_home(tmp_path_factory, classifier_cache):
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
+    from ray_isolated import RAY_TEST_ENV, isolated_cluster
+
     home = tmp_path_factory.mktemp("tune-home")
     (home / "cache").mkdir()
     for f in classifier_cache.iterdir():
         (home / "cache" / f.name).write_bytes(f.read_bytes())
     with pytest.MonkeyPatch.context() as mp:
         _env(home, mp)
-        ray.init(num_cpus=2, log_to_driver=False)
-        try:
+        for k, v in RAY_TEST_ENV.items():
+            mp.setenv(k, v)
+        with isolated_cluster([2]) as cluster:
+            mp.setenv("RAY_ADDRESS", cluster.address)  # the resume test's CLI driver joins it
             yield home
-        finally:
-            ray.shutdown()
 
 
-def test_small_cyclegan_search_with_mlflow_parent_and_children(ray_home):
+@pytest.fixture
+def home(ray_home, monkeypatch):
+    monkeypatch.setenv("GANFLOW_HOME", str(ray_home))  # conftest gives each test its own
+    return ray_home
+
+
+def test_small_cyclegan_search_with_mlflow_parent_and_children(home):
     from flows.tracking import client, tracking_uri
 
     base = apply_overrides(preset("cyclegan", "tiny"), {"train.steps": 20, "train.log_every": 5})
@@ -122,7 +130,7 @@ def test_small_cyclegan_search_with_mlflow_parent_and_children(ray_home):
     assert {"trials.json", "metric_vs_params.png"} <= arts
 
 
-def test_asha_stops_clearly_bad_trials(ray_home):
+def test_asha_stops_clearly_bad_trials(home):
     base = apply_overrides(
         preset("gan"), {"train.steps": 120, "train.log_every": 20, "model.hidden": 64}
     )
@@ -152,7 +160,8 @@ def test_asha_stops_clearly_bad_trials(ray_home):
     assert all(t["config"]["optim.lr_g"] != 1e-7 or t["step"] <= 120 for t in trials)
 
 
-def test_killed_search_resumes_with_every_trial_once(ray_home, tmp_path):
+def test_killed_search_resumes_with_every_trial_once(home, tmp_path):
+    ray_home = home
     """The driver is SIGKILLed after the first trial finishes; --resume completes the rest."""
     env = {
         **os.environ,
@@ -160,7 +169,6 @@ def test_killed_search_resumes_with_every_trial_once(ray_home, tmp_path):
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    env.pop("RAY_ADDRESS", None)
     args = [
         sys.executable,
         "-m",
