@@ -282,3 +282,17 @@ def test_missing_gpus_fail_before_training(ray_local, classifier_cache):
     req = TrainRequest(cfg=cfg, dataset=cfg.data.dataset, cluster=ClusterSpec(gpus_per_worker=1))
     with pytest.raises(TrainError, match=r"needs 1 GPUs .* has 0"):
         run_training(req)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_one_gpu_worker_trains_in_bf16(ray_local, classifier_cache):
+    """On a GPU the job uses CUDA (NCCL backend) and bf16 autocast unless the config says
+    otherwise. Not run on the CPU-only development machine."""
+    cfg = _cfg("gan", 20, 8, 10)
+    req = _req(cfg, 1, classifier_cache)
+    req.cluster.gpus_per_worker = 1
+    out = run_training(req)
+    assert out["steps"] == 20
+    params = tracking.client(tracking.tracking_uri()).get_run(out["run_id"]).data.params
+    assert params["train.precision"] == "bf16"
