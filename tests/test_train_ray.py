@@ -152,7 +152,9 @@ def test_run_is_tracked_in_mlflow(reference):
     models = mlflow.search_logged_models(
         experiment_ids=[run.info.experiment_id], output_format="list"
     )
-    assert any(m.source_run_id == run.info.run_id and m.name == "generator" for m in models)
+    [logged] = [m for m in models if m.source_run_id == run.info.run_id and m.name == "generator"]
+    info = mlflow.models.get_model_info(f"models:/{logged.model_id}")
+    assert info.signature is not None and info.saved_input_example_info is not None
 
 
 def test_killed_worker_resumes_from_its_checkpoint(reference, tmp_path, classifier_cache):
