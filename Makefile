@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# No usage-stats reporting from Ray on a machine that may have no internet.
+# No usage-stats or telemetry reporting from Ray or Prefect's embedded server: the machine
+# may have no internet, and a failed telemetry call is logged as an error.
 run: setup
-	RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/ganflow run
+	RAY_USAGE_STATS_ENABLED=0 PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/ganflow run
 
 test: setup
 	$(PY) -m pytest
