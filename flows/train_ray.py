@@ -483,17 +483,60 @@ def _ensure_ray() -> None:
         ray.init(log_to_driver=True)
 
 
-def _check_resources(cluster: ClusterSpec) -> None:
+def max_gpus_setting() -> float | None:
+    """GANFLOW_RAY_MAX_GPUS: the most GPUs an autoscaling cluster can grow to (KubeRay's
+    maxReplicas x GPUs per pod, the launcher's max_workers x GPUs per instance). Unset for a
+    fixed cluster, whose current GPUs are all it will ever have."""
+    raw = os.environ.get("GANFLOW_RAY_MAX_GPUS", "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise TrainError(f"GANFLOW_RAY_MAX_GPUS must be a number, got {raw!r}") from None
+    if value < 0:
+        raise TrainError(f"GANFLOW_RAY_MAX_GPUS must be >= 0, got {raw!r}")
+    return value
+
+
+def gpu_capacity() -> float:
+    """GPUs the cluster has now, or can grow to when it autoscales (GANFLOW_RAY_MAX_GPUS)."""
+    import ray
+
+    return max(ray.cluster_resources().get("GPU", 0.0), max_gpus_setting() or 0.0)
+
+
+def check_resources(cluster: ClusterSpec) -> None:
+    """Fail before any work when the cluster cannot give the job its GPUs. An autoscaling
+    cluster (GANFLOW_RAY_MAX_GPUS set) may have none now and start GPU nodes on demand, so it
+    is checked against what it can grow to; Ray Train then waits for the nodes."""
     import ray
 
     need = cluster.workers * cluster.gpus_per_worker
-    if need > 0:
-        have = ray.cluster_resources().get("GPU", 0.0)
-        if have < need:
-            raise TrainError(
-                f"the job needs {need:g} GPUs ({cluster.workers} workers x "
-                f"{cluster.gpus_per_worker:g}), the Ray cluster has {have:g}"
-            )
+    if need <= 0:
+        return
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if have >= need:
+        return
+    ceiling = max_gpus_setting()
+    if ceiling is None:
+        raise TrainError(
+            f"the job needs {need:g} GPUs ({cluster.workers} workers x "
+            f"{cluster.gpus_per_worker:g}), the Ray cluster has {have:g} "
+            "(set GANFLOW_RAY_MAX_GPUS if it autoscales)"
+        )
+    if ceiling < need:
+        raise TrainError(
+            f"the job needs {need:g} GPUs ({cluster.workers} workers x "
+            f"{cluster.gpus_per_worker:g}), the Ray cluster has {have:g} and can grow to "
+            f"{ceiling:g} (GANFLOW_RAY_MAX_GPUS)"
+        )
+    print(
+        f"[ganflow] the cluster has {have:g} of the {need:g} GPUs the job needs; "
+        f"waiting for the autoscaler (GANFLOW_RAY_MAX_GPUS={ceiling:g})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def default_run_name(cfg: GanConfig) -> str:
@@ -519,7 +562,7 @@ def run_training(req: TrainRequest) -> dict:
     run_name = req.run_name or default_run_name(cfg)
 
     _ensure_ray()
-    _check_resources(cluster)
+    check_resources(cluster)
     use_gpu = cluster.gpus_per_worker > 0
     if use_gpu and req.auto_bf16 and cfg.train.precision == "fp32":
         # bf16 autocast of forward passes on GPUs (losses stay fp32 in gan_core).

@@ -267,7 +267,13 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
 
     from flows import tracking
     from flows.settings import snapshot_root
-    from flows.train_ray import StorageSpec, resolve_dataset
+    from flows.train_ray import (
+        ClusterSpec,
+        StorageSpec,
+        check_resources,
+        gpu_capacity,
+        resolve_dataset,
+    )
 
     metric, mode = PRIMARY_METRIC[req.family]
     base = req.base
@@ -288,6 +294,16 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
         req.name or f"search-{req.family}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     )
     storage_path, filesystem = StorageSpec(url=_storage_root(req)).resolve()
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+    # A trial the cluster can never place would wait forever: fail before any run is made.
+    check_resources(
+        ClusterSpec(
+            workers=req.workers_per_trial,
+            gpus_per_worker=req.gpus_per_worker,
+            cpus_per_worker=req.cpus_per_worker,
+        )
+    )
 
     if req.tracking:
         exp_id = tracking.ensure_experiment(uri, EXPERIMENT)
@@ -315,8 +331,6 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
             if k not in have:
                 client.log_param(parent, k, str(v))
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
     # Trials report losses at every log point and the quality metric every eval_every
     # iterations; ASHA only judges results that carry the metric, so reports without it are
     # valid (Tune's strict check would reject them).
@@ -339,8 +353,14 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
     )  # the trial's own workers reserve the real CPUs
     max_conc = req.max_concurrent
     if max_conc is None:
-        cpus = ray.cluster_resources().get("CPU", 1.0)
-        max_conc = max(1, int(cpus // (req.workers_per_trial * req.cpus_per_worker)))
+        # As many trials as the scarcer resource allows: GPUs (counting those an autoscaling
+        # cluster can add) for GPU trials, else CPUs.
+        if req.gpus_per_worker > 0:
+            free = gpu_capacity() / (req.workers_per_trial * req.gpus_per_worker)
+        else:
+            cpus = ray.cluster_resources().get("CPU", 1.0)
+            free = cpus / (req.workers_per_trial * req.cpus_per_worker)
+        max_conc = max(1, int(free))
     scheduler = (
         # max_t one past the last step: a trial that reaches the end returns by itself
         # (Tune killing it at max_t would strand its Train run's resources).

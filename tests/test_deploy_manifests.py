@@ -57,6 +57,7 @@ DOCUMENTED_ENV = {
     "GANFLOW_S3_ENDPOINT_URL",
     "GANFLOW_MLFLOW_ARTIFACT_ROOT",
     "GANFLOW_RAY_STORAGE",
+    "GANFLOW_RAY_MAX_GPUS",
     "MLFLOW_TRACKING_URI",
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
@@ -383,6 +384,24 @@ def test_head_takes_no_training_and_gpu_workers_autoscale(path):
         assert g["maxReplicas"] > g["minReplicas"], "GPU group cannot scale"
         tolerations = g["template"]["spec"].get("tolerations", [])
         assert any(t.get("key") == "nvidia.com/gpu" for t in tolerations), g["groupName"]
+    # Jobs may ask for as many GPUs as the groups can grow to, none of which exist at first.
+    ceiling = sum(
+        g["maxReplicas"] * int(c["resources"]["limits"].get("nvidia.com/gpu", 0))
+        for g in gpu_groups
+        for c in g["template"]["spec"]["containers"]
+    )
+    for group, c in _containers(doc):
+        env = _env_sources(c)
+        from_cm = any(
+            s.get("configMapRef", {}).get("name") == "ganflow-env" for s in c.get("envFrom", [])
+        )
+        if "GANFLOW_RAY_MAX_GPUS" in env:
+            value = env["GANFLOW_RAY_MAX_GPUS"]["value"]
+        elif from_cm:
+            value = _configmap_env()["GANFLOW_RAY_MAX_GPUS"]
+        else:
+            continue  # not a Ray node (the submitter only calls the Jobs API)
+        assert float(value) == ceiling, f"{path.name} {group}: GANFLOW_RAY_MAX_GPUS={value}"
 
 
 def _env_sources(container: dict) -> dict[str, dict]:
@@ -436,6 +455,9 @@ def test_cluster_launcher_gpu_cluster():
     ), "no GPU instance type among the worker node types"
     opts = " ".join(cfg["docker"]["run_options"])
     assert "RAY_AUTH_MODE=token" in opts and "RAY_AUTH_TOKEN_PATH=" in opts
+    # g5.2xlarge has one GPU: the autoscaling ceiling is max_workers of the GPU type.
+    gpu_nodes = [n for n in workers if n["node_config"]["InstanceType"] == "g5.2xlarge"]
+    assert f"--env GANFLOW_RAY_MAX_GPUS={sum(n['max_workers'] for n in gpu_nodes)}" in opts
 
 
 # --- consistency with the code ----------------------------------------------------------

@@ -286,6 +286,27 @@ def test_missing_gpus_fail_before_training(ray_local, classifier_cache):
         run_training(req)
 
 
+def test_autoscaling_cluster_is_checked_against_its_ceiling(ray_local, monkeypatch, capsys):
+    """A KubeRay/launcher cluster with GPU workers at minReplicas 0 has no GPUs until the job
+    asks: GANFLOW_RAY_MAX_GPUS lets the check pass (Ray Train waits for the autoscaler) while
+    a job larger than the ceiling still fails before any work."""
+    from flows.train_ray import check_resources
+
+    one_gpu = ClusterSpec(workers=1, gpus_per_worker=1)
+    monkeypatch.setenv("GANFLOW_RAY_MAX_GPUS", "8")
+    check_resources(one_gpu)
+    assert "waiting for the autoscaler" in capsys.readouterr().err
+    with pytest.raises(TrainError, match=r"needs 16 GPUs .* can grow to 8"):
+        check_resources(ClusterSpec(workers=16, gpus_per_worker=1))
+    monkeypatch.setenv("GANFLOW_RAY_MAX_GPUS", "eight")
+    with pytest.raises(TrainError, match="GANFLOW_RAY_MAX_GPUS must be a number"):
+        check_resources(one_gpu)
+    monkeypatch.delenv("GANFLOW_RAY_MAX_GPUS")
+    with pytest.raises(TrainError, match="set GANFLOW_RAY_MAX_GPUS if it autoscales"):
+        check_resources(one_gpu)
+    check_resources(ClusterSpec(workers=2))  # CPU jobs are not checked here
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_one_gpu_worker_trains_in_bf16(ray_local, classifier_cache):

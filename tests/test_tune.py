@@ -221,3 +221,22 @@ def test_killed_search_resumes_with_every_trial_once(home, tmp_path):
     assert sorted(t["config"]["train.d_steps"] for t in trials) == [1, 2, 3, 5]
     assert len({t["trial_id"] for t in trials}) == 4
     assert all(t["error"] is None and t["step"] == 40 for t in trials)
+
+
+def test_gpu_search_on_a_cluster_without_gpus_fails_before_any_run(home):
+    """Trials asking for GPUs the cluster can never give would wait forever: the search stops
+    first, before its MLflow parent run exists."""
+    from flows.tracking import client, tracking_uri
+    from flows.train_ray import TrainError
+
+    base = apply_overrides(preset("gan", "tiny"), {"train.steps": 4})
+    space = validate_space({"d_steps": {"grid": [1, 2]}}, base)
+    req = SearchRequest("gan", "builtin:digits", base, space, gpus_per_worker=1, name="s-gpu")
+    with pytest.raises(TrainError, match=r"needs 1 GPUs .* has 0"):
+        run_search(req, progress=False)
+    exp = client(tracking_uri()).get_experiment_by_name("ganflow-search")
+    if exp is not None:
+        runs = client(tracking_uri()).search_runs(
+            [exp.experiment_id], filter_string="tags.`ganflow.run_name` = 's-gpu'"
+        )
+        assert runs == []
