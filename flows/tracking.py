@@ -174,8 +174,9 @@ def log_generator(uri: str, run_id: str, cfg: GanConfig, models: dict[str, nn.Mo
     """The final generator(s) as MLflow PyTorch models with a signature and an input example.
 
     gan: z [4, z_dim] -> images; cgan: (z, y) -> images; cyclegan: G (X -> Y) and F (Y -> X),
-    each images -> images. MLflow's default pt2 format traces forward with the example, so
-    the example's batch of 4 is the served batch size (see STACK-NOTES). Returns model URIs."""
+    each images -> images. MLflow's default pt2 format exports forward with the example; its
+    batch of 4 (> 1) keeps the batch dimension dynamic, so any batch size is served (a batch
+    of 1 would fix it, see STACK-NOTES). Returns model URIs."""
     import mlflow
     from mlflow.models import infer_signature
 
