@@ -4,7 +4,10 @@ Writes N small PNGs (scikit-learn digits upscaled to 32x32, in 10 class folders)
 the plain pipeline (no Prefect) from a local folder and from an S3 API: moto's server on
 127.0.0.1 through s3fs (moto is a dev dependency), or a real endpoint when
 GANFLOW_S3_ENDPOINT_URL and a writable bucket (--bucket) are given. Each source is ingested
-into a fresh local store (cold), then again (the no-op re-ingest). A benchmark, not a test.
+into a fresh local store (cold), then again (the no-op re-ingest). With --large N, N larger
+photos-like PNGs (256x256 RGB) are ingested down to 32x32 in a child process, which reports its
+peak resident memory: decoding shrinks each chunk as it arrives, so memory follows the stored
+size, not the source's pixels. A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -35,6 +38,57 @@ def _make_pngs(folder: Path, n: int) -> None:
         (d / f"{i:06d}.png").write_bytes(buf.getvalue())
 
 
+def _make_large_pngs(folder: Path, n: int, side: int) -> None:
+    """Smooth RGB gradients (compressible, like photos more than noise), 10 class folders."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    for i in range(n):
+        a, b, c = rng.random(3)
+        arr = np.stack([np.sin(6 * (xx * a + yy * b)), np.cos(5 * xx * c), 2 * yy - 1], -1)
+        d = folder / str(i % 10)
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(((arr + 1) * 127.5).astype(np.uint8)).save(d / f"{i:06d}.png")
+
+
+def _large_child(src: str, workers: int) -> None:
+    """Runs in its own process so that its peak resident memory is the ingest's alone."""
+    import resource
+
+    from flows.ingest import IngestOptions, ingest
+
+    with tempfile.TemporaryDirectory() as root:
+        t0 = time.perf_counter()
+        r = ingest(src, root=root, workers=workers, options=IngestOptions(image_size=32))
+        seconds = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"images": r["num_images"], "seconds": seconds, "peak_mb": peak_mb}))
+
+
+def _time_large(n: int, side: int, workers: int) -> dict:
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "large"
+        _make_large_pngs(src, n, side)
+        source_mb = sum(p.stat().st_size for p in src.rglob("*.png")) / 2**20
+        code = f"from flows.bench_ingest import _large_child; _large_child({str(src)!r}, {workers})"
+        out = subprocess.run(
+            [sys.executable, "-c", code], check=True, capture_output=True, text=True
+        ).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    return {
+        "images": r["images"],
+        "source": f"{side}x{side} RGB PNG, {source_mb:.0f} MB",
+        "stored": "32x32",
+        "images_per_s": round(r["images"] / r["seconds"], 1),
+        "peak_rss_mb": round(r["peak_mb"]),
+    }
+
+
 def _time(source: str, root: str, workers: int) -> dict:
     from flows.ingest import IngestOptions, ingest
 
@@ -60,6 +114,13 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0, help="decode processes (0: min(cpus, 8))")
     p.add_argument("--bucket", default="ganflow-bench")
     p.add_argument("--skip-s3", action="store_true")
+    p.add_argument(
+        "--large",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="also ingest N 256x256 RGB PNGs down to 32x32 and report peak memory (0: skip)",
+    )
     args = p.parse_args()
     import torch
 
@@ -103,6 +164,9 @@ def main() -> None:
             print(f"s3:    {results['s3']}", flush=True)
             if server:
                 server.stop()
+    if args.large:
+        results["large_local"] = _time_large(args.large, 256, args.workers)
+        print(f"large: {results['large_local']}", flush=True)
     print(json.dumps(results))
 
 

@@ -50,7 +50,7 @@ from flows.snapshots import FORMAT_VERSION, Store, check_name, digest
 from flows.storage import describe, get_filesystem, is_remote, join, mask_secrets, with_retries
 
 Progress = Callable[[str, int, int], None]
-RESIZE_RULE = "bilinear, align_corners=False, stretched to image_size x image_size"
+RESIZE_RULE = "bilinear, align_corners=False, antialiased when shrinking, stretched to image_size x image_size"
 _READ_BATCH = 256
 
 
@@ -243,10 +243,45 @@ def plan_snapshot(files: list[SourceFile], options: IngestOptions) -> Plan:
 
 
 def decode_plan(
-    plan: Plan, workers: int = 0, progress: Progress | None = None
+    plan: Plan, workers: int = 0, progress: Progress | None = None, image_size: int | None = None
 ) -> list[Decoded | str]:
+    """Decoded files (or quarantine reasons) in plan order; with image_size, every image is
+    shrunk to the stored size as it arrives, so memory follows the output, not the source."""
     cb = (lambda done, total: progress("decode", done, total)) if progress else None
-    return decode_files([(f.path, f.data) for f in plan.files], workers=workers, progress=cb)
+    finish = (lambda d: shrink(d, image_size)) if image_size else None
+    return decode_files(
+        [(f.path, f.data) for f in plan.files], workers=workers, progress=cb, finish=finish
+    )
+
+
+def _pixels(batch: np.ndarray):
+    """[n, h, w, c] uint8 or float in [-1, 1] -> [n, c, h, w] float32 in [-1, 1]."""
+    import torch
+
+    t = torch.from_numpy(batch)
+    t = t.float() / 127.5 - 1.0 if batch.dtype == np.uint8 else t.float()
+    return t.permute(0, 3, 1, 2).contiguous()
+
+
+def _by_shape(arrays: list[np.ndarray]) -> list[list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for i, a in enumerate(arrays):
+        groups.setdefault((a.shape, a.dtype.str), []).append(i)
+    return list(groups.values())
+
+
+def shrink(d: Decoded, size: int) -> Decoded:
+    """The resize rule applied at decode time: images become [size, size, c] float32 in
+    [-1, 1], channels kept (the snapshot's channel count is known only once all are seen;
+    luma and resize are both linear, so converting channels afterwards gives the same)."""
+    from gan_core.data import resize
+
+    out: list[np.ndarray] = list(d.images)
+    for idx in _by_shape(d.images):
+        t = resize(_pixels(np.stack([d.images[i] for i in idx])), size)
+        for j, i in enumerate(idx):
+            out[i] = t[j].permute(1, 2, 0).numpy().copy()
+    return Decoded(out, d.labels, d.hashes, d.gray)
 
 
 def _to_images(arrays: list[np.ndarray], channels: int, size: int):
@@ -256,14 +291,8 @@ def _to_images(arrays: list[np.ndarray], channels: int, size: int):
     from gan_core.data import resize
 
     out = torch.empty(len(arrays), channels, size, size)
-    by_shape: dict[tuple, list[int]] = {}
-    for i, a in enumerate(arrays):
-        by_shape.setdefault((a.shape, a.dtype.str), []).append(i)
-    for idx in by_shape.values():
-        batch = np.stack([arrays[i] for i in idx])
-        t = torch.from_numpy(batch)
-        t = t.float() / 127.5 - 1.0 if batch.dtype == np.uint8 else t.float()
-        t = t.permute(0, 3, 1, 2)  # [n, c, h, w]
+    for idx in _by_shape(arrays):
+        t = _pixels(np.stack([arrays[i] for i in idx]))
         if t.shape[1] == 3 and channels == 1:  # ITU-R 601 luma, Pillow's "L" weights
             t = (0.299 * t[:, 0:1] + 0.587 * t[:, 1:2] + 0.114 * t[:, 2:3]).clamp(-1, 1)
         elif t.shape[1] == 1 and channels == 3:
@@ -434,7 +463,7 @@ def run_pipeline(
     if existing is not None:
         call("refs", store.add_refs, existing, name, scan.fingerprint)
         return _result(existing, name, store, reused=True)
-    decoded = call("decode", decode_plan, plan, workers, progress)
+    decoded = call("decode", decode_plan, plan, workers, progress, options.image_size)
     manifest, parts = call("assemble", assemble, plan, decoded, options, scan.url, name)
     manifest = call("write", store.write_snapshot, manifest, parts)
     call("refs", store.add_refs, manifest, name, scan.fingerprint)

@@ -18,8 +18,9 @@ Decoding rule (documented once): PNG, JPEG, BMP, WebP and TIFF are accepted; any
 or a file Pillow cannot fully decode (truncated, corrupt), is quarantined with the reason.
 Alpha is dropped, palettes are expanded. An image is grayscale when its mode is grayscale
 or its R, G and B planes are equal. Pixels map to [-1, 1] by x / 127.5 - 1. The resize rule is
-gan_core's (:func:`gan_core.data.resize`: bilinear, align_corners=False, stretched to a square)
-and runs in the ingest process, batched per source size.
+gan_core's (:func:`gan_core.data.resize`: bilinear, align_corners=False, antialiased when
+shrinking, stretched to a square) and runs in the ingest process on each chunk of decoded files
+as it arrives, so full-size pixels never pile up for the whole source.
 """
 
 from __future__ import annotations
@@ -350,39 +351,73 @@ def _decode_chunk(chunk: list[tuple[str, bytes]]) -> list[Decoded | str]:
     return [decode_one(p, d) for p, d in chunk]
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc). Full-size pixels freed between the small
+    shrunk images that stay would otherwise keep the heap at its high-water mark (measured:
+    4.9 GB resident after decoding 8,000 256-px PNGs whose shrunk pixels take 100 MB)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 def decode_files(
     files: Sequence[tuple[str, bytes]],
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
     chunk_size: int = 64,
+    finish: Callable[[Decoded], Decoded] | None = None,
 ) -> list[Decoded | str]:
     """Decode every file, in worker processes when workers > 1 and there is enough work.
 
     workers=0 picks min(cpu count, 8). Chunks of 64 files amortise the cost of shipping bytes
     to a worker (pickling) against load balance; below 256 files the process start-up
     (about 0.3 s with spawn) costs more than it saves, so decoding stays in this process.
+    ``finish`` runs here on each result as it arrives (ingest shrinks images to the stored
+    size), and at most two chunks per worker are in flight, so full-size pixels are held for
+    a few chunks at a time rather than for the whole source.
     """
     workers = workers or min(os.cpu_count() or 1, 8)
     total = len(files)
     chunks = [list(files[i : i + chunk_size]) for i in range(0, total, chunk_size)]
     results: list[Decoded | str] = []
     done = 0
+
+    def take(out: list[Decoded | str]) -> None:
+        nonlocal done
+        results.extend(d if finish is None or isinstance(d, str) else finish(d) for d in out)
+        done += len(out)
+        del out[:]  # the full-size pixels go now, not when the next chunk replaces them
+        if finish is not None:
+            _release_freed_memory()
+        if progress:
+            progress(done, total)
+
     if workers <= 1 or total < 256:
         for chunk in chunks:
-            results.extend(_decode_chunk(chunk))
-            done += len(chunk)
-            if progress:
-                progress(done, total)
+            take(_decode_chunk(chunk))
         return results
     import multiprocessing
+    from collections import deque
 
     # spawn, not fork: the parent may hold threads (Prefect's event loop, s3fs's IO loop)
     # whose locks a forked child would inherit mid-flight.
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        for chunk, out in zip(chunks, pool.map(_decode_chunk, chunks)):
-            results.extend(out)
-            done += len(chunk)
-            if progress:
-                progress(done, total)
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(_decode_chunk, chunk))
+            if len(pending) >= 2 * workers:
+                take(pending.popleft().result())
+        while pending:
+            take(pending.popleft().result())
     return results

@@ -54,11 +54,14 @@ class UnpairedSet:
 
 
 def resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
-    """The one resize rule: bilinear, align_corners=False. images: [N, C, h, w]."""
+    """The one resize rule: bilinear, align_corners=False, antialiased (when shrinking, the
+    filter widens with the scale so every source pixel counts: plain bilinear would sample a
+    2x2 patch per output pixel and alias; when enlarging it is plain bilinear).
+    images: [N, C, h, w]."""
     if images.shape[-1] == image_size and images.shape[-2] == image_size:
         return images
     return nnf.interpolate(
-        images, size=(image_size, image_size), mode="bilinear", align_corners=False
+        images, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
     )
 
 
