@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import posixpath
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,10 +44,11 @@ from flows.layouts import (
     class_names,
     decode_files,
     detect_layout,
-    extract_archive,
     is_archive,
     is_ignored,
+    iter_archive,
 )
+from flows.settings import ganflow_home
 from flows.snapshots import FORMAT_VERSION, Store, check_name, digest
 from flows.storage import describe, get_filesystem, is_remote, join, mask_secrets, with_retries
 
@@ -181,10 +184,16 @@ def scan_source(url: str, options: IngestOptions) -> Scan:
 
 
 def fetch_source(
-    scan: Scan, options: IngestOptions, progress: Progress | None = None
+    scan: Scan, options: IngestOptions, spool: str, progress: Progress | None = None
 ) -> list[SourceFile]:
-    """Read every file (concurrently on object stores), hash it, and open archives safely."""
+    """Read every file once (concurrently on object stores) and hash it; open archives safely.
+
+    Memory holds one batch of bytes at a time: a local file is re-read from where it is when
+    decoded, a remote file or an archive member is kept in ``spool`` (a local folder the
+    caller removes) under its content hash, never under a name taken from the source.
+    """
     fs, path = get_filesystem(scan.url)
+    remote = is_remote(scan.url)
     rels = [e[0] for e in scan.entries if not is_ignored(e[0])]
     base = posixpath.dirname(path) if scan.single_file else path
     out: list[SourceFile] = []
@@ -194,24 +203,34 @@ def fetch_source(
         try:
             # cat_ranges, not cat: s3fs fetches the batch concurrently (one GET per file), and
             # cat would first send one HEAD per file to expand the paths (2x the requests).
-            blobs = dict(zip(full, with_retries(fs.cat_ranges, full, None, None)))
+            blobs = with_retries(fs.cat_ranges, full, None, None)
         except Exception as exc:
             raise describe(exc, _shown(scan.url)) from None
-        for rel, f in zip(batch, full):
-            data = blobs[f]
-            out.append(SourceFile(rel, data, hashlib.sha256(data).hexdigest()))
+        for rel, f, data in zip(batch, full, blobs):
+            out.append(_source_file(rel, data, spool if remote else None, f))
+        del blobs
         if progress:
             progress("read", min(start + _READ_BATCH, len(rels)), len(rels))
     if len(out) == 1 and is_archive(out[0].path):
-        members = extract_archive(out[0].data, out[0].path, options.max_archive_bytes)
-        out = [
-            SourceFile(p, d, hashlib.sha256(d).hexdigest())
-            for p, d in sorted(members.items())
-            if not is_ignored(p)
-        ]
+        archive = out[0]
+        members = iter_archive(archive.read(), archive.path, options.max_archive_bytes)
+        out = sorted(
+            (_source_file(p, d, spool) for p, d in members if not is_ignored(p)),
+            key=lambda f: f.path,
+        )
         if not out:
             raise IngestError(f"source is empty: archive {_shown(scan.url)} holds no files")
     return out
+
+
+def _source_file(rel: str, data: bytes, spool: str | None, local: str = "") -> SourceFile:
+    sha = hashlib.sha256(data).hexdigest()
+    if spool is not None:
+        local = os.path.join(spool, sha)
+        if not os.path.exists(local):  # equal contents share one copy
+            with open(local, "wb") as f:
+                f.write(data)
+    return SourceFile(rel, sha, len(data), local)
 
 
 def plan_snapshot(files: list[SourceFile], options: IngestOptions) -> Plan:
@@ -250,7 +269,7 @@ def decode_plan(
     cb = (lambda done, total: progress("decode", done, total)) if progress else None
     finish = (lambda d: shrink(d, image_size)) if image_size else None
     return decode_files(
-        [(f.path, f.data) for f in plan.files], workers=workers, progress=cb, finish=finish
+        [(f.path, f) for f in plan.files], workers=workers, progress=cb, finish=finish
     )
 
 
@@ -310,7 +329,7 @@ def assemble(
     files_meta = []
     labelled_npz = set()
     for f, a, d in zip(plan.files, plan.assignments, decoded):
-        meta = {"path": f.path, "sha256": f.sha256, "bytes": len(f.data), "group": a.group}
+        meta = {"path": f.path, "sha256": f.sha256, "bytes": f.size, "group": a.group}
         if isinstance(d, str):
             quarantined.append({"path": f.path, "reason": d})
             files_meta.append({**meta, "quarantined": d})
@@ -457,13 +476,16 @@ def run_pipeline(
     if hit is not None:
         call("refs", store.add_refs, hit, name, None)
         return _result(hit, name, store, reused=True)
-    files = call("fetch", fetch_source, scan, options, progress)
-    plan = call("plan", plan_snapshot, files, options)
-    existing = call("lookup", store.manifest, plan.snapshot_id)
-    if existing is not None:
-        call("refs", store.add_refs, existing, name, scan.fingerprint)
-        return _result(existing, name, store, reused=True)
-    decoded = call("decode", decode_plan, plan, workers, progress, options.image_size)
+    spool_root = ganflow_home() / "tmp"
+    spool_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ingest-", dir=spool_root) as spool:
+        files = call("fetch", fetch_source, scan, options, spool, progress)
+        plan = call("plan", plan_snapshot, files, options)
+        existing = call("lookup", store.manifest, plan.snapshot_id)
+        if existing is not None:
+            call("refs", store.add_refs, existing, name, scan.fingerprint)
+            return _result(existing, name, store, reused=True)
+        decoded = call("decode", decode_plan, plan, workers, progress, options.image_size)
     manifest, parts = call("assemble", assemble, plan, decoded, options, scan.url, name)
     manifest = call("write", store.write_snapshot, manifest, parts)
     call("refs", store.add_refs, manifest, name, scan.fingerprint)

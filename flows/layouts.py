@@ -32,7 +32,7 @@ import posixpath
 import re
 import tarfile
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
@@ -56,11 +56,26 @@ class IngestError(ValueError):
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One raw file: its path relative to the source root, its bytes and their sha256."""
+    """One raw file: its path relative to the source root, the sha256 and size of its bytes,
+    and ``local``: a local file that holds them (the file itself for a local source, else a
+    copy in the ingest's spool folder). Bytes are read when needed, so an ingest holds file
+    names in memory, not the source."""
 
     path: str
-    data: bytes = field(repr=False)
     sha256: str
+    size: int
+    local: str = field(repr=False)
+
+    def read(self) -> bytes:
+        """The bytes that were hashed; a file changed since then is an error, not new data."""
+        try:
+            with open(self.local, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise IngestError(f"{self.path}: unreadable ({exc.strerror or exc})") from None
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise IngestError(f"{self.path}: changed while being ingested")
+        return data
 
 
 @dataclass(frozen=True)
@@ -107,13 +122,18 @@ def safe_member_path(name: str, archive: str) -> str:
 
 
 def extract_archive(data: bytes, archive: str, max_bytes: int) -> dict[str, bytes]:
-    """Members of a zip or tar archive as {relative path: bytes}, in memory (never written).
+    """Members of a zip or tar archive as {relative path: bytes}, in memory."""
+    return dict(iter_archive(data, archive, max_bytes))
+
+
+def iter_archive(data: bytes, archive: str, max_bytes: int) -> Iterator[tuple[str, bytes]]:
+    """Members of a zip or tar archive as (relative path, bytes), one at a time; never
+    written under their own names.
 
     Every member is checked before any is read: a link, device, absolute or ``..`` path
     refuses the whole archive (a crafted archive is not trusted in part), and the total
     uncompressed size is capped at max_bytes against decompression bombs.
     """
-    out: dict[str, bytes] = {}
     total = 0
     if archive.lower().endswith(".zip"):
         try:
@@ -132,8 +152,8 @@ def extract_archive(data: bytes, archive: str, max_bytes: int) -> dict[str, byte
             total += info.file_size
             if total > max_bytes:
                 raise IngestError(f"archive {archive}: more than {max_bytes} bytes uncompressed")
-            out[safe_member_path(info.filename, archive)] = zf.read(info)
-        return out
+            yield safe_member_path(info.filename, archive), zf.read(info)
+        return
     try:
         tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")  # noqa: SIM115 (in-memory; read below)
         members = tf.getmembers()
@@ -154,8 +174,7 @@ def extract_archive(data: bytes, archive: str, max_bytes: int) -> dict[str, byte
         if total > max_bytes:
             raise IngestError(f"archive {archive}: more than {max_bytes} bytes uncompressed")
         fobj = tf.extractfile(m)
-        out[safe_member_path(m.name, archive)] = fobj.read() if fobj else b""
-    return out
+        yield safe_member_path(m.name, archive), fobj.read() if fobj else b""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,8 +366,16 @@ def decode_one(path: str, data: bytes) -> Decoded | str:
         return str(exc)
 
 
-def _decode_chunk(chunk: list[tuple[str, bytes]]) -> list[Decoded | str]:
-    return [decode_one(p, d) for p, d in chunk]
+def _decode_chunk(chunk: list[tuple[str, bytes | SourceFile]]) -> list[Decoded | str]:
+    out: list[Decoded | str] = []
+    for path, src in chunk:
+        try:
+            data = src.read() if isinstance(src, SourceFile) else src
+        except IngestError as exc:
+            out.append(str(exc))
+            continue
+        out.append(decode_one(path, data))
+    return out
 
 
 def _release_freed_memory() -> None:
@@ -371,13 +398,14 @@ _malloc_trim = None
 
 
 def decode_files(
-    files: Sequence[tuple[str, bytes]],
+    files: Sequence[tuple[str, bytes | SourceFile]],
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
     chunk_size: int = 64,
     finish: Callable[[Decoded], Decoded] | None = None,
 ) -> list[Decoded | str]:
-    """Decode every file, in worker processes when workers > 1 and there is enough work.
+    """Decode every file (its bytes, or a SourceFile that the worker reads and checks), in
+    worker processes when workers > 1 and there is enough work.
 
     workers=0 picks min(cpu count, 8). Chunks of 64 files amortise the cost of shipping bytes
     to a worker (pickling) against load balance; below 256 files the process start-up

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,6 +149,33 @@ def test_parallel_decode_shrinks_each_chunk_as_it_arrives(tmp_path):
         for i, d in enumerate(out[:-1]):
             assert d.images[0].shape == (8, 8, 1) and d.images[0].dtype == np.float32
             np.testing.assert_allclose(d.images[0], i % 256 / 127.5 - 1, atol=1e-5)
+
+
+def test_a_file_changed_mid_ingest_is_quarantined_and_the_spool_is_removed(
+    tmp_path, root, monkeypatch
+):
+    """Bytes are hashed when read and re-read when decoded: a file that changed in between
+    is quarantined (its hash is in the id), not silently decoded as different data. Archive
+    members wait in a spool folder under GANFLOW_HOME/tmp that is gone afterwards."""
+    src = write(tmp_path / "raw", classes_files(30))
+    victim = sorted(src.rglob("*.png"))[0]
+    original = ingest_mod.decode_plan
+
+    def edit_then_decode(plan, *args):
+        victim.write_bytes(png(np.zeros((8, 8), np.uint8)))
+        return original(plan, *args)
+
+    monkeypatch.setattr(ingest_mod, "decode_plan", edit_then_decode)
+    r = ingest(str(src), root=root)
+    rel = victim.relative_to(src).as_posix()
+    assert r["quarantined"] == [{"path": rel, "reason": f"{rel}: changed while being ingested"}]
+    assert r["num_images"] == 29
+    monkeypatch.setattr(ingest_mod, "decode_plan", original)
+    archive = tmp_path / "digits.zip"
+    archive.write_bytes(zip_bytes(classes_files(20)))
+    assert ingest(str(archive), root=root)["num_images"] == 20
+    spool = Path(os.environ["GANFLOW_HOME"]) / "tmp"
+    assert spool.is_dir() and list(spool.iterdir()) == []
 
 
 # -- validation ---------------------------------------------------------------------------------
