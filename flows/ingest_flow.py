@@ -38,7 +38,7 @@ def _stage(fn, *args, **kwargs):
 
 
 def _as_task(stage: str, fn, *args, **kwargs):
-    # No caching and no result persistence: stages pass raw bytes and arrays in memory, and
+    # No caching and no result persistence: stages pass file lists and arrays in memory, and
     # hashing them for a cache key would cost as much as the stage.
     retries = 2 if stage in _RETRIED_STAGES else 0
     t = task(

@@ -121,11 +121,6 @@ def safe_member_path(name: str, archive: str) -> str:
     return "/".join(parts)
 
 
-def extract_archive(data: bytes, archive: str, max_bytes: int) -> dict[str, bytes]:
-    """Members of a zip or tar archive as {relative path: bytes}, in memory."""
-    return dict(iter_archive(data, archive, max_bytes))
-
-
 def iter_archive(data: bytes, archive: str, max_bytes: int) -> Iterator[tuple[str, bytes]]:
     """Members of a zip or tar archive as (relative path, bytes), one at a time; never
     written under their own names.
