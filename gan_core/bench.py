@@ -14,13 +14,15 @@ is fp32 even under ``train.precision='bf16'``.
 Where the time goes (measured on the 2-core dev CPU, one intra-op thread, another job
 running beside, so +-20%; step shares by timing ``d_step``/``g_step``/``opt.step``, op
 shares from torch.profiler self time). MLP GAN, default preset (m = 64, 16x16, hidden
-256): 3.9 ms per iteration, D step 50% / G step 47%, Adam 18% (CPU Adam takes the
-per-parameter, not the foreach, path), matmuls 52% of op time across ~1,050 aten ops;
+256): 3.9 ms per iteration, D step 50% / G step 47%, Adam 18% (on the default
+per-parameter CPU path; training now uses the fused Adam), matmuls 52% of op time across
+~1,050 aten ops;
 cutting m to 2 only brings it to ~2.7 ms, so well over half is fixed per-op cost
 (Python, dispatcher, autograd bookkeeping, ~2.5 us an op) and utilisation stays ~45%.
-Paper MLP GAN (28x28, hidden 1200): 61 ms, D 58% / G 41%, matmuls 73%, but Adam is 20%:
+Paper MLP GAN (28x28, hidden 1200): 61 ms, D 58% / G 41%, matmuls 73%, but Adam was 20%:
 4.9 M parameters of memory-bound elementwise work the FLOP count does not see;
-utilisation ~60%. Conv GAN/cGAN: 33-36 ms, G step ~60% (G's transposed convolutions are
+utilisation ~60%. The fused Adam (one kernel for all parameters) took it from 14-17 to
+17-20 iterations/s in alternating runs; MLP GAN +0-25% (noisy), conv and CycleGAN unchanged. Conv GAN/cGAN: 33-36 ms, G step ~60% (G's transposed convolutions are
 ~8x D's FLOPs and only the G step runs their backward), convolutions 74%, Adam 4%;
 utilisation 77-87%. CycleGAN: 89 ms, G step 78% (six generator passes with backward,
 identity loss included), convolutions 72% among ~7,500 ops an iteration (instance norms,

@@ -339,8 +339,12 @@ def init_state(
     o = cfg.optim
     g_params = itertools.chain(*(models[k].parameters() for k in family.generators))
     d_params = itertools.chain(*(models[k].parameters() for k in family.discriminators))
-    opt_g = torch.optim.Adam(g_params, lr=o.lr_g, betas=(o.beta1, o.beta2))
-    opt_d = torch.optim.Adam(d_params, lr=o.lr_d, betas=(o.beta1, o.beta2))
+    # The fused kernel updates every parameter in one pass: the default per-parameter CPU
+    # path made Adam ~20% of the paper-sized MLP's iteration (measured: 14-17 -> 17-20 it/s;
+    # conv and CycleGAN, where convolutions dominate, unchanged).
+    fused = device.type in ("cpu", "cuda")
+    opt_g = torch.optim.Adam(g_params, lr=o.lr_g, betas=(o.beta1, o.beta2), fused=fused)
+    opt_d = torch.optim.Adam(d_params, lr=o.lr_d, betas=(o.beta1, o.beta2), fused=fused)
     factor = _lr_lambda(cfg.train.steps, o.decay_start)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in (opt_g, opt_d)]
     noise = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank)
