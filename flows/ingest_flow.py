@@ -66,8 +66,12 @@ def ingest_flow(
     workers: int = 0,
 ) -> dict:
     """Raw images at ``source`` -> a snapshot in ``root``; returns the snapshot summary."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from flows.reports import artifact_key, ingest_markdown
+
     options = IngestOptions(layout, image_size, channels, test_fraction, max_bad_fraction)
-    return run_pipeline(
+    result = run_pipeline(
         source,
         name=name,
         options=options,
@@ -76,6 +80,12 @@ def ingest_flow(
         progress=_progress.get(),
         call=_as_task,
     )
+    create_markdown_artifact(
+        ingest_markdown(result),
+        key=artifact_key("ganflow-ingest", result["name"]),
+        description="the snapshot: counts per class or domain and the quarantine report",
+    )
+    return result
 
 
 @contextlib.contextmanager

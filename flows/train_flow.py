@@ -12,7 +12,10 @@ driver that died). Ray is called from inside the task, not through a Ray task ru
 from __future__ import annotations
 
 from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
 
+from flows.reports import artifact_key, train_markdown
+from flows.tracking import redact, tracking_uri
 from flows.train_ray import (
     ClusterSpec,
     StorageSpec,
@@ -62,4 +65,10 @@ def train_flow(
         max_failures=max_failures,
         auto_bf16=not any(o.split("=")[0].strip().endswith("precision") for o in overrides),
     )
-    return train_task(req)
+    result = train_task(req)
+    create_markdown_artifact(
+        train_markdown(result, redact(tracking_uri())),
+        key=artifact_key("ganflow-train", result["family"]),
+        description="the training run: held-out metrics, MLflow run and checkpoint",
+    )
+    return result

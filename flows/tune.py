@@ -573,9 +573,19 @@ def tune_flow(
     family: str = "cyclegan", dataset: str = "builtin:digits-unpaired", samples: int = 8
 ) -> dict:
     """The search as a Prefect flow (the on-demand deployment): default space, ASHA."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from flows.reports import artifact_key, search_markdown
+
     base = preset(family)
     space = validate_space(default_space(family), base)
-    return run_search(
+    result = run_search(
         SearchRequest(family=family, dataset=dataset, base=base, space=space, samples=samples),
         progress=False,
     )
+    create_markdown_artifact(
+        search_markdown(result),
+        key=artifact_key("ganflow-search", family),
+        description="every trial's configuration, metric and status, and the best",
+    )
+    return result

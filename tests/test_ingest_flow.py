@@ -34,6 +34,34 @@ def test_flow_matches_plain_pipeline_and_is_idempotent(prefect_harness, tmp_path
     assert r["id"] == plain["id"] and not r["reused"]
     again = run_flow(str(folder), root=str(tmp_path / "store"), name="digits")
     assert again["id"] == r["id"] and again["reused"]
+    # Each run leaves the snapshot summary as a Prefect artifact (newest first).
+    [new, old] = _artifacts("ganflow-ingest-digits")[:2]
+    assert f"`{r['id']}`" in new.data and "reused" in new.data and "(new)" in old.data
+    for group, n in r["counts"].items():
+        assert f"| {group} |" in new.data and f"| {n} |" in new.data
+
+
+def _artifacts(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as pc:
+        return pc.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+            sort=ArtifactSort.CREATED_DESC,
+        )
+
+
+def test_quarantine_report_is_in_the_artifact(prefect_harness, tmp_path):
+    from flows.ingest_flow import run_flow
+
+    folder, _, _ = make_layout("flat", tmp_path / "raw")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    r = run_flow(str(folder), root=str(tmp_path / "store"), name="with-bad")
+    assert [q["path"] for q in r["quarantined"]] == ["broken.png"]
+    md = _artifacts("ganflow-ingest-with-bad")[0].data
+    assert "Quarantined: 1 file(s)" in md and "| broken.png |" in md
 
 
 def test_cli_through_the_flow(prefect_harness, tmp_path, capsys):

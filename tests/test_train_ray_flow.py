@@ -76,4 +76,12 @@ def test_cli_trains_through_the_flow(prefect_and_ray, capsys):
     assert "class_accuracy" in out["metrics"] and "fd" in out["metrics"]
     run = client(tracking_uri()).get_run(out["run_id"])
     assert run.info.status == "FINISHED"
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as pc:
+        [art] = pc.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ganflow-train-cgan"]))
+        )
+    assert f"`{out['run_id']}`" in art.data and "| class_accuracy |" in art.data
     assert run.data.params["train.steps"] == "4"

@@ -128,6 +128,13 @@ def test_small_cyclegan_search_with_mlflow_parent_and_children(home):
     assert best["run_id"] in {ch.info.run_id for ch in children}
     arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
     assert {"trials.json", "metric_vs_params.png"} <= arts
+    # The table the Prefect search flow records as its artifact.
+    from flows.reports import search_markdown
+
+    md = search_markdown(result).splitlines()
+    assert md[2].split(" | ")[1:3] == ["lambda_cyc", "d_steps"]
+    assert sum(line.endswith("| 20 | completed |") for line in md) == 4
+    assert md[-1].startswith("Best: ") and best["run_id"] in md[-1]
 
 
 def test_asha_stops_clearly_bad_trials(home):
