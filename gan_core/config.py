@@ -203,36 +203,15 @@ class TrainConfig:
             "k must be an integer >= 1",
             self.d_steps,
         )
-        _check(
-            _is_int(self.batch_size) and self.batch_size >= 1,
-            "train.batch_size",
-            "must be an integer >= 1",
-            self.batch_size,
-        )
-        _check(
-            _is_int(self.steps) and self.steps >= 1,
-            "train.steps",
-            "must be an integer >= 1",
-            self.steps,
-        )
-        _check(
-            _is_int(self.seed) and self.seed >= 0,
-            "train.seed",
-            "must be an integer >= 0",
-            self.seed,
-        )
-        _check(
-            _is_int(self.log_every) and self.log_every >= 1,
-            "train.log_every",
-            "must be an integer >= 1",
-            self.log_every,
-        )
-        _check(
-            _is_int(self.pool_size) and self.pool_size >= 0,
-            "train.pool_size",
-            "must be an integer >= 0",
-            self.pool_size,
-        )
+        for name, low in (
+            ("batch_size", 1),
+            ("steps", 1),
+            ("seed", 0),
+            ("log_every", 1),
+            ("pool_size", 0),
+        ):
+            v = getattr(self, name)
+            _check(_is_int(v) and v >= low, f"train.{name}", f"must be an integer >= {low}", v)
         _check(
             self.precision in ("fp32", "bf16"),
             "train.precision",
