@@ -25,16 +25,6 @@ from gan_core.metrics import (
 IMAGE_SIZE = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # The test machines share 2 cores between sessions; under that contention OpenMP's
-    # barrier waits make 2-thread training of this tiny CNN ~3x slower than 1 thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def clf(classifier_cache):
     # conftest's session-wide cache: the classifier trains once for every module that uses it.
