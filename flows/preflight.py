@@ -30,6 +30,8 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
+from flows.settings import redact
+
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 5.0
@@ -48,17 +50,6 @@ _S3_AUTH_CODES = {
 
 class PreflightError(ValueError):
     """A configured service cannot be used; one line naming it and why, no secrets."""
-
-
-def _redact(uri: str) -> str:
-    """The URI without user:password (safe to print)."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, f"***@{host}", parts.path, "", ""))
 
 
 def _mask(text: str, env: Mapping[str, str]) -> str:
@@ -122,7 +113,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def check_mlflow(uri: str, env: Mapping[str, str], timeout_s: float) -> None:
-    shown = _redact(uri)
+    shown = redact(uri)
     base, url_user, url_password = _strip_userinfo(uri)
     base = base.rstrip("/")
     user = env.get("MLFLOW_TRACKING_USERNAME") or url_user
@@ -170,7 +161,7 @@ def check_mlflow(uri: str, env: Mapping[str, str], timeout_s: float) -> None:
 
 
 def check_prefect(api_url: str, env: Mapping[str, str], timeout_s: float) -> None:
-    shown = _redact(api_url)
+    shown = redact(api_url)
     base, url_user, url_password = _strip_userinfo(api_url)
     headers: dict[str, str] = {}
     auth = env.get("PREFECT_API_AUTH_STRING")
@@ -254,7 +245,7 @@ def _s3_filesystem(url: str, env: Mapping[str, str], timeout_s: float):
 def _s3_endpoint(env: Mapping[str, str]) -> str:
     for v in ("GANFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
         if env.get(v):
-            return _redact(env[v])
+            return redact(env[v])
     return "AWS S3"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from pathlib import Path
 
 
@@ -36,3 +37,14 @@ def mlflow_artifact_root() -> str:
     return (
         os.environ.get("GANFLOW_MLFLOW_ARTIFACT_ROOT") or (ganflow_home() / "mlartifacts").as_uri()
     )
+
+
+def redact(uri: str) -> str:
+    """The URI without user:password (safe to print)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None and parts.username is None:
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, f"***@{host}", parts.path, "", ""))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flows.settings import mlflow_artifact_root, mlflow_tracking_uri
+from flows.settings import mlflow_artifact_root, mlflow_tracking_uri, redact
 from gan_core.config import GanConfig
 from gan_core.viz import grid_array
 
@@ -39,17 +39,6 @@ class TrackingError(ValueError):
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else a SQLite file under GANFLOW_HOME."""
     return mlflow_tracking_uri()
-
-
-def redact(uri: str) -> str:
-    """The URI without user:password (safe to print)."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None and parts.username is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, f"***@{host}", parts.path, "", ""))
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
