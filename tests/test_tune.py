@@ -23,6 +23,7 @@ from flows.tune import (
 from gan_core.config import apply_overrides, preset
 
 pytestmark = pytest.mark.timeout(900)
+pytest_plugins = ["s3_server"]  # moto server fixtures: moto_endpoint, s3
 
 
 def test_space_validation_names_the_problem():
@@ -50,6 +51,12 @@ def _env(home, mp):
         "GANFLOW_HOME": str(home),
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "disabled",
+        # The cluster's processes inherit these: trials on S3 storage (the moto server of
+        # s3_server) need credentials, and none may be looked up from a cloud metadata service.
+        "AWS_ACCESS_KEY_ID": "tune-test-key",
+        "AWS_SECRET_ACCESS_KEY": "tune-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
     }.items():
         mp.setenv(k, v)
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -247,3 +254,35 @@ def test_gpu_search_on_a_cluster_without_gpus_fails_before_any_run(home):
             [exp.experiment_id], filter_string="tags.`ganflow.run_name` = 's-gpu'"
         )
         assert runs == []
+
+
+def test_search_on_s3_storage_resumes_from_there(home, s3):
+    """Trials, their checkpoints and the search state live in the bucket (the S3 API of a
+    moto server); --resume restores the search from there with every trial once."""
+    import dataclasses
+
+    base = apply_overrides(
+        preset("gan", "tiny"), {"train.steps": 8, "train.log_every": 4, "model.hidden": 32}
+    )
+    space = validate_space({"d_steps": {"grid": [1, 2]}}, base)
+    req = SearchRequest(
+        "gan",
+        "builtin:digits",
+        base,
+        space,
+        scheduler="fifo",
+        eval_every=4,
+        name="s-s3",
+        storage=s3.url("ray"),
+    )
+    first = run_search(req, progress=False)
+    assert len(first["trials"]) == 2 and all(t["step"] == 8 for t in first["trials"])
+    assert first["best"]["checkpoint"].startswith(f"{s3.bucket}/ray/")
+    stored = s3.fs().find(f"{s3.bucket}/ray/s-s3")
+    assert any(k.endswith("experiment_state.json") or "experiment_state" in k for k in stored)
+    assert not (home / "ray_results" / "s-s3").exists()  # nothing went to local disk
+    again = run_search(dataclasses.replace(req, resume=True), progress=False)
+    assert sorted(t["trial_id"] for t in again["trials"]) == sorted(
+        t["trial_id"] for t in first["trials"]
+    )
+    assert again["best"]["metric"] == first["best"]["metric"]
