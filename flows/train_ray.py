@@ -475,12 +475,13 @@ class TrainRequest:
     """Ray Train UserCallbacks (e.g. Tune's TuneReportCallback)."""
 
 
-def _ensure_ray() -> None:
-    """Connect to RAY_ADDRESS when set (ray.init reads it), else start a local cluster."""
+def ensure_ray(log_to_driver: bool = True) -> None:
+    """Connect to RAY_ADDRESS when set, else start a local cluster. Never ray.init()'s own
+    fallback, which joins whatever cluster `ray start` last left on this machine."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=log_to_driver)
 
 
 def max_gpus_setting() -> float | None:
@@ -561,7 +562,7 @@ def run_training(req: TrainRequest) -> dict:
     cfg = apply_overrides(cfg, {"data.dataset": manifest["id"]})
     run_name = req.run_name or default_run_name(cfg)
 
-    _ensure_ray()
+    ensure_ray()
     check_resources(cluster)
     use_gpu = cluster.gpus_per_worker > 0
     if use_gpu and req.auto_bf16 and cfg.train.precision == "fp32":

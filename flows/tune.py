@@ -271,6 +271,7 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
         ClusterSpec,
         StorageSpec,
         check_resources,
+        ensure_ray,
         gpu_capacity,
         resolve_dataset,
     )
@@ -294,8 +295,7 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
         req.name or f"search-{req.family}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     )
     storage_path, filesystem = StorageSpec(url=_storage_root(req)).resolve()
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    ensure_ray(log_to_driver=False)
     # A trial the cluster can never place would wait forever: fail before any run is made.
     check_resources(
         ClusterSpec(
