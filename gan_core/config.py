@@ -295,14 +295,7 @@ _SECTIONS = ("data", "model", "loss", "optim", "train")
 
 
 def _field_type(section: str, name: str) -> type:
-    cls = {
-        "data": DataConfig,
-        "model": ModelConfig,
-        "loss": LossConfig,
-        "optim": OptimConfig,
-        "train": TrainConfig,
-    }[section]
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(_field_type_owner(section))
     t = hints[name]
     if isinstance(t, types.UnionType):
         t = next(a for a in typing.get_args(t) if a is not type(None))
