@@ -23,6 +23,7 @@ from pathlib import Path
 
 from prefect import flow, task
 
+from flows.settings import read_yaml_mapping
 from gan_core.config import DEFAULT_DATASET, FAMILIES, ConfigError, apply_overrides, preset
 
 
@@ -76,18 +77,7 @@ class PipelineConfig:
     def load(cls, path: str | None) -> PipelineConfig:
         if not path:
             return cls()
-        import yaml
-
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise PipelineError(f"config file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise PipelineError(
-                f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}"
-            ) from None
-        if not isinstance(raw, dict):
-            raise PipelineError(f"config file {path} must be a mapping")
+        raw = read_yaml_mapping(path, "config file", PipelineError)
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(raw) - known)
         if unknown:

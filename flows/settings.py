@@ -48,3 +48,23 @@ def redact(uri: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urllib.parse.urlunsplit((parts.scheme, f"***@{host}", parts.path, "", ""))
+
+
+def read_yaml_mapping(path: str, what: str, error: type[Exception]) -> dict:
+    """A YAML (or JSON) file that must hold a mapping; an empty file is {}. Every failure is
+    ``error`` with one line naming the file: missing, unreadable, not YAML, not a mapping."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise error(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise error(f"{what} {path} must be a mapping of key: value")
+    return raw

@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flows.settings import cache_dir, ganflow_home, snapshot_root
+from flows.settings import cache_dir, ganflow_home, read_yaml_mapping, snapshot_root
 from gan_core.config import FAMILIES, GanConfig, apply_overrides, preset
 
 STATE_FILE = "state.pt"
@@ -671,16 +671,7 @@ def build_config(family: str, config_file: str | None, overrides: list[str]) -> 
     """preset(family) < --config FILE (flat JSON/YAML key: value) < --set key=value."""
     cfg = preset(family, "default")
     if config_file:
-        import yaml
-
-        try:
-            text = Path(config_file).read_text()
-        except OSError as exc:
-            raise TrainError(f"cannot read --config {config_file}: {exc.strerror}") from None
-        loaded = yaml.safe_load(text) or {}
-        if not isinstance(loaded, dict):
-            raise TrainError(f"--config {config_file}: expected a mapping of key: value")
-        flat = _flatten(loaded)
+        flat = _flatten(read_yaml_mapping(config_file, "--config file", TrainError))
         flat.pop("family", None)
         cfg = apply_overrides(cfg, flat)
     return apply_overrides(cfg, overrides)

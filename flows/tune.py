@@ -23,7 +23,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.settings import ganflow_home
+from flows.settings import ganflow_home, read_yaml_mapping
 from gan_core.config import ConfigError, GanConfig, apply_overrides, preset, resolve_key
 from gan_core.evaluate import PRIMARY_METRIC
 
@@ -57,17 +57,8 @@ def default_space(family: str) -> dict[str, dict]:
 def load_space(path: str | None, family: str) -> dict[str, dict]:
     if not path:
         return default_space(family)
-    import yaml
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise SearchError(f"search space file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise SearchError(
-            f"search space file {path} is not valid YAML: {str(exc).splitlines()[0]}"
-        ) from None
-    if not isinstance(raw, dict) or not raw:
+    raw = read_yaml_mapping(path, "search space file", SearchError)
+    if not raw:
         raise SearchError(f"search space file {path} must map config fields to {{kind: values}}")
     return raw
 

@@ -79,6 +79,28 @@ def test_errors_are_one_line_before_any_cluster_work(argv, message, capsys):
     assert not _ray_started()
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "--config file not found: {}"),
+        ("train: [unclosed\n", "--config file {} is not valid YAML"),
+        ("- a list\n", "--config file {} must be a mapping"),
+        (b"\xff\xfe\x00binary", "--config file {} is not valid YAML"),
+    ],
+    ids=["missing", "not-yaml", "not-a-mapping", "binary"],
+)
+def test_bad_config_file_is_one_line(tmp_path, content, message, capsys):
+    f = tmp_path / "c.yaml"
+    if isinstance(content, bytes):
+        f.write_bytes(content)
+    elif content is not None:
+        f.write_text(content)
+    rc = main(["train", "--family", "gan", "--config", str(f)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message.format(f) in err and "\n" not in err, err
+    assert not _ray_started()
+
+
 def test_unreachable_tracking_server_fails_before_training(monkeypatch, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
