@@ -262,14 +262,16 @@ def plan_snapshot(files: list[SourceFile], options: IngestOptions) -> Plan:
 
 
 def decode_plan(
-    plan: Plan, workers: int = 0, progress: Progress | None = None, image_size: int | None = None
+    plan: Plan, image_size: int, workers: int = 0, progress: Progress | None = None
 ) -> list[Decoded | str]:
-    """Decoded files (or quarantine reasons) in plan order; with image_size, every image is
-    shrunk to the stored size as it arrives, so memory follows the output, not the source."""
+    """Decoded files (or quarantine reasons) in plan order, every image shrunk to the stored
+    size as it arrives, so memory follows the output, not the source."""
     cb = (lambda done, total: progress("decode", done, total)) if progress else None
-    finish = (lambda d: shrink(d, image_size)) if image_size else None
     return decode_files(
-        [(f.path, f) for f in plan.files], workers=workers, progress=cb, finish=finish
+        [(f.path, f) for f in plan.files],
+        workers=workers,
+        progress=cb,
+        finish=lambda d: shrink(d, image_size),
     )
 
 
@@ -485,7 +487,7 @@ def run_pipeline(
         if existing is not None:
             call("refs", store.add_refs, existing, name, scan.fingerprint)
             return _result(existing, name, store, reused=True)
-        decoded = call("decode", decode_plan, plan, workers, progress, options.image_size)
+        decoded = call("decode", decode_plan, plan, options.image_size, workers, progress)
     manifest, parts = call("assemble", assemble, plan, decoded, options, scan.url, name)
     manifest = call("write", store.write_snapshot, manifest, parts)
     call("refs", store.add_refs, manifest, name, scan.fingerprint)
