@@ -520,18 +520,14 @@ def check_resources(cluster: ClusterSpec) -> None:
     if have >= need:
         return
     ceiling = max_gpus_setting()
+    short = (
+        f"the job needs {need:g} GPUs ({cluster.workers} workers x "
+        f"{cluster.gpus_per_worker:g}), the Ray cluster has {have:g}"
+    )
     if ceiling is None:
-        raise TrainError(
-            f"the job needs {need:g} GPUs ({cluster.workers} workers x "
-            f"{cluster.gpus_per_worker:g}), the Ray cluster has {have:g} "
-            "(set GANFLOW_RAY_MAX_GPUS if it autoscales)"
-        )
+        raise TrainError(f"{short} (set GANFLOW_RAY_MAX_GPUS if it autoscales)")
     if ceiling < need:
-        raise TrainError(
-            f"the job needs {need:g} GPUs ({cluster.workers} workers x "
-            f"{cluster.gpus_per_worker:g}), the Ray cluster has {have:g} and can grow to "
-            f"{ceiling:g} (GANFLOW_RAY_MAX_GPUS)"
-        )
+        raise TrainError(f"{short} and can grow to {ceiling:g} (GANFLOW_RAY_MAX_GPUS)")
     print(
         f"[ganflow] the cluster has {have:g} of the {need:g} GPUs the job needs; "
         f"waiting for the autoscaler (GANFLOW_RAY_MAX_GPUS={ceiling:g})",

@@ -344,8 +344,8 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
     )  # the trial's own workers reserve the real CPUs
     max_conc = req.max_concurrent
     if max_conc is None:
-        # As many trials as the scarcer resource allows: GPUs (counting those an autoscaling
-        # cluster can add) for GPU trials, else CPUs.
+        # GPU trials: as many as the GPUs allow, counting those an autoscaling cluster can add
+        # (its CPUs arrive with the GPU nodes, so today's CPU count says nothing). Else CPUs.
         if req.gpus_per_worker > 0:
             free = gpu_capacity() / (req.workers_per_trial * req.gpus_per_worker)
         else:
