@@ -32,15 +32,21 @@ _MAX_SHIFT_PX = 1
 
 
 class DigitClassifier(nn.Module):
-    """CNN for [N, 1, S, S] digits in [-1, 1], any S >= 8.
+    """CNN for [N, C, S, S] images in [-1, 1], any S >= 8 (digits by default: C = 1, 10 classes;
+    :mod:`gan_core.judge` trains it on any snapshot).
 
     No BatchNorm or dropout, so train() and eval() compute the same function and the
     metrics do not depend on the module's mode.
     """
 
-    def __init__(self, feature_dim: int = FEATURE_DIM, num_classes: int = NUM_DIGIT_CLASSES):
+    def __init__(
+        self,
+        feature_dim: int = FEATURE_DIM,
+        num_classes: int = NUM_DIGIT_CLASSES,
+        channels: int = 1,
+    ):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv1 = nn.Conv2d(channels, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
         self.conv3 = nn.Conv2d(32, 64, 3, padding=1)
         self.hidden = nn.Linear(64 * 4 * 4, feature_dim)

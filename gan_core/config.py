@@ -31,6 +31,41 @@ class ConfigError(ValueError):
     """A config value is invalid; the message starts with the dotted field name."""
 
 
+AUGMENTS = ("none", "flip", "jitter_flip")
+DATA_KINDS = ("labelled", "unlabelled", "unpaired")
+# What each family trains on: the cGAN needs labels y, CycleGAN two domains; the GAN takes
+# any one-domain set (labels, when present, only serve evaluation).
+FAMILY_DATA = {
+    "gan": ("labelled", "unlabelled"),
+    "cgan": ("labelled",),
+    "cyclegan": ("unpaired",),
+}
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What a dataset is, as its snapshot manifest says: the facts a config must agree with.
+
+    kind: 'labelled' (class labels), 'unlabelled' (images only) or 'unpaired' (two domains X
+    and Y); classes: label names in label order (labelled sets, and two-domain sets whose
+    domains both carry labels); has_truth: ground truth T(x) is known (built-in pairs only).
+    """
+
+    kind: str
+    image_size: int
+    channels: int
+    classes: tuple[str, ...] = ()
+    has_truth: bool = False
+    name: str = "dataset"
+
+    def __post_init__(self) -> None:
+        _check(self.kind in DATA_KINDS, "dataset kind", f"must be one of {DATA_KINDS}", self.kind)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
 def _check(ok: bool, name: str, msg: str, value: object) -> None:
     if not ok:
         raise ConfigError(f"{name}: {msg}, got {value!r}")
@@ -49,8 +84,12 @@ class DataConfig:
     dataset: str = "builtin:digits"
     """A built-in name (builtin:digits, builtin:digits-unpaired) or a snapshot id/name."""
     image_size: int = 16
-    """Images are resized to image_size x image_size (bilinear)."""
+    """Side of the square images; taken from the dataset snapshot (ingest decides it)."""
     channels: int = 1
+    """1 (grayscale) or 3 (RGB); taken from the dataset snapshot."""
+    augment: str = "none"
+    """Training-time augmentation of every real minibatch: 'none', 'flip' (random horizontal
+    flip) or 'jitter_flip' (CycleGAN's: enlarge by 286/256, random crop back, random flip)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -66,6 +105,12 @@ class DataConfig:
             self.image_size,
         )
         _check(self.channels in (1, 3), "data.channels", "must be 1 or 3", self.channels)
+        _check(
+            self.augment in AUGMENTS,
+            "data.augment",
+            f"must be one of {', '.join(AUGMENTS)}",
+            self.augment,
+        )
 
 
 @dataclass(frozen=True)
@@ -228,6 +273,30 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    samples: int = 1000
+    """Generated samples per evaluation (FD/KD, class accuracy, coverage)."""
+    inception: bool = False
+    """Also measure FID and KID in Inception-v3 features (needs the standard FID weights:
+    GANFLOW_FID_WEIGHTS). When on, they become the unconditional GAN's and, without ground
+    truth, CycleGAN's primary metric."""
+
+    def __post_init__(self) -> None:
+        _check(
+            _is_int(self.samples) and self.samples >= 10,
+            "eval.samples",
+            "must be an integer >= 10",
+            self.samples,
+        )
+        _check(
+            isinstance(self.inception, bool),
+            "eval.inception",
+            "must be true or false",
+            self.inception,
+        )
+
+
+@dataclass(frozen=True)
 class GanConfig:
     family: str = "gan"
     """'gan' (Goodfellow et al.), 'cgan' (Mirza & Osindero) or 'cyclegan' (Zhu et al.)."""
@@ -236,6 +305,7 @@ class GanConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _check(
@@ -291,7 +361,7 @@ class GanConfig:
         return apply_overrides(cls(), dict(flat))
 
 
-_SECTIONS = ("data", "model", "loss", "optim", "train")
+_SECTIONS = ("data", "model", "loss", "optim", "train", "eval")
 
 
 def _field_type(section: str, name: str) -> type:
@@ -353,6 +423,7 @@ def _field_type_owner(section: str) -> type:
         "loss": LossConfig,
         "optim": OptimConfig,
         "train": TrainConfig,
+        "eval": EvalConfig,
     }[section]
 
 
@@ -383,12 +454,41 @@ def apply_overrides(cfg: GanConfig, overrides: dict[str, object] | list[str]) ->
 # --- presets: functions that return configs -----------------------------------------
 
 
-def preset(family: str, name: str = "default") -> GanConfig:
-    """Named presets. 'default' is what the main job trains; 'tiny' is for fast tests;
-    'paper' is the paper-sized MLP GAN on 28x28 images at m = 64 (benchmarks)."""
+def _is_pow2(n: int) -> bool:
+    return n >= 8 and n & (n - 1) == 0
+
+
+def preset(family: str, name: str = "default", image_size: int = 16) -> GanConfig:
+    """Named presets, chosen by the images' side. 'default' is what the main job trains;
+    'tiny' is for fast tests; 'paper' is the paper-sized MLP GAN on 28x28 images at m = 64.
+
+    By image_size (the snapshot's): gan/cgan up to 28 px use the paper's MLPs; larger
+    power-of-two sides use the DCGAN layout (4x4 projection doubled up, ngf = ndf = 64: at
+    64 px exactly Radford et al.'s 1024-512-256-128 generator); other sides keep the MLPs.
+    CycleGAN up to 32 px uses the small digits preset; from 64 px the paper's generator
+    (2 downsamplings, 6 ResNet blocks below 256 px, 9 from 256 px, ngf = ndf = 64), the
+    70x70 PatchGAN (3 stride-2 layers), batch 1, λ = 10, identity weight 0.5 (the paper's
+    code), LSGAN loss and linear decay over the second half.
+    """
     _check(family in FAMILIES, "family", f"must be one of {', '.join(FAMILIES)}", family)
-    data = DataConfig(dataset=DEFAULT_DATASET[family], image_size=16)
-    if family == "cyclegan":
+    data = DataConfig(dataset=DEFAULT_DATASET[family], image_size=image_size)
+    if family == "cyclegan" and image_size >= 64:
+        cfg = GanConfig(
+            family=family,
+            data=data,
+            model=ModelConfig(
+                arch="resnet",
+                ngf=64,
+                ndf=64,
+                n_res_blocks=9 if image_size >= 256 else 6,
+                g_downsample=2,
+                patch_layers=3,
+            ),
+            loss=LossConfig(gan_loss="lsgan", lambda_cyc=10.0, lambda_id=0.5),
+            optim=OptimConfig(decay_start=0.5),
+            train=TrainConfig(batch_size=1, steps=20000, log_every=100),
+        )
+    elif family == "cyclegan":
         cfg = GanConfig(
             family=family,
             data=data,
@@ -400,6 +500,14 @@ def preset(family: str, name: str = "default") -> GanConfig:
             loss=LossConfig(gan_loss="lsgan", lambda_cyc=10.0, lambda_id=0.0),
             optim=OptimConfig(decay_start=0.5),
             train=TrainConfig(batch_size=16, steps=600, log_every=50),
+        )
+    elif image_size > 28 and _is_pow2(image_size):
+        cfg = GanConfig(
+            family=family,
+            data=data,
+            model=ModelConfig(arch="conv", z_dim=100, ngf=64, ndf=64),
+            optim=OptimConfig(decay_start=0.5),
+            train=TrainConfig(batch_size=64, steps=5000, log_every=100),
         )
     else:
         # The unconditional GAN's Fréchet distance is best around 1,200-1,800 steps and drifts
@@ -437,3 +545,85 @@ def preset(family: str, name: str = "default") -> GanConfig:
             },
         )
     raise ConfigError(f"preset: unknown preset {name!r} (known: default, tiny, paper)")
+
+
+# --- the config follows the data ----------------------------------------------------------
+
+# Fields the dataset decides; a user value that differs is a contradiction, not an override.
+_DATA_FIELDS = ("data.image_size", "data.channels", "model.num_classes")
+
+
+def check_family_data(family: str, facts: DataFacts) -> None:
+    """ConfigError unless the family can train on this kind of dataset."""
+    _check(family in FAMILIES, "family", f"must be one of {', '.join(FAMILIES)}", family)
+    if facts.kind in FAMILY_DATA[family]:
+        return
+    need = {
+        "cgan": "class labels (a folder per class)",
+        "cyclegan": "two domains (trainA/ and trainB/ folders)",
+        "gan": "one domain of images (a folder of images or of class folders)",
+    }[family]
+    raise ConfigError(
+        f"family: {family} cannot train on {facts.name}: it holds {facts.kind} images and "
+        f"{family} needs {need}"
+    )
+
+
+def config_for_data(
+    family: str,
+    facts: DataFacts,
+    overrides: dict[str, object] | list[str] | None = None,
+    preset_name: str = "default",
+) -> GanConfig:
+    """The config for training family on a dataset: the preset for the images' side, the
+    dataset's facts (image size, channels, class count), then the user's overrides.
+
+    An override of a fact that differs from the dataset is refused in one line: the data
+    would not fit the networks (or would silently be re-interpreted)."""
+    check_family_data(family, facts)
+    user = _normalise(overrides or {})
+    cfg = preset(family, preset_name, image_size=facts.image_size)
+    num_classes = facts.num_classes if family == "cgan" else cfg.model.num_classes
+    wanted = {
+        "data.image_size": facts.image_size,
+        "data.channels": facts.channels,
+        "model.num_classes": num_classes,
+    }
+    for key in _DATA_FIELDS:
+        if key not in user:
+            continue
+        section, name = key.split(".")
+        value = _coerce(key, _field_type(section, name), user[key])
+        if key == "model.num_classes" and family != "cgan":
+            continue
+        if value != wanted[key]:
+            what = {
+                "data.image_size": f"{facts.image_size}px images (re-ingest with --image-size {value})",
+                "data.channels": f"{facts.channels}-channel images (re-ingest with --channels {value})",
+                "model.num_classes": f"{facts.num_classes} classes",
+            }[key]
+            raise ConfigError(
+                f"{key}: {value!r} contradicts the dataset {facts.name}, which holds {what}; "
+                "drop the override"
+            )
+    cfg = apply_overrides(cfg, wanted)
+    return apply_overrides(cfg, user)
+
+
+def _normalise(overrides: dict[str, object] | list[str]) -> dict[str, object]:
+    """key=value list or dict -> {'section.name': value} with leaf names resolved."""
+    if isinstance(overrides, list):
+        pairs: dict[str, object] = {}
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"{item}: overrides must look like key=value")
+            pairs[key.strip()] = value.strip()
+        overrides = pairs
+    out: dict[str, object] = {}
+    for key, value in overrides.items():
+        if key == "family":
+            continue
+        section, name = resolve_key(key)
+        out[f"{section}.{name}"] = value
+    return out

@@ -6,9 +6,9 @@ in batches, and return plain Python floats/ints. The classifier is expected in e
 eval for the measurement and restored afterwards. Statistics use float64 so that the
 Fréchet distance between near-identical sets is not swamped by float32 rounding.
 
-The feature space is :class:`gan_core.classifier.DigitClassifier` (``clf.features``), a
-network this project trains itself; numbers are comparable only between runs that use the
-same classifier (same image_size and seed).
+The feature space is a :class:`gan_core.classifier.DigitClassifier` (``clf.features``) that
+this project trains itself on the dataset (:mod:`gan_core.judge`); numbers are comparable
+only between runs judged by the same classifier (same snapshot and seed).
 """
 
 from __future__ import annotations
@@ -126,6 +126,56 @@ def frechet_distance_images(real: torch.Tensor, fake: torch.Tensor, clf: nn.Modu
     return frechet_distance(mu_r, sigma_r, mu_f, sigma_f)
 
 
+def kernel_distance(
+    real_features: torch.Tensor,
+    fake_features: torch.Tensor,
+    subsets: int = 10,
+    subset_size: int = 100,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Kernel (Inception) distance of Bińkowski et al. 2018: the unbiased estimate of the
+    squared MMD with the cubic polynomial kernel k(a, b) = (a·b / d + 1)^3, averaged over
+    random subsets (drawn from a seeded generator). Returns (mean, std over subsets).
+
+    Unlike the Fréchet distance it is unbiased, so small sample counts compare fairly."""
+    r = real_features.detach().to(torch.float64).cpu()
+    f = fake_features.detach().to(torch.float64).cpu()
+    if r.ndim != 2 or f.ndim != 2 or r.shape[1] != f.shape[1]:
+        raise ValueError(
+            f"features must be [N, D] alike, got {tuple(r.shape)} and {tuple(f.shape)}"
+        )
+    m = min(subset_size, r.shape[0], f.shape[0])
+    if m < 2:
+        raise ValueError("kernel_distance needs at least 2 samples on each side")
+    d = r.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(subsets):
+        a = r[torch.randperm(r.shape[0], generator=g)[:m]]
+        b = f[torch.randperm(f.shape[0], generator=g)[:m]]
+        k_aa = (a @ a.T / d + 1) ** 3
+        k_bb = (b @ b.T / d + 1) ** 3
+        k_ab = (a @ b.T / d + 1) ** 3
+        off = m * (m - 1)
+        mmd = (
+            (k_aa.sum() - k_aa.diagonal().sum()) / off
+            + (k_bb.sum() - k_bb.diagonal().sum()) / off
+            - 2 * k_ab.mean()
+        )
+        values.append(float(mmd))
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std(unbiased=False)) if len(values) > 1 else 0.0
+
+
+def distances(real: torch.Tensor, fake: torch.Tensor, clf: nn.Module, seed: int = 0) -> dict:
+    """Fréchet distance (fd) and kernel distance (kd, kd_std) in clf's feature space."""
+    fr, ff = _features(clf, real), _features(clf, fake)
+    mu_r, sigma_r = feature_statistics(fr)
+    mu_f, sigma_f = feature_statistics(ff)
+    kd, kd_std = kernel_distance(fr, ff, seed=seed)
+    return {"fd": frechet_distance(mu_r, sigma_r, mu_f, sigma_f), "kd": kd, "kd_std": kd_std}
+
+
 def class_accuracy(images: torch.Tensor, labels: torch.Tensor, clf: nn.Module) -> float:
     """Share of images that clf assigns to their label (cGAN: the conditioning label)."""
     return classifier_accuracy(clf, images, labels)
@@ -156,39 +206,55 @@ def cyclegan_metrics(
     F: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    x_truth: torch.Tensor,
-    x_labels: torch.Tensor,
     clf: nn.Module,
-) -> dict:
-    """CycleGAN translation quality against the known ground truth T (x_truth = T(x)).
+    x_truth: torch.Tensor | None = None,
+    x_labels: torch.Tensor | None = None,
+    y_labels: torch.Tensor | None = None,
+    seed: int = 0,
+) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """CycleGAN translation quality on held-out x and y. G: X -> Y and F: Y -> X.
 
-    G: X -> Y and F: Y -> X. Returns
+    Always (no ground truth needed):
       cycle_error: mean |F(G(x)) - x| + mean |G(F(y)) - y| (L_cyc, per pixel);
-      truth_error: mean |G(x) - x_truth|;
-      identity_truth_error: mean |x - x_truth|, the error of doing nothing;
-      truth_error_ratio: truth_error / identity_truth_error (0 perfect, 1 no better than
-        identity; above 1 worse);
-      label_preservation: share of G(x) that clf classifies as x_labels.
+      fd_g / kd_g: distance of G(x) to held-out y in clf's features; fd_f / kd_f: of F(y)
+        to held-out x; fd_translation: their mean (the primary metric without truth).
+    With ground truth T (x_truth = T(x), built-in pairs):
+      truth_error: mean |G(x) - x_truth|; identity_truth_error: mean |x - x_truth|;
+      truth_error_ratio: their ratio (0 perfect, 1 no better than doing nothing).
+    With labels on x (and y) and a class judge: label_preservation: share of G(x) (and F(y))
+      that clf classifies as their source's label.
+    Returns (figures, G(x), F(y)); the translations are on the CPU, for further metrics.
     """
-    if x.shape != x_truth.shape or x.shape[0] != x_labels.shape[0]:
-        raise ValueError("x, x_truth and x_labels must describe the same images")
+    if x_truth is not None and x.shape != x_truth.shape:
+        raise ValueError("x and x_truth must describe the same images")
     with _eval_mode(G, F):
         g_x = _batched(G, module_device(G), x)
         f_g_x = _batched(F, module_device(F), g_x)
         f_y = _batched(F, module_device(F), y)
         g_f_y = _batched(G, module_device(G), f_y)
-    x, y, x_truth = x.cpu(), y.cpu(), x_truth.cpu()
+    x, y = x.cpu(), y.cpu()
     # Means in float64: summing ~1e5 pixel errors in float32 loses the digits that
     # separate close checkpoints.
     cycle = (f_g_x - x).abs().double().mean() + (g_f_y - y).abs().double().mean()
-    truth = (g_x - x_truth).abs().double().mean()
-    identity = (x - x_truth).abs().double().mean()
-    if identity == 0:
-        raise ValueError("x equals x_truth: identity_truth_error is 0, the ratio is undefined")
-    return {
-        "cycle_error": float(cycle),
-        "truth_error": float(truth),
-        "identity_truth_error": float(identity),
-        "truth_error_ratio": float(truth / identity),
-        "label_preservation": class_accuracy(g_x, x_labels, clf),
-    }
+    out = {"cycle_error": float(cycle)}
+    dg = distances(y, g_x, clf, seed)
+    df = distances(x, f_y, clf, seed)
+    out.update({f"{k}_g": v for k, v in dg.items()})
+    out.update({f"{k}_f": v for k, v in df.items()})
+    out["fd_translation"] = (dg["fd"] + df["fd"]) / 2
+    if x_truth is not None:
+        x_truth = x_truth.cpu()
+        truth = (g_x - x_truth).abs().double().mean()
+        identity = (x - x_truth).abs().double().mean()
+        if identity == 0:
+            raise ValueError("x equals x_truth: identity_truth_error is 0, the ratio is undefined")
+        out.update(
+            truth_error=float(truth),
+            identity_truth_error=float(identity),
+            truth_error_ratio=float(truth / identity),
+        )
+    if x_labels is not None:
+        out["label_preservation"] = class_accuracy(g_x, x_labels, clf)
+        if y_labels is not None:
+            out["label_preservation_f"] = class_accuracy(f_y, y_labels, clf)
+    return out, g_x, f_y

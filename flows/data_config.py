@@ -1,0 +1,147 @@
+"""The config follows the data: a snapshot's manifest decides the image size, channels, class
+count and which families can train on it; the driver proves the final config on a few real
+images before any cluster work; evaluation uses a judge trained on the snapshot itself.
+
+Everything here runs on the driver (or a rank-0 worker) in seconds, so a config that cannot
+work is a one-line error before Ray, MLflow or Prefect do anything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from gan_core.config import ConfigError, DataFacts, GanConfig, apply_overrides, config_for_data
+
+
+def facts(manifest: dict) -> DataFacts:
+    """What a snapshot is, from its manifest."""
+    unpaired = manifest.get("kind") == "unpaired"
+    classes = tuple(str(c) for c in (manifest.get("classes") or ()))
+    kind = "unpaired" if unpaired else ("labelled" if classes else "unlabelled")
+    return DataFacts(
+        kind=kind,
+        image_size=int(manifest["image_size"]),
+        channels=int(manifest["channels"]),
+        classes=classes,
+        has_truth=bool(manifest.get("has_truth")),
+        name=str(manifest.get("name") or manifest["id"]),
+    )
+
+
+def config_for_snapshot(
+    family: str, manifest: dict, overrides: dict | list[str] | None = None
+) -> GanConfig:
+    """Preset for the snapshot's image size, its facts, then the user's overrides; the
+    dataset field names the snapshot id (lineage)."""
+    cfg = config_for_data(family, facts(manifest), overrides)
+    return apply_overrides(cfg, {"data.dataset": manifest["id"]})
+
+
+def check_config(cfg: GanConfig, manifest: dict) -> None:
+    """ConfigError when a finished config does not fit the snapshot (a config built
+    elsewhere, e.g. a search's base or a pipeline override, against another snapshot)."""
+    f = facts(manifest)
+    from gan_core.config import check_family_data
+
+    check_family_data(cfg.family, f)
+    for key, have, want in (
+        ("data.image_size", cfg.data.image_size, f.image_size),
+        ("data.channels", cfg.data.channels, f.channels),
+        (
+            "model.num_classes",
+            cfg.model.num_classes if cfg.family == "cgan" else 0,
+            f.num_classes if cfg.family == "cgan" else 0,
+        ),
+    ):
+        if have != want:
+            raise ConfigError(
+                f"{key}: {have!r} contradicts the dataset {f.name} ({want!r}); drop the override"
+            )
+
+
+def dry_run(cfg: GanConfig, train, heldout) -> None:
+    """Build the networks from the final config and run one Algorithm 1 iteration, a sample
+    grid and an evaluation on a few real images, on the CPU: any shape or config error
+    surfaces here in seconds as ConfigError, not in the workers after minutes."""
+    import torch
+
+    from gan_core.classifier import DigitClassifier
+    from gan_core.data import ImageSet, UnpairedSet
+    from gan_core.evaluate import evaluate, sample_grid
+    from gan_core.judge import Judge
+    from gan_core.train import init_state
+    from gan_core.train import train as run
+
+    def few(d, n):
+        if isinstance(d, UnpairedSet):
+            t = None if d.x_truth is None else d.x_truth[:n]
+            return UnpairedSet(few(d.x, n), few(d.y, n), t)
+        return ImageSet(d.images[:n], None if d.labels is None else d.labels[:n])
+
+    small, probe = few(train, 4), few(heldout, 10)
+    sizes = [len(small.x), len(small.y)] if isinstance(small, UnpairedSet) else [len(small)]
+    if min(sizes) < 2:
+        raise ConfigError(f"data.dataset: {cfg.data.dataset} has fewer than 2 training images")
+    trial = apply_overrides(
+        cfg,
+        {
+            "train.batch_size": 2,
+            "train.steps": 1,
+            "train.log_every": 1,
+            "train.device": "cpu",
+            "train.precision": "fp32",
+            "eval.samples": 10,
+            "eval.inception": False,
+        },
+    )
+    try:
+        with torch.random.fork_rng(devices=[]):
+            state = init_state(trial, small, "cpu")
+            run(state, small)
+            channels = (
+                small.x.images.shape[1] if isinstance(small, UnpairedSet) else small.images.shape[1]
+            )
+            ncls = max(2, cfg.model.num_classes)
+            judge = Judge(
+                DigitClassifier(num_classes=ncls, channels=channels).eval(), "rotation", ncls
+            )
+            if len(probe.x if isinstance(probe, UnpairedSet) else probe) >= 2:
+                evaluate(trial, state.models, probe, judge)
+                sample_grid(trial, state.models, probe)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"the {cfg.family} config does not run on {cfg.data.dataset} "
+            f"({cfg.data.image_size}px, {cfg.data.channels} ch, model.arch={cfg.model.arch}): {first}"
+        ) from None
+
+
+def load_judge(
+    snapshot_id: str,
+    cache: str | os.PathLike,
+    load: Callable[[], tuple[object, object]],
+    seed: int = 0,
+):
+    """The snapshot's judge (gan_core.judge), cached by snapshot id; ``load`` returns
+    (train split, held-out split) and is called only when the judge must be trained."""
+    from gan_core.judge import load_or_train_judge
+
+    return load_or_train_judge(snapshot_id, load, cache, seed=seed)
+
+
+def load_inception(cfg: GanConfig):
+    """The FID feature extractor when eval.inception is on, else None."""
+    if not cfg.eval.inception:
+        return None
+    from gan_core.inception import load_extractor
+
+    return load_extractor()
+
+
+def check_inception(cfg: GanConfig) -> None:
+    """Preflight: the FID weights exist and match their pinned hash (one line otherwise)."""
+    if cfg.eval.inception:
+        from gan_core.inception import check_weights
+
+        check_weights()
