@@ -468,14 +468,15 @@ def preset(family: str, name: str = "default", image_size: int = 16) -> GanConfi
     CycleGAN up to 32 px uses the small digits preset; from 64 px the paper's generator
     (2 downsamplings, 6 ResNet blocks below 256 px, 9 from 256 px, ngf = ndf = 64), the
     70x70 PatchGAN (3 stride-2 layers), batch 1, λ = 10, identity weight 0.5 (the paper's
-    code), LSGAN loss and linear decay over the second half.
+    code), LSGAN loss, linear decay over the second half, and the paper's jitter and flip
+    (data.augment). Augmentation is off everywhere else (the built-in digits included).
     """
     _check(family in FAMILIES, "family", f"must be one of {', '.join(FAMILIES)}", family)
     data = DataConfig(dataset=DEFAULT_DATASET[family], image_size=image_size)
     if family == "cyclegan" and image_size >= 64:
         cfg = GanConfig(
             family=family,
-            data=data,
+            data=dataclasses.replace(data, augment="jitter_flip"),
             model=ModelConfig(
                 arch="resnet",
                 ngf=64,

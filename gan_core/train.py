@@ -37,6 +37,33 @@ from gan_core.models import build_models
 
 Metrics = dict[str, Tensor]
 
+# CycleGAN's jitter: images are enlarged to 286 px and randomly cropped back to 256 (Zhu et al.,
+# appendix); the same ratio at any side.
+JITTER_RATIO = 286 / 256
+
+
+def augment(images: Tensor, mode: str, generator: torch.Generator) -> Tensor:
+    """The papers' training-time augmentation of a real minibatch [m, C, S, S].
+
+    'flip': each image mirrored left-right with probability 1/2; 'jitter_flip': enlarged by
+    286/256 (bilinear), cropped back to S at a random offset per image, then flipped.
+    Random draws come from ``generator`` (a sampler's, on the CPU), so they are part of the
+    checkpointed stream and a resumed run augments exactly as the uninterrupted one."""
+    if mode == "none":
+        return images
+    m, size = images.shape[0], images.shape[-1]
+    if mode == "jitter_flip":
+        big = max(size + 1, round(size * JITTER_RATIO))
+        enlarged = torch.nn.functional.interpolate(
+            images, size=(big, big), mode="bilinear", align_corners=False
+        )
+        offsets = torch.randint(0, big - size + 1, (m, 2), generator=generator).tolist()
+        images = torch.stack(
+            [enlarged[i, :, t : t + size, u : u + size] for i, (t, u) in enumerate(offsets)]
+        )
+    flip = (torch.rand(m, generator=generator) < 0.5).to(images.device)
+    return torch.where(flip.view(m, 1, 1, 1), images.flip(-1), images)
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -163,9 +190,11 @@ class Family:
         return {"x": MinibatchSampler(len(data), cfg.train.batch_size, seed, rank, world_size)}
 
     def next_batch(self, state: TrainState, data: ImageSet) -> Batch:
-        idx = state.samplers["x"].next_indices().to(data.images.device)
+        sampler = state.samplers["x"]
+        idx = sampler.next_indices().to(data.images.device)
         labels = None if data.labels is None else data.labels[idx]
-        return Batch(data.images[idx], labels)
+        images = augment(data.images[idx], state.cfg.data.augment, sampler.generator)
+        return Batch(images, labels)
 
     def d_step(self, state: TrainState, batch: Batch) -> Metrics:
         raise NotImplementedError
@@ -252,12 +281,14 @@ class CycleGanFamily(Family):
 
     def next_batch(self, state: TrainState, data: UnpairedSet) -> Batch:
         dev = data.x.images.device
-        ix = state.samplers["x"].next_indices().to(dev)
-        iy = state.samplers["y"].next_indices().to(dev)
+        sx, sy = state.samplers["x"], state.samplers["y"]
+        ix = sx.next_indices().to(dev)
+        iy = sy.next_indices().to(dev)
+        mode = state.cfg.data.augment
         return Batch(
-            data.x.images[ix],
+            augment(data.x.images[ix], mode, sx.generator),
             data.x.labels[ix] if data.x.labels is not None else None,
-            data.y.images[iy],
+            augment(data.y.images[iy], mode, sy.generator),
         )
 
     def d_step(self, state: TrainState, batch: Batch) -> Metrics:

@@ -115,3 +115,19 @@ def test_learning_rate_decays_linearly_for_cyclegan():
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
     diffs = torch.tensor(lrs[5:]).diff()
     assert_close(diffs, torch.full_like(diffs, -lr / 5))
+
+
+def test_augmentation_flips_and_jitters_from_the_sampler_stream():
+    from gan_core.train import augment
+
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8)
+    assert augment(x, "none", torch.Generator().manual_seed(0)) is x
+    flipped = augment(x, "flip", torch.Generator().manual_seed(0))
+    for i in range(2):  # each image is itself or its mirror image
+        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1))
+    a = augment(x, "jitter_flip", torch.Generator().manual_seed(1))
+    b = augment(x, "jitter_flip", torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b)  # same stream, same batch (exact resume)
+    many = torch.stack([augment(x, "flip", torch.Generator().manual_seed(s)) for s in range(20)])
+    assert any(torch.equal(m[0], x[0].flip(-1)) for m in many)
+    assert any(torch.equal(m[0], x[0]) for m in many)
