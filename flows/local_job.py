@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from flows.settings import cache_dir, runs_dir
-from gan_core.classifier import classifier_accuracy, load_or_train_classifier
 from gan_core.config import GanConfig
 from gan_core.data import load_builtin
-from gan_core.evaluate import PRIMARY_METRIC, evaluate, sample_grid
+from gan_core.evaluate import evaluate, primary_metric, sample_grid
+from gan_core.judge import load_or_train_judge
 from gan_core.train import init_state, save_checkpoint, train
 from gan_core.viz import save_grid
 
@@ -76,7 +76,9 @@ def train_and_evaluate(cfg: GanConfig, out_dir: Path, progress: bool = True) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_builtin(cfg.data.dataset, cfg.data.image_size, "train")
     heldout = load_builtin(cfg.data.dataset, cfg.data.image_size, "test")
-    clf = load_or_train_classifier(cfg.data.image_size, cache_dir())
+    judge = load_or_train_judge(
+        f"{cfg.data.dataset}-{cfg.data.image_size}px", data, cache_dir(), heldout=heldout
+    )
     state = init_state(cfg, data)
     history: list[tuple[int, dict[str, float]]] = []
     callbacks = [lambda s, m: history.append((s.step, m))]
@@ -85,17 +87,21 @@ def train_and_evaluate(cfg: GanConfig, out_dir: Path, progress: bool = True) -> 
     t0 = time.perf_counter()
     train(state, data, callbacks=callbacks)
     seconds = time.perf_counter() - t0
-    metrics = evaluate(cfg, state.models, heldout, clf)
-    real = heldout.x if cfg.family == "cyclegan" else heldout
-    metrics["classifier_accuracy_real"] = classifier_accuracy(clf, real.images, real.labels)
-    images, nrow = sample_grid(cfg, state.models, heldout)
+    metrics = evaluate(cfg, state.models, heldout, judge)
+    metrics["judge_heldout_accuracy"] = judge.heldout_accuracy
+    images, nrow, _ = sample_grid(cfg, state.models, heldout)
     save_grid(images, out_dir / "samples.png", nrow=nrow, scale=4)
     plot_losses(history, out_dir / "losses.png", f"{cfg.family}: losses")
     save_checkpoint(state, out_dir / "checkpoint.pt")
     (out_dir / "config.json").write_text(json.dumps(cfg.to_flat_dict(), indent=2))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return FamilyResult(
-        cfg.family, cfg.train.steps, seconds, metrics, PRIMARY_METRIC[cfg.family][0], str(out_dir)
+        cfg.family,
+        cfg.train.steps,
+        seconds,
+        metrics,
+        primary_metric(cfg, getattr(heldout, "x_truth", None) is not None)[0],
+        str(out_dir),
     )
 
 

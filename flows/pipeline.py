@@ -92,8 +92,9 @@ class PipelineConfig:
 # --- stages: plain functions (tested directly), wrapped as Prefect tasks in the flow --------
 
 
-def stage_ingest(dataset: str, image_size: int) -> dict:
-    """The snapshot manifest for a dataset reference; sources (paths/URLs) are ingested."""
+def stage_ingest(dataset: str, image_size: int | None = None) -> dict:
+    """The snapshot manifest for a dataset reference; sources (paths/URLs) are ingested at
+    image_size (None: the built-ins' 16 px, a source's own resolution)."""
     from flows.settings import snapshot_root
     from flows.snapshots import SnapshotNotFound, resolve_snapshot
 
@@ -102,7 +103,8 @@ def stage_ingest(dataset: str, image_size: int) -> dict:
         from flows.ingest import IngestOptions, ingest_builtin
 
         return resolve_snapshot(
-            ingest_builtin(dataset, IngestOptions(image_size=image_size), root=root)["id"], root
+            ingest_builtin(dataset, IngestOptions(image_size=image_size or 16), root=root)["id"],
+            root,
         )
     try:
         return resolve_snapshot(dataset, root)
@@ -111,9 +113,8 @@ def stage_ingest(dataset: str, image_size: int) -> dict:
             raise
     from flows.ingest import IngestOptions, ingest
 
-    return resolve_snapshot(
-        ingest(dataset, options=IngestOptions(image_size=image_size), root=root)["id"], root
-    )
+    options = IngestOptions(image_size=image_size) if image_size else IngestOptions()
+    return resolve_snapshot(ingest(dataset, options=options, root=root)["id"], root)
 
 
 def stage_search(family: str, snapshot_id: str, cfg, samples: int, steps: int | None) -> dict:
@@ -172,7 +173,7 @@ def load_trained(result: dict):
     return cfg, models
 
 
-def stage_register(result: dict, name: str) -> str:
+def stage_register(result: dict, name: str, manifest: dict | None = None) -> str:
     """Register the run's generator; a rerun of the same training run (same run name, e.g.
     after a failed promotion) reuses the version it registered instead of duplicating it."""
     from flows import registry
@@ -185,6 +186,9 @@ def stage_register(result: dict, name: str) -> str:
             return str(mv.version)
     cfg, models = load_trained(result)
     tags = {"ganflow.run_name": result["run_name"]}
+    classes = (manifest or {}).get("classes") or []
+    if cfg.family == "cgan" and classes:
+        tags["ganflow.classes"] = json.dumps(classes)[:5000]
     return registry.register(
         result["run_id"],
         cfg,
@@ -197,17 +201,27 @@ def stage_register(result: dict, name: str) -> str:
     )
 
 
-def stage_promote(
-    name: str, version: str, snapshot_id: str, image_size: int, margin: float
-) -> dict:
+def stage_promote(name: str, version: str, snapshot_id: str, cfg, margin: float) -> dict:
+    """Candidate against champion on the snapshot's validation split (selection never reads
+    test), judged by the snapshot's judge, with FID/KID when the config asks for them."""
     from flows import registry
+    from flows.data_config import load_inception, load_judge
     from flows.settings import cache_dir, snapshot_root
     from flows.snapshots import load_dataset
-    from gan_core.classifier import load_or_train_classifier
 
-    heldout = load_dataset(snapshot_id, "test", snapshot_root())
-    clf = load_or_train_classifier(image_size, cache_dir())
-    return registry.promote(name, version, heldout, clf, margin=margin).to_dict()
+    root = snapshot_root()
+    test = load_dataset(snapshot_id, "test", root)
+    heldout = load_dataset(snapshot_id, "val", root)
+    sizes = [len(heldout.x), len(heldout.y)] if hasattr(heldout, "x") else [len(heldout)]
+    if min(sizes) < 2:
+        heldout = test  # too small a snapshot for a validation split
+    judge = load_judge(
+        snapshot_id, cache_dir(), lambda: (load_dataset(snapshot_id, "train", root), test)
+    )
+    decision = registry.promote(
+        name, version, heldout, judge, margin=margin, inception=load_inception(cfg)
+    )
+    return decision.to_dict()
 
 
 # --- the flow ---------------------------------------------------------------------------------
@@ -220,11 +234,17 @@ def _say(msg: str) -> None:
 def retrain_family(pc: PipelineConfig, family: str, task) -> dict:
     """One family through every stage. ``task(name, fn, *args)`` runs a stage (as a Prefect
     task inside the flow, directly in tests)."""
+    from flows.data_config import config_for_snapshot
     from flows.registry import model_name
 
-    cfg = pc.train_config(family)
+    overrides = dict(pc.overrides.get(family, {}))
     t0 = time.perf_counter()
-    manifest = task("ingest", stage_ingest, pc.dataset(family), cfg.data.image_size)
+    size = next((v for k, v in overrides.items() if k in ("image_size", "data.image_size")), None)
+    manifest = task("ingest", stage_ingest, pc.dataset(family), int(size) if size else None)
+    try:
+        cfg = config_for_snapshot(family, manifest, overrides)
+    except ConfigError as exc:
+        raise PipelineError(f"overrides.{family}: {exc}") from None
     _say(
         f"{family}: snapshot {manifest['id'][:12]} ({manifest.get('name')}, {manifest.get('num_images')} images)"
     )
@@ -244,10 +264,8 @@ def retrain_family(pc: PipelineConfig, family: str, task) -> dict:
     name = pc.model_names.get(family) or model_name(
         family, manifest.get("name") or pc.dataset(family)
     )
-    version = task("register", stage_register, trained, name)
-    decision = task(
-        "promote", stage_promote, name, version, manifest["id"], cfg.data.image_size, pc.margin
-    )
+    version = task("register", stage_register, trained, name, manifest)
+    decision = task("promote", stage_promote, name, version, manifest["id"], cfg, pc.margin)
     _say(f"{family}: {name} v{version} -> {decision['decision']} ({decision['reason']})")
     return {
         "family": family,

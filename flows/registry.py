@@ -34,8 +34,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gan_core.config import GanConfig
-from gan_core.evaluate import PRIMARY_METRIC, evaluate
+from gan_core.config import GanConfig, apply_overrides
+from gan_core.evaluate import evaluate, primary_metric
 from gan_core.models import build_models
 from gan_core.train import plain
 
@@ -153,7 +153,7 @@ def register(
         client.create_registered_model(
             name, tags={"ganflow.family": cfg.family}, description=f"ganflow {cfg.family} generator"
         )
-    primary, _ = PRIMARY_METRIC[cfg.family]
+    primary, _ = primary_metric(cfg, has_truth="truth_error_ratio" in metrics)
     tags = {
         "ganflow.family": cfg.family,
         "ganflow.snapshot_id": snapshot_id,
@@ -271,9 +271,10 @@ def _is_better(candidate: float, champion: float, mode: str, margin: float) -> b
 
 
 def evaluate_version(
-    client, name: str, version: str, heldout, clf, seed: int = 0
-) -> dict[str, float]:
-    """The version's metrics under fixed conditions: the given held-out data, seed and metric code."""
+    client, name: str, version: str, heldout, judge, seed: int = 0, inception=None
+) -> tuple[GanConfig, dict[str, float]]:
+    """The version's config and figures under fixed conditions: the given held-out data,
+    judge, seed and metric code (FID/KID exactly when ``inception`` is given)."""
     import mlflow
 
     mv = client.get_model_version(name, version)
@@ -282,28 +283,33 @@ def evaluate_version(
             artifact_uri=mv.source, dst_path=tmp, tracking_uri=client.tracking_uri
         )
         cfg, models, _ = load_package(local)
-    return evaluate(cfg, models, heldout, clf, seed=seed)
+    cfg = apply_overrides(cfg, {"eval.inception": inception is not None})
+    return cfg, evaluate(cfg, models, heldout, judge, seed=seed, inception=inception)
 
 
 def promote(
     name: str,
     version: str,
     heldout,
-    clf,
+    judge,
     margin: float = 0.0,
     seed: int = 0,
     tracking_uri: str | None = None,
+    inception=None,
 ) -> Decision:
     """Make version the champion if it beats the current champion by more than margin on
-    the family's primary metric, both evaluated here on the same data with the same seed."""
+    the primary metric, both evaluated here on the same data (the snapshot's validation
+    split, in the pipeline) with the same judge and seed."""
     client = _client(tracking_uri)
     mv = client.get_model_version(name, version)
     family = mv.tags.get("ganflow.family")
-    if family not in PRIMARY_METRIC:
+    if family not in ("gan", "cgan", "cyclegan"):
         raise RegistryError(f"{name} v{version} is not a ganflow model (no ganflow.family tag)")
-    metric, mode = PRIMARY_METRIC[family]
+    has_truth = getattr(heldout, "x_truth", None) is not None
     with promotion_lock(client, name):
-        cand = evaluate_version(client, name, version, heldout, clf, seed)[metric]
+        cfg, figures = evaluate_version(client, name, version, heldout, judge, seed, inception)
+        metric, mode = primary_metric(cfg, has_truth)
+        cand = figures[metric]
         client.set_model_version_tag(name, version, f"eval.{metric}", f"{cand:.6g}")
         try:
             champ_version = _resolve(client, name, "champion")
@@ -311,7 +317,10 @@ def promote(
             champ_version = None
         champ = None
         if champ_version is not None and champ_version != version:
-            champ = evaluate_version(client, name, champ_version, heldout, clf, seed)[metric]
+            _, champ_figures = evaluate_version(
+                client, name, champ_version, heldout, judge, seed, inception
+            )
+            champ = champ_figures[metric]
         if (
             champ_version is None
             or champ_version == version

@@ -138,8 +138,10 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
 def log_grid(uri: str, run_id: str, images: torch.Tensor, nrow: int, step: int) -> None:
     """Sample grid as an MLflow image series ('samples'), so the UI shows it step by step."""
     pixels = grid_array(images, nrow=nrow)
-    # Upscaled 4x (nearest) so 16-px digits are readable in the UI.
-    pixels = np.kron(pixels, np.ones((4, 4) + (1,) * (pixels.ndim - 2), dtype=np.uint8))
+    # Small images upscaled (nearest) to about 64 px a tile so they are readable in the UI
+    # (16-px digits 4x); 64 px and larger are logged as they are.
+    k = max(1, 64 // images.shape[-1])
+    pixels = np.kron(pixels, np.ones((k, k) + (1,) * (pixels.ndim - 2), dtype=np.uint8))
     client(uri).log_image(run_id, pixels, key="samples", step=step)
 
 

@@ -27,8 +27,10 @@ from flows.train_ray import (
 
 
 @task(name="build-config")
-def build_config_task(family: str, config_file: str | None, overrides: list[str]):
-    return build_config(family, config_file, overrides)
+def build_config_task(
+    family: str, config_file: str | None, overrides: list[str], dataset: str | None
+):
+    return build_config(family, config_file, overrides, dataset)
 
 
 @task(name="train-on-ray", retries=1, retry_delay_seconds=5)
@@ -54,16 +56,16 @@ def train_flow(
 ) -> dict:
     """Train one family on one snapshot as a Ray Train job, tracked in MLflow."""
     overrides = list(overrides or [])
-    cfg = build_config_task(family, config_file, overrides)
+    cfg, precision_set = build_config_task(family, config_file, overrides, dataset)
     req = TrainRequest(
         cfg=cfg,
-        dataset=dataset or cfg.data.dataset,
+        dataset=cfg.data.dataset,
         cluster=ClusterSpec(workers, gpus_per_worker, cpus_per_worker, threads),
         storage=StorageSpec(storage, s3_endpoint_url),
         run_name=run_name or default_run_name(cfg),
         checkpoint_every=checkpoint_every,
         max_failures=max_failures,
-        auto_bf16=not any(o.split("=")[0].strip().endswith("precision") for o in overrides),
+        auto_bf16=not precision_set,
     )
     result = train_task(req)
     create_markdown_artifact(

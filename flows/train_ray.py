@@ -57,7 +57,13 @@ import torch
 from torch import nn
 
 from flows.settings import cache_dir, ganflow_home, read_yaml_mapping, snapshot_root
-from gan_core.config import FAMILIES, GanConfig, apply_overrides, preset
+from gan_core.config import (
+    DEFAULT_DATASET,
+    FAMILIES,
+    ConfigError,
+    GanConfig,
+    apply_overrides,
+)
 
 STATE_FILE = "state.pt"
 EXPERIMENT = "ganflow-train"
@@ -73,6 +79,9 @@ _FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
     "AWS_DEFAULT_REGION",
+    "GANFLOW_FID_WEIGHTS",
+    "GANFLOW_FID_WEIGHTS_SHA256",
+    "GANFLOW_FID_DOWNLOAD",
 )
 
 
@@ -111,15 +120,15 @@ class WorkerJob:
 # --- data -----------------------------------------------------------------------------------
 
 
-def resolve_dataset(ref: str, root: str, image_size: int) -> dict:
-    """The snapshot manifest for ref (id, name, or builtin: ingested now). On the driver, once:
-    workers then load by id, so they never race to ingest."""
+def resolve_dataset(ref: str, root: str, image_size: int | None = None) -> dict:
+    """The snapshot manifest for ref (id, name, or builtin: ingested now, at image_size or
+    16 px). On the driver, once: workers then load by id, so they never race to ingest."""
     from flows import snapshots
 
     if ref.startswith("builtin:"):
         from flows.ingest import IngestOptions, ingest_builtin
 
-        result = ingest_builtin(ref, IngestOptions(image_size=image_size), root=root)
+        result = ingest_builtin(ref, IngestOptions(image_size=image_size or 16), root=root)
         return snapshots.resolve_snapshot(result["id"], root)
     return snapshots.resolve_snapshot(ref, root)
 
@@ -128,6 +137,25 @@ def load_split(job: WorkerJob, cfg: GanConfig, split: str):
     from flows.snapshots import load_dataset
 
     return load_dataset(job.snapshot_id, split, job.snapshot_root, image_size=cfg.data.image_size)
+
+
+def _size(data) -> int:
+    return min(len(data.x), len(data.y)) if hasattr(data, "x") else len(data)
+
+
+def load_heldout(job: WorkerJob, cfg: GanConfig) -> dict:
+    """{'val': ..., 'test': ...}: selection (Tune, promotion) reads val, the reported figures
+    test. A snapshot too small to have a val split (under 2 images a part) selects on test."""
+    test = load_split(job, cfg, "test")
+    val = load_split(job, cfg, "val")
+    if _size(val) < 2:
+        val = test
+    return {"val": val, "test": test}
+
+
+class WorkerUserError(RuntimeError):
+    """A deterministic error in the training code or its config, raised on a worker: retrying
+    it would fail the same way, so the failure policy raises it at once (see _fit)."""
 
 
 # --- distribution ---------------------------------------------------------------------------
@@ -230,9 +258,9 @@ class RayCallback:
     with a checkpoint every ``checkpoint_every`` iterations. Every rank calls it at the same
     iterations, so collectives and reports line up."""
 
-    def __init__(self, job: WorkerJob, rank: int, world_size: int, end: int, heldout):
+    def __init__(self, job: WorkerJob, rank: int, world_size: int, end: int, evaluator):
         self.job, self.rank, self.world_size, self.end = job, rank, world_size, end
-        self.heldout = heldout
+        self.evaluator = evaluator
         self.last_t: float | None = None
         self.latest_eval: dict[str, float] = {}
         self.last_step = 0
@@ -253,7 +281,7 @@ class RayCallback:
         every = self.job.eval_every
         evaluated = bool(every) and state.step % every == 0 and state.step != self.end
         if self.rank == 0 and evaluated:
-            self.latest_eval = evaluate_rank0(self.job, state, self.heldout, log_models=False)
+            self.latest_eval = self.evaluator.run(state, final=False)
         metrics.update(self.latest_eval)
         if self.rank == 0 and self.job.run_id:
             self._track(state, {k: v for k, v in metrics.items() if k not in self.latest_eval})
@@ -289,7 +317,7 @@ class RayCallback:
             self.job.tracking_uri, self.job.run_id, {k: v for k, v in metrics.items()}, state.step
         )
         if state.step % self.job.sample_every == 0 or state.step == self.end:
-            images, nrow = sample_grid(state.cfg, state.models, self.heldout)
+            images, nrow, _ = sample_grid(state.cfg, state.models, self.evaluator.heldout["test"])
             tracking.log_grid(self.job.tracking_uri, self.job.run_id, images, nrow, state.step)
 
 
@@ -302,14 +330,40 @@ def train_loop_per_worker(config: dict) -> None:
     # One intra-op thread per worker by default: several workers share a node's cores, and
     # OpenMP oversubscription slowed training 10-30x on a 2-core machine (measured).
     torch.set_num_threads(job.threads)
-    from gan_core.train import init_state, train
 
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     cfg = GanConfig.from_flat_dict(job.config)
-    data = load_split(job, cfg, "train").to(device)
-    heldout = load_split(job, cfg, "test") if rank == 0 else None
+    try:
+        _train_worker(job, cfg, rank, world_size, device)
+    except (
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AssertionError,
+        NotImplementedError,
+    ) as exc:
+        raise WorkerUserError(f"{type(exc).__name__}: {exc}") from exc
+    except RuntimeError as exc:
+        # Shape and dtype errors are RuntimeErrors; CUDA, NCCL and out-of-memory errors are
+        # too, and those may pass on another node or attempt: leave them to the retries.
+        text = str(exc)
+        transient = any(w in text for w in ("CUDA", "NCCL", "out of memory", "Gloo", "gloo"))
+        if transient or isinstance(exc, WorkerUserError):
+            raise
+        raise WorkerUserError(f"{type(exc).__name__}: {text}") from exc
+
+
+def _train_worker(job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, device) -> None:
+    import ray.train
+
+    from gan_core.train import init_state, train
+
+    train_cpu = load_split(job, cfg, "train")
+    data = train_cpu.to(device)
+    heldout = load_heldout(job, cfg) if rank == 0 else None
     state = init_state(cfg, data, device, rank, world_size, wrap=ddp_wrap)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -324,7 +378,8 @@ def train_loop_per_worker(config: dict) -> None:
     end = cfg.train.steps
     nodes = _count_nodes(world_size)
     start_step, t0 = state.step, time.perf_counter()
-    train(state, data, callbacks=[RayCallback(job, rank, world_size, end, heldout)])
+    evaluator = Evaluator(job, cfg, train_cpu, heldout) if rank == 0 else None
+    train(state, data, callbacks=[RayCallback(job, rank, world_size, end, evaluator)])
     seconds = time.perf_counter() - t0
     final: dict[str, float] = {
         "step": state.step,
@@ -334,7 +389,7 @@ def train_loop_per_worker(config: dict) -> None:
         "train_steps_per_s": (state.step - start_step) / max(seconds, 1e-9),
     }
     if rank == 0:
-        final.update(evaluate_rank0(job, state, heldout, log_models=True))
+        final.update(evaluator.run(state, final=True))
     # Result.metrics on the driver are those of the latest checkpoint: the evaluation.
     report_checkpoint(state, final, rank, world_size)
 
@@ -353,32 +408,68 @@ def _count_nodes(world_size: int) -> int:
     return len(set(nodes))
 
 
-def evaluate_rank0(job: WorkerJob, state, heldout, log_models: bool) -> dict[str, float]:
-    """Rank 0: held-out evaluation, logged to MLflow and returned; at the end (log_models)
-    also the loss plot and the final generator."""
-    cfg = state.cfg
-    from gan_core.classifier import load_or_train_classifier
-    from gan_core.evaluate import PRIMARY_METRIC, evaluate
-    from gan_core.train import plain
+class Evaluator:
+    """Rank 0's evaluation: the snapshot's judge (trained on the train split on first use,
+    cached by snapshot id), the FID network when eval.inception is on, and the held-out
+    splits. Periodic evaluations (for Tune) measure val only, as ``val_<metric>``; the final
+    one measures val and test: test figures under their own names are what is reported and
+    registered, val figures are what search and promotion select on."""
 
-    clf = load_or_train_classifier(cfg.data.image_size, job.cache_dir)
-    # Evaluated on CPU copies: the metrics' classifier lives on the CPU, and G stays untouched.
-    models = {k: copy.deepcopy(plain(v)).cpu() for k, v in state.models.items()}
-    metrics = evaluate(cfg, models, heldout, clf)
-    primary, _ = PRIMARY_METRIC[cfg.family]
-    metrics["primary_metric_value"] = metrics[primary]
-    if job.run_id:
-        from flows import tracking
+    def __init__(self, job: WorkerJob, cfg: GanConfig, train_cpu, heldout: dict):
+        self.job, self.cfg, self.train_cpu, self.heldout = job, cfg, train_cpu, heldout
+        self._judge = self._inception = None
 
-        tracking.log_metrics(
-            job.tracking_uri, job.run_id, {f"eval.{k}": v for k, v in metrics.items()}, state.step
+    def judge(self):
+        if self._judge is None:
+            from flows.data_config import load_judge
+
+            self._judge = load_judge(
+                self.job.snapshot_id,
+                self.job.cache_dir,
+                lambda: (self.train_cpu.to("cpu"), self.heldout["test"]),
+            )
+        return self._judge
+
+    def _measure(self, models, split: str) -> dict[str, float]:
+        from flows.data_config import load_inception
+        from gan_core.evaluate import evaluate
+
+        if self.cfg.eval.inception and self._inception is None:
+            self._inception = load_inception(self.cfg)
+        return evaluate(
+            self.cfg, models, self.heldout[split], self.judge(), inception=self._inception
         )
-        client = tracking.client(job.tracking_uri)
-        client.set_tag(job.run_id, "ganflow.primary_metric", primary)
-        if log_models:
-            _log_loss_plot(job, cfg)
-            tracking.log_generator(job.tracking_uri, job.run_id, cfg, models)
-    return metrics
+
+    def run(self, state, final: bool) -> dict[str, float]:
+        from gan_core.evaluate import primary_metric
+        from gan_core.train import plain
+
+        cfg = self.cfg
+        # Evaluated on CPU copies: the judge lives on the CPU, and G stays untouched.
+        models = {k: copy.deepcopy(plain(v)).cpu() for k, v in state.models.items()}
+        primary, _ = primary_metric(cfg, getattr(self.heldout["test"], "x_truth", None) is not None)
+        metrics = {f"val_{k}": v for k, v in self._measure(models, "val").items()}
+        if final:
+            metrics.update(self._measure(models, "test"))
+            metrics["primary_metric_value"] = metrics[primary]
+            metrics["judge_heldout_accuracy"] = self.judge().heldout_accuracy
+        job = self.job
+        if job.run_id:
+            from flows import tracking
+
+            tracking.log_metrics(
+                job.tracking_uri,
+                job.run_id,
+                {f"eval.{k}": v for k, v in metrics.items()},
+                state.step,
+            )
+            client = tracking.client(job.tracking_uri)
+            client.set_tag(job.run_id, "ganflow.primary_metric", primary)
+            client.set_tag(job.run_id, "ganflow.judge_task", self.judge().task)
+            if final:
+                _log_loss_plot(job, cfg)
+                tracking.log_generator(job.tracking_uri, job.run_id, cfg, models)
+        return metrics
 
 
 def _log_loss_plot(job: WorkerJob, cfg: GanConfig) -> None:
@@ -536,6 +627,20 @@ def check_resources(cluster: ClusterSpec) -> None:
     )
 
 
+def prove_config(cfg: GanConfig, manifest: dict, root: str) -> None:
+    """Before any cluster work: the config fits the snapshot, the FID weights are in place
+    when asked for, and one iteration, a grid and an evaluation run on a few real images
+    (seconds). Each failure is one line (ConfigError or the weights' error)."""
+    from flows import data_config
+    from flows.snapshots import load_dataset
+
+    data_config.check_config(cfg, manifest)
+    data_config.check_inception(cfg)
+    train = load_dataset(manifest["id"], "train", root)
+    heldout = load_dataset(manifest["id"], "test", root)
+    data_config.dry_run(cfg, train, heldout)
+
+
 def default_run_name(cfg: GanConfig) -> str:
     return f"{cfg.family}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
@@ -556,6 +661,7 @@ def run_training(req: TrainRequest) -> dict:
     root = snapshot_root()
     manifest = resolve_dataset(req.dataset, root, cfg.data.image_size)
     cfg = apply_overrides(cfg, {"data.dataset": manifest["id"]})
+    prove_config(cfg, manifest, root)
     run_name = req.run_name or default_run_name(cfg)
 
     ensure_ray()
@@ -620,7 +726,7 @@ def run_training(req: TrainRequest) -> dict:
 
 def _fit(job: WorkerJob, cluster: ClusterSpec, req: TrainRequest, run_name: str, use_gpu: bool):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     storage_path, filesystem = req.storage.resolve()
     resources = {"CPU": cluster.cpus_per_worker}
@@ -628,7 +734,7 @@ def _fit(job: WorkerJob, cluster: ClusterSpec, req: TrainRequest, run_name: str,
         resources["GPU"] = cluster.gpus_per_worker
     env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
     env.setdefault("GANFLOW_HOME", str(ganflow_home()))
-    trainer = TorchTrainer(
+    trainer = _Trainer(
         train_loop_per_worker,
         train_loop_config=asdict(job),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -648,8 +754,13 @@ def _fit(job: WorkerJob, cluster: ClusterSpec, req: TrainRequest, run_name: str,
     try:
         result = trainer.fit()
     except Exception as exc:  # TrainingFailedError and friends: one line for the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return {"ok": False, "error": first, "metrics": {}, "checkpoint": None, "storage": ""}
+        return {
+            "ok": False,
+            "error": failure_cause(exc),
+            "metrics": {},
+            "checkpoint": None,
+            "storage": "",
+        }
     ckpt = result.checkpoint.path if result.checkpoint else None
     return {
         "ok": True,
@@ -660,17 +771,91 @@ def _fit(job: WorkerJob, cluster: ClusterSpec, req: TrainRequest, run_name: str,
     }
 
 
+def failure_cause(exc: BaseException) -> str:
+    """One line naming what went wrong: the first worker's own error (Ray's message starts
+    with 'Training failed due to worker errors:' and puts the causes in tracebacks)."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        text = str(failures[rank]).strip()
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        # The exception's own line is the last one of its traceback text.
+        cause = next((ln for ln in reversed(lines) if "WorkerUserError" in ln), None)
+        cause = cause or (lines[-1] if lines else type(failures[rank]).__name__)
+        cause = cause.split("WorkerUserError: ", 1)[-1]
+        return f"rank {rank}: {cause}"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _make_trainer_class():
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.execution.failure_handling import (
+        DefaultFailurePolicy,
+        FailureDecision,
+    )
+
+    class UserErrorsRaise(DefaultFailurePolicy):
+        """Retry worker and node loss (FailureConfig.max_failures) but never a deterministic
+        error in the training code: it would fail the same way on every attempt."""
+
+        def make_decision(self, training_failed_error):
+            failures = getattr(training_failed_error, "worker_failures", None) or {}
+            if any("WorkerUserError" in str(e) for e in failures.values()):
+                return FailureDecision.RAISE
+            return super().make_decision(training_failed_error)
+
+    class Trainer(TorchTrainer):
+        # The one seam Ray Train V2 offers for the failure policy is the controller's
+        # constructor arguments; the policy object is sent to the controller actor.
+        def _initialize_and_run_controller(self, **kwargs):
+            kwargs["failure_policy"] = UserErrorsRaise(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
+    return Trainer
+
+
+def _Trainer(*args, **kwargs):
+    return _make_trainer_class()(*args, **kwargs)
+
+
 # --- command line ---------------------------------------------------------------------------
 
 
-def build_config(family: str, config_file: str | None, overrides: list[str]) -> GanConfig:
-    """preset(family) < --config FILE (flat JSON/YAML key: value) < --set key=value."""
-    cfg = preset(family, "default")
+def user_overrides(config_file: str | None, overrides: list[str]) -> dict[str, object]:
+    """--config FILE (flat or nested JSON/YAML key: value) < --set key=value, as
+    {'section.field': value} with leaf names resolved (unknown keys fail here)."""
+    from gan_core.config import resolve_key
+
+    flat: dict[str, object] = {}
     if config_file:
         flat = _flatten(read_yaml_mapping(config_file, "--config file", TrainError))
         flat.pop("family", None)
-        cfg = apply_overrides(cfg, flat)
-    return apply_overrides(cfg, overrides)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{item}: overrides must look like key=value")
+        flat[key.strip()] = value.strip()
+    out = {}
+    for key, value in flat.items():
+        section, name = resolve_key(key)
+        out[f"{section}.{name}"] = value
+    return out
+
+
+def build_config(
+    family: str, config_file: str | None, overrides: list[str], dataset: str | None = None
+) -> tuple[GanConfig, bool]:
+    """The config for family on a dataset (default: the family's built-in): the preset for
+    the snapshot's image size, the snapshot's facts, --config FILE, then --set. Returns it
+    and whether the user set train.precision (else GPUs default to bf16). Resolves the
+    dataset on this machine (a built-in is ingested), before any Ray work."""
+    from flows.data_config import config_for_snapshot
+
+    user = user_overrides(config_file, overrides)
+    ref = dataset or DEFAULT_DATASET[family]
+    size = user.get("data.image_size")
+    manifest = resolve_dataset(ref, snapshot_root(), int(size) if size is not None else None)
+    return config_for_snapshot(family, manifest, user), "train.precision" in user
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -704,10 +889,10 @@ def cmd_train(args: argparse.Namespace) -> dict:
             max_failures=args.max_failures,
         )
     else:
-        cfg = build_config(args.family, args.config, args.overrides)  # before Ray starts
+        cfg, precision_set = build_config(args.family, args.config, args.overrides, args.dataset)
         req = TrainRequest(
             cfg=cfg,
-            dataset=args.dataset or cfg.data.dataset,
+            dataset=cfg.data.dataset,
             cluster=ClusterSpec(
                 workers=args.workers,
                 gpus_per_worker=args.gpus_per_worker,
@@ -718,9 +903,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
             run_name=args.run_name,
             checkpoint_every=args.checkpoint_every,
             max_failures=args.max_failures,
-            auto_bf16=not any(
-                o.split("=")[0].strip().endswith("precision") for o in args.overrides
-            ),
+            auto_bf16=not precision_set,
         )
         result = run_training(req)
     if not args.json:

@@ -24,8 +24,8 @@ from pathlib import Path
 from prefect import flow
 
 from flows.settings import ganflow_home, read_yaml_mapping
-from gan_core.config import ConfigError, GanConfig, apply_overrides, preset, resolve_key
-from gan_core.evaluate import PRIMARY_METRIC
+from gan_core.config import ConfigError, GanConfig, apply_overrides, resolve_key
+from gan_core.evaluate import primary_metric
 
 EXPERIMENT = "ganflow-search"
 SEARCHER_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -267,7 +267,6 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
         resolve_dataset,
     )
 
-    metric, mode = PRIMARY_METRIC[req.family]
     base = req.base
     steps = base.train.steps
     eval_every = req.eval_every or max(1, steps // 4)
@@ -282,6 +281,12 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
         uri = tracking.tracking_uri()
         tracking.check_reachable(uri)
     manifest = resolve_dataset(req.dataset, snapshot_root(), base.data.image_size)
+    from flows.data_config import check_config
+
+    check_config(base, manifest)
+    # Trials are selected on the validation split (test stays for the reported figures).
+    primary, mode = primary_metric(base, bool(manifest.get("has_truth")))
+    metric = f"val_{primary}"
     name = (
         req.name or f"search-{req.family}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     )
@@ -567,8 +572,9 @@ def tune_flow(
     from prefect.artifacts import create_markdown_artifact
 
     from flows.reports import artifact_key, search_markdown
+    from flows.train_ray import build_config
 
-    base = preset(family)
+    base, _ = build_config(family, None, [], dataset)
     space = validate_space(default_space(family), base)
     result = run_search(
         SearchRequest(family=family, dataset=dataset, base=base, space=space, samples=samples),

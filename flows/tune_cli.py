@@ -9,13 +9,11 @@ import argparse
 
 
 def cmd_tune(args: argparse.Namespace) -> dict:
+    from flows.train_ray import build_config
     from flows.tune import SearchRequest, count_trials, load_space, run_search, validate_space
-    from gan_core.config import apply_overrides, preset
 
-    base = preset(args.family)
-    if args.dataset is None:
-        args.dataset = base.data.dataset
-    base = apply_overrides(base, args.overrides)
+    base, _ = build_config(args.family, None, args.overrides, args.dataset)
+    args.dataset = base.data.dataset
     space = validate_space(load_space(args.space, args.family), base)
     n = count_trials(space, args.samples)
     if not args.json:

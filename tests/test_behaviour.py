@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gan_core.classifier import load_or_train_classifier
 from gan_core.config import apply_overrides, preset
 from gan_core.data import load_builtin
 from gan_core.evaluate import evaluate
+from gan_core.judge import load_or_train_judge
 from gan_core.train import init_state, train
 
 pytestmark = pytest.mark.slow
@@ -22,10 +22,10 @@ def _train_and_eval(family: str, overrides: dict, cache) -> dict:
     cfg = apply_overrides(preset(family), overrides)
     data = load_builtin(cfg.data.dataset, cfg.data.image_size, "train")
     heldout = load_builtin(cfg.data.dataset, cfg.data.image_size, "test")
-    clf = load_or_train_classifier(cfg.data.image_size, cache)
+    judge = load_or_train_judge(cfg.data.dataset, data, cache, heldout=heldout)
     with torch.random.fork_rng(devices=[]):
         state = train(init_state(cfg, data, "cpu"), data)
-    out = evaluate(cfg, state.models, heldout, clf)
+    out = evaluate(cfg, state.models, heldout, judge)
     print(family, out)
     return out
 

@@ -11,10 +11,10 @@ import torch
 from mlflow import MlflowClient
 
 from flows import registry
-from gan_core.classifier import load_or_train_classifier
 from gan_core.config import apply_overrides, preset
 from gan_core.data import load_builtin
 from gan_core.evaluate import sample
+from gan_core.judge import load_or_train_judge
 from gan_core.train import init_state, train
 
 
@@ -38,9 +38,9 @@ def medium(models):
 
 @pytest.fixture(scope="module")
 def judge(classifier_cache):
-    return load_builtin("builtin:digits", 16, "test"), load_or_train_classifier(
-        16, classifier_cache
-    )
+    heldout = load_builtin("builtin:digits", 16, "test")
+    train = load_builtin("builtin:digits", 16, "train")
+    return heldout, load_or_train_judge("builtin-digits-16", train, classifier_cache)
 
 
 @pytest.fixture

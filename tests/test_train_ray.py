@@ -23,10 +23,10 @@ from flows.train_ray import (
     TrainRequest,
     run_training,
 )
-from gan_core.classifier import load_or_train_classifier
 from gan_core.config import apply_overrides, preset
 from gan_core.data import load_digits
 from gan_core.evaluate import evaluate
+from gan_core.judge import load_or_train_judge
 from gan_core.models import build_models
 from gan_core.train import read_checkpoint
 
@@ -233,8 +233,9 @@ def test_two_workers_match_one_worker_at_the_same_global_batch(ray_local, classi
     cfg = _cfg("gan", steps, 32, 200, *extra)
     torch.manual_seed(cfg.train.seed)
     heldout = load_digits(cfg.data.image_size, "test")
-    clf = load_or_train_classifier(cfg.data.image_size, classifier_cache)
-    fd0 = evaluate(cfg, build_models(cfg), heldout, clf)["fd"]
+    # The runs' own judge: trained on the snapshot at the first run's end, cached by its id.
+    judge = load_or_train_judge(one["snapshot_id"], load_digits(16, "train"), classifier_cache)
+    fd0 = evaluate(cfg, build_models(cfg), heldout, judge)["fd"]
     fd1, fd2 = one["metrics"]["fd"], two["metrics"]["fd"]
     print(f"fd: 1 worker {fd1:.1f}, 2 workers {fd2:.1f}, untrained {fd0:.1f}")
     assert fd1 < 0.5 * fd0 and fd2 < 0.5 * fd0

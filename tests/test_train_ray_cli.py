@@ -59,8 +59,13 @@ def test_config_file_then_overrides(tmp_path):
 
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  d_steps: 2\n  steps: 50\nloss.lambda_cyc: 3\n")
-    cfg = build_config("cyclegan", str(f), ["d_steps=4"])
+    cfg, precision_set = build_config("cyclegan", str(f), ["d_steps=4"])
     assert (cfg.train.d_steps, cfg.train.steps, cfg.loss.lambda_cyc) == (4, 50, 3.0)
+    assert not precision_set
+    # The config follows the snapshot: the built-in pair is 16 px, one channel.
+    assert (cfg.data.image_size, cfg.data.channels) == (16, 1)
+    _, precision_set = build_config("gan", None, ["train.precision=fp32"])
+    assert precision_set
 
 
 @pytest.mark.parametrize(
