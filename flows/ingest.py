@@ -5,17 +5,36 @@ by :func:`run_pipeline`. ``ingest()`` runs it directly; the Prefect flow
 (:mod:`flows.ingest_flow`) runs the same chain with each stage as a task. Both return the
 same result dict.
 
-Identity: the snapshot id hashes the content (sha256 of every source file with its class or
-domain and given split) and the preprocessing (size, channels, split fraction, resize rule,
-layout), never paths, times or names. Re-ingesting unchanged data costs one listing: the
-listing's fingerprint (paths, sizes, ETags or mtimes) maps to the id in ``refs/sources``; when
-only the listing changed (touched files, a copy elsewhere), files are read and hashed again
-but nothing is decoded when the id already exists.
+Stored size (``--image-size``, default auto): the source's resolution. Auto picks the most
+common shorter side among the source's images (an npz file counts once per image; ties go to
+the smaller side), clamped to 8..256 px: 256 caps the memory and disk a photo collection
+takes by default, 8 is training's smallest size. The sizes come from the files' headers, read
+as the files are fetched, so nothing is decoded twice; a file whose header is readable but
+whose pixels are corrupt still counts (it is quarantined later). An explicit ``--image-size``
+takes any integer in 8..512, training's range. Built-in datasets are stored at 16 px unless
+a size is given.
 
-Held-out split (classes, flat and npz layouts, and CycleGAN folders without testA/testB):
-within each class or domain, images are ordered by the sha256 of their content and the first
-round(test_fraction * n) are held out. The split is thus stratified, stable across machines,
-and independent of file names and listing order.
+Resize (``--resize``, default crop): a non-square image is cut to its largest centered square
+(left and top offsets floor((w - side) / 2) and floor((h - side) / 2)), then resized with
+gan_core's rule (:func:`gan_core.data.resize`: bilinear, align_corners=False, antialiased
+when shrinking); ``stretch`` skips the crop and distorts the aspect ratio instead.
+
+Identity: the snapshot id hashes the content (sha256 of every source file with its class or
+domain and given split) and the preprocessing (resolved size, resize mode, channels, split
+fractions, layout), never paths, times or names, so re-ingesting the same files gives the
+same id, and auto resolving to 32 px gives the id of an explicit ``--image-size 32``.
+Re-ingesting unchanged data costs one listing: the listing's fingerprint (paths, sizes, ETags
+or mtimes, and the options as given, "auto" included) maps to the id in ``refs/sources``;
+when only the listing changed (touched files, a copy elsewhere), files are read and hashed
+again but nothing is decoded when the id already exists.
+
+Splits (classes, flat and npz layouts, and CycleGAN folders without testA/testB): within each
+class or domain of n images, images are ordered by the sha256 of their content; the first
+round(n * test_fraction) are the test split, the next round(n * (test_fraction +
+val_fraction)) - round(n * test_fraction) the val split, the rest train. The splits are thus
+stratified, stable across machines, independent of file names and listing order, and test
+does not change with val_fraction. CycleGAN folders with testA/testB keep their test split;
+val is then round(m * val_fraction) of each domain's m train images, in the same hash order.
 """
 
 from __future__ import annotations
@@ -28,8 +47,9 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -44,27 +64,38 @@ from flows.layouts import (
     class_names,
     decode_files,
     detect_layout,
+    header_dims,
     is_archive,
     is_ignored,
     iter_archive,
 )
 from flows.settings import ganflow_home
-from flows.snapshots import FORMAT_VERSION, Store, check_name, digest
+from flows.snapshots import FORMAT_VERSION, SPLITS, Store, check_name, digest
 from flows.storage import describe, get_filesystem, is_remote, join, mask_secrets, with_retries
 
 Progress = Callable[[str, int, int], None]
-RESIZE_RULE = "bilinear, align_corners=False, antialiased when shrinking, stretched to image_size x image_size"
+_GAN_CORE_RESIZE = "bilinear, align_corners=False, antialiased when shrinking"
+RESIZE_RULES = {
+    "crop": "largest centered square (offsets floor((w - side) / 2), floor((h - side) / 2)), "
+    f"then {_GAN_CORE_RESIZE}, to image_size x image_size",
+    "stretch": f"{_GAN_CORE_RESIZE}, stretched to image_size x image_size",
+}
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 512  # training's range (gan_core.config DataConfig)
+AUTO_IMAGE_SIZE_CAP = 256
+BUILTIN_IMAGE_SIZE = 16
 _READ_BATCH = 256
 
 
 @dataclass(frozen=True)
 class IngestOptions:
-    """How raw files become a snapshot. Everything but max_bad_fraction enters the id."""
+    """How raw files become a snapshot. Everything but max_bad_fraction and max_archive_bytes
+    enters the id (image_size as resolved)."""
 
     layout: str = "auto"
     """auto, classes, cyclegan, flat or npz."""
-    image_size: int = 16
-    """Side of the square images stored, in pixels."""
+    image_size: int | None = None
+    """Side of the square images stored, in pixels (8..512); None: auto, the source's
+    resolution (see the module docstring; 16 for built-in datasets)."""
     channels: int | None = None
     """1 or 3; None: 1 when every image is grayscale, else 3."""
     test_fraction: float = 0.2
@@ -73,27 +104,66 @@ class IngestOptions:
     """Fail when more than this share of the files is quarantined."""
     max_archive_bytes: int = 4 << 30
     """Cap on an archive's uncompressed size (decompression bombs)."""
+    # Fields added later go last, so that positional construction keeps its meaning.
+    resize_mode: str = "crop"
+    """crop: the largest centered square, then resize; stretch: resize the whole image."""
+    val_fraction: float = 0.1
+    """Share of every class or domain taken as the val split from the images not in test."""
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout: must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
-        if not isinstance(self.image_size, int) or not 4 <= self.image_size <= 1024:
-            raise ValueError(f"image_size: must be an integer in 4..1024, got {self.image_size!r}")
+        size = self.image_size
+        if size is not None and (
+            not isinstance(size, int)
+            or isinstance(size, bool)
+            or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE
+        ):
+            raise ValueError(
+                f"image_size: must be an integer in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} "
+                f"(training's range) or auto, got {size!r}"
+            )
+        if self.resize_mode not in RESIZE_RULES:
+            raise ValueError(
+                f"resize_mode: must be one of {', '.join(RESIZE_RULES)}, got {self.resize_mode!r}"
+            )
         if self.channels not in (None, 1, 3):
             raise ValueError(f"channels: must be 1 or 3, got {self.channels!r}")
         if not 0.0 <= self.test_fraction < 1.0:
             raise ValueError(f"test_fraction: must be in [0, 1), got {self.test_fraction!r}")
+        if not 0.0 <= self.val_fraction < 1.0 or self.test_fraction + self.val_fraction >= 1.0:
+            raise ValueError(
+                f"val_fraction: must be in [0, 1) with test_fraction + val_fraction < 1, got "
+                f"{self.val_fraction!r} (test_fraction {self.test_fraction!r})"
+            )
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction!r}")
 
     def preprocessing(self) -> dict:
+        """What enters the id (and the manifest); image_size is "auto" until resolved."""
         return {
-            "image_size": self.image_size,
+            "image_size": self.image_size or "auto",
             "channels": self.channels or "auto",
             "test_fraction": self.test_fraction,
-            "resize": RESIZE_RULE,
+            "val_fraction": self.val_fraction,
+            "resize_mode": self.resize_mode,
+            "resize": RESIZE_RULES[self.resize_mode],
             "pixels": "x / 127.5 - 1, float32 in [-1, 1]",
         }
+
+
+def auto_image_size(dims: Iterable[tuple[int, int, int] | None]) -> int:
+    """The stored side for image_size auto, from (images, height, width) headers (None
+    skipped): the most common shorter side (ties: the smaller), clamped to 8..256; 16 when
+    no header is readable (nothing usable is stored then: every file is quarantined)."""
+    sides: Counter[int] = Counter()
+    for d in dims:
+        if d is not None:
+            sides[min(d[1], d[2])] += d[0]
+    if not sides:
+        return BUILTIN_IMAGE_SIZE
+    side = min(sides, key=lambda s: (-sides[s], s))
+    return max(MIN_IMAGE_SIZE, min(side, AUTO_IMAGE_SIZE_CAP))
 
 
 @dataclass(frozen=True)
@@ -108,12 +178,15 @@ class Scan:
 
 @dataclass
 class Plan:
+    """What the snapshot will hold; ``options`` has image_size resolved (never auto)."""
+
     layout: str
     files: list[SourceFile]
     assignments: list[Assignment]
     quarantined: list[dict]
     classes: list[str] | None
     snapshot_id: str
+    options: IngestOptions
 
 
 def _shown(url: str) -> str:
@@ -230,11 +303,14 @@ def _source_file(rel: str, data: bytes, spool: str | None, local: str = "") -> S
         if not os.path.exists(local):  # equal contents share one copy
             with open(local, "wb") as f:
                 f.write(data)
-    return SourceFile(rel, sha, len(data), local)
+    # The header is read here, from bytes already in memory, so that image_size auto is known
+    # before decoding (which shrinks as it goes) at no extra read.
+    return SourceFile(rel, sha, len(data), local, header_dims(rel, data))
 
 
 def plan_snapshot(files: list[SourceFile], options: IngestOptions) -> Plan:
-    """Detect the layout, place every file (class/domain, given split), compute the id."""
+    """Detect the layout, place every file (class/domain, given split), resolve the stored
+    size (auto: from the kept files' headers), compute the id."""
     layout, prefix = detect_layout([f.path for f in files], options.layout)
     kept, assignments, quarantined = [], [], []
     for f in files:
@@ -250,6 +326,8 @@ def plan_snapshot(files: list[SourceFile], options: IngestOptions) -> Plan:
     if layout == "cyclegan" and not any(a.split == "test" for a in assignments):
         assignments = [Assignment(a.group, None) for a in assignments]  # no testA/B: hold out
     classes = class_names({a.group for a in assignments}) if layout == "classes" else None
+    if options.image_size is None:
+        options = replace(options, image_size=auto_image_size(f.dims for f in kept))
     snapshot_id = digest(
         {
             "format": FORMAT_VERSION,
@@ -258,20 +336,21 @@ def plan_snapshot(files: list[SourceFile], options: IngestOptions) -> Plan:
             "items": sorted([f.sha256, a.group, a.split or ""] for f, a in zip(kept, assignments)),
         }
     )[:20]
-    return Plan(layout, kept, assignments, quarantined, classes, snapshot_id)
+    return Plan(layout, kept, assignments, quarantined, classes, snapshot_id, options)
 
 
 def decode_plan(
-    plan: Plan, image_size: int, workers: int = 0, progress: Progress | None = None
+    plan: Plan, workers: int = 0, progress: Progress | None = None
 ) -> list[Decoded | str]:
-    """Decoded files (or quarantine reasons) in plan order, every image shrunk to the stored
-    size as it arrives, so memory follows the output, not the source."""
+    """Decoded files (or quarantine reasons) in plan order, every image cropped and shrunk to
+    the plan's stored size as it arrives, so memory follows the output, not the source."""
     cb = (lambda done, total: progress("decode", done, total)) if progress else None
+    size, mode = plan.options.image_size, plan.options.resize_mode
     return decode_files(
         [(f.path, f) for f in plan.files],
         workers=workers,
         progress=cb,
-        finish=lambda d: shrink(d, image_size),
+        finish=lambda d: shrink(d, size, mode),
     )
 
 
@@ -291,16 +370,28 @@ def _by_shape(arrays: list[np.ndarray]) -> list[list[int]]:
     return list(groups.values())
 
 
-def shrink(d: Decoded, size: int) -> Decoded:
-    """The resize rule applied at decode time: images become [size, size, c] float32 in
-    [-1, 1], channels kept (the snapshot's channel count is known only once all are seen;
-    luma and resize are both linear, so converting channels afterwards gives the same)."""
+def center_square(a: np.ndarray) -> np.ndarray:
+    """The largest centered square of an [h, w, c] array (a view); when h - w is odd, the
+    extra row or column is dropped at the bottom or right."""
+    h, w = a.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return a[top : top + side, left : left + side]
+
+
+def shrink(d: Decoded, size: int, resize_mode: str = "crop") -> Decoded:
+    """The resize rule applied at decode time (RESIZE_RULES[resize_mode]): images become
+    [size, size, c] float32 in [-1, 1], channels kept (the snapshot's channel count is known
+    only once all are seen; luma and resize are both linear, so converting channels afterwards
+    gives the same)."""
     from gan_core.data import resize
 
-    out: list[np.ndarray] = list(d.images)
-    for idx in _by_shape(d.images):
-        t = resize(_pixels(np.stack([d.images[i] for i in idx])), size)
+    images = [center_square(a) for a in d.images] if resize_mode == "crop" else list(d.images)
+    out: list[np.ndarray] = list(images)
+    for idx in _by_shape(images):
+        t = resize(_pixels(np.stack([images[i] for i in idx])), size)
         for j, i in enumerate(idx):
+            # A copy, so no stored image keeps its full-size source array alive.
             out[i] = t[j].permute(1, 2, 0).numpy().copy()
     return Decoded(out, d.labels, d.hashes, d.gray)
 
@@ -322,10 +413,20 @@ def _to_images(arrays: list[np.ndarray], channels: int, size: int):
     return out
 
 
+def split_ranks(n: int, test_fraction: float, val_fraction: float) -> tuple[int, int]:
+    """(n_test, n_val) for a group of n images whose split is not given: the first n_test in
+    content-hash order are test, the next n_val val. Rounded cumulatively, so test is the same
+    whatever val_fraction is and test + val never exceeds n."""
+    n_test = round(n * test_fraction)
+    return n_test, round(n * (test_fraction + val_fraction)) - n_test
+
+
 def assemble(
-    plan: Plan, decoded: list[Decoded | str], options: IngestOptions, source: str, name: str
+    plan: Plan, decoded: list[Decoded | str], source: str, name: str
 ) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
-    """Validate, split and resize: the manifest (without shards) and the arrays per part."""
+    """Validate, split and resize: the manifest (without shards) and the arrays per part
+    ('train', 'val', 'test', or 'train-x' ... for two domains)."""
+    options = plan.options
     quarantined = list(plan.quarantined)
     items = []  # (group, given split, hash, key, array, label)
     files_meta = []
@@ -366,19 +467,28 @@ def assemble(
         raise IngestError(f"some .npz files in {shown} have labels and others do not")
     channels = options.channels or (1 if all(it[6] for it in items) else 3)
 
-    # Held-out split: per group, by content hash (stable, stratified, name-independent).
+    # Splits: per group, by content hash (stable, stratified, name-independent). A given test
+    # split (testA/testB) is kept and val comes out of the given train images.
     splits: list[str] = [""] * len(items)
-    by_group: dict[str, list[int]] = {}
+    hashed: dict[str, list[int]] = {}
+    given_train: dict[str, list[int]] = {}
     for i, it in enumerate(items):
-        if it[1] is not None:
-            splits[i] = it[1]
+        if it[1] is None:
+            hashed.setdefault(it[0], []).append(i)
+        elif it[1] == "train":
+            given_train.setdefault(it[0], []).append(i)
         else:
-            by_group.setdefault(it[0], []).append(i)
-    for idx in by_group.values():
+            splits[i] = it[1]
+    for idx in hashed.values():
+        n_test, n_val = split_ranks(len(idx), options.test_fraction, options.val_fraction)
         idx.sort(key=lambda i: (items[i][2], items[i][3]))
-        n_test = round(len(idx) * options.test_fraction)
         for rank, i in enumerate(idx):
-            splits[i] = "test" if rank < n_test else "train"
+            splits[i] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    for idx in given_train.values():
+        n_val = round(len(idx) * options.val_fraction)
+        idx.sort(key=lambda i: (items[i][2], items[i][3]))
+        for rank, i in enumerate(idx):
+            splits[i] = "val" if rank < n_val else "train"
 
     unpaired = plan.layout == "cyclegan"
     has_labels = not unpaired and items[0][5] is not None
@@ -416,8 +526,9 @@ def assemble(
         "num_images": len(items),
         "counts": count(range(len(items))),
         "split_counts": {
-            s: count([i for i in range(len(items)) if splits[i] == s]) for s in ("train", "test")
+            s: count([i for i in range(len(items)) if splits[i] == s]) for s in SPLITS
         },
+        "family_data": "unpaired" if unpaired else "labelled" if has_labels else "unlabelled",
         "classes": plan.classes
         if plan.layout == "classes"
         else ([str(c) for c in range(max(it[5] for it in items) + 1)] if has_labels else None),
@@ -446,6 +557,7 @@ def _result(manifest: dict, name: str, store: Store, reused: bool) -> dict:
         "num_images": manifest["num_images"],
         "counts": manifest["counts"],
         "split_counts": manifest["split_counts"],
+        "family_data": manifest["family_data"],
         "quarantined": manifest["quarantined"],
         "layout": manifest["layout"],
         "image_size": manifest["image_size"],
@@ -487,8 +599,8 @@ def run_pipeline(
         if existing is not None:
             call("refs", store.add_refs, existing, name, scan.fingerprint)
             return _result(existing, name, store, reused=True)
-        decoded = call("decode", decode_plan, plan, options.image_size, workers, progress)
-    manifest, parts = call("assemble", assemble, plan, decoded, options, scan.url, name)
+        decoded = call("decode", decode_plan, plan, workers, progress)
+    manifest, parts = call("assemble", assemble, plan, decoded, scan.url, name)
     manifest = call("write", store.write_snapshot, manifest, parts)
     call("refs", store.add_refs, manifest, name, scan.fingerprint)
     return _result(manifest, name, store, reused=False)
@@ -502,7 +614,9 @@ def ingest(source: str, **kwargs) -> dict:
 def ingest_builtin(
     ref: str, options: IngestOptions, root: str | None = None, name: str | None = None
 ) -> dict:
-    """A built-in dataset as a snapshot whose tensors equal gan_core's load_builtin exactly."""
+    """A built-in dataset as a snapshot whose tensors equal gan_core's load_builtin exactly,
+    split for split (train, val, test). Stored at options.image_size, 16 px when auto; the
+    splits are gan_core's fixed ones, so the fractions and resize_mode options do not apply."""
     from gan_core.data import BUILTIN_DATASETS, load_builtin
 
     if ref not in BUILTIN_DATASETS:
@@ -511,14 +625,15 @@ def ingest_builtin(
         raise IngestError(f"{ref} has 1 channel; --channels {options.channels} is not supported")
     store = Store(root)
     name = check_name(name or default_name(ref))
-    fingerprint = digest({"format": FORMAT_VERSION, "builtin": ref, "size": options.image_size})
+    size = options.image_size or BUILTIN_IMAGE_SIZE
+    fingerprint = digest({"format": FORMAT_VERSION, "builtin": ref, "size": size})
     hit = store.source_ref(fingerprint)
     if hit is not None:
         store.add_refs(hit, name, None)
         return _result(hit, name, store, reused=True)
     parts: dict[str, dict[str, np.ndarray]] = {}
-    for split in ("train", "test"):
-        data = load_builtin(ref, options.image_size, split)
+    for split in SPLITS:
+        data = load_builtin(ref, size, split)
         if hasattr(data, "x_truth"):
             parts[f"{split}-x"] = {
                 "images": data.x.images.numpy(),
@@ -537,7 +652,7 @@ def ingest_builtin(
         {
             "format": FORMAT_VERSION,
             "builtin": ref,
-            "image_size": options.image_size,
+            "image_size": size,
             "content": content.hexdigest(),
         }
     )[:20]
@@ -551,11 +666,8 @@ def ingest_builtin(
             labels = parts[split]["labels"]
             return {str(c): int((labels == c).sum()) for c in np.unique(labels)}
 
-        split_counts = {s: counts(s) for s in ("train", "test")}
-        total = {
-            k: split_counts["train"].get(k, 0) + split_counts["test"].get(k, 0)
-            for k in split_counts["train"]
-        }
+        split_counts = {s: counts(s) for s in SPLITS}
+        total = {k: sum(split_counts[s].get(k, 0) for s in SPLITS) for k in split_counts["train"]}
         manifest = store.write_snapshot(
             {
                 "format": FORMAT_VERSION,
@@ -565,15 +677,13 @@ def ingest_builtin(
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "kind": "unpaired" if unpaired else "images",
                 "layout": "cyclegan" if unpaired else "classes",
-                "image_size": options.image_size,
+                "image_size": size,
                 "channels": 1,
-                "preprocessing": {
-                    "image_size": options.image_size,
-                    "builtin": "gan_core.data.load_builtin",
-                },
+                "preprocessing": {"image_size": size, "builtin": "gan_core.data.load_builtin"},
                 "num_images": sum(total.values()),
                 "counts": total,
                 "split_counts": split_counts,
+                "family_data": "unpaired" if unpaired else "labelled",
                 "classes": [str(c) for c in range(10)],
                 "domains": {"x": "digits", "y": "appearance_transform(digits)"}
                 if unpaired
@@ -626,6 +736,8 @@ def cmd_ingest(args: argparse.Namespace) -> dict:
         channels=args.channels,
         test_fraction=args.test_fraction,
         max_bad_fraction=args.max_bad_fraction,
+        resize_mode=args.resize,
+        val_fraction=args.val_fraction,
     )
     kwargs = dict(
         name=args.name,
@@ -649,12 +761,12 @@ def cmd_ingest(args: argparse.Namespace) -> dict:
         print(
             f"  layout {result['layout']}, {result['image_size']}px x {result['channels']} ch, in {result['root']}"
         )
+        sizes = {s: sum(result["split_counts"].get(s, {}).values()) for s in SPLITS}
+        print("  splits " + ", ".join(f"{s} {n}" for s, n in sizes.items()))
         for q in result["quarantined"]:
             print(f"  quarantined {q['path']}: {q['reason']}")
-    return {
-        k: result[k]
-        for k in ("id", "name", "num_images", "counts", "quarantined", "reused", "layout")
-    }
+    keys = ("id", "name", "num_images", "counts", "split_counts", "quarantined", "reused")
+    return {k: result[k] for k in (*keys, "layout", "image_size")}
 
 
 def cmd_datasets(args: argparse.Namespace) -> dict:
@@ -688,6 +800,22 @@ def cmd_datasets(args: argparse.Namespace) -> dict:
     return {"root": _shown(store.url), "snapshots": rows}
 
 
+def _image_size_arg(text: str) -> int | None:
+    """--image-size: 'auto' (None) or an integer in training's range."""
+    if text == "auto":
+        return None
+    try:
+        size = int(text)
+    except ValueError:
+        size = None
+    if size is None or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"must be auto or an integer in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (training's "
+            f"range), got {text!r}"
+        )
+    return size
+
+
 def add_commands(sub, add_common) -> None:
     p = sub.add_parser(
         "ingest",
@@ -699,7 +827,21 @@ def add_commands(sub, add_common) -> None:
     p.add_argument("--name", help="snapshot name (default: from the source)")
     p.add_argument("--layout", default="auto", choices=LAYOUTS, help="default: auto-detect")
     p.add_argument(
-        "--image-size", type=int, default=16, help="stored image side in pixels (default: 16)"
+        "--image-size",
+        type=_image_size_arg,
+        default=None,
+        metavar="auto|N",
+        help=f"stored image side in pixels, {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (default: auto: "
+        "the most common shorter side among the source's images, ties to the smaller, "
+        f"clamped to {MIN_IMAGE_SIZE}..{AUTO_IMAGE_SIZE_CAP}; built-in datasets: "
+        f"{BUILTIN_IMAGE_SIZE})",
+    )
+    p.add_argument(
+        "--resize",
+        choices=tuple(RESIZE_RULES),
+        default="crop",
+        help="non-square images: crop to the largest centered square, then resize (default), "
+        "or stretch to the square",
     )
     p.add_argument(
         "--channels",
@@ -708,7 +850,17 @@ def add_commands(sub, add_common) -> None:
         help="default: 1 if all images are grayscale, else 3",
     )
     p.add_argument(
-        "--test-fraction", type=float, default=0.2, help="held-out share per class (default: 0.2)"
+        "--test-fraction",
+        type=float,
+        default=0.2,
+        help="test share per class or domain (default: 0.2)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="validation share per class or domain, taken from the images not in test; "
+        "test + val must stay below 1 (default: 0.1)",
     )
     p.add_argument(
         "--max-bad-fraction",

@@ -58,19 +58,30 @@ def ingest_flow(
     source: str,
     name: str | None = None,
     layout: str = "auto",
-    image_size: int = 16,
+    image_size: int | None = None,
     channels: int | None = None,
     test_fraction: float = 0.2,
     max_bad_fraction: float = 0.1,
     root: str | None = None,
     workers: int = 0,
+    resize_mode: str = "crop",
+    val_fraction: float = 0.1,
 ) -> dict:
-    """Raw images at ``source`` -> a snapshot in ``root``; returns the snapshot summary."""
+    """Raw images at ``source`` -> a snapshot in ``root``; returns the snapshot summary.
+    Parameters are IngestOptions' (image_size None: the source's resolution)."""
     from prefect.artifacts import create_markdown_artifact
 
     from flows.reports import artifact_key, ingest_markdown
 
-    options = IngestOptions(layout, image_size, channels, test_fraction, max_bad_fraction)
+    options = IngestOptions(
+        layout=layout,
+        image_size=image_size,
+        channels=channels,
+        test_fraction=test_fraction,
+        max_bad_fraction=max_bad_fraction,
+        resize_mode=resize_mode,
+        val_fraction=val_fraction,
+    )
     result = run_pipeline(
         source,
         name=name,
@@ -127,6 +138,8 @@ def run_flow(
                 max_bad_fraction=o.max_bad_fraction,
                 root=root,
                 workers=workers,
+                resize_mode=o.resize_mode,
+                val_fraction=o.val_fraction,
             )
     finally:
         _progress.reset(token)

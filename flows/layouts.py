@@ -17,10 +17,11 @@ Layouts (``--layout``, auto-detected from paths alone unless given):
 Decoding rule (documented once): PNG, JPEG, BMP, WebP and TIFF are accepted; anything else,
 or a file Pillow cannot fully decode (truncated, corrupt), is quarantined with the reason.
 Alpha is dropped, palettes are expanded. An image is grayscale when its mode is grayscale
-or its R, G and B planes are equal. Pixels map to [-1, 1] by x / 127.5 - 1. The resize rule is
-gan_core's (:func:`gan_core.data.resize`: bilinear, align_corners=False, antialiased when
-shrinking, stretched to a square) and runs in the ingest process on each chunk of decoded files
-as it arrives, so full-size pixels never pile up for the whole source.
+or its R, G and B planes are equal. Pixels map to [-1, 1] by x / 127.5 - 1. Sizing (the
+stored side, center crop or stretch, then gan_core's resize) is flows.ingest's and runs in the
+ingest process on each chunk of decoded files as it arrives, so full-size pixels never pile up
+for the whole source. Image sizes are known before that from the files' headers
+(:func:`header_dims`), which is how ingest picks the stored side without decoding twice.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class SourceFile:
     sha256: str
     size: int
     local: str = field(repr=False)
+    dims: tuple[int, int, int] | None = None
+    """(images, height, width) from the file's header (:func:`header_dims`); None when the
+    header is unreadable or not an accepted type (the file is quarantined when decoded)."""
 
     def read(self) -> bytes:
         """The bytes that were hashed; a file changed since then is an error, not new data."""
@@ -264,6 +268,59 @@ def class_names(groups: set[str]) -> list[str]:
 # Decoding. Runs in worker processes: numpy and Pillow only (torch stays in the parent).
 
 
+def _npz_order(shape: tuple[int, ...]) -> str | None:
+    """How an npz ``images`` array is laid out: 'nhw', 'nhwc', 'nchw', or None (refused).
+    Channels-first only when the second axis looks like channels and the last does not."""
+    if len(shape) == 3:
+        return "nhw"
+    if len(shape) == 4:
+        if shape[1] in (1, 3, 4) and shape[3] not in (1, 3, 4):
+            return "nchw"
+        return "nhwc" if shape[3] in (1, 3, 4) else None
+    return None
+
+
+def _npz_dims(data: bytes) -> tuple[int, int, int] | None:
+    # Only the .npy header of the images member is read (a few hundred bytes, decompressed
+    # lazily when the npz is compressed), never the array.
+    readers = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        names = set(zf.namelist())
+        member = next((k for k in ("images.npy", "x.npy") if k in names), None)
+        if member is None:
+            return None
+        with zf.open(member) as f:
+            reader = readers.get(np.lib.format.read_magic(f))
+            if reader is None:
+                return None
+            shape = reader(f)[0]
+    order = _npz_order(shape)
+    if order is None or shape[0] == 0:
+        return None
+    return (shape[0], shape[2], shape[3]) if order == "nchw" else (shape[0], shape[1], shape[2])
+
+
+def header_dims(path: str, data: bytes) -> tuple[int, int, int] | None:
+    """(images, height, width) of a file from its header alone, without decoding pixels: an
+    image counts once, an npz file once per image of its ``images`` array. None when the
+    header is unreadable or the type is not accepted; decoding then gives the reason."""
+    try:
+        if path.lower().endswith(".npz"):
+            return _npz_dims(data)
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as img:  # reads the header; pixels stay undecoded
+            if img.format not in IMAGE_FORMATS:
+                return None
+            width, height = img.size
+        return 1, height, width
+    except Exception:  # any unreadable header: decode_one reports the precise reason
+        return None
+
+
 @dataclass
 class Decoded:
     """Pixels of one source file: images [n, h, w, c] (uint8, or float32 in [-1, 1]), with
@@ -313,12 +370,13 @@ def decode_npz(data: bytes) -> Decoded:
         raise
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise IngestError(f"unreadable npz ({' '.join(str(exc).split())})") from None
-    if images.ndim == 3:
-        images = images[:, :, :, None]
-    elif images.ndim == 4 and images.shape[1] in (1, 3, 4) and images.shape[3] not in (1, 3, 4):
-        images = images.transpose(0, 2, 3, 1)
-    if images.ndim != 4 or images.shape[3] not in (1, 3, 4) or images.shape[0] == 0:
+    order = _npz_order(images.shape)
+    if order is None or images.shape[0] == 0:
         raise IngestError(f"npz images must be [N,H,W], [N,H,W,C] or [N,C,H,W]; got {images.shape}")
+    if order == "nhw":
+        images = images[:, :, :, None]
+    elif order == "nchw":
+        images = images.transpose(0, 2, 3, 1)
     images = images[..., :3]
     if (
         images.shape[3] == 3

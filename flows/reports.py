@@ -34,14 +34,13 @@ def ingest_markdown(r: dict) -> str:
         f"- images: {r['num_images']} at {r['image_size']}x{r['image_size']}, "
         f"{r['channels']} channel(s)",
         "",
-        "| class / domain | train | test | total |",
-        "|---|---|---|---|",
+        "| class / domain | train | val | test | total |",
+        "|---|---|---|---|---|",
     ]
     split = r.get("split_counts", {})
     for group, n in r["counts"].items():
-        train = split.get("train", {}).get(group, 0)
-        test = split.get("test", {}).get(group, 0)
-        lines.append(f"| {_cell(group)} | {train} | {test} | {n} |")
+        train, val, test = (split.get(s, {}).get(group, 0) for s in ("train", "val", "test"))
+        lines.append(f"| {_cell(group)} | {train} | {val} | {test} | {n} |")
     q = r["quarantined"]
     lines += ["", f"## Quarantined: {len(q)} file(s)"]
     if q:

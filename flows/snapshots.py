@@ -2,8 +2,9 @@
 
 Layout under the storage root (:func:`flows.settings.snapshot_root`, local or ``s3://``)::
 
-    <id>/train-00000.npz ...   shards: images float32 [n, C, H, W] in [-1, 1], labels int64 [n],
-                               truth (CycleGAN ground truth T(x), built-in pairs only)
+    <id>/train-00000.npz ...   shards per split (train, val, test; train-x, train-y ... for
+                               two domains): images float32 [n, C, H, W] in [-1, 1], labels
+                               int64 [n], truth (CycleGAN ground truth T(x), built-in pairs only)
     <id>/manifest.json         written last: a snapshot exists once its manifest does
     refs/names/<name>/<created>-<id>.json    name -> id history (latest = last)
     refs/sources/<fingerprint>.json          listing fingerprint -> id (the no-work fast path)
@@ -15,6 +16,13 @@ rerun (same id, since the id hashes the source content) overwrites it. Readers c
 shard's hash, so a shard replaced under a manifest is detected, not trained on.
 
 Shards are ``.npz`` read with ``allow_pickle=False``: nothing loaded from storage can run code.
+
+Manifest keys that training reads to configure itself: ``family_data`` ("labelled": class
+labels present, "unlabelled": images only, "unpaired": two domains x and y), ``classes``
+(names in label order, or null), ``channels``, ``image_size``, ``kind`` ("images" or
+"unpaired"), ``layout``, ``split_counts`` ({"train" | "val" | "test": {class or domain:
+count}}). ``format`` is FORMAT_VERSION; snapshots of another format are refused (format 2
+added the val split and family_data).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import hashlib
 import io
 import json
 import re
+import shlex
 import time
 import uuid
 import zipfile
@@ -36,7 +45,8 @@ from flows.storage import StorageError, describe, get_filesystem, is_remote, joi
 if TYPE_CHECKING:  # torch is imported when data is loaded: the CLI imports this module
     from gan_core.data import ImageSet, UnpairedSet
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SPLITS = ("train", "val", "test")
 SHARD_BYTES = 64 << 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _ID_RE = re.compile(r"^[0-9a-f]{20}$")
@@ -56,6 +66,28 @@ class SnapshotNotFound(ValueError):
     def __reduce__(self):
         # Ray ships exceptions between processes by pickling: rebuild from (ref, root).
         return (type(self), (self.ref, self.root))
+
+
+class SnapshotOutdated(ValueError):
+    """A snapshot written in another manifest format than this ganflow reads."""
+
+
+def check_format(manifest: dict, name: str | None = None) -> dict:
+    """The manifest, or SnapshotOutdated (one line, with the command that replaces it)."""
+    version = manifest.get("format", 1)
+    if version == FORMAT_VERSION:
+        return manifest
+    sid, name = manifest.get("id", "?"), name or manifest.get("name", "?")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise SnapshotOutdated(
+            f"snapshot {sid} ({name}) was written by a newer ganflow (format {version}); "
+            f"upgrade ganflow to read it (this one reads format {FORMAT_VERSION})"
+        )
+    source = shlex.quote(str(manifest.get("source", "SOURCE")))
+    raise SnapshotOutdated(
+        f"snapshot {sid} ({name}) was written by an older ganflow (format {version}); "
+        f"re-ingest its source: ganflow ingest {source} --name {shlex.quote(name)}"
+    )
 
 
 def check_name(name: str) -> str:
@@ -156,7 +188,8 @@ class Store:
             )
 
     def write_snapshot(self, manifest: dict, parts: dict[str, dict[str, np.ndarray]]) -> dict:
-        """Shards first, manifest last. parts: {'train' | 'test' | 'train-x' ...: arrays}."""
+        """Shards first, manifest last. parts: {'train' | 'val' | 'test' | 'train-x' ...:
+        arrays}."""
         sid = manifest["id"]
         shards = []
         for part, arrays in sorted(parts.items()):
@@ -192,15 +225,17 @@ class Store:
         return sorted(out, key=lambda m: m["created"])
 
     def resolve(self, ref: str) -> dict:
+        """The manifest for an id, or the latest of a name. SnapshotNotFound when neither,
+        SnapshotOutdated when it was written in another format."""
         if _ID_RE.match(ref):
             m = self.manifest(ref)
             if m is not None:
-                return m
+                return check_format(m)
         if _NAME_RE.match(ref) and ref != "refs":
             sid = self.latest_for_name(ref)
             m = self.manifest(sid) if sid else None
             if m is not None:
-                return {**m, "name": ref}
+                return check_format({**m, "name": ref}, ref)
         raise SnapshotNotFound(ref, self.url)
 
     def read_part(self, manifest: dict, split: str, part: str) -> dict[str, np.ndarray]:
@@ -251,7 +286,8 @@ def _put_bytes(fs, path: str, data: bytes) -> None:
 
 
 def resolve_snapshot(ref: str, root: str | None = None) -> dict:
-    """The manifest for a snapshot id, or the latest snapshot of a name. SnapshotNotFound else."""
+    """The manifest for a snapshot id, or the latest snapshot of a name. SnapshotNotFound
+    when neither exists, SnapshotOutdated when it was written in an older format."""
     return Store(root).resolve(ref)
 
 
@@ -275,16 +311,18 @@ def _image_set(arrays: dict[str, np.ndarray], manifest: dict) -> ImageSet:
 def load_dataset(
     ref: str, split: str = "train", root: str | None = None, *, image_size: int | None = None
 ) -> ImageSet | UnpairedSet:
-    """A snapshot's split as gan_core data: ImageSet (labels when the layout has classes) or,
-    for CycleGAN layouts, UnpairedSet (x_truth only for built-in pairs, whose truth is known).
+    """A snapshot's split ('train', 'val' or 'test') as gan_core data: ImageSet (labels when
+    the layout has classes) or, for CycleGAN layouts, UnpairedSet (x_truth only for built-in
+    pairs, whose truth is known). An empty split (val_fraction 0) is an empty set.
 
     ref: snapshot id, snapshot name (its latest snapshot) or a ``builtin:`` dataset, which is
     ingested into the store first (a no-op when already there), so it gets an id and lineage
     like any other data. image_size: the size to ingest a built-in at (default 16); for other
     refs, a check that the snapshot has that size. Same behaviour for local and s3:// roots.
+    A snapshot of an older format is refused (SnapshotOutdated), not read.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     store = Store(root)
     if ref.startswith("builtin:"):
         from flows.ingest import IngestOptions, ingest_builtin

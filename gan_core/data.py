@@ -6,7 +6,10 @@ is downloaded at run time. Images are float32 tensors shaped [N, C, H, W] in [-1
 Resize rule (documented once, used everywhere): bilinear interpolation with
 ``align_corners=False`` from the source grid to ``image_size`` x ``image_size``.
 
-CycleGAN's built-in pair (``builtin:digits-unpaired``): the training digits are split into
+Splits (``train``, ``val``, ``test``): stratified and fixed; test is 20% of every class, val
+10% of the rest.
+
+CycleGAN's built-in pair (``builtin:digits-unpaired``): each split's digits are divided into
 two disjoint halves; domain X is the first half as-is, domain Y is the second half passed
 through :func:`appearance_transform` (strokes thickened, then inverted). Because Y = T(X)
 for a known T, translation quality is measurable against the truth on held-out digits.
@@ -20,8 +23,10 @@ import torch
 import torch.nn.functional as nnf
 
 BUILTIN_DATASETS = ("builtin:digits", "builtin:digits-unpaired")
+SPLITS = ("train", "val", "test")
 NUM_DIGIT_CLASSES = 10
 _HELD_OUT_FRACTION = 0.2
+_VAL_FRACTION = 0.1  # of each class's images left after the test split
 _SPLIT_SEED = 0
 
 
@@ -85,31 +90,37 @@ def _digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return images / 8.0 - 1.0, labels
 
 
-def _split_indices(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic stratified split: 20% of every class held out."""
+def _split_indices(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Deterministic stratified split, as sorted indices per split: in each class's seeded
+    permutation, the first round(20% of n) are test, the next round(10% of the rest) val, the
+    remainder train. Val takes no extra random draws, so test is the same as before val
+    existed."""
     g = torch.Generator().manual_seed(_SPLIT_SEED)
-    train, test = [], []
+    out: dict[str, list[torch.Tensor]] = {s: [] for s in SPLITS}
     for c in range(NUM_DIGIT_CLASSES):
         idx = (labels == c).nonzero().flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
         n_test = round(len(idx) * _HELD_OUT_FRACTION)
-        test.append(idx[:n_test])
-        train.append(idx[n_test:])
-    return torch.cat(train).sort().values, torch.cat(test).sort().values
+        n_val = round((len(idx) - n_test) * _VAL_FRACTION)
+        out["test"].append(idx[:n_test])
+        out["val"].append(idx[n_test : n_test + n_val])
+        out["train"].append(idx[n_test + n_val :])
+    return {s: torch.cat(parts).sort().values for s, parts in out.items()}
 
 
 def load_digits(image_size: int = 16, split: str = "train") -> ImageSet:
-    """scikit-learn's digits, resized to image_size, one channel. split: 'train' or 'test'."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    """scikit-learn's digits, resized to image_size, one channel. split: 'train', 'val' or
+    'test' (disjoint, stratified: test 20% of each class, val 10% of the rest)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     images, labels = _digits_tensors()
-    train_idx, test_idx = _split_indices(labels)
-    idx = train_idx if split == "train" else test_idx
+    idx = _split_indices(labels)[split]
     return ImageSet(resize(images[idx], image_size).clamp(-1, 1).contiguous(), labels[idx])
 
 
 def load_digits_unpaired(image_size: int = 16, split: str = "train") -> UnpairedSet:
-    """Two disjoint halves of a digits split: X as-is, Y = appearance_transform(other half)."""
+    """Two disjoint halves of a digits split ('train', 'val' or 'test'): X as-is,
+    Y = appearance_transform(other half)."""
     base = load_digits(image_size, split)
     n = len(base)
     # Alternate by position so both halves keep the class balance of the stratified split.
@@ -121,6 +132,7 @@ def load_digits_unpaired(image_size: int = 16, split: str = "train") -> Unpaired
 
 
 def load_builtin(name: str, image_size: int = 16, split: str = "train") -> ImageSet | UnpairedSet:
+    """A built-in dataset's split ('train', 'val' or 'test') at image_size."""
     if name == "builtin:digits":
         return load_digits(image_size, split)
     if name == "builtin:digits-unpaired":

@@ -27,6 +27,13 @@ def png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def noise(height: int, width: int, seed: int, channels: int = 3) -> np.ndarray:
+    """Random uint8 pixels [height, width, channels] (or [height, width] for 1): every pixel
+    differs from its neighbours, so a crop off by one pixel shows."""
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
 def jpeg(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).convert("RGB").save(buf, format="JPEG", quality=95)

@@ -1,5 +1,6 @@
-"""Ingest on local storage, without Prefect: layouts, validation, archives, atomicity,
-idempotency, the built-in parity, retries and the command line."""
+"""Ingest on local storage, without Prefect: layouts, sizing (auto size, crop or stretch),
+the train/val/test split, validation, archives, atomicity, idempotency, the built-in parity,
+manifest formats, retries and the command line."""
 
 from __future__ import annotations
 
@@ -13,20 +14,29 @@ import pytest
 import torch
 from ingest_data import (
     classes_files,
+    cyclegan_files,
     digits,
     make_layout,
+    noise,
     png,
     tar_bytes,
     write,
     zip_bytes,
 )
+from PIL import Image
 
 import flows.ingest as ingest_mod
 import flows.snapshots as snapshots
 from flows.cli import build_parser, main
-from flows.ingest import IngestOptions, ingest
+from flows.ingest import IngestOptions, auto_image_size, ingest
 from flows.layouts import IngestError
-from flows.snapshots import SnapshotNotFound, list_snapshots, load_dataset, resolve_snapshot
+from flows.snapshots import (
+    SnapshotNotFound,
+    SnapshotOutdated,
+    list_snapshots,
+    load_dataset,
+    resolve_snapshot,
+)
 from flows.storage import StorageError, get_filesystem, mask_secrets, with_retries
 from gan_core.data import load_builtin
 
@@ -42,7 +52,7 @@ def root(tmp_path):
 @pytest.mark.parametrize("name", ["builtin:digits", "builtin:digits-unpaired"])
 @pytest.mark.parametrize("size", [16, 8])
 def test_builtin_snapshot_equals_load_builtin(name, size, root):
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
         got = load_dataset(name, split, root=root, image_size=size)
         want = load_builtin(name, size, split)
         if name.endswith("unpaired"):
@@ -55,6 +65,10 @@ def test_builtin_snapshot_equals_load_builtin(name, size, root):
             assert torch.equal(got.labels, want.labels)
     manifests = list_snapshots(root)
     assert len(manifests) == 1 and manifests[0]["source"] == name
+    m = manifests[0]
+    assert m["family_data"] == ("unpaired" if name.endswith("unpaired") else "labelled")
+    assert m["classes"] == [str(c) for c in range(10)] and m["image_size"] == size
+    assert set(m["split_counts"]) == {"train", "val", "test"}
     # Same id through the name, and the ingest is a no-op the second time.
     assert resolve_snapshot(f"builtin-{name.split(':')[1]}", root)["id"] == manifests[0]["id"]
 
@@ -62,38 +76,47 @@ def test_builtin_snapshot_equals_load_builtin(name, size, root):
 # -- layouts ------------------------------------------------------------------------------------
 
 
+FAMILY_DATA = {"classes": "labelled", "flat": "unlabelled", "cyclegan": "unpaired"}
+
+
 @pytest.mark.parametrize("kind", ["classes", "flat", "cyclegan", "npz", "zip", "tar"])
 def test_layouts_local(kind, tmp_path, root):
     folder, rel, layout = make_layout(kind, tmp_path / "raw")
     r = ingest(str(folder / rel) if rel else str(folder), root=root, name=kind)
     assert r["layout"] == layout and not r["quarantined"] and not r["reused"]
-    train, test = load_dataset(kind, "train", root), load_dataset(kind, "test", root)
+    assert r["image_size"] == 8  # the digits' own resolution
+    splits = {s: load_dataset(kind, s, root) for s in ("train", "val", "test")}
     if layout == "cyclegan":
-        assert len(train.x) + len(train.y) + len(test.x) + len(test.y) == r["num_images"]
-        assert train.x_truth is None and set(r["counts"]) == {"x", "y"}
-        assert len(test.x) > 0 and len(test.y) > 0
+        assert sum(len(d.x) + len(d.y) for d in splits.values()) == r["num_images"]
+        assert splits["train"].x_truth is None and set(r["counts"]) == {"x", "y"}
+        assert all(len(d.x) > 0 and len(d.y) > 0 for d in splits.values())
     else:
-        assert len(train) + len(test) == r["num_images"]
-        assert (train.labels is None) == (layout == "flat")
-        assert abs(len(test) / r["num_images"] - 0.2) < 0.1
-    assert resolve_snapshot(r["id"], root)["num_images"] == r["num_images"]
+        assert sum(len(d) for d in splits.values()) == r["num_images"]
+        assert (splits["train"].labels is None) == (layout == "flat")
+        assert abs(len(splits["test"]) / r["num_images"] - 0.2) < 0.1
+        assert abs(len(splits["val"]) / r["num_images"] - 0.1) < 0.1
+    m = resolve_snapshot(r["id"], root)
+    assert m["num_images"] == r["num_images"]
+    assert m["family_data"] == FAMILY_DATA.get(layout, "labelled")  # npz: with labels
 
 
 def test_class_folders_pixels_labels_and_split(tmp_path, root):
     images, labels = digits(60)
     files = {f"{y}/{i:04d}.png": png(a) for i, (a, y) in enumerate(zip(images, labels))}
-    r = ingest(str(write(tmp_path / "raw", files)), root=root, options=IngestOptions(image_size=8))
+    r = ingest(str(write(tmp_path / "raw", files)), root=root)
     m = resolve_snapshot(r["id"], root)
     assert m["channels"] == 1 and m["classes"] == [str(c) for c in range(10)]
-    # Stratified: 20% of every class held out (rounded).
+    assert m["image_size"] == 8 and m["family_data"] == "labelled"
+    # Stratified: 20% of every class is test, the next 10% val (rounded cumulatively).
     for c, n in m["counts"].items():
         assert m["split_counts"]["test"][c] == round(n * 0.2)
+        assert m["split_counts"]["val"].get(c, 0) == round(n * 0.3) - round(n * 0.2)
     got = {}
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
         ds = load_dataset(r["id"], split, root)
         for img, y in zip(ds.images, ds.labels):
             got.setdefault(int(y), []).append(img)
-    # At the source size no resize happens: pixels are exactly x / 127.5 - 1.
+    # At the source size (the default) no resize happens: pixels are exactly x / 127.5 - 1.
     for c in range(10):
         want = torch.from_numpy(images[labels == c]).float().unsqueeze(1) / 127.5 - 1
         have = torch.stack(got[c])
@@ -127,12 +150,206 @@ def test_shrinking_is_antialiased(tmp_path, root):
     stripes = np.where((np.arange(64) % 4 == 1) | (np.arange(64) % 4 == 2), 255, 0)
     arr = np.broadcast_to(stripes, (64, 64)).astype(np.uint8)
     src = write(tmp_path / "raw", {f"{i}.png": png(arr) for i in range(5)})
-    r = ingest(str(src), root=root, options=IngestOptions(image_size=16, test_fraction=0.0))
+    options = IngestOptions(image_size=16, test_fraction=0.0, val_fraction=0.0)
+    r = ingest(str(src), root=root, options=options)
     images = load_dataset(r["id"], "train", root).images
     assert images.shape == (5, 1, 16, 16)
     # Mid-gray everywhere (the filter is cut at the borders, so those are a little off).
     assert images[..., 1:-1].abs().max() < 0.01, images[0, 0, 0]
     assert images.abs().max() < 0.1, images[0, 0, 0]
+
+
+# -- sizing: the source's resolution, center crop or stretch -----------------------------------
+
+
+def _stored(r, root) -> np.ndarray:
+    """All stored images of a one-split snapshot as [n, h, w, c] in [-1, 1]."""
+    return load_dataset(r["id"], "train", root).images.permute(0, 2, 3, 1).numpy()
+
+
+def _reference(arr: np.ndarray, box=None, size=None) -> np.ndarray:
+    """Pillow's crop (box) and bilinear resize, as [h, w, c] in [-1, 1]."""
+    img = Image.fromarray(arr)
+    img = img.crop(box) if box else img
+    img = img.resize((size, size), Image.Resampling.BILINEAR) if size else img
+    return np.asarray(img).astype(np.float32) / 127.5 - 1
+
+
+ALL_TRAIN = {"test_fraction": 0.0, "val_fraction": 0.0}
+
+
+def test_non_square_rgb_is_center_cropped_at_its_native_size(tmp_path, root):
+    """48x32 landscape and 32x48 portrait RGB images: the shorter side, 32, is the default
+    size; each is stored as its centered 32x32 square, pixel for pixel (no resize at all)."""
+    wide = [noise(32, 48, seed=i) for i in range(3)]
+    tall = [noise(48, 32, seed=10 + i) for i in range(2)]
+    files = {f"w{i}.png": png(a) for i, a in enumerate(wide)}
+    files.update({f"x{i}.png": png(a) for i, a in enumerate(tall)})
+    src = str(write(tmp_path / "raw", files))
+    r = ingest(src, root=root, options=IngestOptions(**ALL_TRAIN))
+    m = resolve_snapshot(r["id"], root)
+    assert m["image_size"] == 32 and m["channels"] == 3 and m["family_data"] == "unlabelled"
+    assert m["preprocessing"]["resize_mode"] == "crop"
+    got = _stored(r, root)  # in path order: w0..w2, x0, x1
+    want = [_reference(a, (8, 0, 40, 32)) for a in wide]  # (left, top, right, bottom)
+    want += [_reference(a, (0, 8, 32, 40)) for a in tall]
+    np.testing.assert_allclose(got, np.stack(want), rtol=0, atol=1e-6)
+    # Crop then shrink: Pillow's bilinear (antialiased too) within one gray level.
+    small = ingest(src, root=root, options=IngestOptions(image_size=16, **ALL_TRAIN))
+    want16 = [_reference(a, (8, 0, 40, 32), 16) for a in wide]
+    np.testing.assert_allclose(_stored(small, root)[:3], np.stack(want16), atol=1.01 / 127.5)
+
+
+def test_stretch_keeps_the_whole_image_and_is_another_snapshot(tmp_path, root, capsys):
+    wide = [noise(32, 48, seed=i) for i in range(3)]
+    src = str(write(tmp_path / "raw", {f"w{i}.png": png(a) for i, a in enumerate(wide)}))
+    crop = ingest(src, root=root, options=IngestOptions(**ALL_TRAIN))
+    argv = ["ingest", src, "--root", root, "--no-prefect", "--json", "--resize", "stretch"]
+    assert main([*argv, "--test-fraction", "0", "--val-fraction", "0"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["id"] != crop["id"] and out["image_size"] == 32
+    stretched = _stored(out, root)
+    assert np.abs(stretched - _stored(crop, root)).mean() > 0.1
+    want = np.stack([_reference(a, size=32) for a in wide])  # 48 -> 32 across, 32 kept down
+    np.testing.assert_allclose(stretched, want, atol=1.01 / 127.5)
+    assert resolve_snapshot(out["id"], root)["preprocessing"]["resize_mode"] == "stretch"
+
+
+def test_auto_size_rule():
+    one = lambda h, w, n=1: (n, h, w)  # noqa: E731 (header dims: images, height, width)
+    assert auto_image_size([one(24, 24)] * 3 + [one(20, 40)] * 2) == 24  # most common
+    assert auto_image_size([one(24, 24)] * 2 + [one(40, 20)] * 2) == 20  # tie: the smaller
+    assert auto_image_size([one(64, 64)] * 2 + [one(32, 32, n=5)]) == 32  # npz: per image
+    assert auto_image_size([one(300, 300), one(300, 400), None]) == 256  # capped; None skipped
+    assert auto_image_size([one(4, 4)]) == 8  # training's smallest size
+    assert auto_image_size([None]) == 16
+
+
+def test_mixed_sizes_follow_the_rule(tmp_path, root):
+    """Three 24x24 images and two 20x40: stored at 24; the 20x40 ones are cropped to their
+    centered 20x20 and enlarged."""
+    files = {f"a{i}.png": png(noise(24, 24, seed=i, channels=1)) for i in range(3)}
+    files.update({f"b{i}.png": png(noise(20, 40, seed=9 + i, channels=1)) for i in range(2)})
+    r = ingest(str(write(tmp_path / "raw", files)), root=root, options=IngestOptions(**ALL_TRAIN))
+    assert r["image_size"] == 24 and r["channels"] == 1
+    got = _stored(r, root)
+    np.testing.assert_allclose(
+        got[:3, :, :, 0], np.stack([noise(24, 24, i, 1) / 127.5 - 1 for i in range(3)]), atol=1e-6
+    )
+    crop = torch.from_numpy(noise(20, 40, 9, 1)[:, 10:30] / 127.5 - 1).float()[None, None]
+    from gan_core.data import resize
+
+    np.testing.assert_allclose(got[3, :, :, 0], resize(crop, 24)[0, 0].numpy(), atol=1e-6)
+
+
+def test_large_images_are_capped_at_256_unless_asked(tmp_path, root):
+    files = {f"{i}.png": png(noise(300, 300, seed=i)) for i in range(2)}
+    src = str(write(tmp_path / "raw", files))
+    r = ingest(src, root=root, options=IngestOptions(**ALL_TRAIN))
+    assert r["image_size"] == 256 and _stored(r, root).shape == (2, 256, 256, 3)
+    explicit = ingest(src, root=root, options=IngestOptions(image_size=300, **ALL_TRAIN))
+    assert explicit["image_size"] == 300 and explicit["id"] != r["id"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"image_size": 4}, "image_size: must be an integer in 8..512"),
+        ({"image_size": 1024}, "image_size: must be an integer in 8..512"),
+        ({"resize_mode": "pad"}, "resize_mode: must be one of crop, stretch"),
+        ({"test_fraction": 0.6, "val_fraction": 0.4}, "test_fraction \\+ val_fraction < 1"),
+        ({"val_fraction": -0.1}, "val_fraction: must be in"),
+    ],
+)
+def test_options_are_checked(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        IngestOptions(**kwargs)
+
+
+def test_cli_image_size_range(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ingest", "x", "--image-size", "4"])
+    assert "must be auto or an integer in 8..512" in capsys.readouterr().err
+    args = build_parser().parse_args(["ingest", "x", "--image-size", "auto"])
+    assert args.image_size is None and args.resize == "crop" and args.val_fraction == 0.1
+
+
+# -- the val split ------------------------------------------------------------------------------
+
+
+def _keys(images: torch.Tensor) -> set[tuple]:
+    return {tuple(t.flatten().tolist()) for t in images}
+
+
+def test_val_split_is_disjoint_stratified_and_stable(tmp_path, root):
+    images, labels = digits(200)
+    files = {f"{y}/{i:04d}.png": png(a) for i, (a, y) in enumerate(zip(images, labels))}
+    r = ingest(str(write(tmp_path / "raw", files)), root=root)
+    sets = {s: load_dataset(r["id"], s, root) for s in ("train", "val", "test")}
+    keys = {s: _keys(d.images) for s, d in sets.items()}
+    assert sum(map(len, keys.values())) == 200  # the 200 digits are distinct images
+    assert not keys["val"] & keys["train"] and not keys["val"] & keys["test"]
+    assert not keys["train"] & keys["test"]
+    m = resolve_snapshot(r["id"], root)
+    for c, n in m["counts"].items():  # every class of ~20 gives its ~2 val images
+        assert m["split_counts"]["val"][c] == round(n * 0.3) - round(n * 0.2) >= 1
+    assert torch.bincount(sets["val"].labels, minlength=10).min() >= 1
+    # Stable: renamed files in another order, another store: the same images in every split.
+    renamed = {
+        f"{k.split('/')[0]}/z{len(files) - i}.png": v for i, (k, v) in enumerate(files.items())
+    }
+    other = str(tmp_path / "other")
+    again = ingest(str(write(tmp_path / "renamed", renamed)), root=other)
+    assert again["id"] == r["id"]
+    for s in ("train", "val", "test"):
+        assert _keys(load_dataset(again["id"], s, other).images) == keys[s]
+    # Test does not move with val_fraction; val grows from the same start of the hash order.
+    more = ingest(str(tmp_path / "raw"), root=root, options=IngestOptions(val_fraction=0.2))
+    assert _keys(load_dataset(more["id"], "test", root).images) == keys["test"]
+    assert keys["val"] < _keys(load_dataset(more["id"], "val", root).images)
+    none = ingest(str(tmp_path / "raw"), root=root, options=IngestOptions(val_fraction=0.0))
+    assert len(load_dataset(none["id"], "val", root)) == 0
+    assert resolve_snapshot(none["id"], root)["split_counts"]["val"] == {}
+
+
+def test_cyclegan_val_comes_out_of_train_folders(tmp_path, root):
+    """trainA/trainB hold 15 images each, testA/testB 5: test stays the given 5, val is
+    round(15 * 0.1) = 2 of each domain's train images."""
+    r = ingest(str(write(tmp_path / "raw", cyclegan_files(40))), root=root)
+    assert r["split_counts"] == {
+        "train": {"x": 13, "y": 13},
+        "val": {"x": 2, "y": 2},
+        "test": {"x": 5, "y": 5},
+    }
+    train, val = load_dataset(r["id"], "train", root), load_dataset(r["id"], "val", root)
+    assert len(val.x) == len(val.y) == 2
+    assert not _keys(val.x.images) & _keys(train.x.images)
+    shards = {s["split"] for s in resolve_snapshot(r["id"], root)["shards"]}
+    assert shards == {"train", "val", "test"}
+
+
+# -- manifest formats ---------------------------------------------------------------------------
+
+
+def test_older_format_is_refused_in_one_line(tmp_path, root):
+    src = str(write(tmp_path / "raw", classes_files(20)))
+    r = ingest(src, root=root, name="old")
+    path = Path(root) / r["id"] / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "format": 1}))
+    want = (
+        f"snapshot {r['id']} (old) was written by an older ganflow (format 1); "
+        f"re-ingest its source: ganflow ingest {src} --name old"
+    )
+    for call in (
+        lambda: resolve_snapshot(r["id"], root),
+        lambda: resolve_snapshot("old", root),
+        lambda: load_dataset("old", "train", root),
+    ):
+        with pytest.raises(SnapshotOutdated) as exc:
+            call()
+        assert str(exc.value) == want
+    assert isinstance(exc.value, ValueError)
 
 
 def test_parallel_decode_shrinks_each_chunk_as_it_arrives(tmp_path):
@@ -318,6 +535,9 @@ def test_id_ignores_names_and_paths(tmp_path, root):
     assert a["id"] == b["id"] and b["reused"]
     c = ingest(str(tmp_path / "a"), root=root, options=IngestOptions(image_size=12))
     assert c["id"] != a["id"]
+    # Auto resolved to the digits' 8 px is the same data, hence the same id, as an explicit 8.
+    d = ingest(str(tmp_path / "a"), root=root, options=IngestOptions(image_size=8))
+    assert d["id"] == a["id"] and d["reused"]
 
 
 def test_name_resolves_to_latest(tmp_path, root):
@@ -427,4 +647,5 @@ def test_cli_surface():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     opts = {o for a in sub.choices["ingest"]._actions for o in a.option_strings}
     assert {"--name", "--layout", "--image-size", "--channels", "--json", "--root"} <= opts
+    assert {"--resize", "--val-fraction", "--test-fraction"} <= opts
     assert "datasets" in sub.choices

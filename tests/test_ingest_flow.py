@@ -34,11 +34,24 @@ def test_flow_matches_plain_pipeline_and_is_idempotent(prefect_harness, tmp_path
     assert r["id"] == plain["id"] and not r["reused"]
     again = run_flow(str(folder), root=str(tmp_path / "store"), name="digits")
     assert again["id"] == r["id"] and again["reused"]
+    assert r["image_size"] == 8 and set(r["split_counts"]) == {"train", "val", "test"}
     # Each run leaves the snapshot summary as a Prefect artifact (newest first).
     [new, old] = _artifacts("ganflow-ingest-digits")[:2]
     assert f"`{r['id']}`" in new.data and "reused" in new.data and "(new)" in old.data
     for group, n in r["counts"].items():
         assert f"| {group} |" in new.data and f"| {n} |" in new.data
+
+
+def test_flow_passes_every_option(prefect_harness, tmp_path):
+    """The flow's parameters carry each IngestOptions field: same id as the plain pipeline."""
+    from flows.ingest import IngestOptions, ingest
+    from flows.ingest_flow import run_flow
+
+    folder, _, _ = make_layout("classes", tmp_path / "raw")
+    o = IngestOptions(image_size=12, resize_mode="stretch", val_fraction=0.0, test_fraction=0.3)
+    r = run_flow(str(folder), root=str(tmp_path / "store"), options=o)
+    assert r["id"] == ingest(str(folder), root=str(tmp_path / "plain"), options=o)["id"]
+    assert r["image_size"] == 12 and r["split_counts"]["val"] == {}
 
 
 def _artifacts(key: str):
