@@ -27,6 +27,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="print the result as one JSON object on the last line of stdout",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's, MLflow's and Prefect's own output here (default: a log file)",
+    )
 
 
 def _families(text: str) -> list[str]:
@@ -136,6 +141,9 @@ PLUGINS: list[str] = [
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from flows import console
+
+    log_file = console.route_library_logs(args.command, args.verbose)
     try:
         func = getattr(args, "func", None) or COMMANDS[args.command]
         result = func(args)
@@ -147,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ganflow {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        console.report(log_file)
     if args.json:
         print(json.dumps(result, default=str))
     return 0

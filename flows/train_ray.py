@@ -278,6 +278,17 @@ class RayCallback:
             if self.job.check_replicas:
                 metrics["replica_max_abs_diff"] = replica_divergence(state.models, state.device)
         metrics["step"] = state.step
+        if self.rank == 0:
+            shown = ", ".join(f"{k}={v:.3g}" for k, v in metrics.items() if k.startswith("loss"))
+            rate = metrics.get("steps_per_s")
+            # sys.__stderr__: Ray Train patches print() on workers into its logger (filtered
+            # to warnings on a quiet console, and teed twice otherwise).
+            print(
+                f"[ganflow] {state.cfg.family}: iteration {state.step}/{self.end} {shown}"
+                + (f" ({rate:.1f} it/s)" if rate else ""),
+                file=sys.__stderr__,
+                flush=True,
+            )
         every = self.job.eval_every
         evaluated = bool(every) and state.step % every == 0 and state.step != self.end
         if self.rank == 0 and evaluated:
@@ -372,7 +383,7 @@ def _train_worker(job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, de
         print(
             f"[ganflow rank {rank}] resumed at iteration {state.step}"
             + ("" if exact else " (world size changed: fresh data/noise streams)"),
-            file=sys.stderr,
+            file=sys.__stderr__,
             flush=True,
         )
     end = cfg.train.steps
@@ -571,8 +582,21 @@ def ensure_ray(log_to_driver: bool = True) -> None:
     fallback, which joins whatever cluster `ray start` last left on this machine."""
     import ray
 
+    from flows import console
+
+    console.reapply()  # importing ray configured its loggers
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=log_to_driver)
+        kwargs = {}
+        if console.quiet():
+            # Workers' and the Train controller's INFO chatter stays in Ray's session logs;
+            # ganflow's own progress lines (plain prints on rank 0) still reach the console.
+            kwargs["logging_config"] = ray.LoggingConfig(log_level="WARNING")
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS") or "local",
+            log_to_driver=log_to_driver,
+            **kwargs,
+        )
+        console.reapply()
 
 
 def max_gpus_setting() -> float | None:
@@ -748,6 +772,9 @@ def _fit(job: WorkerJob, cluster: ClusterSpec, req: TrainRequest, run_name: str,
             failure_config=FailureConfig(max_failures=req.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=req.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
+            # Ray Train's INFO lines (resources, process groups, every report) go to Ray's
+            # session logs on a quiet console; ganflow's own lines still show.
+            logging_config=_train_logging(),
             callbacks=list(req.trainer_callbacks) or None,
         ),
     )
@@ -769,6 +796,14 @@ def _fit(job: WorkerJob, cluster: ClusterSpec, req: TrainRequest, run_name: str,
         "checkpoint": ckpt,
         "storage": f"{'s3://' if filesystem is not None else ''}{storage_path}/{run_name}",
     }
+
+
+def _train_logging():
+    import ray
+
+    from flows import console
+
+    return ray.LoggingConfig(log_level="WARNING" if console.quiet() else "INFO")
 
 
 def failure_cause(exc: BaseException) -> str:

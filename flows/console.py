@@ -1,0 +1,74 @@
+"""The console shows ganflow's own lines; Ray's, MLflow's and Prefect's chatter goes to a log
+file under GANFLOW_HOME/logs, whose path is printed when something was written to it.
+``--verbose`` keeps everything on the terminal, as the libraries print it.
+
+Ray workers' and the Train controller's output stays in Ray's own session logs (not streamed
+to the driver); their folder is printed with the file's path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+# Loggers of the libraries whose INFO lines are not the user's business on a normal run.
+_LIBRARIES = ("ray", "mlflow", "alembic", "prefect", "botocore", "urllib3", "httpx", "filelock")
+_handler: logging.Handler | None = None
+
+
+def quiet() -> bool:
+    """Whether library output is routed away from the terminal (no --verbose)."""
+    return _handler is not None
+
+
+def route_library_logs(command: str, verbose: bool) -> Path | None:
+    """Send the libraries' log records to GANFLOW_HOME/logs/<command>-<time>.log (None and
+    nothing changed with verbose). Call before the libraries are used."""
+    global _handler
+    if verbose:
+        return None
+    from flows.settings import ganflow_home
+
+    path = ganflow_home() / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _handler = logging.FileHandler(path, delay=True)
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    # Prefect configures its own console handlers when imported: it reads its level then.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    reapply()
+    return path
+
+
+def reapply() -> None:
+    """Route again: libraries add their own handlers when they start (ray.init does)."""
+    if _handler is None:
+        return
+    names = set(_LIBRARIES)
+    names.update(n for n in logging.root.manager.loggerDict if n.split(".")[0] in _LIBRARIES)
+    for name in names:
+        lg = logging.getLogger(name)
+        if lg.handlers or name in _LIBRARIES:
+            lg.handlers = [_handler]
+            lg.propagate = False
+
+
+def ray_session_logs() -> str | None:
+    try:
+        import ray
+
+        node = ray._private.worker.global_worker.node  # noqa: SLF001 (no public accessor)
+        return os.path.join(node.get_session_dir_path(), "logs")
+    except Exception:  # Ray not started, or its internals moved: the path is a courtesy
+        return None
+
+
+def report(path: Path | None) -> None:
+    """Say where the routed logs are, when anything went there."""
+    if path is None or not path.exists() or path.stat().st_size == 0:
+        return
+    extra = ray_session_logs()
+    where = f"{path}" + (f"; Ray worker logs: {extra}" if extra else "")
+    print(f"[ganflow] library logs: {where} (--verbose shows them here)", file=sys.stderr)
