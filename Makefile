@@ -8,11 +8,16 @@ STAMP := $(VENV)/.installed-stamp
 
 # torch is installed first and pinned: its CPU build lies on local disk, and an unpinned
 # torch (or any range admitting newer releases) pulls a multi-GB CUDA build.
+# torch-fidelity (the FID Inception, gan_core/inception.py) is installed without its declared
+# torchvision, which would replace the pinned torch with a CUDA build and whose PyPI wheels do
+# not import beside it; nothing imports torchvision. So `pip check` reports "torch-fidelity
+# 0.4.0 requires torchvision, which is not installed": expected.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps torch-fidelity==0.4.0
 	touch $(STAMP)
 
 setup: $(STAMP)
