@@ -63,9 +63,13 @@ class PipelineConfig:
             raise PipelineError(f"margin: must be >= 0, got {self.margin}")
         for fam in self.families:
             try:
-                self.train_config(fam)
+                cfg = self.train_config(fam)
             except ConfigError as exc:
                 raise PipelineError(f"overrides.{fam}: {exc}") from None
+            if cfg.eval.inception:  # the FID weights, before any work (one line otherwise)
+                from flows.data_config import check_inception
+
+                check_inception(cfg)
 
     def dataset(self, family: str) -> str:
         return self.datasets.get(family, DEFAULT_DATASET[family])

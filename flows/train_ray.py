@@ -328,8 +328,14 @@ class RayCallback:
             self.job.tracking_uri, self.job.run_id, {k: v for k, v in metrics.items()}, state.step
         )
         if state.step % self.job.sample_every == 0 or state.step == self.end:
-            images, nrow, _ = sample_grid(state.cfg, state.models, self.evaluator.heldout["test"])
+            images, nrow, caption = sample_grid(
+                state.cfg, state.models, self.evaluator.heldout["test"]
+            )
             tracking.log_grid(self.job.tracking_uri, self.job.run_id, images, nrow, state.step)
+            # What the grid's rows are (and whether classes were cut), next to it in the UI.
+            tracking.client(self.job.tracking_uri).set_tag(
+                self.job.run_id, "ganflow.samples", caption
+            )
 
 
 def train_loop_per_worker(config: dict) -> None:
