@@ -72,7 +72,7 @@ _EXTRACTOR_NAME = "inception-v3-compat"
 # RNG state, so the caller's stream is untouched) makes the same inputs give the same KID.
 KID_SEED = 0
 
-_HINT = f"set {ENV_WEIGHTS} to a copy of {FID_WEIGHTS_FILE} (see README 'offline clusters')"
+_HINT = f"set {ENV_WEIGHTS} to a copy of {FID_WEIGHTS_FILE} (see README 'FID and KID')"
 
 
 class FidWeightsError(ValueError):

@@ -322,3 +322,31 @@ def test_pinned_hash_matches_torch_fidelity_file_name():
     assert (
         inc.FID_WEIGHTS_FILE.removesuffix(".pth").rsplit("-", 1)[1] == (inc.FID_WEIGHTS_SHA256[:8])
     )
+
+
+def test_evaluation_uses_fid_as_the_primary_metric_when_asked(fid_env, extractor):
+    """eval.inception wires FID/KID into every family's evaluation, the GAN's and CycleGAN's
+    primary metric follows, and the preflight passes with the configured file."""
+    from flows.data_config import check_inception, load_inception
+    from gan_core.config import apply_overrides, preset
+    from gan_core.data import load_builtin
+    from gan_core.evaluate import evaluate, primary_metric
+    from gan_core.judge import train_judge
+    from gan_core.models import build_models
+
+    for family in ("gan", "cyclegan"):
+        cfg = apply_overrides(preset(family, "tiny"), {"eval.inception": True, "eval.samples": 16})
+        check_inception(cfg)
+        assert load_inception(cfg) is not None
+        test = load_builtin(cfg.data.dataset, 16, "test")
+        few = (
+            type(test)(type(test.x)(test.x.images[:16]), type(test.y)(test.y.images[:16]))
+            if family == "cyclegan"
+            else type(test)(test.images[:16], test.labels[:16])
+        )
+        judge = train_judge(few)
+        out = evaluate(cfg, build_models(cfg), few, judge, inception=extractor)
+        name, mode = primary_metric(cfg, has_truth=False)
+        assert (name, mode) == (("fid", "min") if family == "gan" else ("fid_translation", "min"))
+        assert name in out and out[name] > 0
+        assert ("kid" in out) if family == "gan" else ("kid_g" in out and "kid_f" in out)

@@ -123,12 +123,14 @@ def test_three_families_on_own_images_to_champions(env, sources, tmp_path, monke
 
 def test_contradictions_fail_in_one_line_before_any_work(env, sources, monkeypatch, capsys):
     monkeypatch.setenv("GANFLOW_HOME", str(env))
+    monkeypatch.delenv("GANFLOW_FID_WEIGHTS", raising=False)
     assert main(["ingest", str(sources["rgb"]), "--name", "shapes"]) == 0
     capsys.readouterr()
     for argv, message in [
         (["--family", "cgan", "--set", "data.channels=1"], "data.channels: 1 contradicts"),
         (["--family", "cgan", "--set", "image_size=64"], "data.image_size: 64 contradicts"),
         (["--family", "cyclegan"], "cyclegan cannot train on shapes"),
+        (["--family", "gan", "--set", "eval.inception=true"], "GANFLOW_FID_WEIGHTS"),
     ]:
         t0 = time.monotonic()
         rc = main(["train", "--dataset", "shapes", *argv])
@@ -154,7 +156,7 @@ def test_a_config_that_cannot_run_fails_in_the_driver(env, sources, monkeypatch,
 @pytest.mark.slow
 def test_cgan_on_rgb_shapes_is_judged_by_the_snapshots_classifier(sources, tmp_path):
     """Behaviour: samples of label y are classified as y by the snapshot's judge far above
-    chance (1/3). Floor 0.8; measured 0.97 (600 steps, 2-core CPU)."""
+    chance (1/3). Floor 0.8; measured 1.00 (600 steps, 2-core CPU)."""
     from flows.data_config import config_for_snapshot
     from flows.ingest import ingest
     from flows.snapshots import load_dataset, resolve_snapshot
