@@ -277,7 +277,9 @@ def test_kernel_distance_matches_the_formula():
     b = torch.randn(30, 5, generator=g) * 1.5 + 0.5
     # One subset of every sample: the estimator is the full unbiased MMD^2 (order irrelevant).
     mean, std = kernel_distance(a, b, subsets=1, subset_size=30)
-    assert mean == pytest.approx(_mmd2_unbiased_numpy(a.double().numpy(), b.double().numpy()), rel=1e-9)
+    assert mean == pytest.approx(
+        _mmd2_unbiased_numpy(a.double().numpy(), b.double().numpy()), rel=1e-9
+    )
     assert std == 0.0
     c, e = torch.randn(400, 5, generator=g), torch.randn(400, 5, generator=g)
     same, _ = kernel_distance(c, e, subsets=5, subset_size=400)

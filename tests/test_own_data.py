@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from own_data import labelled, unpaired
+from own_data import CLASSES, labelled, unpaired
 
 from flows.cli import main
 
@@ -24,9 +24,9 @@ pytestmark = pytest.mark.timeout(1200)
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("own-images")
     return {
-        "rgb": labelled(root / "shapes-rgb", per_class=40, seed=1),
-        "gray": labelled(root / "shapes-gray", per_class=40, gray=True, seed=2),
-        "pair": unpaired(root / "c2s", per_domain=40, seed=3),
+        "rgb": labelled(root / "shapes-rgb", per_class=70, seed=1),
+        "gray": labelled(root / "shapes-gray", per_class=50, classes=CLASSES, gray=True, seed=2),
+        "pair": unpaired(root / "c2s", per_domain=100, seed=3),
     }
 
 
@@ -140,9 +140,12 @@ def test_contradictions_fail_in_one_line_before_any_work(env, sources, monkeypat
         assert time.monotonic() - t0 < 30  # no Ray job, no retries
 
 
-def test_a_config_that_cannot_run_fails_in_the_driver(env, sources, monkeypatch, capsys):
-    """A deterministic model error is found by the driver's one-step dry run (seconds), not
-    by workers retried three times."""
+def test_a_config_that_cannot_run_fails_fast_and_a_good_one_finishes(
+    env, sources, monkeypatch, capsys
+):
+    """A config error is one line from the driver (seconds); the issue's CycleGAN command
+    on unpaired RGB images without ground truth finishes; a deterministic error inside a
+    worker is raised at once with the worker's own message (no retries)."""
     monkeypatch.setenv("GANFLOW_HOME", str(env))
     assert main(["ingest", str(sources["pair"]), "--name", "c2s"]) == 0
     capsys.readouterr()
@@ -150,7 +153,31 @@ def test_a_config_that_cannot_run_fails_in_the_driver(env, sources, monkeypatch,
     rc = main(["train", "--family", "cyclegan", "--dataset", "c2s", "--set", "patch_layers=4"])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and len(err.splitlines()) == 1, err
-    assert "patch_layers" in err or "does not run" in err
+    assert "patch_layers" in err
+
+    small = ["--set", "train.steps=4", "--set", "log_every=2", "--set", "n_res_blocks=1"]
+    argv = ["train", "--family", "cyclegan", "--dataset", "c2s", "--set", "data.channels=3"]
+    assert main([*argv, *small, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "fd_translation" in out["metrics"] and "truth_error_ratio" not in out["metrics"]
+
+    # Break the validation split only: the driver's dry run reads train and test, so the
+    # error surfaces in the worker, which must not be retried three times.
+    from flows.settings import snapshot_root
+    from flows.snapshots import resolve_snapshot
+
+    manifest = resolve_snapshot("c2s", snapshot_root())
+    val = [sh["file"] for sh in manifest["shards"] if sh["split"] == "val"]
+    assert val
+    shard = env / "snapshots" / manifest["id"] / val[0]
+    shard.write_bytes(shard.read_bytes()[:-7] + b"garbage")
+    t0 = time.monotonic()
+    rc = main([*argv, *small, "--max-failures", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0
+    last = err[-1]
+    assert "rank 0" in last and "does not match its manifest hash" in last, err
+    print(f"worker error raised after {time.monotonic() - t0:.0f} s")
 
 
 @pytest.mark.slow
