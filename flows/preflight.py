@@ -219,14 +219,9 @@ def _s3_filesystem(url: str, env: Mapping[str, str], timeout_s: float):
     else:  # an explicit mapping: the same endpoint order as flows.storage, from that mapping
         import s3fs
 
-        endpoint = next(
-            (
-                env[v]
-                for v in ("GANFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-                if env.get(v)
-            ),
-            None,
-        )
+        from flows.storage import s3_endpoint
+
+        endpoint = s3_endpoint(env)
         fs = s3fs.S3FileSystem(
             endpoint_url=endpoint,
             key=env.get("AWS_ACCESS_KEY_ID"),
@@ -243,10 +238,10 @@ def _s3_filesystem(url: str, env: Mapping[str, str], timeout_s: float):
 
 
 def _s3_endpoint(env: Mapping[str, str]) -> str:
-    for v in ("GANFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
-        if env.get(v):
-            return redact(env[v])
-    return "AWS S3"
+    from flows.storage import s3_endpoint
+
+    endpoint = s3_endpoint(env)
+    return redact(endpoint) if endpoint else "AWS S3"
 
 
 def check_bucket(url: str, var: str, env: Mapping[str, str], timeout_s: float) -> None:

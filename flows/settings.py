@@ -27,6 +27,12 @@ def snapshot_root() -> str:
     return os.environ.get("GANFLOW_STORAGE_ROOT") or str(ganflow_home() / "snapshots")
 
 
+def ray_storage() -> str:
+    """Where Ray Train and Tune keep checkpoints and run state: GANFLOW_RAY_STORAGE (a folder
+    or s3://bucket/prefix), default GANFLOW_HOME/ray_results."""
+    return os.environ.get("GANFLOW_RAY_STORAGE") or str(ganflow_home() / "ray_results")
+
+
 def mlflow_tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else a SQLite file under GANFLOW_HOME."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ganflow_home() / 'mlflow.db'}"
@@ -68,3 +74,28 @@ def read_yaml_mapping(path: str, what: str, error: type[Exception]) -> dict:
     if not isinstance(raw, dict):
         raise error(f"{what} {path} must be a mapping of key: value")
     return raw
+
+
+# Settings every Ray process of a job (training workers, Tune trials) must see as the driver
+# does: where things live, never credentials (those come from each node's own environment or
+# instance role, never through Ray's runtime env). The one list, for train and tune alike.
+FORWARDED_ENV = (
+    "GANFLOW_HOME",
+    "GANFLOW_STORAGE_ROOT",
+    "GANFLOW_RAY_STORAGE",
+    "GANFLOW_MLFLOW_ARTIFACT_ROOT",
+    "GANFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "GANFLOW_FID_WEIGHTS",
+    "GANFLOW_FID_WEIGHTS_SHA256",
+    "GANFLOW_FID_DOWNLOAD",
+)
+
+
+def forwarded_env() -> dict[str, str]:
+    """FORWARDED_ENV's values that are set here."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}

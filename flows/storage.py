@@ -5,7 +5,7 @@ it builds an s3fs filesystem whose credentials come from the standard AWS chain
 (environment, ``~/.aws/config``, instance roles) and whose endpoint comes, in order, from
 ``GANFLOW_S3_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (for MinIO,
 Ceph, moto...). The region is botocore's own: ``AWS_DEFAULT_REGION`` (passing it through
-``client_kwargs`` breaks bucket creation on s3fs, see STACK-NOTES).
+``client_kwargs`` breaks bucket creation on s3fs).
 
 Storage errors that users cause (missing bucket, bad credentials, wrong path) become one-line
 :class:`StorageError` messages with secrets masked; transient ones (connection resets, 5xx,
@@ -17,14 +17,15 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import fsspec
 
 T = TypeVar("T")
 
-_ENDPOINT_VARS = ("GANFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+ENDPOINT_VARS = ("GANFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+"""Where an S3-compatible endpoint is read from, first set wins (the one order, everywhere)."""
 _SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 _TRANSIENT_MARKERS = (
     "slowdown",
@@ -60,11 +61,11 @@ class StorageError(ValueError):
     """A storage problem the user can fix (path, bucket, credentials, endpoint); one line."""
 
 
-def s3_endpoint() -> str | None:
-    for var in _ENDPOINT_VARS:
-        if os.environ.get(var):
-            return os.environ[var]
-    return None
+def s3_endpoint(env: Mapping[str, str] | None = None) -> str | None:
+    """The S3-compatible endpoint URL the environment names (ENDPOINT_VARS order), or None
+    for AWS S3 itself."""
+    env = os.environ if env is None else env
+    return next((env[v] for v in ENDPOINT_VARS if env.get(v)), None)
 
 
 def is_remote(url: str) -> bool:

@@ -167,7 +167,7 @@ def log_generator(uri: str, run_id: str, cfg: GanConfig, models: dict[str, nn.Mo
     gan: z [4, z_dim] -> images; cgan: (z, y) -> images; cyclegan: G (X -> Y) and F (Y -> X),
     each images -> images. MLflow's default pt2 format exports forward with the example; its
     batch of 4 (> 1) keeps the batch dimension dynamic, so any batch size is served (a batch
-    of 1 would fix it, see STACK-NOTES). Returns model URIs."""
+    of 1 would fix it). Returns model URIs."""
     import mlflow
     from mlflow.models import infer_signature
 

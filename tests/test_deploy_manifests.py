@@ -706,8 +706,8 @@ def test_prefect_yaml_is_a_valid_prefect_project():
 
     model = PrefectYamlModel.model_validate(_doc(PREFECT_YAML))
     by_entry = {d.entrypoint: d for d in model.deployments}
-    retrain = by_entry["flows/pipeline.py:retraining_flow"]
-    tune = by_entry["flows/tune.py:tune_flow"]
+    retrain = by_entry["flows/orchestration/retraining.py:retraining_flow"]
+    tune = by_entry["flows/orchestration/tune.py:tune_flow"]
     (schedule,) = retrain.schedules
     CronSchedule(cron=schedule.cron, timezone=schedule.timezone)  # raises on a bad cron
     assert schedule.cron.split()[4] != "*", "the retraining schedule is not weekly"
@@ -729,7 +729,10 @@ def test_prefect_work_pool_matches_the_workers():
         assert "prefect worker start --pool ganflow-process --type process" in cmd
 
 
-@pytest.mark.parametrize("entry", ["flows/pipeline.py:retraining_flow", "flows/tune.py:tune_flow"])
+@pytest.mark.parametrize(
+    "entry",
+    ["flows/orchestration/retraining.py:retraining_flow", "flows/orchestration/tune.py:tune_flow"],
+)
 def test_prefect_entrypoints_exist(entry):
     deployment = next(d for d in _deployments().values() if d["entrypoint"] == entry)
     rel, func = entry.split(":")

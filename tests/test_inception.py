@@ -327,7 +327,7 @@ def test_pinned_hash_matches_torch_fidelity_file_name():
 def test_evaluation_uses_fid_as_the_primary_metric_when_asked(fid_env, extractor):
     """eval.inception wires FID/KID into every family's evaluation, the GAN's and CycleGAN's
     primary metric follows, and the preflight passes with the configured file."""
-    from flows.data_config import check_inception, load_inception
+    from flows.train.data_config import check_inception, load_inception
     from gan_core.config import apply_overrides, preset
     from gan_core.data import load_builtin
     from gan_core.evaluate import evaluate, primary_metric

@@ -25,18 +25,16 @@ from ingest_data import (
 )
 from PIL import Image
 
-import flows.ingest as ingest_mod
-import flows.snapshots as snapshots
+import flows.ingest.runner as ingest_mod
+import flows.ingest.stages as stages_mod
+import flows.snapshots.store as snapshots
 from flows.cli import build_parser, main
-from flows.ingest import IngestOptions, auto_image_size, ingest
-from flows.layouts import IngestError
-from flows.snapshots import (
-    SnapshotNotFound,
-    SnapshotOutdated,
-    list_snapshots,
-    load_dataset,
-    resolve_snapshot,
-)
+from flows.ingest.layouts import IngestError
+from flows.ingest.resolve import ensure_snapshot
+from flows.ingest.runner import ingest
+from flows.ingest.stages import IngestOptions, auto_image_size
+from flows.snapshots.load import list_snapshots, load_dataset, resolve_snapshot
+from flows.snapshots.store import SnapshotNotFound, SnapshotOutdated
 from flows.storage import StorageError, get_filesystem, mask_secrets, with_retries
 from gan_core.data import load_builtin
 
@@ -52,8 +50,9 @@ def root(tmp_path):
 @pytest.mark.parametrize("name", ["builtin:digits", "builtin:digits-unpaired"])
 @pytest.mark.parametrize("size", [16, 8])
 def test_builtin_snapshot_equals_load_builtin(name, size, root):
+    sid = ensure_snapshot(name, root, image_size=size)["id"]
     for split in ("train", "val", "test"):
-        got = load_dataset(name, split, root=root, image_size=size)
+        got = load_dataset(sid, split, root=root, image_size=size)
         want = load_builtin(name, size, split)
         if name.endswith("unpaired"):
             torch.testing.assert_close(got.x.images, want.x.images, rtol=0, atol=0)
@@ -355,8 +354,8 @@ def test_older_format_is_refused_in_one_line(tmp_path, root):
 def test_parallel_decode_shrinks_each_chunk_as_it_arrives(tmp_path):
     """With a finish step, results come back at the stored size in plan order whatever the
     number of workers, and quarantine reasons pass through untouched."""
-    from flows.ingest import shrink
-    from flows.layouts import decode_files
+    from flows.ingest.layouts import decode_files
+    from flows.ingest.stages import shrink
 
     big = [np.full((40, 30), i % 256, dtype=np.uint8) for i in range(300)]
     files = [(f"{i}.png", png(a)) for i, a in enumerate(big)] + [("bad.png", b"not a png")]
@@ -513,13 +512,13 @@ def test_reingest_is_a_noop_with_the_same_id(tmp_path, root, monkeypatch):
     def no_decoding(*a, **k):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(ingest_mod, "decode_files", no_decoding)
+    monkeypatch.setattr(stages_mod, "decode_files", no_decoding)
     monkeypatch.setattr(ingest_mod, "fetch_source", no_decoding)
     second = ingest(str(src), root=root)
     assert second["id"] == first["id"] and second["reused"]
     # Touched files (new mtimes): read and hashed again, still no decoding, same id.
     monkeypatch.undo()
-    monkeypatch.setattr(ingest_mod, "decode_files", no_decoding)
+    monkeypatch.setattr(stages_mod, "decode_files", no_decoding)
     later = time.time() + 10
     for p in src.rglob("*.png"):
         os.utime(p, (later, later))
@@ -565,7 +564,7 @@ def test_tampered_shard_is_detected(tmp_path, root):
 
 def test_parallel_decode_matches_serial(tmp_path):
     files = [(f"{i}.png", png(a)) for i, a in enumerate(digits(300)[0])]
-    from flows.layouts import decode_files
+    from flows.ingest.layouts import decode_files
 
     serial = decode_files(files, workers=1)
     parallel = decode_files(files, workers=2)

@@ -25,8 +25,8 @@ def prefect_harness(tmp_path_factory):
 
 
 def test_flow_matches_plain_pipeline_and_is_idempotent(prefect_harness, tmp_path):
-    from flows.ingest import ingest
-    from flows.ingest_flow import run_flow
+    from flows.ingest.runner import ingest
+    from flows.orchestration.ingest import run_flow
 
     folder, _, _ = make_layout("classes", tmp_path / "raw")
     r = run_flow(str(folder), root=str(tmp_path / "store"), name="digits")
@@ -44,8 +44,9 @@ def test_flow_matches_plain_pipeline_and_is_idempotent(prefect_harness, tmp_path
 
 def test_flow_passes_every_option(prefect_harness, tmp_path):
     """The flow's parameters carry each IngestOptions field: same id as the plain pipeline."""
-    from flows.ingest import IngestOptions, ingest
-    from flows.ingest_flow import run_flow
+    from flows.ingest.runner import ingest
+    from flows.ingest.stages import IngestOptions
+    from flows.orchestration.ingest import run_flow
 
     folder, _, _ = make_layout("classes", tmp_path / "raw")
     o = IngestOptions(image_size=12, resize_mode="stretch", val_fraction=0.0, test_fraction=0.3)
@@ -67,7 +68,7 @@ def _artifacts(key: str):
 
 
 def test_quarantine_report_is_in_the_artifact(prefect_harness, tmp_path):
-    from flows.ingest_flow import run_flow
+    from flows.orchestration.ingest import run_flow
 
     folder, _, _ = make_layout("flat", tmp_path / "raw")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from ingest_data import make_layout, upload
 
-from flows.ingest import ingest
-from flows.layouts import IngestError
-from flows.snapshots import list_snapshots, load_dataset
+from flows.ingest.layouts import IngestError
+from flows.ingest.runner import ingest
+from flows.snapshots.load import list_snapshots, load_dataset
 from flows.storage import StorageError
 from gan_core.data import load_builtin
 
@@ -73,7 +73,7 @@ def test_bad_credentials_one_line_and_masked(s3, tmp_path, monkeypatch):
 
 
 def test_interrupted_write_on_s3_leaves_no_snapshot(s3, tmp_path, monkeypatch):
-    import flows.snapshots as snapshots
+    import flows.snapshots.store as snapshots
 
     folder, _, _ = make_layout("classes", tmp_path / "raw")
     root = s3.url("snapshots")

@@ -164,7 +164,7 @@ def test_a_config_that_cannot_run_fails_fast_and_a_good_one_finishes(
     # Break the validation split only: the driver's dry run reads train and test, so the
     # error surfaces in the worker, which must not be retried three times.
     from flows.settings import snapshot_root
-    from flows.snapshots import resolve_snapshot
+    from flows.snapshots.load import resolve_snapshot
 
     manifest = resolve_snapshot("c2s", snapshot_root())
     val = [sh["file"] for sh in manifest["shards"] if sh["split"] == "val"]
@@ -184,9 +184,9 @@ def test_a_config_that_cannot_run_fails_fast_and_a_good_one_finishes(
 def test_cgan_on_rgb_shapes_is_judged_by_the_snapshots_classifier(sources, tmp_path):
     """Behaviour: samples of label y are classified as y by the snapshot's judge far above
     chance (1/3). Floor 0.8; measured 1.00 (600 steps, 2-core CPU)."""
-    from flows.data_config import config_for_snapshot
-    from flows.ingest import ingest
-    from flows.snapshots import load_dataset, resolve_snapshot
+    from flows.ingest.runner import ingest
+    from flows.snapshots.load import load_dataset, resolve_snapshot
+    from flows.train.data_config import config_for_snapshot
     from gan_core.evaluate import evaluate
     from gan_core.judge import load_or_train_judge
     from gan_core.train import init_state, train
@@ -213,7 +213,7 @@ def test_cgan_on_rgb_shapes_is_judged_by_the_snapshots_classifier(sources, tmp_p
 def test_dry_run_turns_a_model_error_into_one_line(monkeypatch):
     from torch import nn
 
-    from flows.data_config import dry_run
+    from flows.train.data_config import dry_run
     from gan_core import train as train_module
     from gan_core.config import ConfigError, preset
     from gan_core.data import load_builtin

@@ -9,8 +9,8 @@ import json
 import pytest
 import yaml
 
-from flows import pipeline
-from flows.pipeline import PipelineConfig, PipelineError
+from flows.orchestration import retraining as pipeline
+from flows.orchestration.retraining import PipelineConfig, PipelineError
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -33,6 +33,21 @@ def test_config_validation(tmp_path):
     with pytest.raises(PipelineError, match="not found"):
         PipelineConfig.load(str(tmp_path / "missing.yaml"))
     assert PipelineConfig.load(None).families == ("gan", "cgan", "cyclegan")
+    # YAML that is easy to write and must not be guessed at: one line naming the field.
+    for text, result in [
+        ("families: cgan\n", ("cgan",)),
+        ("families: gan, cyclegan\n", ("gan", "cyclegan")),
+        ("margin: '0.5'\n", "margin: must be a number, got '0.5'"),
+        ("search: maybe\n", "search: must be true or false, got 'maybe'"),
+        ("workers: two\n", "workers: must be an integer, got 'two'"),
+        ("overrides: {gan: 5}\n", "overrides.gan: must be a mapping"),
+    ]:
+        bad.write_text(text)
+        if isinstance(result, tuple):
+            assert PipelineConfig.load(str(bad)).families == result
+        else:
+            with pytest.raises(PipelineError, match=result):
+                PipelineConfig.load(str(bad))
 
 
 @pytest.fixture(scope="module")

@@ -130,14 +130,16 @@ def test_concurrent_promotions_end_consistent(mlflow_uri, models, medium, judge,
     registry.promote(name, base, heldout, clf)
     va = _register(mlflow_uri, cfg, better, name)
     vb = _register(mlflow_uri, cfg, medium, name)
-    real_eval = registry.evaluate_version
+    from flows.registry import promote as promote_mod
+
+    real_eval = promote_mod.evaluate_version
 
     def slow_for_vb(client, n, version, *a, **k):
         if version == vb:
             time.sleep(1.5)
         return real_eval(client, n, version, *a, **k)
 
-    monkeypatch.setattr(registry, "evaluate_version", slow_for_vb)
+    monkeypatch.setattr(promote_mod, "evaluate_version", slow_for_vb)
     results, errors = {}, []
 
     def go(v, delay):

@@ -15,14 +15,8 @@ import torch
 from ray_isolated import RAY_TEST_ENV, isolated_cluster
 
 from flows import tracking
-from flows.train_ray import (
-    ClusterSpec,
-    FaultInjection,
-    StorageSpec,
-    TrainError,
-    TrainRequest,
-    run_training,
-)
+from flows.train.driver import run_training
+from flows.train.spec import ClusterSpec, FaultInjection, StorageSpec, TrainError, TrainRequest
 from gan_core.config import apply_overrides, preset
 from gan_core.data import load_digits
 from gan_core.evaluate import evaluate
@@ -296,7 +290,7 @@ def test_autoscaling_cluster_is_checked_against_its_ceiling(ray_local, monkeypat
     """A KubeRay/launcher cluster with GPU workers at minReplicas 0 has no GPUs until the job
     asks: GANFLOW_RAY_MAX_GPUS lets the check pass (Ray Train waits for the autoscaler) while
     a job larger than the ceiling still fails before any work."""
-    from flows.train_ray import check_resources
+    from flows.train.driver import check_resources
 
     one_gpu = ClusterSpec(workers=1, gpus_per_worker=1)
     monkeypatch.setenv("GANFLOW_RAY_MAX_GPUS", "8")

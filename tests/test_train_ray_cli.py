@@ -55,7 +55,7 @@ def test_command_line_surface():
 
 
 def test_config_file_then_overrides(tmp_path):
-    from flows.train_ray import build_config
+    from flows.train.config import build_config
 
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  d_steps: 2\n  steps: 50\nloss.lambda_cyc: 3\n")
@@ -119,7 +119,7 @@ def test_unreachable_tracking_server_fails_before_training(monkeypatch, capsys):
 
 def test_json_result_shape(monkeypatch, capsys):
     """--json prints run_id and metrics (the trainer itself is stubbed: no cluster here)."""
-    import flows.train_ray as tr
+    import flows.cli.train as tr
 
     def fake(req):
         return {"run_id": "r1", "run_name": "n", "metrics": {"fd": 1.5}, "checkpoint": "c"}

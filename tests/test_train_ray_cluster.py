@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 from ray_isolated import RAY_TEST_ENV, isolated_cluster
 
-from flows.train_ray import ClusterSpec, TrainRequest, run_training
+from flows.train.driver import run_training
+from flows.train.spec import ClusterSpec, TrainRequest
 from gan_core.config import apply_overrides, preset
 
 pytestmark = pytest.mark.timeout(300)

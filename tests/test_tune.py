@@ -12,14 +12,8 @@ import time
 
 import pytest
 
-from flows.tune import (
-    SearchError,
-    SearchRequest,
-    count_trials,
-    default_space,
-    run_search,
-    validate_space,
-)
+from flows.tune.search import SearchRequest, run_search
+from flows.tune.space import SearchError, count_trials, default_space, validate_space
 from gan_core.config import apply_overrides, preset
 
 pytestmark = pytest.mark.timeout(900)
@@ -136,7 +130,7 @@ def test_small_cyclegan_search_with_mlflow_parent_and_children(home):
     arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
     assert {"trials.json", "metric_vs_params.png"} <= arts
     # The table the Prefect search flow records as its artifact.
-    from flows.reports import search_markdown
+    from flows.orchestration.reports import search_markdown
 
     md = search_markdown(result).splitlines()
     assert md[2].split(" | ")[1:3] == ["lambda_cyc", "d_steps"]
@@ -241,7 +235,7 @@ def test_gpu_search_on_a_cluster_without_gpus_fails_before_any_run(home):
     """Trials asking for GPUs the cluster can never give would wait forever: the search stops
     first, before its MLflow parent run exists."""
     from flows.tracking import client, tracking_uri
-    from flows.train_ray import TrainError
+    from flows.train.spec import TrainError
 
     base = apply_overrides(preset("gan", "tiny"), {"train.steps": 4})
     space = validate_space({"d_steps": {"grid": [1, 2]}}, base)

@@ -1,6 +1,6 @@
 """`ganflow run` (the retraining pipeline) and `ganflow schedule` (served on a cron).
 
-Kept apart from flows/pipeline.py so that building the command line never imports Prefect.
+Kept apart from flows/orchestration/retraining.py so that building the command line never imports Prefect.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 
 
 def cmd_run(args: argparse.Namespace) -> dict:
-    from flows.pipeline import PipelineConfig, retraining_flow
+    from flows.orchestration.retraining import PipelineConfig, retraining_flow
     from flows.preflight import check_services
 
     PipelineConfig.load(args.config)  # validate before Ray or MLflow start
@@ -25,7 +25,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
 
 def cmd_schedule(args: argparse.Namespace) -> dict:
     """Serve the retraining flow on a cron schedule in this process (no infrastructure)."""
-    from flows.pipeline import PipelineConfig, retraining_flow
+    from flows.orchestration.retraining import PipelineConfig, retraining_flow
 
     PipelineConfig.load(args.config)
     if not args.json:

@@ -14,7 +14,7 @@ def _read_image(path: str, image_size: int, channels: int) -> torch.Tensor:
     """One image file -> [1, C, S, S] in [-1, 1], with the project's resize rule (bilinear)."""
     from PIL import Image, UnidentifiedImageError
 
-    from flows.cli import UserError
+    from flows.errors import UserError
     from gan_core.data import resize
 
     try:
@@ -31,8 +31,8 @@ def _read_image(path: str, image_size: int, channels: int) -> torch.Tensor:
 
 
 def cmd_generate(args: argparse.Namespace) -> dict:
-    from flows.cli import UserError
-    from flows.registry import load_registered
+    from flows.errors import UserError
+    from flows.registry.models import load_registered
     from gan_core.evaluate import sample
     from gan_core.viz import save_grid
 
@@ -88,7 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> dict:
 
 
 def cmd_rollback(args: argparse.Namespace) -> dict:
-    from flows.registry import rollback
+    from flows.registry.promote import rollback
 
     result = rollback(args.name)
     if not args.json:

@@ -1,4 +1,4 @@
-"""Benchmark of the search (`python -m flows.bench_tune`): trials per hour on this machine at
+"""Benchmark of the search (`python -m flows.bench.tune`): trials per hour on this machine at
 the default tiny budget, and the share of trial wall time spent outside training
 (scheduling, Ray Train worker start and teardown, evaluation, tracking).
 
@@ -16,7 +16,8 @@ import torch
 
 
 def main(family: str = "cyclegan", steps: int = 40, samples: int = 1) -> dict:
-    from flows.tune import SearchRequest, default_space, run_search, validate_space
+    from flows.tune.search import SearchRequest, run_search
+    from flows.tune.space import default_space, validate_space
     from gan_core.config import apply_overrides, preset
     from gan_core.data import load_builtin
     from gan_core.train import init_state, train

@@ -18,7 +18,8 @@ from contextvars import ContextVar
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.ingest import IngestOptions, Progress, run_pipeline
+from flows.ingest.runner import run_pipeline
+from flows.ingest.stages import IngestOptions, Progress
 from flows.storage import is_transient
 
 _progress: ContextVar[Progress | None] = ContextVar("ganflow_ingest_progress", default=None)
@@ -71,7 +72,7 @@ def ingest_flow(
     Parameters are IngestOptions' (image_size None: the source's resolution)."""
     from prefect.artifacts import create_markdown_artifact
 
-    from flows.reports import artifact_key, ingest_markdown
+    from flows.orchestration.reports import artifact_key, ingest_markdown
 
     options = IngestOptions(
         layout=layout,

@@ -2,7 +2,7 @@
 
 The pipeline is a chain of plain functions (scan, fetch, plan, decode, assemble, write), run
 by :func:`run_pipeline`. ``ingest()`` runs it directly; the Prefect flow
-(:mod:`flows.ingest_flow`) runs the same chain with each stage as a task. Both return the
+(:mod:`flows.orchestration.ingest`) runs the same chain with each stage as a task. Both return the
 same result dict.
 
 Stored size (``--image-size``, default auto): the source's resolution. Auto picks the most
@@ -39,13 +39,10 @@ val is then round(m * val_fraction) of each domain's m train images, in the same
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import posixpath
 import re
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -53,7 +50,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from flows.layouts import (
+from flows.ingest.layouts import (
     LAYOUTS,
     Assignment,
     Decoded,
@@ -69,8 +66,7 @@ from flows.layouts import (
     is_ignored,
     iter_archive,
 )
-from flows.settings import ganflow_home
-from flows.snapshots import FORMAT_VERSION, SPLITS, Store, check_name, digest
+from flows.snapshots.store import FORMAT_VERSION, SPLITS, Store, digest
 from flows.storage import describe, get_filesystem, is_remote, join, mask_secrets, with_retries
 
 Progress = Callable[[str, int, int], None]
@@ -540,16 +536,6 @@ def assemble(
     return manifest, parts
 
 
-# ---------------------------------------------------------------------------------------------
-# The pipeline, run directly or by the Prefect flow.
-
-Call = Callable[..., object]
-
-
-def _direct(stage: str, fn: Callable, *args, **kwargs):
-    return fn(*args, **kwargs)
-
-
 def _result(manifest: dict, name: str, store: Store, reused: bool) -> dict:
     return {
         "id": manifest["id"],
@@ -566,326 +552,3 @@ def _result(manifest: dict, name: str, store: Store, reused: bool) -> dict:
         "root": _shown(store.url),
         "reused": reused,
     }
-
-
-def run_pipeline(
-    source: str,
-    *,
-    name: str | None = None,
-    options: IngestOptions | None = None,
-    root: str | None = None,
-    workers: int = 0,
-    progress: Progress | None = None,
-    call: Call = _direct,
-) -> dict:
-    """Source -> snapshot. ``call(stage, fn, *args)`` runs each stage (directly, or as a task)."""
-    options = options or IngestOptions()
-    name = check_name(name or default_name(source))
-    store = Store(root)
-    call("check-root", store.check_root)
-    if source.startswith("builtin:"):
-        return call("ingest-builtin", ingest_builtin, source, options, store.url, name)
-    scan = call("scan", scan_source, source, options)
-    hit = call("lookup", store.source_ref, scan.fingerprint)
-    if hit is not None:
-        call("refs", store.add_refs, hit, name, None)
-        return _result(hit, name, store, reused=True)
-    spool_root = ganflow_home() / "tmp"
-    spool_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="ingest-", dir=spool_root) as spool:
-        files = call("fetch", fetch_source, scan, options, spool, progress)
-        plan = call("plan", plan_snapshot, files, options)
-        existing = call("lookup", store.manifest, plan.snapshot_id)
-        if existing is not None:
-            call("refs", store.add_refs, existing, name, scan.fingerprint)
-            return _result(existing, name, store, reused=True)
-        decoded = call("decode", decode_plan, plan, workers, progress)
-    manifest, parts = call("assemble", assemble, plan, decoded, scan.url, name)
-    manifest = call("write", store.write_snapshot, manifest, parts)
-    call("refs", store.add_refs, manifest, name, scan.fingerprint)
-    return _result(manifest, name, store, reused=False)
-
-
-def ingest(source: str, **kwargs) -> dict:
-    """Ingest without Prefect (same stages, same result); see run_pipeline for arguments."""
-    return run_pipeline(source, **kwargs)
-
-
-def ingest_builtin(
-    ref: str, options: IngestOptions, root: str | None = None, name: str | None = None
-) -> dict:
-    """A built-in dataset as a snapshot whose tensors equal gan_core's load_builtin exactly,
-    split for split (train, val, test). Stored at options.image_size, 16 px when auto; the
-    splits are gan_core's fixed ones, so the fractions and resize_mode options do not apply."""
-    from gan_core.data import BUILTIN_DATASETS, load_builtin
-
-    if ref not in BUILTIN_DATASETS:
-        raise IngestError(f"unknown built-in dataset {ref!r}; known: {', '.join(BUILTIN_DATASETS)}")
-    if options.channels not in (None, 1):
-        raise IngestError(f"{ref} has 1 channel; --channels {options.channels} is not supported")
-    store = Store(root)
-    name = check_name(name or default_name(ref))
-    size = options.image_size or BUILTIN_IMAGE_SIZE
-    fingerprint = digest({"format": FORMAT_VERSION, "builtin": ref, "size": size})
-    hit = store.source_ref(fingerprint)
-    if hit is not None:
-        store.add_refs(hit, name, None)
-        return _result(hit, name, store, reused=True)
-    parts: dict[str, dict[str, np.ndarray]] = {}
-    for split in SPLITS:
-        data = load_builtin(ref, size, split)
-        if hasattr(data, "x_truth"):
-            parts[f"{split}-x"] = {
-                "images": data.x.images.numpy(),
-                "labels": data.x.labels.numpy(),
-                "truth": data.x_truth.numpy(),
-            }
-            parts[f"{split}-y"] = {"images": data.y.images.numpy(), "labels": data.y.labels.numpy()}
-        else:
-            parts[split] = {"images": data.images.numpy(), "labels": data.labels.numpy()}
-    content = hashlib.sha256()
-    for part, arrays in sorted(parts.items()):
-        for key, a in sorted(arrays.items()):
-            content.update(f"{part}/{key}{a.shape}".encode())
-            content.update(np.ascontiguousarray(a).tobytes())
-    snapshot_id = digest(
-        {
-            "format": FORMAT_VERSION,
-            "builtin": ref,
-            "image_size": size,
-            "content": content.hexdigest(),
-        }
-    )[:20]
-    manifest = store.manifest(snapshot_id)
-    if manifest is None:
-        unpaired = "train-x" in parts
-
-        def counts(split):
-            if unpaired:
-                return {d: len(parts[f"{split}-{d}"]["images"]) for d in ("x", "y")}
-            labels = parts[split]["labels"]
-            return {str(c): int((labels == c).sum()) for c in np.unique(labels)}
-
-        split_counts = {s: counts(s) for s in SPLITS}
-        total = {k: sum(split_counts[s].get(k, 0) for s in SPLITS) for k in split_counts["train"]}
-        manifest = store.write_snapshot(
-            {
-                "format": FORMAT_VERSION,
-                "id": snapshot_id,
-                "name": name,
-                "source": ref,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "kind": "unpaired" if unpaired else "images",
-                "layout": "cyclegan" if unpaired else "classes",
-                "image_size": size,
-                "channels": 1,
-                "preprocessing": {"image_size": size, "builtin": "gan_core.data.load_builtin"},
-                "num_images": sum(total.values()),
-                "counts": total,
-                "split_counts": split_counts,
-                "family_data": "unpaired" if unpaired else "labelled",
-                "classes": [str(c) for c in range(10)],
-                "domains": {"x": "digits", "y": "appearance_transform(digits)"}
-                if unpaired
-                else None,
-                "has_truth": unpaired,
-                "content_sha256": content.hexdigest(),
-                "files": [],
-                "quarantined": [],
-            },
-            parts,
-        )
-        reused = False
-    else:
-        reused = True
-    store.add_refs(manifest, name, fingerprint)
-    return _result(manifest, name, store, reused=reused)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
-
-
-class _Bar:
-    """A progress bar on stderr: redrawn in place on a terminal, one line per stage otherwise."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self.t0 = time.perf_counter()
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled or (not self.tty and done < total):
-            return
-        width = 30
-        fill = int(width * done / max(total, 1))
-        rate = done / max(time.perf_counter() - self.t0, 1e-9)
-        line = (
-            f"[ingest] {stage:6} |{'#' * fill}{'.' * (width - fill)}| {done}/{total} {rate:,.0f}/s"
-        )
-        end = "\n" if done >= total else ""
-        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
-        if done >= total:
-            self.t0 = time.perf_counter()
-
-
-def cmd_ingest(args: argparse.Namespace) -> dict:
-    options = IngestOptions(
-        layout=args.layout,
-        image_size=args.image_size,
-        channels=args.channels,
-        test_fraction=args.test_fraction,
-        max_bad_fraction=args.max_bad_fraction,
-        resize_mode=args.resize,
-        val_fraction=args.val_fraction,
-    )
-    kwargs = dict(
-        name=args.name,
-        options=options,
-        root=args.root,
-        workers=args.workers,
-        progress=_Bar(not args.quiet),
-    )
-    if args.no_prefect:
-        result = ingest(args.source, **kwargs)
-    else:
-        from flows.ingest_flow import run_flow
-
-        result = run_flow(args.source, debug=args.debug, **kwargs)
-    if not args.json:
-        verb = "unchanged" if result["reused"] else "created"
-        counts = ", ".join(f"{k}={v}" for k, v in result["counts"].items())
-        print(
-            f"snapshot {result['id']} ({result['name']}) {verb}: {result['num_images']} images [{counts}]"
-        )
-        print(
-            f"  layout {result['layout']}, {result['image_size']}px x {result['channels']} ch, in {result['root']}"
-        )
-        sizes = {s: sum(result["split_counts"].get(s, {}).values()) for s in SPLITS}
-        print("  splits " + ", ".join(f"{s} {n}" for s, n in sizes.items()))
-        for q in result["quarantined"]:
-            print(f"  quarantined {q['path']}: {q['reason']}")
-    keys = ("id", "name", "num_images", "counts", "split_counts", "quarantined", "reused")
-    return {k: result[k] for k in (*keys, "layout", "image_size")}
-
-
-def cmd_datasets(args: argparse.Namespace) -> dict:
-    store = Store(args.root)
-    store.check_root()
-    rows = [
-        {
-            k: m.get(k)
-            for k in (
-                "id",
-                "name",
-                "created",
-                "num_images",
-                "counts",
-                "source",
-                "layout",
-                "image_size",
-                "channels",
-            )
-        }
-        for m in store.list()
-    ]
-    if not args.json:
-        if not rows:
-            print(f"no snapshots in {_shown(store.url)} (ganflow ingest SOURCE makes one)")
-        for r in rows:
-            counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items())
-            print(
-                f"{r['id']}  {r['name']:20} {r['created']}  {r['num_images']:6d} images  [{counts}]  {r['source']}"
-            )
-    return {"root": _shown(store.url), "snapshots": rows}
-
-
-def _image_size_arg(text: str) -> int | None:
-    """--image-size: 'auto' (None) or an integer in training's range."""
-    if text == "auto":
-        return None
-    try:
-        size = int(text)
-    except ValueError:
-        size = None
-    if size is None or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
-        raise argparse.ArgumentTypeError(
-            f"must be auto or an integer in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (training's "
-            f"range), got {text!r}"
-        )
-    return size
-
-
-def add_commands(sub, add_common) -> None:
-    p = sub.add_parser(
-        "ingest",
-        help="validate raw images (local, s3:// or builtin:) into a versioned dataset snapshot",
-    )
-    p.add_argument(
-        "source", help="local path, s3://bucket/prefix, an archive, or builtin:digits[-unpaired]"
-    )
-    p.add_argument("--name", help="snapshot name (default: from the source)")
-    p.add_argument("--layout", default="auto", choices=LAYOUTS, help="default: auto-detect")
-    p.add_argument(
-        "--image-size",
-        type=_image_size_arg,
-        default=None,
-        metavar="auto|N",
-        help=f"stored image side in pixels, {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (default: auto: "
-        "the most common shorter side among the source's images, ties to the smaller, "
-        f"clamped to {MIN_IMAGE_SIZE}..{AUTO_IMAGE_SIZE_CAP}; built-in datasets: "
-        f"{BUILTIN_IMAGE_SIZE})",
-    )
-    p.add_argument(
-        "--resize",
-        choices=tuple(RESIZE_RULES),
-        default="crop",
-        help="non-square images: crop to the largest centered square, then resize (default), "
-        "or stretch to the square",
-    )
-    p.add_argument(
-        "--channels",
-        type=int,
-        choices=(1, 3),
-        help="default: 1 if all images are grayscale, else 3",
-    )
-    p.add_argument(
-        "--test-fraction",
-        type=float,
-        default=0.2,
-        help="test share per class or domain (default: 0.2)",
-    )
-    p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="validation share per class or domain, taken from the images not in test; "
-        "test + val must stay below 1 (default: 0.1)",
-    )
-    p.add_argument(
-        "--max-bad-fraction",
-        type=float,
-        default=0.1,
-        help="fail above this share of unusable files (default: 0.1)",
-    )
-    p.add_argument(
-        "--root", help="storage root (default: GANFLOW_STORAGE_ROOT or GANFLOW_HOME/snapshots)"
-    )
-    p.add_argument(
-        "--workers", type=int, default=0, help="decode processes (default: min(cpus, 8))"
-    )
-    p.add_argument(
-        "--no-prefect",
-        action="store_true",
-        help="run the stages directly, without a Prefect flow run",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_common(p)
-    p.set_defaults(func=cmd_ingest)
-
-    d = sub.add_parser("datasets", help="list dataset snapshots with their counts and sources")
-    d.add_argument(
-        "--root", help="storage root (default: GANFLOW_STORAGE_ROOT or GANFLOW_HOME/snapshots)"
-    )
-    add_common(d)
-    d.set_defaults(func=cmd_datasets)

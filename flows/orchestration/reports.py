@@ -1,6 +1,6 @@
 """What a person reads after a flow run: Markdown summaries of an ingest, a training run and
 a search, recorded as Prefect artifacts by the flows (the retraining summary lives in
-flows/pipeline.py). Plain functions of the results, so they are tested without Prefect."""
+flows/orchestration/retraining.py). Plain functions of the results, so they are tested without Prefect."""
 
 from __future__ import annotations
 

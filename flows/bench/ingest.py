@@ -1,4 +1,4 @@
-"""Ingest throughput in images per second: `python -m flows.bench_ingest [--images N]`.
+"""Ingest throughput in images per second: `python -m flows.bench.ingest [--images N]`.
 
 Writes N small PNGs (scikit-learn digits upscaled to 32x32, in 10 class folders), then times
 the plain pipeline (no Prefect) from a local folder and from an S3 API: moto's server on
@@ -57,7 +57,8 @@ def _large_child(src: str, workers: int) -> None:
     """Runs in its own process so that its peak resident memory is the ingest's alone."""
     import resource
 
-    from flows.ingest import IngestOptions, ingest
+    from flows.ingest.runner import ingest
+    from flows.ingest.stages import IngestOptions
 
     with tempfile.TemporaryDirectory() as root:
         t0 = time.perf_counter()
@@ -75,7 +76,7 @@ def _time_large(n: int, side: int, workers: int) -> dict:
         src = Path(tmp) / "large"
         _make_large_pngs(src, n, side)
         source_mb = sum(p.stat().st_size for p in src.rglob("*.png")) / 2**20
-        code = f"from flows.bench_ingest import _large_child; _large_child({str(src)!r}, {workers})"
+        code = f"from flows.bench.ingest import _large_child; _large_child({str(src)!r}, {workers})"
         out = subprocess.run(
             [sys.executable, "-c", code], check=True, capture_output=True, text=True
         ).stdout
@@ -90,7 +91,8 @@ def _time_large(n: int, side: int, workers: int) -> dict:
 
 
 def _time(source: str, root: str, workers: int) -> dict:
-    from flows.ingest import IngestOptions, ingest
+    from flows.ingest.runner import ingest
+    from flows.ingest.stages import IngestOptions
 
     t0 = time.perf_counter()
     r = ingest(source, root=root, workers=workers, options=IngestOptions(image_size=32))

@@ -13,11 +13,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from flows.errors import UserError
 from gan_core.config import FAMILIES, ConfigError, apply_overrides, preset
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one line, without a traceback."""
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -94,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_local(args: argparse.Namespace) -> dict:
-    from flows.local_job import run_all
+    from flows.train.local import run_all
 
     configs = [apply_overrides(preset(f, args.preset), args.overrides) for f in args.families]
     results = run_all(configs, progress=not args.quiet)
@@ -130,11 +127,11 @@ COMMANDS = {"local": cmd_local, "bench": cmd_bench}
 # its parsers with set_defaults(func=...), where func(args) -> dict is the JSON result.
 # Their imports must stay cheap (Ray, MLflow and Prefect are imported inside the commands).
 PLUGINS: list[str] = [
-    "flows.models_cli",
-    "flows.ingest",
-    "flows.pipeline_cli",
-    "flows.tune_cli",
-    "flows.train_ray",
+    "flows.cli.models",
+    "flows.cli.ingest",
+    "flows.cli.run",
+    "flows.cli.tune",
+    "flows.cli.train",
 ]
 
 

@@ -1,4 +1,4 @@
-"""`ganflow tune`: the command line of the search (flows/tune.py), kept apart so that building
+"""`ganflow tune`: the command line of the search (flows/tune), kept apart so that building
 the command line never imports Ray or Prefect."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import argparse
 
 
 def cmd_tune(args: argparse.Namespace) -> dict:
-    from flows.train_ray import build_config
-    from flows.tune import SearchRequest, count_trials, load_space, run_search, validate_space
+    from flows.train.config import build_config
+    from flows.tune.search import SearchRequest, run_search
+    from flows.tune.space import count_trials, load_space, validate_space
 
     base, _ = build_config(args.family, None, args.overrides, args.dataset)
     args.dataset = base.data.dataset

@@ -1,4 +1,4 @@
-"""Ray Train overhead and scaling: `python -m flows.bench_train [--steps N] [--family F]`.
+"""Ray Train overhead and scaling: `python -m flows.bench.train [--steps N] [--family F]`.
 
 Three measurements of the same config (the family's default preset, fp32, 1 thread per
 process):
@@ -22,17 +22,18 @@ import os
 import sys
 import time
 
+from flows.ingest.resolve import ensure_snapshot
+
 
 def bench_plain(cfg) -> dict:
     import torch
 
     from flows.settings import snapshot_root
-    from flows.snapshots import load_dataset
-    from flows.train_ray import resolve_dataset
+    from flows.snapshots.load import load_dataset
     from gan_core.train import init_state, train
 
     torch.set_num_threads(1)
-    manifest = resolve_dataset(cfg.data.dataset, snapshot_root(), cfg.data.image_size)
+    manifest = ensure_snapshot(cfg.data.dataset, snapshot_root(), cfg.data.image_size)
     data = load_dataset(manifest["id"], "train", snapshot_root())
     state = init_state(cfg, data, "cpu")
     warm = min(20, cfg.train.steps // 10)
@@ -51,7 +52,8 @@ def bench_plain(cfg) -> dict:
 
 
 def bench_ray(cfg, workers: int, cpus_per_worker: float) -> dict:
-    from flows.train_ray import ClusterSpec, TrainRequest, run_training
+    from flows.train.driver import run_training
+    from flows.train.spec import ClusterSpec, TrainRequest
 
     t0 = time.perf_counter()
     out = run_training(
@@ -75,7 +77,7 @@ def bench_ray(cfg, workers: int, cpus_per_worker: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flows.bench_train", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m flows.bench.train", description=__doc__)
     p.add_argument("--family", default="gan")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--cpus-per-worker", type=float, default=0.9)

@@ -1,12 +1,12 @@
 """The Prefect flow behind `ganflow train --flow` (and what deployments schedule).
 
 Two tasks: ``build-config`` validates the config (bad ``--set`` values fail here, before
-any cluster work), ``train-on-ray`` runs :func:`flows.train_ray.run_training`. The run name
+any cluster work), ``train-on-ray`` runs :func:`flows.train.driver.run_training`. The run name
 is fixed before the training task starts, so Prefect's task retry reruns the same Ray run
 name and resumes from its latest checkpoint instead of starting over (Ray Train's own
 FailureConfig handles worker and node failures inside one attempt; the retry covers a
 driver that died). Ray is called from inside the task, not through a Ray task runner
-(STACK-NOTES: prefect-ray starts a cluster per flow run).
+(prefect-ray would start a new Ray cluster for every flow run).
 """
 
 from __future__ import annotations
@@ -14,16 +14,11 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.reports import artifact_key, train_markdown
+from flows.orchestration.reports import artifact_key, train_markdown
 from flows.tracking import redact, tracking_uri
-from flows.train_ray import (
-    ClusterSpec,
-    StorageSpec,
-    TrainRequest,
-    build_config,
-    default_run_name,
-    run_training,
-)
+from flows.train.config import build_config
+from flows.train.driver import default_run_name, run_training
+from flows.train.spec import ClusterSpec, StorageSpec, TrainRequest
 
 
 @task(name="build-config")

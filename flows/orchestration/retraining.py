@@ -19,7 +19,6 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from prefect import flow, task
 
@@ -52,6 +51,7 @@ class PipelineConfig:
     """family -> registered model name (default: ganflow-<family>-<dataset name>)."""
 
     def __post_init__(self) -> None:
+        _check_types(self)
         bad = [f for f in self.families if f not in FAMILIES]
         if bad or not self.families:
             raise PipelineError(
@@ -67,7 +67,7 @@ class PipelineConfig:
             except ConfigError as exc:
                 raise PipelineError(f"overrides.{fam}: {exc}") from None
             if cfg.eval.inception:  # the FID weights, before any work (one line otherwise)
-                from flows.data_config import check_inception
+                from flows.train.data_config import check_inception
 
                 check_inception(cfg)
 
@@ -88,41 +88,70 @@ class PipelineConfig:
             raise PipelineError(
                 f"config file {path}: unknown keys {unknown}; known: {sorted(known)}"
             )
-        if "families" in raw:
+        if isinstance(raw.get("families"), str):  # `families: cgan` or `families: gan,cgan`
+            raw["families"] = [f.strip() for f in raw["families"].split(",") if f.strip()]
+        if isinstance(raw.get("families"), list):
             raw["families"] = tuple(raw["families"])
         return cls(**raw)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_types(pc: PipelineConfig) -> None:
+    """One line naming the field for a value of the wrong type (YAML says `margin: "0.5"` or
+    `search: maybe` easily; neither may be guessed at)."""
+    checks = {
+        "families": (
+            isinstance(pc.families, tuple) and all(isinstance(f, str) for f in pc.families),
+            "a list of family names",
+        ),
+        "datasets": (isinstance(pc.datasets, dict), "a mapping family -> dataset"),
+        "overrides": (isinstance(pc.overrides, dict), "a mapping family -> {field: value}"),
+        "model_names": (isinstance(pc.model_names, dict), "a mapping family -> model name"),
+        "search": (isinstance(pc.search, bool), "true or false"),
+        "search_samples": (
+            isinstance(pc.search_samples, int) and not isinstance(pc.search_samples, bool),
+            "an integer",
+        ),
+        "search_steps": (
+            pc.search_steps is None
+            or (isinstance(pc.search_steps, int) and not isinstance(pc.search_steps, bool)),
+            "an integer or null",
+        ),
+        "workers": (
+            isinstance(pc.workers, int) and not isinstance(pc.workers, bool),
+            "an integer",
+        ),
+        "gpus_per_worker": (_is_number(pc.gpus_per_worker), "a number"),
+        "margin": (_is_number(pc.margin), "a number"),
+    }
+    for name, (ok, what) in checks.items():
+        if not ok:
+            raise PipelineError(f"{name}: must be {what}, got {getattr(pc, name)!r}")
+    for name in ("overrides",):
+        for fam, value in pc.overrides.items():
+            if not isinstance(value, dict):
+                raise PipelineError(
+                    f"{name}.{fam}: must be a mapping of config fields, got {value!r}"
+                )
 
 
 # --- stages: plain functions (tested directly), wrapped as Prefect tasks in the flow --------
 
 
 def stage_ingest(dataset: str, image_size: int | None = None) -> dict:
-    """The snapshot manifest for a dataset reference; sources (paths/URLs) are ingested at
-    image_size (None: the built-ins' 16 px, a source's own resolution)."""
-    from flows.settings import snapshot_root
-    from flows.snapshots import SnapshotNotFound, resolve_snapshot
+    """The snapshot manifest for a dataset reference (the one resolver: ids, names,
+    builtin: datasets and sources, which are ingested)."""
+    from flows.ingest.resolve import ensure_snapshot
 
-    root = snapshot_root()
-    if dataset.startswith("builtin:"):
-        from flows.ingest import IngestOptions, ingest_builtin
-
-        return resolve_snapshot(
-            ingest_builtin(dataset, IngestOptions(image_size=image_size or 16), root=root)["id"],
-            root,
-        )
-    try:
-        return resolve_snapshot(dataset, root)
-    except SnapshotNotFound:
-        if "/" not in dataset and "://" not in dataset:
-            raise
-    from flows.ingest import IngestOptions, ingest
-
-    options = IngestOptions(image_size=image_size) if image_size else IngestOptions()
-    return resolve_snapshot(ingest(dataset, options=options, root=root)["id"], root)
+    return ensure_snapshot(dataset, image_size=image_size)
 
 
 def stage_search(family: str, snapshot_id: str, cfg, samples: int, steps: int | None) -> dict:
-    from flows.tune import SearchRequest, default_space, run_search, validate_space
+    from flows.tune.search import SearchRequest, run_search
+    from flows.tune.space import default_space, validate_space
 
     steps = steps or max(20, cfg.train.steps // 4)
     base = apply_overrides(cfg, {"train.steps": steps, "train.log_every": max(1, steps // 8)})
@@ -145,7 +174,8 @@ def _run_name(family: str, snapshot_id: str, cfg) -> str:
 
 
 def stage_train(family: str, snapshot_id: str, cfg, workers: int, gpus: float) -> dict:
-    from flows.train_ray import ClusterSpec, TrainRequest, run_training
+    from flows.train.driver import run_training
+    from flows.train.spec import ClusterSpec, TrainRequest
 
     req = TrainRequest(
         cfg=cfg,
@@ -154,27 +184,6 @@ def stage_train(family: str, snapshot_id: str, cfg, workers: int, gpus: float) -
         run_name=_run_name(family, snapshot_id, cfg),
     )
     return run_training(req)
-
-
-def load_trained(result: dict):
-    """The trained models from a training result's final checkpoint (weights only)."""
-    from ray.train import Checkpoint
-
-    from flows.train_ray import STATE_FILE, StorageSpec
-    from gan_core.config import GanConfig
-    from gan_core.models import build_models
-    from gan_core.train import read_checkpoint
-
-    _, filesystem = StorageSpec().resolve()
-    ckpt = Checkpoint(result["checkpoint"], filesystem=filesystem)
-    with ckpt.as_directory() as d:
-        sd = read_checkpoint(Path(d) / STATE_FILE)
-    cfg = GanConfig.from_flat_dict(sd["config"])
-    models = build_models(cfg)
-    for k, net in models.items():
-        net.load_state_dict(sd["models"][k])
-        net.eval()
-    return cfg, models
 
 
 def stage_register(result: dict, name: str, manifest: dict | None = None) -> str:
@@ -188,7 +197,9 @@ def stage_register(result: dict, name: str, manifest: dict | None = None) -> str
     for mv in c.search_model_versions(f"name = '{name}'"):
         if mv.tags.get("ganflow.run_name") == result["run_name"]:
             return str(mv.version)
-    cfg, models = load_trained(result)
+    from flows.train.checkpoints import load_trained
+
+    cfg, models = load_trained(result["checkpoint"])
     tags = {"ganflow.run_name": result["run_name"]}
     classes = (manifest or {}).get("classes") or []
     if cfg.family == "cgan" and classes:
@@ -209,9 +220,9 @@ def stage_promote(name: str, version: str, snapshot_id: str, cfg, margin: float)
     """Candidate against champion on the snapshot's validation split (selection never reads
     test), judged by the snapshot's judge, with FID/KID when the config asks for them."""
     from flows import registry
-    from flows.data_config import load_inception, load_judge
     from flows.settings import cache_dir, snapshot_root
-    from flows.snapshots import load_dataset
+    from flows.snapshots.load import load_dataset
+    from flows.train.data_config import load_inception, load_judge
 
     root = snapshot_root()
     test = load_dataset(snapshot_id, "test", root)
@@ -238,8 +249,8 @@ def _say(msg: str) -> None:
 def retrain_family(pc: PipelineConfig, family: str, task) -> dict:
     """One family through every stage. ``task(name, fn, *args)`` runs a stage (as a Prefect
     task inside the flow, directly in tests)."""
-    from flows.data_config import config_for_snapshot
-    from flows.registry import model_name
+    from flows.registry.package import model_name
+    from flows.train.data_config import config_for_snapshot
 
     overrides = dict(pc.overrides.get(family, {}))
     t0 = time.perf_counter()

@@ -1,0 +1,1 @@
+"""Benchmarks of each stage: python -m flows.bench.ingest | train | tune."""

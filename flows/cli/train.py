@@ -1,0 +1,116 @@
+"""`ganflow train`: the command line of a training job (flows.train)."""
+
+from __future__ import annotations
+
+import argparse
+
+from flows.train.config import build_config
+from flows.train.driver import run_training
+from flows.train.spec import ClusterSpec, StorageSpec, TrainRequest
+from gan_core.config import (
+    FAMILIES,
+)
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    if args.flow:
+        from flows.orchestration.train import train_flow
+
+        result = train_flow(
+            family=args.family,
+            dataset=args.dataset,
+            overrides=args.overrides,
+            config_file=args.config,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker,
+            threads=args.threads,
+            storage=args.storage,
+            s3_endpoint_url=args.s3_endpoint_url,
+            run_name=args.run_name,
+            checkpoint_every=args.checkpoint_every,
+            max_failures=args.max_failures,
+        )
+    else:
+        cfg, precision_set = build_config(args.family, args.config, args.overrides, args.dataset)
+        req = TrainRequest(
+            cfg=cfg,
+            dataset=cfg.data.dataset,
+            cluster=ClusterSpec(
+                workers=args.workers,
+                gpus_per_worker=args.gpus_per_worker,
+                cpus_per_worker=args.cpus_per_worker,
+                threads=args.threads,
+            ),
+            storage=StorageSpec(args.storage, args.s3_endpoint_url),
+            run_name=args.run_name,
+            checkpoint_every=args.checkpoint_every,
+            max_failures=args.max_failures,
+            auto_bf16=not precision_set,
+        )
+        result = run_training(req)
+    if not args.json:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items())
+        print(f"run {result['run_name']} (MLflow run {result['run_id']}): {shown}")
+        print(f"checkpoint: {result['checkpoint']}")
+    return result
+
+
+def add_commands(sub, add_common) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a GAN family as a Ray Train job (local or RAY_ADDRESS), tracked in MLflow",
+    )
+    p.add_argument("--family", required=True, choices=FAMILIES)
+    p.add_argument(
+        "--dataset",
+        metavar="SNAPSHOT",
+        help="snapshot id or name, or builtin:digits / builtin:digits-unpaired "
+        "(default: the family's built-in)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default: 1)")
+    p.add_argument(
+        "--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (default: 0, CPU)"
+    )
+    p.add_argument(
+        "--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default: 1)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads per worker (default: 1)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. d_steps=3 or lambda_cyc=10 (repeatable); "
+        "train.batch_size is per worker",
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML/JSON file of config fields")
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="checkpoint storage: a folder or s3://bucket/prefix "
+        "(default: GANFLOW_RAY_STORAGE, else GANFLOW_HOME/ray_results)",
+    )
+    p.add_argument(
+        "--s3-endpoint-url",
+        metavar="URL",
+        help="S3-compatible endpoint for s3:// storage (default: GANFLOW_S3_ENDPOINT_URL, "
+        "AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL)",
+    )
+    p.add_argument(
+        "--run-name", help="Ray run name; rerunning an existing name resumes it (default: new)"
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help="iterations between checkpoints (default: 5 x log_every; always at the end)",
+    )
+    p.add_argument(
+        "--max-failures", type=int, default=3, help="worker-group restarts allowed (default: 3)"
+    )
+    p.add_argument("--flow", action="store_true", help="run inside the Prefect flow")
+    add_common(p)
+    p.set_defaults(func=cmd_train)

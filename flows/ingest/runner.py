@@ -1,0 +1,72 @@
+"""The ingest pipeline run directly (the Prefect flow in flows.orchestration.ingest runs the
+same stages as tasks): scan, fetch, plan, decode, assemble, write. Both return the same
+result dict."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+
+from flows.ingest.builtin import ingest_builtin
+from flows.ingest.stages import (
+    IngestOptions,
+    Progress,
+    _result,
+    assemble,
+    decode_plan,
+    default_name,
+    fetch_source,
+    plan_snapshot,
+    scan_source,
+)
+from flows.settings import ganflow_home
+from flows.snapshots.store import Store, check_name
+
+Call = Callable[..., object]
+
+
+def _direct(stage: str, fn: Callable, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+def run_pipeline(
+    source: str,
+    *,
+    name: str | None = None,
+    options: IngestOptions | None = None,
+    root: str | None = None,
+    workers: int = 0,
+    progress: Progress | None = None,
+    call: Call = _direct,
+) -> dict:
+    """Source -> snapshot. ``call(stage, fn, *args)`` runs each stage (directly, or as a task)."""
+    options = options or IngestOptions()
+    name = check_name(name or default_name(source))
+    store = Store(root)
+    call("check-root", store.check_root)
+    if source.startswith("builtin:"):
+        return call("ingest-builtin", ingest_builtin, source, options, store.url, name)
+    scan = call("scan", scan_source, source, options)
+    hit = call("lookup", store.source_ref, scan.fingerprint)
+    if hit is not None:
+        call("refs", store.add_refs, hit, name, None)
+        return _result(hit, name, store, reused=True)
+    spool_root = ganflow_home() / "tmp"
+    spool_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ingest-", dir=spool_root) as spool:
+        files = call("fetch", fetch_source, scan, options, spool, progress)
+        plan = call("plan", plan_snapshot, files, options)
+        existing = call("lookup", store.manifest, plan.snapshot_id)
+        if existing is not None:
+            call("refs", store.add_refs, existing, name, scan.fingerprint)
+            return _result(existing, name, store, reused=True)
+        decoded = call("decode", decode_plan, plan, workers, progress)
+    manifest, parts = call("assemble", assemble, plan, decoded, scan.url, name)
+    manifest = call("write", store.write_snapshot, manifest, parts)
+    call("refs", store.add_refs, manifest, name, scan.fingerprint)
+    return _result(manifest, name, store, reused=False)
+
+
+def ingest(source: str, **kwargs) -> dict:
+    """Ingest without Prefect (same stages, same result); see run_pipeline for arguments."""
+    return run_pipeline(source, **kwargs)

@@ -1,0 +1,1 @@
+"""Prefect flows only: each stage as tasks, plus the Markdown artifacts they leave."""

@@ -1,0 +1,297 @@
+"""The driver side of a training job: connect to Ray, check resources, prove the config on a
+few real images, create the MLflow run, fit the TorchTrainer, and turn failures into one
+line. Training takes a snapshot id or name: callers resolve other references first
+(flows.ingest.ensure_snapshot)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from dataclasses import asdict
+
+from flows.ingest.resolve import ensure_snapshot
+from flows.settings import cache_dir, forwarded_env, ganflow_home, snapshot_root
+from flows.train.spec import ClusterSpec, TrainError, TrainRequest, WorkerJob
+from flows.train.worker import train_loop_per_worker
+from gan_core.config import (
+    GanConfig,
+    apply_overrides,
+)
+
+
+def ensure_ray(log_to_driver: bool = True) -> None:
+    """Connect to RAY_ADDRESS when set, else start a local cluster. Never ray.init()'s own
+    fallback, which joins whatever cluster `ray start` last left on this machine."""
+    import ray
+
+    from flows import console
+
+    console.reapply()  # importing ray configured its loggers
+    if not ray.is_initialized():
+        kwargs = {}
+        if console.quiet():
+            # Workers' and the Train controller's INFO chatter stays in Ray's session logs;
+            # ganflow's own progress lines (plain prints on rank 0) still reach the console.
+            kwargs["logging_config"] = ray.LoggingConfig(log_level="WARNING")
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS") or "local",
+            log_to_driver=log_to_driver,
+            **kwargs,
+        )
+        console.reapply()
+
+
+def max_gpus_setting() -> float | None:
+    """GANFLOW_RAY_MAX_GPUS: the most GPUs an autoscaling cluster can grow to (KubeRay's
+    maxReplicas x GPUs per pod, the launcher's max_workers x GPUs per instance). Unset for a
+    fixed cluster, whose current GPUs are all it will ever have."""
+    raw = os.environ.get("GANFLOW_RAY_MAX_GPUS", "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise TrainError(f"GANFLOW_RAY_MAX_GPUS must be a number, got {raw!r}") from None
+    if value < 0:
+        raise TrainError(f"GANFLOW_RAY_MAX_GPUS must be >= 0, got {raw!r}")
+    return value
+
+
+def gpu_capacity() -> float:
+    """GPUs the cluster has now, or can grow to when it autoscales (GANFLOW_RAY_MAX_GPUS)."""
+    import ray
+
+    return max(ray.cluster_resources().get("GPU", 0.0), max_gpus_setting() or 0.0)
+
+
+def check_resources(cluster: ClusterSpec) -> None:
+    """Fail before any work when the cluster cannot give the job its GPUs. An autoscaling
+    cluster (GANFLOW_RAY_MAX_GPUS set) may have none now and start GPU nodes on demand, so it
+    is checked against what it can grow to; Ray Train then waits for the nodes."""
+    import ray
+
+    need = cluster.workers * cluster.gpus_per_worker
+    if need <= 0:
+        return
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if have >= need:
+        return
+    ceiling = max_gpus_setting()
+    short = (
+        f"the job needs {need:g} GPUs ({cluster.workers} workers x "
+        f"{cluster.gpus_per_worker:g}), the Ray cluster has {have:g}"
+    )
+    if ceiling is None:
+        raise TrainError(f"{short} (set GANFLOW_RAY_MAX_GPUS if it autoscales)")
+    if ceiling < need:
+        raise TrainError(f"{short} and can grow to {ceiling:g} (GANFLOW_RAY_MAX_GPUS)")
+    print(
+        f"[ganflow] the cluster has {have:g} of the {need:g} GPUs the job needs; "
+        f"waiting for the autoscaler (GANFLOW_RAY_MAX_GPUS={ceiling:g})",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def prove_config(cfg: GanConfig, manifest: dict, root: str) -> None:
+    """Before any cluster work: the config fits the snapshot, the FID weights are in place
+    when asked for, and one iteration, a grid and an evaluation run on a few real images
+    (seconds). Each failure is one line (ConfigError or the weights' error)."""
+    from flows.snapshots.load import load_dataset
+    from flows.train import data_config
+
+    data_config.check_config(cfg, manifest)
+    data_config.check_inception(cfg)
+    train = load_dataset(manifest["id"], "train", root)
+    heldout = load_dataset(manifest["id"], "test", root)
+    data_config.dry_run(cfg, train, heldout)
+
+
+def default_run_name(cfg: GanConfig) -> str:
+    return f"{cfg.family}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def run_training(req: TrainRequest) -> dict:
+    """Validate, check the tracking server, resolve the snapshot, then fit on Ray.
+    Returns run_id, run_name, metrics (held-out evaluation), checkpoint, snapshot_id."""
+    from flows import tracking
+
+    cfg = req.cfg
+    cluster = req.cluster
+    if cluster.workers < 1:
+        raise TrainError(f"--workers must be >= 1, got {cluster.workers}")
+    uri = run_id = None
+    if req.tracking:
+        uri = tracking.tracking_uri()
+        tracking.check_reachable(uri)  # before any cluster work: fail in seconds, not hours
+    root = snapshot_root()
+    manifest = ensure_snapshot(req.dataset, root, cfg.data.image_size)
+    cfg = apply_overrides(cfg, {"data.dataset": manifest["id"]})
+    prove_config(cfg, manifest, root)
+    run_name = req.run_name or default_run_name(cfg)
+
+    ensure_ray()
+    check_resources(cluster)
+    use_gpu = cluster.gpus_per_worker > 0
+    if use_gpu and req.auto_bf16 and cfg.train.precision == "fp32":
+        # bf16 autocast of forward passes on GPUs (losses stay fp32 in gan_core).
+        cfg = apply_overrides(cfg, {"train.precision": "bf16"})
+
+    if req.tracking:
+        exp_id = tracking.ensure_experiment(uri, req.experiment)
+        tags = {
+            "ganflow.family": cfg.family,
+            "ganflow.snapshot_id": manifest["id"],
+            "ganflow.workers": str(cluster.workers),
+        }
+        if req.parent_run_id:
+            tags["mlflow.parentRunId"] = req.parent_run_id
+        run_id = tracking.find_or_create_run(uri, exp_id, run_name, tags)
+        extra = {
+            "ray.workers": cluster.workers,
+            "ray.gpus_per_worker": cluster.gpus_per_worker,
+            "global_batch_size": cfg.train.batch_size * cluster.workers,
+            "dataset.id": manifest["id"],
+            "dataset.name": manifest.get("name", ""),
+        }
+        tracking.log_config(uri, run_id, cfg, extra)
+        tracking.log_dataset_input(uri, run_id, manifest, root)
+
+    log_every = cfg.train.log_every
+    job = WorkerJob(
+        config=cfg.to_flat_dict(),
+        snapshot_id=manifest["id"],
+        snapshot_root=root,
+        cache_dir=req.cache_dir or str(cache_dir()),
+        tracking_uri=uri,
+        run_id=run_id,
+        checkpoint_every=req.checkpoint_every or 5 * log_every,
+        sample_every=req.sample_every or 5 * log_every,
+        threads=cluster.threads,
+        check_replicas=req.check_replicas,
+        fault=asdict(req.fault) if req.fault else None,
+        eval_every=req.eval_every,
+    )
+    result = _fit(job, cluster, req, run_name, use_gpu)
+    if req.tracking:
+        tracking.finish_run(uri, run_id, "FINISHED" if result["ok"] else "FAILED")
+    if not result["ok"]:
+        raise TrainError(f"training run {run_name} failed: {result['error']}")
+    metrics = {k: v for k, v in result["metrics"].items() if k not in ("step",)}
+    return {
+        "run_id": run_id,
+        "run_name": run_name,
+        "family": cfg.family,
+        "snapshot_id": manifest["id"],
+        "steps": int(result["metrics"].get("step", 0)),
+        "metrics": metrics,
+        "checkpoint": result["checkpoint"],
+        "storage": result["storage"],
+    }
+
+
+def _fit(job: WorkerJob, cluster: ClusterSpec, req: TrainRequest, run_name: str, use_gpu: bool):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    storage_path, filesystem = req.storage.resolve()
+    resources = {"CPU": cluster.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cluster.gpus_per_worker
+    env = forwarded_env()
+    env.setdefault("GANFLOW_HOME", str(ganflow_home()))
+    trainer = _Trainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(job),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cluster.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=req.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=req.keep_checkpoints),
+            worker_runtime_env={"env_vars": env},
+            # Ray Train's INFO lines (resources, process groups, every report) go to Ray's
+            # session logs on a quiet console; ganflow's own lines still show.
+            logging_config=_train_logging(),
+            callbacks=list(req.trainer_callbacks) or None,
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # TrainingFailedError and friends: one line for the user
+        return {
+            "ok": False,
+            "error": failure_cause(exc),
+            "metrics": {},
+            "checkpoint": None,
+            "storage": "",
+        }
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    return {
+        "ok": True,
+        "error": None,
+        "metrics": dict(result.metrics or {}),
+        "checkpoint": ckpt,
+        "storage": f"{'s3://' if filesystem is not None else ''}{storage_path}/{run_name}",
+    }
+
+
+def _train_logging():
+    import ray
+
+    from flows import console
+
+    return ray.LoggingConfig(log_level="WARNING" if console.quiet() else "INFO")
+
+
+def failure_cause(exc: BaseException) -> str:
+    """One line naming what went wrong: the first worker's own error (Ray's message starts
+    with 'Training failed due to worker errors:' and puts the causes in tracebacks)."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        text = str(failures[rank]).strip()
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        # The exception's own line is the last one of its traceback text.
+        cause = next((ln for ln in reversed(lines) if "WorkerUserError" in ln), None)
+        cause = cause or (lines[-1] if lines else type(failures[rank]).__name__)
+        cause = cause.split("WorkerUserError: ", 1)[-1]
+        return f"rank {rank}: {cause}"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _make_trainer_class():
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.execution.failure_handling import (
+        DefaultFailurePolicy,
+        FailureDecision,
+    )
+
+    class UserErrorsRaise(DefaultFailurePolicy):
+        """Retry worker and node loss (FailureConfig.max_failures) but never a deterministic
+        error in the training code: it would fail the same way on every attempt."""
+
+        def make_decision(self, training_failed_error):
+            failures = getattr(training_failed_error, "worker_failures", None) or {}
+            if any("WorkerUserError" in str(e) for e in failures.values()):
+                return FailureDecision.RAISE
+            return super().make_decision(training_failed_error)
+
+    class Trainer(TorchTrainer):
+        # The one seam Ray Train V2 offers for the failure policy is the controller's
+        # constructor arguments; the policy object is sent to the controller actor.
+        def _initialize_and_run_controller(self, **kwargs):
+            kwargs["failure_policy"] = UserErrorsRaise(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
+    return Trainer
+
+
+def _Trainer(*args, **kwargs):
+    return _make_trainer_class()(*args, **kwargs)

@@ -1,0 +1,123 @@
+"""What a training job is: the request the driver takes, the cluster and storage it asks for,
+and the job every worker is handed. Plain data, importable anywhere (no Ray at import)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flows.settings import ray_storage
+from gan_core.config import (
+    GanConfig,
+)
+
+STATE_FILE = "state.pt"
+EXPERIMENT = "ganflow-train"
+
+
+class TrainError(ValueError):
+    """A training job cannot start or did not finish; one line for the command line."""
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Chaos drill (used by the fault-tolerance test): rank ``rank`` kills its own process with
+    SIGKILL when it reaches iteration ``step`` (a log point), once: ``marker`` records it."""
+
+    rank: int
+    step: int
+    marker: str
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What the driver hands every worker (the TorchTrainer's train_loop_config)."""
+
+    config: dict
+    snapshot_id: str
+    snapshot_root: str
+    cache_dir: str
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    checkpoint_every: int = 100
+    sample_every: int = 500
+    threads: int = 1
+    check_replicas: bool = False
+    fault: dict | None = None
+    eval_every: int | None = None
+
+
+class WorkerUserError(RuntimeError):
+    """A deterministic error in the training code or its config, raised on a worker: retrying
+    it would fail the same way, so the failure policy raises it at once (see _fit)."""
+
+
+# --- the driver side ------------------------------------------------------------------------
+
+
+@dataclass
+class ClusterSpec:
+    """How many workers and what each gets. resources_per_worker CPU may be fractional
+    (0.9 lets two workers share 2 cores beside the driver)."""
+
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    threads: int = 1
+
+
+@dataclass
+class StorageSpec:
+    """Where Ray Train keeps checkpoints: a local folder, or s3://bucket/prefix with the
+    S3-compatible endpoint passed explicitly (pyarrow may ignore endpoint variables)."""
+
+    url: str | None = None
+    endpoint_url: str | None = None
+
+    def resolve(self) -> tuple[str, object | None]:
+        url = self.url or ray_storage()
+        if not url.startswith("s3://"):
+            return str(Path(url.removeprefix("file://")).absolute()), None
+        from pyarrow import fs as pafs
+
+        from flows.storage import s3_endpoint
+
+        endpoint = self.endpoint_url or s3_endpoint()
+        kwargs: dict[str, object] = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
+        return url.removeprefix("s3://").rstrip("/"), pafs.S3FileSystem(**kwargs)
+
+
+@dataclass
+class TrainRequest:
+    cfg: GanConfig
+    dataset: str
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    storage: StorageSpec = field(default_factory=StorageSpec)
+    run_name: str | None = None
+    experiment: str = EXPERIMENT
+    checkpoint_every: int | None = None
+    """Iterations between checkpoints (default: 5 log points; always one at the end). Each is
+    a ray.train.report, and Ray takes one report per worker per
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): checkpoints more often than that pace training."""
+    sample_every: int | None = None
+    """Iterations between sample grids in MLflow (default: 5 log points)."""
+    max_failures: int = 3
+    keep_checkpoints: int = 2
+    tracking: bool = True
+    check_replicas: bool = False
+    fault: FaultInjection | None = None
+    cache_dir: str | None = None
+    auto_bf16: bool = True
+    """On GPUs, switch fp32 to bf16 autocast (off when the user set train.precision)."""
+    eval_every: int | None = None
+    """Held-out evaluation every N iterations (a multiple of log_every), reported to Ray under
+    the metrics' own names (Tune's schedulers read them) and to MLflow as eval.*; later
+    reports carry the latest figures. None: at the end only."""
+    parent_run_id: str | None = None
+    """MLflow parent run (a search), recorded as mlflow.parentRunId."""
+    trainer_callbacks: list = field(default_factory=list)
+    """Ray Train UserCallbacks (e.g. Tune's TuneReportCallback)."""

@@ -1,0 +1,380 @@
+"""`ganflow train`: every GAN family as a Ray Train job (TorchTrainer, the Train V2 API).
+
+One CPU process or many GPU nodes, by configuration alone. The boundary between Ray and
+gan_core is :func:`train_loop_per_worker`: it loads the dataset snapshot, builds gan_core's
+state with :func:`ddp_wrap` applied to each network separately, restores the latest Ray
+checkpoint, and runs gan_core's one training loop with :class:`RayCallback` attached.
+
+Distribution, stated once:
+
+- Data parallel: every worker runs the full loop on its own shard (gan_core's
+  MinibatchSampler, sharded by rank). ``train.batch_size`` is per worker, so the global
+  minibatch is ``batch_size * workers``: to compare with a 1-worker run at the same global
+  batch, divide batch_size by the number of workers.
+- G and D are wrapped for DistributedDataParallel separately (one DDP module around both
+  fails). gan_core's G step calls D through ``plain(D)`` with D frozen, so no all-reduce runs
+  for D there, and D's step computes fakes under no_grad, so G's DDP forward there prepares
+  no reduction: every DDP backward reaches all of that module's parameters, and
+  ``find_unused_parameters=False`` holds. Buffers are synced at every forward (DDP's
+  default): BatchNorm running statistics follow rank 0's, so evaluation sees rank 0's.
+- Devices: CUDA when the worker has a GPU (NCCL; bf16 autocast of the forward passes unless
+  the config says otherwise; losses stay fp32 in gan_core), else CPU with gloo.
+
+Checkpoints (every ``checkpoint_every`` iterations and at the end) are reported through
+``ray.train.report`` by every rank into one directory: rank 0 writes ``state.pt`` (models,
+optimisers, schedulers, step, config) and each rank writes ``rank-<r>.pt`` with its own random
+streams (sampler, noise, CycleGAN image pools), so a resumed run draws exactly the batches
+and noise the uninterrupted one would have. Files hold tensors and primitives only and load
+with ``weights_only=True``. Storage is local (GANFLOW_HOME/ray_results) or ``s3://`` with the
+endpoint passed explicitly to pyarrow. FailureConfig restarts a dead worker group from the
+latest checkpoint; rerunning a run name resumes it (Ray finds the run in storage, and the
+MLflow run tagged with that name is reused).
+
+Reports to Ray are few on purpose: Ray Train's controller takes one report per worker every
+RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) from a one-deep queue, so reporting at
+every log point paced a tiny model at 0.5 log points/s (measured). Losses go to MLflow at
+every log point; Ray sees checkpoints, evaluations (``eval_every``, for Tune) and the end.
+
+MLflow: the driver checks the tracking server, creates the run and logs the config and the
+dataset snapshot before any cluster work; rank 0 alone logs metrics, sample grids, the
+evaluation and the final generator.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flows.train.checkpoints import report_checkpoint, restore_checkpoint
+from flows.train.spec import WorkerJob, WorkerUserError
+from gan_core.config import (
+    GanConfig,
+)
+
+
+def load_split(job: WorkerJob, cfg: GanConfig, split: str):
+    from flows.snapshots.load import load_dataset
+
+    return load_dataset(job.snapshot_id, split, job.snapshot_root, image_size=cfg.data.image_size)
+
+
+def _size(data) -> int:
+    return min(len(data.x), len(data.y)) if hasattr(data, "x") else len(data)
+
+
+def load_heldout(job: WorkerJob, cfg: GanConfig) -> dict:
+    """{'val': ..., 'test': ...}: selection (Tune, promotion) reads val, the reported figures
+    test. A snapshot too small to have a val split (under 2 images a part) selects on test."""
+    test = load_split(job, cfg, "test")
+    val = load_split(job, cfg, "val")
+    if _size(val) < 2:
+        val = test
+    return {"val": val, "test": test}
+
+
+# --- distribution ---------------------------------------------------------------------------
+
+
+def ddp_wrap(module: nn.Module) -> nn.Module:
+    """The one place a network is made data-parallel: moved to this worker's device and, with
+    more than one worker, wrapped in DistributedDataParallel (see the module notes)."""
+    from ray.train.torch import prepare_model
+
+    return prepare_model(
+        module,
+        parallel_strategy="ddp",
+        # Buffers (BatchNorm statistics) are synced from rank 0 at every forward: the default.
+        parallel_strategy_kwargs={"find_unused_parameters": False},
+    )
+
+
+def _all_mean(values: list[float], device: torch.device) -> list[float]:
+    """Mean over ranks of a list of floats (one all-reduce; a host sync, at log points only)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def replica_divergence(models: dict[str, nn.Module], device: torch.device) -> float:
+    """Largest |difference| of any parameter between ranks (0.0 when replicas are equal).
+    Two all-reduces of every parameter: a diagnostic, not for production intervals."""
+    import torch.distributed as dist
+
+    from gan_core.train import plain
+
+    vec = torch.cat(
+        [p.detach().flatten().double() for m in models.values() for p in plain(m).parameters()]
+    ).to(device)
+    hi, lo = vec.clone(), vec.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return float((hi - lo).max())
+
+
+# --- the worker side ------------------------------------------------------------------------
+
+
+class RayCallback:
+    """gan_core callback at every log point: average the metrics over ranks, log them to
+    MLflow (rank 0), evaluate every ``eval_every`` iterations (rank 0), and report to Ray
+    with a checkpoint every ``checkpoint_every`` iterations. Every rank calls it at the same
+    iterations, so collectives and reports line up."""
+
+    def __init__(self, job: WorkerJob, rank: int, world_size: int, end: int, evaluator):
+        self.job, self.rank, self.world_size, self.end = job, rank, world_size, end
+        self.evaluator = evaluator
+        self.last_t: float | None = None
+        self.latest_eval: dict[str, float] = {}
+        self.last_step = 0
+
+    def __call__(self, state, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        now = time.perf_counter()
+        if self.last_t is not None:
+            metrics["steps_per_s"] = (state.step - self.last_step) / max(now - self.last_t, 1e-9)
+        self.last_t, self.last_step = now, state.step
+        if self.world_size > 1:
+            keys = sorted(metrics)
+            metrics = dict(zip(keys, _all_mean([metrics[k] for k in keys], state.device)))
+            if self.job.check_replicas:
+                metrics["replica_max_abs_diff"] = replica_divergence(state.models, state.device)
+        metrics["step"] = state.step
+        if self.rank == 0:
+            shown = ", ".join(f"{k}={v:.3g}" for k, v in metrics.items() if k.startswith("loss"))
+            rate = metrics.get("steps_per_s")
+            # sys.__stderr__: Ray Train patches print() on workers into its logger (filtered
+            # to warnings on a quiet console, and teed twice otherwise).
+            print(
+                f"[ganflow] {state.cfg.family}: iteration {state.step}/{self.end} {shown}"
+                + (f" ({rate:.1f} it/s)" if rate else ""),
+                file=sys.__stderr__,
+                flush=True,
+            )
+        every = self.job.eval_every
+        evaluated = bool(every) and state.step % every == 0 and state.step != self.end
+        if self.rank == 0 and evaluated:
+            self.latest_eval = self.evaluator.run(state, final=False)
+        metrics.update(self.latest_eval)
+        if self.rank == 0 and self.job.run_id:
+            self._track(state, {k: v for k, v in metrics.items() if k not in self.latest_eval})
+        fault = self.job.fault
+        if (
+            fault
+            and fault["rank"] == self.rank
+            and fault["step"] == state.step
+            and not os.path.exists(fault["marker"])
+        ):
+            Path(fault["marker"]).write_text(str(os.getpid()))
+            # Give the controller time to register checkpoints already reported (it polls
+            # workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); then die as a crash does.
+            time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGKILL)
+        # Ray's controller takes one report per worker every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
+        # (2 s by default) and the queue is one deep: a report per log point would pace
+        # training at 0.5 log points/s (measured). So only checkpoints and evaluations are
+        # reported to Ray; losses go to MLflow at every log point. The last iteration's
+        # checkpoint is reported after evaluation, with its figures.
+        if state.step == self.end:
+            return
+        if state.step % self.job.checkpoint_every == 0:
+            report_checkpoint(state, metrics, self.rank, self.world_size)
+        elif evaluated:
+            ray.train.report(metrics)
+
+    def _track(self, state, metrics: dict[str, float]) -> None:
+        from flows import tracking
+        from gan_core.evaluate import sample_grid
+
+        tracking.log_metrics(
+            self.job.tracking_uri, self.job.run_id, {k: v for k, v in metrics.items()}, state.step
+        )
+        if state.step % self.job.sample_every == 0 or state.step == self.end:
+            images, nrow, caption = sample_grid(
+                state.cfg, state.models, self.evaluator.heldout["test"]
+            )
+            tracking.log_grid(self.job.tracking_uri, self.job.run_id, images, nrow, state.step)
+            # What the grid's rows are (and whether classes were cut), next to it in the UI.
+            tracking.client(self.job.tracking_uri).set_tag(
+                self.job.run_id, "ganflow.samples", caption
+            )
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The single boundary between Ray and gan_core (runs on every worker)."""
+    import ray.train
+    import ray.train.torch
+
+    job = WorkerJob(**config)
+    # One intra-op thread per worker by default: several workers share a node's cores, and
+    # OpenMP oversubscription slowed training 10-30x on a 2-core machine (measured).
+    torch.set_num_threads(job.threads)
+
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    cfg = GanConfig.from_flat_dict(job.config)
+    try:
+        _train_worker(job, cfg, rank, world_size, device)
+    except (
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AssertionError,
+        NotImplementedError,
+    ) as exc:
+        raise WorkerUserError(f"{type(exc).__name__}: {exc}") from exc
+    except RuntimeError as exc:
+        # Shape and dtype errors are RuntimeErrors; CUDA, NCCL and out-of-memory errors are
+        # too, and those may pass on another node or attempt: leave them to the retries.
+        text = str(exc)
+        transient = any(w in text for w in ("CUDA", "NCCL", "out of memory", "Gloo", "gloo"))
+        if transient or isinstance(exc, WorkerUserError):
+            raise
+        raise WorkerUserError(f"{type(exc).__name__}: {text}") from exc
+
+
+def _train_worker(job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, device) -> None:
+    import ray.train
+
+    from gan_core.train import init_state, train
+
+    train_cpu = load_split(job, cfg, "train")
+    data = train_cpu.to(device)
+    heldout = load_heldout(job, cfg) if rank == 0 else None
+    state = init_state(cfg, data, device, rank, world_size, wrap=ddp_wrap)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            exact = restore_checkpoint(state, Path(d), rank, world_size)
+        print(
+            f"[ganflow rank {rank}] resumed at iteration {state.step}"
+            + ("" if exact else " (world size changed: fresh data/noise streams)"),
+            file=sys.__stderr__,
+            flush=True,
+        )
+    end = cfg.train.steps
+    nodes = _count_nodes(world_size)
+    start_step, t0 = state.step, time.perf_counter()
+    evaluator = Evaluator(job, cfg, train_cpu, heldout) if rank == 0 else None
+    train(state, data, callbacks=[RayCallback(job, rank, world_size, end, evaluator)])
+    seconds = time.perf_counter() - t0
+    final: dict[str, float] = {
+        "step": state.step,
+        "ray_nodes": nodes,
+        "ray_workers": world_size,
+        # This attempt's training throughput (MLflow logging and checkpoints included).
+        "train_steps_per_s": (state.step - start_step) / max(seconds, 1e-9),
+    }
+    if rank == 0:
+        final.update(evaluator.run(state, final=True))
+    # Result.metrics on the driver are those of the latest checkpoint: the evaluation.
+    report_checkpoint(state, final, rank, world_size)
+
+
+def _count_nodes(world_size: int) -> int:
+    """How many Ray nodes the workers run on (one all-gather at start)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world_size == 1:
+        return 1
+    import torch.distributed as dist
+
+    nodes: list[str] = [""] * world_size
+    dist.all_gather_object(nodes, node)
+    return len(set(nodes))
+
+
+class Evaluator:
+    """Rank 0's evaluation: the snapshot's judge (trained on the train split on first use,
+    cached by snapshot id), the FID network when eval.inception is on, and the held-out
+    splits. Periodic evaluations (for Tune) measure val only, as ``val_<metric>``; the final
+    one measures val and test: test figures under their own names are what is reported and
+    registered, val figures are what search and promotion select on."""
+
+    def __init__(self, job: WorkerJob, cfg: GanConfig, train_cpu, heldout: dict):
+        self.job, self.cfg, self.train_cpu, self.heldout = job, cfg, train_cpu, heldout
+        self._judge = self._inception = None
+
+    def judge(self):
+        if self._judge is None:
+            from flows.train.data_config import load_judge
+
+            self._judge = load_judge(
+                self.job.snapshot_id,
+                self.job.cache_dir,
+                lambda: (self.train_cpu.to("cpu"), self.heldout["test"]),
+            )
+        return self._judge
+
+    def _measure(self, models, split: str) -> dict[str, float]:
+        from flows.train.data_config import load_inception
+        from gan_core.evaluate import evaluate
+
+        if self.cfg.eval.inception and self._inception is None:
+            self._inception = load_inception(self.cfg)
+        return evaluate(
+            self.cfg, models, self.heldout[split], self.judge(), inception=self._inception
+        )
+
+    def run(self, state, final: bool) -> dict[str, float]:
+        from gan_core.evaluate import primary_metric
+        from gan_core.train import plain
+
+        cfg = self.cfg
+        # Evaluated on CPU copies: the judge lives on the CPU, and G stays untouched.
+        models = {k: copy.deepcopy(plain(v)).cpu() for k, v in state.models.items()}
+        primary, _ = primary_metric(cfg, getattr(self.heldout["test"], "x_truth", None) is not None)
+        metrics = {f"val_{k}": v for k, v in self._measure(models, "val").items()}
+        if final:
+            metrics.update(self._measure(models, "test"))
+            metrics["primary_metric_value"] = metrics[primary]
+            metrics["judge_heldout_accuracy"] = self.judge().heldout_accuracy
+        job = self.job
+        if job.run_id:
+            from flows import tracking
+
+            tracking.log_metrics(
+                job.tracking_uri,
+                job.run_id,
+                {f"eval.{k}": v for k, v in metrics.items()},
+                state.step,
+            )
+            client = tracking.client(job.tracking_uri)
+            client.set_tag(job.run_id, "ganflow.primary_metric", primary)
+            client.set_tag(job.run_id, "ganflow.judge_task", self.judge().task)
+            if final:
+                _log_loss_plot(job, cfg)
+                tracking.log_generator(job.tracking_uri, job.run_id, cfg, models)
+        return metrics
+
+
+def _log_loss_plot(job: WorkerJob, cfg: GanConfig) -> None:
+    """losses.png from the MLflow history (whole run, across resumes)."""
+    from flows import tracking
+    from flows.train.local import plot_losses
+
+    client = tracking.client(job.tracking_uri)
+    keys = [k for k in client.get_run(job.run_id).data.metrics if k.startswith("loss")]
+    by_step: dict[int, dict[str, float]] = {}
+    for k in keys:
+        for m in client.get_metric_history(job.run_id, k):
+            by_step.setdefault(m.step, {})[k] = m.value
+    history = [(s, v) for s, v in sorted(by_step.items()) if len(v) == len(keys)]
+    if not history:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = plot_losses(history, Path(tmp) / "losses.png", f"{cfg.family}: losses")
+        client.log_artifact(job.run_id, str(path))

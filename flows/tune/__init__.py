@@ -1,0 +1,1 @@
+"""Ray Tune searches: space, search (run_search), summary."""

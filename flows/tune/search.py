@@ -1,0 +1,283 @@
+"""Hyperparameter search with Ray Tune over λ (``lambda_cyc``) and k (``d_steps``), and any
+other config field, at cluster scale.
+
+Each trial is a Ray Train run of the training stage's trainer (Ray Train V2: a Tune function
+builds one TorchTrainer per trial and forwards its reports with ``TuneReportCallback``), so
+a trial can itself span several GPU workers. Trials report the family's primary quality
+metric (gan_core's held-out evaluation) every ``eval_every`` iterations; ASHA stops poor
+trials early. MLflow gets one parent run for the search and one child run per trial; the
+parent records the best trial's config, metric and checkpoint, a metric-vs-(λ, k) picture
+and the best trial's sample grid. The best configuration comes back as config overrides
+that ``ganflow train --set``/``--config`` and the retraining flow take as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+from flows.ingest.resolve import ensure_snapshot
+from flows.settings import forwarded_env, ray_storage
+from flows.tune.space import SearchError, SearchRequest, to_tune_space
+from flows.tune.summary import _summarise
+from gan_core.config import GanConfig, apply_overrides
+from gan_core.evaluate import primary_metric
+
+EXPERIMENT = "ganflow-search"
+
+
+class _ReapOrphanedPlacementGroups:
+    """Tune callback (driver side): free the CPUs/GPUs of Ray Train runs whose trial Tune
+    stopped (ASHA) or finished.
+
+    Tune stops a trial by killing its actor while the TorchTrainer inside may still hold its
+    workers' placement group. Ray's own PlacementGroupCleaner is meant to free it, but on a
+    loaded 2-core machine it did not within 10 minutes (seen: 1.8 of 2 CPUs reserved by
+    finished trials, every later trial pending; the cleaner's state-API query fails when a
+    machine runs two Ray instances). A placement group of this job with real resources, no
+    live actor in it and older than ``min_age_s`` (well past any worker start) is orphaned:
+    remove it."""
+
+    def __init__(self, min_age_s: float = 120.0, every_s: float = 15.0):
+        self.min_age_s, self.every_s, self._last = min_age_s, every_s, 0.0
+
+    def reap(self) -> int:
+        import ray
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+        from ray.util.state import list_actors, list_placement_groups
+
+        job = ray.get_runtime_context().get_job_id()
+        try:
+            alive = list_actors(detail=True, filters=[("state", "=", "ALIVE")], limit=10000)
+            in_use = {a.placement_group_id for a in alive if a.placement_group_id}
+            pgs = list_placement_groups(
+                detail=True, filters=[("state", "=", "CREATED")], limit=10000
+            )
+        except Exception:  # the state API is best effort here; try again at the next event
+            return 0
+        now_ns = time.time_ns()
+        removed = 0
+        for pg in pgs:
+            units = [b["unit_resources"] for b in pg.bundles]
+            heavy = any(u.get("CPU", 0) >= 0.5 or u.get("GPU", 0) > 0 for u in units)
+            created = int(pg.stats.get("creation_request_received_ns", now_ns))
+            old = (now_ns - created) / 1e9 > self.min_age_s
+            if pg.creator_job_id == job and heavy and old and pg.placement_group_id not in in_use:
+                pg_id = ray.PlacementGroupID(bytes.fromhex(pg.placement_group_id))
+                remove_placement_group(PlacementGroup(pg_id))
+                removed += 1
+        return removed
+
+    def maybe_reap(self, force: bool = False) -> None:
+        if force or time.monotonic() - self._last > self.every_s:
+            self._last = time.monotonic()
+            self.reap()
+
+
+def _reaper_callback():
+    from ray import tune
+
+    class Reaper(tune.Callback):
+        def __init__(self):
+            self.reaper = _ReapOrphanedPlacementGroups()
+
+        def on_step_end(self, iteration, trials, **info):
+            self.reaper.maybe_reap()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.reaper.maybe_reap(force=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.reaper.maybe_reap(force=True)
+
+    return Reaper()
+
+
+def _trial(config: dict) -> None:
+    """One Tune trial: a Ray Train run of the training stage's trainer."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from flows.train.driver import run_training
+    from flows.train.spec import ClusterSpec, StorageSpec, TrainRequest
+
+    ctx = config["__ganflow"]
+    # The driver's view of where things live (no secrets), so a trial on any node reads the
+    # same snapshot store and writes the same MLflow/Ray storage as the driver.
+    os.environ.update(ctx["env"])
+    params = {k: v for k, v in config.items() if k != "__ganflow"}
+    cfg = apply_overrides(GanConfig.from_flat_dict(ctx["base"]), params)
+    trial_name = f"{ctx['search']}-{tune.get_context().get_trial_id()}"
+    req = TrainRequest(
+        cfg=cfg,
+        dataset=ctx["snapshot_id"],
+        cluster=ClusterSpec(
+            workers=ctx["workers"], gpus_per_worker=ctx["gpus"], cpus_per_worker=ctx["cpus"]
+        ),
+        storage=StorageSpec(url=ctx["storage"]),
+        run_name=trial_name,
+        experiment=EXPERIMENT,
+        tracking=ctx["tracking"],
+        parent_run_id=ctx["parent_run_id"],
+        eval_every=ctx["eval_every"],
+        trainer_callbacks=[TuneReportCallback()],
+        max_failures=0,
+    )
+    run_training(req)
+
+
+def _storage_root(req: SearchRequest) -> str:
+    return req.storage or ray_storage()
+
+
+def run_search(req: SearchRequest, progress: bool = True) -> dict:
+    """Run (or resume) the search; returns {"name", "trials": [...], "best": {...}}."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from flows import tracking
+    from flows.settings import snapshot_root
+    from flows.train.driver import check_resources, ensure_ray, gpu_capacity
+    from flows.train.spec import ClusterSpec, StorageSpec
+
+    base = req.base
+    steps = base.train.steps
+    eval_every = req.eval_every or max(1, steps // 4)
+    if req.scheduler not in ("asha", "fifo"):
+        raise SearchError(f"--scheduler must be asha or fifo, got {req.scheduler!r}")
+    if req.samples < 1:
+        raise SearchError(f"--samples must be >= 1, got {req.samples}")
+    if req.resume and not req.name:
+        raise SearchError("--resume needs the --name of the search to resume")
+    uri = parent = None
+    if req.tracking:
+        uri = tracking.tracking_uri()
+        tracking.check_reachable(uri)
+    manifest = ensure_snapshot(req.dataset, snapshot_root(), base.data.image_size)
+    from flows.train.data_config import check_config
+
+    check_config(base, manifest)
+    # Trials are selected on the validation split (test stays for the reported figures).
+    primary, mode = primary_metric(base, bool(manifest.get("has_truth")))
+    metric = f"val_{primary}"
+    name = (
+        req.name or f"search-{req.family}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    )
+    storage_path, filesystem = StorageSpec(url=_storage_root(req)).resolve()
+    ensure_ray(log_to_driver=False)
+    # A trial the cluster can never place would wait forever: fail before any run is made.
+    check_resources(
+        ClusterSpec(
+            workers=req.workers_per_trial,
+            gpus_per_worker=req.gpus_per_worker,
+            cpus_per_worker=req.cpus_per_worker,
+        )
+    )
+
+    if req.tracking:
+        exp_id = tracking.ensure_experiment(uri, EXPERIMENT)
+        parent = tracking.find_or_create_run(
+            uri,
+            exp_id,
+            name,
+            {
+                "ganflow.family": req.family,
+                "ganflow.snapshot_id": manifest["id"],
+                "ganflow.kind": "search",
+            },
+        )
+        client = tracking.client(uri)
+        have = client.get_run(parent).data.params
+        params = {
+            "family": req.family,
+            "dataset": manifest["id"],
+            "samples": req.samples,
+            "scheduler": req.scheduler,
+            "space": json.dumps(req.space)[:6000],
+            "steps": steps,
+        }
+        for k, v in params.items():
+            if k not in have:
+                client.log_param(parent, k, str(v))
+
+    # Trials report losses at every log point and the quality metric every eval_every
+    # iterations; ASHA only judges results that carry the metric, so reports without it are
+    # valid (Tune's strict check would reject them).
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    ctx = {
+        "base": base.to_flat_dict(),
+        "snapshot_id": manifest["id"],
+        "search": name,
+        "workers": req.workers_per_trial,
+        "gpus": req.gpus_per_worker,
+        "cpus": req.cpus_per_worker,
+        "storage": _storage_root(req),
+        "tracking": req.tracking,
+        "parent_run_id": parent,
+        "eval_every": eval_every,
+        "env": forwarded_env(),
+    }
+    trainable = tune.with_resources(
+        _trial, {"cpu": 0.01}
+    )  # the trial's own workers reserve the real CPUs
+    max_conc = req.max_concurrent
+    if max_conc is None:
+        # GPU trials: as many as the GPUs allow, counting those an autoscaling cluster can add
+        # (its CPUs arrive with the GPU nodes, so today's CPU count says nothing). Else CPUs.
+        if req.gpus_per_worker > 0:
+            free = gpu_capacity() / (req.workers_per_trial * req.gpus_per_worker)
+        else:
+            cpus = ray.cluster_resources().get("CPU", 1.0)
+            free = cpus / (req.workers_per_trial * req.cpus_per_worker)
+        max_conc = max(1, int(free))
+    scheduler = (
+        # max_t one past the last step: a trial that reaches the end returns by itself
+        # (Tune killing it at max_t would strand its Train run's resources).
+        ASHAScheduler(
+            time_attr="step",
+            max_t=steps + 1,
+            grace_period=req.grace_period or eval_every,
+            reduction_factor=2,
+        )
+        if req.scheduler == "asha"
+        else FIFOScheduler()
+    )
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        verbose=1 if progress else 0,
+        callbacks=[_reaper_callback()],
+    )
+    path = f"{storage_path}/{name}"
+    if req.resume:
+        if not tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+            raise SearchError(
+                f"nothing to resume: no search named {name!r} under {_storage_root(req)}"
+            )
+        tuner = tune.Tuner.restore(
+            path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=filesystem,
+            param_space={**to_tune_space(req.space), "__ganflow": ctx},
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={**to_tune_space(req.space), "__ganflow": ctx},
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode=mode,
+                scheduler=scheduler,
+                num_samples=req.samples,
+                max_concurrent_trials=max_conc,
+            ),
+            run_config=run_config,
+        )
+    grid = tuner.fit()
+    return _summarise(req, name, grid, metric, mode, steps, parent, uri, path)

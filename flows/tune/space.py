@@ -1,0 +1,117 @@
+"""Search spaces over config fields (λ, k and any other): defaults per family, files, validation
+against a base config, and Ray Tune's form."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from flows.settings import read_yaml_mapping
+from gan_core.config import ConfigError, GanConfig, apply_overrides, resolve_key
+
+SEARCHER_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+class SearchError(ValueError):
+    """The search cannot run as asked; one line for the command line."""
+
+
+def default_space(family: str) -> dict[str, dict]:
+    """λ on a grid like the paper's neighbourhood (CycleGAN only), k over {1, 2, 3, 5}."""
+    if family == "cyclegan":
+        return {
+            "loss.lambda_cyc": {"grid": [1.0, 3.0, 10.0, 30.0]},
+            "train.d_steps": {"choice": [1, 2, 3, 5]},
+        }
+    return {"train.d_steps": {"grid": [1, 2, 3, 5]}}
+
+
+def load_space(path: str | None, family: str) -> dict[str, dict]:
+    if not path:
+        return default_space(family)
+    raw = read_yaml_mapping(path, "search space file", SearchError)
+    if not raw:
+        raise SearchError(f"search space file {path} must map config fields to {{kind: values}}")
+    return raw
+
+
+def validate_space(space: dict[str, dict], base: GanConfig) -> dict[str, dict]:
+    """Normalise names to dotted form and check every value/bound against the config's own
+    validation, before anything runs. Returns {dotted_name: {kind: values}}."""
+    out: dict[str, dict] = {}
+    for key, spec in space.items():
+        try:
+            section, name = resolve_key(key)
+        except ConfigError as exc:
+            raise SearchError(f"search space: {exc}") from None
+        dotted = f"{section}.{name}"
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCHER_KINDS:
+            raise SearchError(
+                f"search space: {dotted}: expected one of {{{', '.join(SEARCHER_KINDS)}: ...}}, got {spec!r}"
+            )
+        kind, values = next(iter(spec.items()))
+        if kind in ("grid", "choice"):
+            if not isinstance(values, list) or not values:
+                raise SearchError(f"search space: {dotted}: {kind} needs a non-empty list")
+            probes = values
+        else:
+            if not (
+                isinstance(values, list)
+                and len(values) == 2
+                and all(isinstance(v, (int, float)) for v in values)
+                and values[0] < values[1]
+            ):
+                raise SearchError(
+                    f"search space: {dotted}: {kind} needs [low, high] with low < high"
+                )
+            if kind == "loguniform" and values[0] <= 0:
+                raise SearchError(f"search space: {dotted}: loguniform needs low > 0")
+            probes = values
+        for v in probes:
+            try:
+                apply_overrides(base, {dotted: v})
+            except ConfigError as exc:
+                raise SearchError(f"search space: {exc}") from None
+        out[dotted] = {kind: values}
+    return out
+
+
+def to_tune_space(space: dict[str, dict]) -> dict:
+    from ray import tune
+
+    make = {
+        "grid": tune.grid_search,
+        "choice": tune.choice,
+        "uniform": lambda v: tune.uniform(*v),
+        "loguniform": lambda v: tune.loguniform(*v),
+        "randint": lambda v: tune.randint(*v),
+    }
+    return {
+        name: make[kind](values) for name, spec in space.items() for kind, values in spec.items()
+    }
+
+
+def count_trials(space: dict[str, dict], samples: int) -> int:
+    grid = math.prod(len(v) for s in space.values() for k, v in s.items() if k == "grid")
+    return grid * samples
+
+
+@dataclass
+class SearchRequest:
+    family: str
+    dataset: str
+    base: GanConfig
+    space: dict[str, dict]
+    samples: int = 1
+    scheduler: str = "asha"
+    max_concurrent: int | None = None
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 0.9
+    gpus_per_worker: float = 0.0
+    eval_every: int | None = None
+    grace_period: int | None = None
+    name: str | None = None
+    resume: bool = False
+    storage: str | None = None
+    tracking: bool = True
+    extra_trial_overrides: dict = field(default_factory=dict)

@@ -1,0 +1,167 @@
+"""A finished search summarised: trial table, best trial, the MLflow parent run with the
+metric-vs-(λ, k) picture, and result files under GANFLOW_HOME/searches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flows.settings import ganflow_home
+from flows.tune.space import SearchRequest
+
+
+def _summarise(
+    req: SearchRequest,
+    name: str,
+    grid,
+    metric: str,
+    mode: str,
+    steps: int,
+    parent: str | None,
+    uri: str | None,
+    path: str,
+) -> dict:
+    trials = []
+    for r in grid:
+        params = {k: v for k, v in (r.config or {}).items() if k != "__ganflow"}
+        m = r.metrics or {}
+        reached = int(m.get("step", 0))
+        trials.append(
+            {
+                "trial_id": m.get("trial_id"),
+                "config": params,
+                "metric": m.get(metric),
+                "step": reached,
+                "stopped_early": r.error is None and reached < steps,
+                "error": None if r.error is None else str(r.error).splitlines()[0][:300],
+                "checkpoint": m.get("checkpoint_path")
+                or (r.checkpoint.path if r.checkpoint else None),
+            }
+        )
+    completed = [
+        t
+        for t in trials
+        if t["error"] is None and not t["stopped_early"] and t["metric"] is not None
+    ]
+    best = None
+    if completed:
+        pick = min if mode == "min" else max
+        b = pick(completed, key=lambda t: t["metric"])
+        best = {
+            "config": b["config"],
+            "overrides": {k: v for k, v in b["config"].items()},
+            "metric": b["metric"],
+            "metric_name": metric,
+            "mode": mode,
+            "checkpoint": b["checkpoint"],
+            "trial_id": b["trial_id"],
+            "run_id": None,
+        }
+    if uri and parent:
+        best_run = _record_parent(uri, parent, name, trials, best, metric)
+        if best is not None:
+            best["run_id"] = best_run
+    result = {
+        "name": name,
+        "path": path,
+        "metric": metric,
+        "mode": mode,
+        "trials": trials,
+        "best": best,
+    }
+    out = ganflow_home() / "searches" / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    if best is not None:
+        import yaml
+
+        (out / "best.yaml").write_text(yaml.safe_dump(best["overrides"]))
+    return result
+
+
+def _record_parent(
+    uri: str, parent: str, name: str, trials: list[dict], best: dict | None, metric: str
+) -> str | None:
+    """Parent run: best config/metric/checkpoint, the results table, a metric-vs-(λ, k) plot
+    and the best trial's sample grid. Child runs still marked RUNNING (trials ASHA stopped
+    mid-run) are closed as KILLED. Returns the best trial's MLflow run id."""
+    import tempfile
+
+    from flows import tracking
+
+    c = tracking.client(uri)
+    exp = c.get_run(parent).info.experiment_id
+    children = c.search_runs(
+        [exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1000
+    )
+    by_name = {ch.data.tags.get(tracking.RUN_NAME_TAG, ""): ch for ch in children}
+    best_run = None
+    for ch in children:
+        if ch.info.status == "RUNNING":
+            c.set_terminated(ch.info.run_id, status="KILLED")
+    if best is not None:
+        best_child = by_name.get(f"{name}-{best['trial_id']}")
+        best_run = best_child.info.run_id if best_child else None
+        have = c.get_run(parent).data.params
+        for k, v in best["config"].items():
+            if f"best.{k}" not in have:  # a resumed search records the same best once
+                c.log_param(parent, f"best.{k}", str(v))
+        c.log_metric(parent, f"best.{metric}", float(best["metric"]))
+        c.set_tag(parent, "ganflow.best_checkpoint", str(best["checkpoint"]))
+        if best_run:
+            c.set_tag(parent, "ganflow.best_run_id", best_run)
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "trials.json"
+        table.write_text(json.dumps(trials, indent=2, default=str))
+        c.log_artifact(parent, str(table))
+        plot = _plot_metric(trials, metric, Path(tmp) / "metric_vs_params.png")
+        if plot:
+            c.log_artifact(parent, str(plot))
+        if best_run:
+            _copy_best_grid(c, best_run, parent, Path(tmp))
+    c.set_terminated(parent, status="FINISHED")
+    return best_run
+
+
+def _plot_metric(trials: list[dict], metric: str, path: Path) -> Path | None:
+    rows = [t for t in trials if t["metric"] is not None]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lam = [t["config"].get("loss.lambda_cyc") for t in rows]
+    k = [t["config"].get("train.d_steps", 1) for t in rows]
+    vals = [t["metric"] for t in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    if all(v is not None for v in lam):
+        sc = ax.scatter(
+            lam, k, c=vals, s=[60 if not t["stopped_early"] else 25 for t in rows], cmap="viridis"
+        )
+        ax.set_xscale("log")
+        ax.set_xlabel("λ (lambda_cyc)")
+        for x, y, v in zip(lam, k, vals):
+            ax.annotate(f"{v:.3g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        fig.colorbar(sc, label=metric)
+    else:
+        ax.scatter(k, vals)
+        ax.set_xlabel("k (d_steps)")
+    ax.set_ylabel("k (d_steps)" if all(v is not None for v in lam) else metric)
+    ax.set_title(f"{metric} per trial (small dots: stopped early)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _copy_best_grid(c, best_run: str, parent: str, tmp: Path) -> None:
+    """The best trial's last sample grid onto the parent run."""
+    import contextlib
+
+    with contextlib.suppress(Exception):  # a trial without images simply has none to copy
+        imgs = [f.path for f in c.list_artifacts(best_run, "images")]
+        if imgs:
+            local = c.download_artifacts(best_run, sorted(imgs)[-1], str(tmp))
+            c.log_artifact(parent, local, "best_samples")
