@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 from pathlib import Path
+
+# The one rule for names that become parts of storage paths (snapshot, run, search and model
+# names): a single path component, so no name can reach outside its root ("..", "/", "\\").
+NAME_RULE = "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 def ganflow_home() -> Path:
@@ -31,6 +37,22 @@ def ray_storage() -> str:
     """Where Ray Train and Tune keep checkpoints and run state: GANFLOW_RAY_STORAGE (a folder
     or s3://bucket/prefix), default GANFLOW_HOME/ray_results."""
     return os.environ.get("GANFLOW_RAY_STORAGE") or str(ganflow_home() / "ray_results")
+
+
+def check_name(name: str, what: str, error: type[Exception] = ValueError) -> str:
+    """name, or ``error`` in one line when it is not NAME_RULE (what: "--run-name" ...)."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise error(f"{what} {name!r} must be {NAME_RULE} (it names a folder)")
+    return name
+
+
+def inside(root: str | Path, path: str | Path) -> Path:
+    """path resolved, or ValueError when it resolves outside root (links followed): the
+    last check before a local write whose path was built from names."""
+    base, target = Path(root).resolve(), Path(path).resolve()
+    if target != base and base not in target.parents:
+        raise ValueError(f"{path} resolves outside {root}; refused")
+    return target
 
 
 def mlflow_tracking_uri() -> str:

@@ -4,15 +4,35 @@ from __future__ import annotations
 
 import argparse
 
+from flows.settings import check_name
 from flows.train.config import build_config
 from flows.train.driver import run_training
-from flows.train.spec import ClusterSpec, StorageSpec, TrainRequest
+from flows.train.spec import ClusterSpec, StorageSpec, TrainError, TrainRequest
 from gan_core.config import (
     FAMILIES,
 )
 
 
+def _check_args(args: argparse.Namespace) -> ClusterSpec:
+    """The numbers and the run name, before the dataset is resolved (an ingest) or Ray
+    starts: each a one-line TrainError."""
+    cluster = ClusterSpec(
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+        threads=args.threads,
+    ).check()
+    if args.run_name is not None:
+        check_name(args.run_name, "--run-name", TrainError)
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise TrainError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if args.max_failures < -1:
+        raise TrainError(f"--max-failures must be >= 0 (or -1: no limit), got {args.max_failures}")
+    return cluster
+
+
 def cmd_train(args: argparse.Namespace) -> dict:
+    cluster = _check_args(args)
     if args.flow:
         from flows.orchestration.train import train_flow
 
@@ -36,12 +56,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
         req = TrainRequest(
             cfg=cfg,
             dataset=cfg.data.dataset,
-            cluster=ClusterSpec(
-                workers=args.workers,
-                gpus_per_worker=args.gpus_per_worker,
-                cpus_per_worker=args.cpus_per_worker,
-                threads=args.threads,
-            ),
+            cluster=cluster,
             storage=StorageSpec(args.storage, args.s3_endpoint_url),
             run_name=args.run_name,
             checkpoint_every=args.checkpoint_every,

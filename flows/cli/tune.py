@@ -11,8 +11,17 @@ import argparse
 def cmd_tune(args: argparse.Namespace) -> dict:
     from flows.train.config import build_config
     from flows.tune.search import SearchRequest, run_search
-    from flows.tune.space import count_trials, load_space, validate_space
+    from flows.tune.space import check_args, count_trials, load_space, validate_space
 
+    check_args(
+        samples=args.samples,
+        scheduler=args.scheduler,
+        max_concurrent=args.max_concurrent,
+        workers_per_trial=args.workers_per_trial,
+        gpus_per_worker=args.gpus_per_worker,
+        name=args.name,
+        resume=args.resume,
+    )
     base, _ = build_config(args.family, None, args.overrides, args.dataset)
     args.dataset = base.data.dataset
     space = validate_space(load_space(args.space, args.family), base)

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from flows.settings import check_name as settings_check_name
 from flows.settings import snapshot_root
 from flows.storage import StorageError, describe, get_filesystem, is_remote, join, with_retries
 
@@ -92,12 +93,10 @@ def check_format(manifest: dict, name: str | None = None) -> dict:
 
 
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name) or name == "refs":
-        raise ValueError(
-            f"snapshot name {name!r} must be 1-100 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
+    # The shared rule (flows.settings.check_name), plus "refs": the folder of the name index.
+    if name == "refs":
+        raise ValueError("snapshot name 'refs' is reserved (the name index's folder)")
+    return settings_check_name(name, "snapshot name")
 
 
 def digest(obj) -> str:

@@ -5,6 +5,7 @@ line. Training takes a snapshot id or name: callers resolve other references fir
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -12,7 +13,7 @@ import uuid
 from dataclasses import asdict
 
 from flows.ingest.resolve import ensure_snapshot
-from flows.settings import cache_dir, forwarded_env, ganflow_home, snapshot_root
+from flows.settings import cache_dir, forwarded_env, ganflow_home, inside, snapshot_root
 from flows.train.spec import ClusterSpec, TrainError, TrainRequest, WorkerJob
 from flows.train.worker import train_loop_per_worker
 from gan_core.config import (
@@ -43,20 +44,32 @@ def ensure_ray(log_to_driver: bool = True) -> None:
         console.reapply()
 
 
-def max_gpus_setting() -> float | None:
-    """GANFLOW_RAY_MAX_GPUS: the most GPUs an autoscaling cluster can grow to (KubeRay's
-    maxReplicas x GPUs per pod, the launcher's max_workers x GPUs per instance). Unset for a
-    fixed cluster, whose current GPUs are all it will ever have."""
-    raw = os.environ.get("GANFLOW_RAY_MAX_GPUS", "").strip()
+def _max_setting(var: str) -> float | None:
+    raw = os.environ.get(var, "").strip()
     if not raw:
         return None
     try:
         value = float(raw)
     except ValueError:
-        raise TrainError(f"GANFLOW_RAY_MAX_GPUS must be a number, got {raw!r}") from None
-    if value < 0:
-        raise TrainError(f"GANFLOW_RAY_MAX_GPUS must be >= 0, got {raw!r}")
+        raise TrainError(f"{var} must be a number, got {raw!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise TrainError(f"{var} must be >= 0, got {raw!r}")
     return value
+
+
+def max_gpus_setting() -> float | None:
+    """GANFLOW_RAY_MAX_GPUS: the most GPUs an autoscaling cluster can grow to (KubeRay's
+    maxReplicas x GPUs per pod, the launcher's max_workers x GPUs per instance). Unset for a
+    fixed cluster, whose current GPUs are all it will ever have."""
+    return _max_setting("GANFLOW_RAY_MAX_GPUS")
+
+
+def max_cpus_setting() -> float | None:
+    """GANFLOW_RAY_MAX_CPUS: the most CPUs an autoscaling cluster can grow to (same reading
+    as GANFLOW_RAY_MAX_GPUS). Unset: the cluster's CPUs now are all it will have, except
+    that a GPU job on a cluster with GANFLOW_RAY_MAX_GPUS set gets its CPUs with the GPU
+    nodes it waits for, so its CPUs are not checked then."""
+    return _max_setting("GANFLOW_RAY_MAX_CPUS")
 
 
 def gpu_capacity() -> float:
@@ -66,33 +79,58 @@ def gpu_capacity() -> float:
     return max(ray.cluster_resources().get("GPU", 0.0), max_gpus_setting() or 0.0)
 
 
-def check_resources(cluster: ClusterSpec) -> None:
-    """Fail before any work when the cluster cannot give the job its GPUs. An autoscaling
-    cluster (GANFLOW_RAY_MAX_GPUS set) may have none now and start GPU nodes on demand, so it
-    is checked against what it can grow to; Ray Train then waits for the nodes."""
-    import ray
-
-    need = cluster.workers * cluster.gpus_per_worker
-    if need <= 0:
-        return
-    have = ray.cluster_resources().get("GPU", 0.0)
+def _shortfall(kind: str, need: float, have: float, ceiling: float | None, cluster) -> bool:
+    """Raise when the cluster can never give `need`; True when it can only after growing
+    (the caller says it waits), False when it has enough now."""
     if have >= need:
-        return
-    ceiling = max_gpus_setting()
+        return False
+    per = cluster.gpus_per_worker if kind == "GPU" else cluster.cpus_per_worker
+    var = f"GANFLOW_RAY_MAX_{kind}S"
     short = (
-        f"the job needs {need:g} GPUs ({cluster.workers} workers x "
-        f"{cluster.gpus_per_worker:g}), the Ray cluster has {have:g}"
+        f"the job needs {need:g} {kind}s ({cluster.workers} workers x {per:g}), "
+        f"the Ray cluster has {have:g}"
     )
     if ceiling is None:
-        raise TrainError(f"{short} (set GANFLOW_RAY_MAX_GPUS if it autoscales)")
+        raise TrainError(f"{short} (set {var} if it autoscales)")
     if ceiling < need:
-        raise TrainError(f"{short} and can grow to {ceiling:g} (GANFLOW_RAY_MAX_GPUS)")
+        raise TrainError(f"{short} and can grow to {ceiling:g} ({var})")
     print(
-        f"[ganflow] the cluster has {have:g} of the {need:g} GPUs the job needs; "
-        f"waiting for the autoscaler (GANFLOW_RAY_MAX_GPUS={ceiling:g})",
+        f"[ganflow] the cluster has {have:g} of the {need:g} {kind}s the job needs; "
+        f"waiting for the autoscaler ({var}={ceiling:g})",
         file=sys.stderr,
         flush=True,
     )
+    return True
+
+
+def check_resources(cluster: ClusterSpec) -> None:
+    """Fail before any work when the cluster cannot give the job its CPUs or GPUs: Ray would
+    otherwise wait for them forever. An autoscaling cluster (GANFLOW_RAY_MAX_CPUS /
+    GANFLOW_RAY_MAX_GPUS set) is checked against what it can grow to, and Ray Train then
+    waits for the nodes. A fixed cluster must also have one node with a worker's CPUs (a
+    worker's resources come from one node)."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_gpus = cluster.workers * cluster.gpus_per_worker
+    gpu_ceiling = max_gpus_setting()
+    if need_gpus > 0:
+        _shortfall("GPU", need_gpus, total.get("GPU", 0.0), gpu_ceiling, cluster)
+    cpu_ceiling = max_cpus_setting()
+    if cpu_ceiling is None and need_gpus > 0 and gpu_ceiling is not None:
+        return  # the GPU nodes the autoscaler adds bring their own CPUs
+    need_cpus = cluster.workers * cluster.cpus_per_worker
+    if _shortfall("CPU", need_cpus, total.get("CPU", 0.0), cpu_ceiling, cluster):
+        return
+    if cpu_ceiling is None:
+        largest = max(
+            (n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0
+        )
+        if cluster.cpus_per_worker > largest:
+            raise TrainError(
+                f"a worker needs {cluster.cpus_per_worker:g} CPUs (--cpus-per-worker) and the "
+                f"largest Ray node has {largest:g}"
+            )
 
 
 def prove_config(cfg: GanConfig, manifest: dict, root: str) -> None:
@@ -118,10 +156,9 @@ def run_training(req: TrainRequest) -> dict:
     Returns run_id, run_name, metrics (held-out evaluation), checkpoint, snapshot_id."""
     from flows import tracking
 
+    req.check()  # numbers and names, before any I/O
     cfg = req.cfg
     cluster = req.cluster
-    if cluster.workers < 1:
-        raise TrainError(f"--workers must be >= 1, got {cluster.workers}")
     uri = run_id = None
     if req.tracking:
         uri = tracking.tracking_uri()
@@ -139,6 +176,9 @@ def run_training(req: TrainRequest) -> dict:
         # bf16 autocast of forward passes on GPUs (losses stay fp32 in gan_core).
         cfg = apply_overrides(cfg, {"train.precision": "bf16"})
 
+    if not req.storage.is_remote():  # the run's folder stays under the storage root
+        storage_path, _ = req.storage.resolve()
+        inside(storage_path, os.path.join(storage_path, run_name))
     if req.tracking:
         exp_id = tracking.ensure_experiment(uri, req.experiment)
         tags = {
@@ -149,6 +189,43 @@ def run_training(req: TrainRequest) -> dict:
         if req.parent_run_id:
             tags["mlflow.parentRunId"] = req.parent_run_id
         run_id = tracking.find_or_create_run(uri, exp_id, run_name, tags)
+    try:
+        result = _track_and_fit(req, cfg, manifest, root, uri, run_id, run_name, use_gpu)
+    except BaseException as exc:
+        # Never leave the MLflow run RUNNING: Ctrl-C is KILLED, any other failure FAILED.
+        if run_id is not None:
+            _end_run(uri, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    if req.tracking:
+        tracking.finish_run(uri, run_id, "FINISHED" if result["ok"] else "FAILED")
+    if not result["ok"]:
+        raise TrainError(f"training run {run_name} failed: {result['error']}")
+    metrics = {k: v for k, v in result["metrics"].items() if k not in ("step",)}
+    return {
+        "run_id": run_id,
+        "run_name": run_name,
+        "family": cfg.family,
+        "snapshot_id": manifest["id"],
+        "steps": int(result["metrics"].get("step", 0)),
+        "metrics": metrics,
+        "checkpoint": result["checkpoint"],
+        "storage": result["storage"],
+    }
+
+
+def _end_run(uri: str, run_id: str, status: str) -> None:
+    from flows import tracking
+
+    # The server may be what failed; the original error is the one to show.
+    with contextlib.suppress(Exception):
+        tracking.finish_run(uri, run_id, status)
+
+
+def _track_and_fit(req, cfg, manifest, root, uri, run_id, run_name, use_gpu) -> dict:
+    from flows import tracking
+
+    cluster = req.cluster
+    if req.tracking:
         extra = {
             "ray.workers": cluster.workers,
             "ray.gpus_per_worker": cluster.gpus_per_worker,
@@ -174,22 +251,7 @@ def run_training(req: TrainRequest) -> dict:
         fault=asdict(req.fault) if req.fault else None,
         eval_every=req.eval_every,
     )
-    result = _fit(job, cluster, req, run_name, use_gpu)
-    if req.tracking:
-        tracking.finish_run(uri, run_id, "FINISHED" if result["ok"] else "FAILED")
-    if not result["ok"]:
-        raise TrainError(f"training run {run_name} failed: {result['error']}")
-    metrics = {k: v for k, v in result["metrics"].items() if k not in ("step",)}
-    return {
-        "run_id": run_id,
-        "run_name": run_name,
-        "family": cfg.family,
-        "snapshot_id": manifest["id"],
-        "steps": int(result["metrics"].get("step", 0)),
-        "metrics": metrics,
-        "checkpoint": result["checkpoint"],
-        "storage": result["storage"],
-    }
+    return _fit(job, cluster, req, run_name, use_gpu)
 
 
 def _fit(job: WorkerJob, cluster: ClusterSpec, req: TrainRequest, run_name: str, use_gpu: bool):

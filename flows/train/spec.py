@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.settings import ray_storage
+from flows.settings import check_name, ray_storage
 from gan_core.config import (
     GanConfig,
 )
@@ -66,6 +66,27 @@ class ClusterSpec:
     cpus_per_worker: float = 1.0
     threads: int = 1
 
+    def check(self, workers_flag: str = "--workers") -> ClusterSpec:
+        """Each value in range, one line naming the flag, before any work: Ray would accept
+        0 CPUs per worker (unbounded oversubscription) and torch fails late on 0 threads."""
+        if not _is_int(self.workers) or self.workers < 1:
+            raise TrainError(f"{workers_flag} must be an integer >= 1, got {self.workers!r}")
+        if not _is_num(self.cpus_per_worker) or self.cpus_per_worker <= 0:
+            raise TrainError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker!r}")
+        if not _is_num(self.gpus_per_worker) or self.gpus_per_worker < 0:
+            raise TrainError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker!r}")
+        if not _is_int(self.threads) or self.threads < 1:
+            raise TrainError(f"--threads must be an integer >= 1, got {self.threads!r}")
+        return self
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not NaN
+
 
 @dataclass
 class StorageSpec:
@@ -74,6 +95,9 @@ class StorageSpec:
 
     url: str | None = None
     endpoint_url: str | None = None
+
+    def is_remote(self) -> bool:
+        return (self.url or ray_storage()).startswith("s3://")
 
     def resolve(self) -> tuple[str, object | None]:
         url = self.url or ray_storage()
@@ -121,3 +145,22 @@ class TrainRequest:
     """MLflow parent run (a search), recorded as mlflow.parentRunId."""
     trainer_callbacks: list = field(default_factory=list)
     """Ray Train UserCallbacks (e.g. Tune's TuneReportCallback)."""
+
+    def check(self) -> TrainRequest:
+        """Everything checkable without I/O, in one line each: the cluster's numbers, the
+        run name (a folder under the Ray storage root, so never a path), the intervals."""
+        self.cluster.check()
+        if self.run_name is not None:
+            check_name(self.run_name, "--run-name", TrainError)
+        for flag, value in (
+            ("--checkpoint-every", self.checkpoint_every),
+            ("sample_every", self.sample_every),
+            ("eval_every", self.eval_every),
+        ):
+            if value is not None and (not _is_int(value) or value < 1):
+                raise TrainError(f"{flag} must be an integer >= 1, got {value!r}")
+        if not _is_int(self.max_failures) or self.max_failures < -1:
+            raise TrainError(
+                f"--max-failures must be an integer >= 0 (or -1: no limit), got {self.max_failures!r}"
+            )
+        return self

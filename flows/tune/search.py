@@ -13,6 +13,7 @@ that ``ganflow train --set``/``--config`` and the retraining flow take as they a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -146,12 +147,7 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
     base = req.base
     steps = base.train.steps
     eval_every = req.eval_every or max(1, steps // 4)
-    if req.scheduler not in ("asha", "fifo"):
-        raise SearchError(f"--scheduler must be asha or fifo, got {req.scheduler!r}")
-    if req.samples < 1:
-        raise SearchError(f"--samples must be >= 1, got {req.samples}")
-    if req.resume and not req.name:
-        raise SearchError("--resume needs the --name of the search to resume")
+    req.check()
     uri = parent = None
     if req.tracking:
         uri = tracking.tracking_uri()
@@ -176,6 +172,12 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
             cpus_per_worker=req.cpus_per_worker,
         )
     )
+    from ray import tune as _tune
+
+    path = f"{storage_path}/{name}"
+    # Before the parent run exists: a search that cannot resume leaves nothing behind.
+    if req.resume and not _tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        raise SearchError(f"nothing to resume: no search named {name!r} under {_storage_root(req)}")
 
     if req.tracking:
         exp_id = tracking.ensure_experiment(uri, EXPERIMENT)
@@ -189,95 +191,101 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
                 "ganflow.kind": "search",
             },
         )
-        client = tracking.client(uri)
-        have = client.get_run(parent).data.params
-        params = {
-            "family": req.family,
-            "dataset": manifest["id"],
-            "samples": req.samples,
-            "scheduler": req.scheduler,
-            "space": json.dumps(req.space)[:6000],
-            "steps": steps,
-        }
-        for k, v in params.items():
-            if k not in have:
-                client.log_param(parent, k, str(v))
 
-    # Trials report losses at every log point and the quality metric every eval_every
-    # iterations; ASHA only judges results that carry the metric, so reports without it are
-    # valid (Tune's strict check would reject them).
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    ctx = {
-        "base": base.to_flat_dict(),
-        "snapshot_id": manifest["id"],
-        "search": name,
-        "workers": req.workers_per_trial,
-        "gpus": req.gpus_per_worker,
-        "cpus": req.cpus_per_worker,
-        "storage": _storage_root(req),
-        "tracking": req.tracking,
-        "parent_run_id": parent,
-        "eval_every": eval_every,
-        "env": forwarded_env(),
-    }
-    trainable = tune.with_resources(
-        _trial, {"cpu": 0.01}
-    )  # the trial's own workers reserve the real CPUs
-    max_conc = req.max_concurrent
-    if max_conc is None:
-        # GPU trials: as many as the GPUs allow, counting those an autoscaling cluster can add
-        # (its CPUs arrive with the GPU nodes, so today's CPU count says nothing). Else CPUs.
-        if req.gpus_per_worker > 0:
-            free = gpu_capacity() / (req.workers_per_trial * req.gpus_per_worker)
-        else:
-            cpus = ray.cluster_resources().get("CPU", 1.0)
-            free = cpus / (req.workers_per_trial * req.cpus_per_worker)
-        max_conc = max(1, int(free))
-    scheduler = (
-        # max_t one past the last step: a trial that reaches the end returns by itself
-        # (Tune killing it at max_t would strand its Train run's resources).
-        ASHAScheduler(
-            time_attr="step",
-            max_t=steps + 1,
-            grace_period=req.grace_period or eval_every,
-            reduction_factor=2,
-        )
-        if req.scheduler == "asha"
-        else FIFOScheduler()
-    )
-    run_config = tune.RunConfig(
-        name=name,
-        storage_path=storage_path,
-        storage_filesystem=filesystem,
-        verbose=1 if progress else 0,
-        callbacks=[_reaper_callback()],
-    )
-    path = f"{storage_path}/{name}"
-    if req.resume:
-        if not tune.Tuner.can_restore(path, storage_filesystem=filesystem):
-            raise SearchError(
-                f"nothing to resume: no search named {name!r} under {_storage_root(req)}"
+    try:
+        if parent is not None:
+            client = tracking.client(uri)
+            have = client.get_run(parent).data.params
+            params = {
+                "family": req.family,
+                "dataset": manifest["id"],
+                "samples": req.samples,
+                "scheduler": req.scheduler,
+                "space": json.dumps(req.space)[:6000],
+                "steps": steps,
+            }
+            for k, v in params.items():
+                if k not in have:
+                    client.log_param(parent, k, str(v))
+
+        # Trials report losses at every log point and the quality metric every eval_every
+        # iterations; ASHA only judges results that carry the metric, so reports without it are
+        # valid (Tune's strict check would reject them).
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        ctx = {
+            "base": base.to_flat_dict(),
+            "snapshot_id": manifest["id"],
+            "search": name,
+            "workers": req.workers_per_trial,
+            "gpus": req.gpus_per_worker,
+            "cpus": req.cpus_per_worker,
+            "storage": _storage_root(req),
+            "tracking": req.tracking,
+            "parent_run_id": parent,
+            "eval_every": eval_every,
+            "env": forwarded_env(),
+        }
+        trainable = tune.with_resources(
+            _trial, {"cpu": 0.01}
+        )  # the trial's own workers reserve the real CPUs
+        max_conc = req.max_concurrent
+        if max_conc is None:
+            # GPU trials: as many as the GPUs allow, counting those an autoscaling cluster can add
+            # (its CPUs arrive with the GPU nodes, so today's CPU count says nothing). Else CPUs.
+            if req.gpus_per_worker > 0:
+                free = gpu_capacity() / (req.workers_per_trial * req.gpus_per_worker)
+            else:
+                cpus = ray.cluster_resources().get("CPU", 1.0)
+                free = cpus / (req.workers_per_trial * req.cpus_per_worker)
+            max_conc = max(1, int(free))
+        scheduler = (
+            # max_t one past the last step: a trial that reaches the end returns by itself
+            # (Tune killing it at max_t would strand its Train run's resources).
+            ASHAScheduler(
+                time_attr="step",
+                max_t=steps + 1,
+                grace_period=req.grace_period or eval_every,
+                reduction_factor=2,
             )
-        tuner = tune.Tuner.restore(
-            path,
-            trainable=trainable,
-            resume_unfinished=True,
-            resume_errored=True,
+            if req.scheduler == "asha"
+            else FIFOScheduler()
+        )
+        run_config = tune.RunConfig(
+            name=name,
+            storage_path=storage_path,
             storage_filesystem=filesystem,
-            param_space={**to_tune_space(req.space), "__ganflow": ctx},
+            verbose=1 if progress else 0,
+            callbacks=[_reaper_callback()],
         )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={**to_tune_space(req.space), "__ganflow": ctx},
-            tune_config=tune.TuneConfig(
-                metric=metric,
-                mode=mode,
-                scheduler=scheduler,
-                num_samples=req.samples,
-                max_concurrent_trials=max_conc,
-            ),
-            run_config=run_config,
-        )
-    grid = tuner.fit()
-    return _summarise(req, name, grid, metric, mode, steps, parent, uri, path)
+        if req.resume:
+            tuner = tune.Tuner.restore(
+                path,
+                trainable=trainable,
+                resume_unfinished=True,
+                resume_errored=True,
+                storage_filesystem=filesystem,
+                param_space={**to_tune_space(req.space), "__ganflow": ctx},
+            )
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={**to_tune_space(req.space), "__ganflow": ctx},
+                tune_config=tune.TuneConfig(
+                    metric=metric,
+                    mode=mode,
+                    scheduler=scheduler,
+                    num_samples=req.samples,
+                    max_concurrent_trials=max_conc,
+                ),
+                run_config=run_config,
+            )
+        grid = tuner.fit()
+        return _summarise(req, name, grid, metric, mode, steps, parent, uri, path)
+    except BaseException as exc:
+        # Never leave the parent run RUNNING (its trials close their own runs).
+        if parent is not None:
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            # The server may be what failed; the original error is the one to show.
+            with contextlib.suppress(Exception):
+                tracking.finish_run(uri, parent, status)
+        raise

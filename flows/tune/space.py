@@ -66,7 +66,17 @@ def validate_space(space: dict[str, dict], base: GanConfig) -> dict[str, dict]:
                 )
             if kind == "loguniform" and values[0] <= 0:
                 raise SearchError(f"search space: {dotted}: loguniform needs low > 0")
-            probes = values
+            is_int = _is_int(getattr(getattr(base, section), name))
+            if kind != "randint" and is_int:
+                # Every draw would be a float the integer field refuses: every trial would fail.
+                raise SearchError(
+                    f"search space: {dotted} is an integer field; {kind} draws floats "
+                    "(use randint, grid or choice)"
+                )
+            if kind == "randint" and not all(_is_int(v) for v in values):
+                raise SearchError(f"search space: {dotted}: randint needs integer [low, high]")
+            # randint's high is exclusive: probe the values a trial can really draw.
+            probes = [values[0], values[1] - 1] if kind == "randint" else values
         for v in probes:
             try:
                 apply_overrides(base, {dotted: v})
@@ -74,6 +84,10 @@ def validate_space(space: dict[str, dict], base: GanConfig) -> dict[str, dict]:
                 raise SearchError(f"search space: {exc}") from None
         out[dotted] = {kind: values}
     return out
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def to_tune_space(space: dict[str, dict]) -> dict:
@@ -115,3 +129,50 @@ class SearchRequest:
     storage: str | None = None
     tracking: bool = True
     extra_trial_overrides: dict = field(default_factory=dict)
+
+    def check(self) -> SearchRequest:
+        """Numbers and the name, in one line each, before the snapshot or Ray is touched."""
+        check_args(
+            samples=self.samples,
+            scheduler=self.scheduler,
+            max_concurrent=self.max_concurrent,
+            workers_per_trial=self.workers_per_trial,
+            gpus_per_worker=self.gpus_per_worker,
+            name=self.name,
+            resume=self.resume,
+        )
+        if not isinstance(self.cpus_per_worker, (int, float)) or not self.cpus_per_worker > 0:
+            raise SearchError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
+        for what, v in (("eval_every", self.eval_every), ("grace_period", self.grace_period)):
+            if v is not None and (not _is_int(v) or v < 1):
+                raise SearchError(f"{what} must be an integer >= 1, got {v!r}")
+        return self
+
+
+def check_args(
+    *,
+    samples: int,
+    scheduler: str,
+    max_concurrent: int | None,
+    workers_per_trial: int,
+    gpus_per_worker: float,
+    name: str | None,
+    resume: bool,
+) -> None:
+    """The command line's numbers and --name (a folder under the Ray storage root)."""
+    from flows.settings import check_name
+
+    if scheduler not in ("asha", "fifo"):
+        raise SearchError(f"--scheduler must be asha or fifo, got {scheduler!r}")
+    if not _is_int(samples) or samples < 1:
+        raise SearchError(f"--samples must be >= 1, got {samples!r}")
+    if max_concurrent is not None and (not _is_int(max_concurrent) or max_concurrent < 1):
+        raise SearchError(f"--max-concurrent must be >= 1, got {max_concurrent!r}")
+    if not _is_int(workers_per_trial) or workers_per_trial < 1:
+        raise SearchError(f"--workers-per-trial must be >= 1, got {workers_per_trial!r}")
+    if not isinstance(gpus_per_worker, (int, float)) or not gpus_per_worker >= 0:
+        raise SearchError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker!r}")
+    if name is not None:
+        check_name(name, "--name", SearchError)
+    if resume and not name:
+        raise SearchError("--resume needs the --name of the search to resume")
