@@ -26,6 +26,7 @@ for the whole source. Image sizes are known before that from the files' headers
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -303,6 +304,20 @@ def _npz_dims(data: bytes) -> tuple[int, int, int] | None:
     return (shape[0], shape[2], shape[3]) if order == "nchw" else (shape[0], shape[1], shape[2])
 
 
+@contextlib.contextmanager
+def _no_bomb_warning() -> Iterator[None]:
+    """Pillow warns (DecompressionBombWarning) between MAX_IMAGE_PIXELS and twice that, and
+    raises above (the file is then quarantined). The image in between is decoded as any
+    other, and the warning, printed by a decode process, would only reach the terminal."""
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
 def header_dims(path: str, data: bytes) -> tuple[int, int, int] | None:
     """(images, height, width) of a file from its header alone, without decoding pixels: an
     image counts once, an npz file once per image of its ``images`` array. None when the
@@ -312,7 +327,7 @@ def header_dims(path: str, data: bytes) -> tuple[int, int, int] | None:
             return _npz_dims(data)
         from PIL import Image
 
-        with Image.open(io.BytesIO(data)) as img:  # reads the header; pixels stay undecoded
+        with _no_bomb_warning(), Image.open(io.BytesIO(data)) as img:  # the header only
             if img.format not in IMAGE_FORMATS:
                 return None
             width, height = img.size
@@ -332,16 +347,33 @@ class Decoded:
     gray: bool
 
 
+def _eight_bit(img) -> np.ndarray:
+    """[h, w] or [h, w, 3] uint8 pixels. 16-bit grayscale (Pillow's I;16 modes, and I from a
+    PNG, whose samples are 16-bit) is scaled by 255/65535 and rounded: Pillow's own
+    convert("L") clips it, which turns the image black and white. 32-bit integer and float
+    pixels have no known range, so they are refused (quarantined) rather than guessed at.
+    16-bit colour PNGs come out of Pillow as 8-bit RGB already (scaled)."""
+    mode = img.mode
+    if mode.startswith("I;16") or (mode == "I" and img.format == "PNG"):
+        wide = np.asarray(img).astype(np.float64)
+        return np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+    if mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "floating-point"
+        raise IngestError(
+            f"{kind} pixels of unknown range; save the image with 8 or 16 bits per sample"
+        )
+    return np.asarray(img.convert("L" if mode in ("1", "L", "LA") else "RGB"))
+
+
 def decode_image(data: bytes) -> Decoded:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with _no_bomb_warning(), Image.open(io.BytesIO(data)) as img:
             if img.format not in IMAGE_FORMATS:
                 raise IngestError(f"unsupported image type {img.format}")
             img.load()  # raises on truncated or corrupt data; open() only reads the header
-            gray_mode = img.mode in ("1", "L", "LA", "I", "I;16", "F")
-            arr = np.asarray(img.convert("L" if gray_mode else "RGB"))
+            arr = _eight_bit(img)
     except UnidentifiedImageError:
         raise IngestError("not an image (unrecognised format)") from None
     except Image.DecompressionBombError as exc:
@@ -495,7 +527,10 @@ def decode_files(
     # spawn, not fork: the parent may hold threads (Prefect's event loop, s3fs's IO loop)
     # whose locks a forked child would inherit mid-flight.
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    # Workers ignore SIGINT: Ctrl-C reaches the whole process group, and a worker interrupted
+    # while waiting for work prints a traceback. The parent stops them instead (below).
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_ignore_sigint)
+    try:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.submit(_decode_chunk, chunk))
@@ -503,4 +538,18 @@ def decode_files(
                 take(pending.popleft().result())
         while pending:
             take(pending.popleft().result())
+    except BaseException:
+        # Ctrl-C or a failure ends the workers now, not after the chunks in flight.
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in processes:
+            proc.terminate()
+        raise
+    pool.shutdown()
     return results
+
+
+def _ignore_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

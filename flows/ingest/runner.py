@@ -4,10 +4,14 @@ result dict."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import tempfile
+import time
 from collections.abc import Callable
 
 from flows.ingest.builtin import ingest_builtin
+from flows.ingest.layouts import IngestError
 from flows.ingest.stages import (
     IngestOptions,
     Progress,
@@ -20,7 +24,7 @@ from flows.ingest.stages import (
     scan_source,
 )
 from flows.settings import ganflow_home
-from flows.snapshots.store import Store, check_name
+from flows.snapshots.store import STALE_S, Store, check_name
 
 Call = Callable[..., object]
 
@@ -42,6 +46,8 @@ def run_pipeline(
     """Source -> snapshot. ``call(stage, fn, *args)`` runs each stage (directly, or as a task)."""
     options = options or IngestOptions()
     name = check_name(name or default_name(source))
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise IngestError(f"--workers must be an integer >= 0 (0: min(cpus, 8)), got {workers!r}")
     store = Store(root)
     call("check-root", store.check_root)
     if source.startswith("builtin:"):
@@ -50,21 +56,38 @@ def run_pipeline(
     hit = call("lookup", store.source_ref, scan.fingerprint)
     if hit is not None:
         call("refs", store.add_refs, hit, name, None)
+        _sweep(store)
         return _result(hit, name, store, reused=True)
     spool_root = ganflow_home() / "tmp"
     spool_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ingest-", dir=spool_root) as spool:
         files = call("fetch", fetch_source, scan, options, spool, progress)
-        plan = call("plan", plan_snapshot, files, options)
+        plan = call("plan", plan_snapshot, files, options, scan.skipped)
         existing = call("lookup", store.manifest, plan.snapshot_id)
         if existing is not None:
             call("refs", store.add_refs, existing, name, scan.fingerprint)
+            _sweep(store)
             return _result(existing, name, store, reused=True)
         decoded = call("decode", decode_plan, plan, workers, progress)
     manifest, parts = call("assemble", assemble, plan, decoded, scan.url, name)
     manifest = call("write", store.write_snapshot, manifest, parts)
     call("refs", store.add_refs, manifest, name, scan.fingerprint)
+    _sweep(store)
     return _result(manifest, name, store, reused=False)
+
+
+def _sweep(store: Store) -> None:
+    """After a successful ingest: remove what killed ingests left (Store.sweep), and their
+    spool folders, an hour old or more (younger ones may belong to an ingest at work)."""
+    store.sweep()
+    spool_root = ganflow_home() / "tmp"
+    if not spool_root.is_dir():
+        return
+    cutoff = time.time() - STALE_S
+    for spool in spool_root.glob("ingest-*"):
+        with contextlib.suppress(OSError):
+            if spool.is_dir() and not spool.is_symlink() and spool.stat().st_mtime < cutoff:
+                shutil.rmtree(spool, ignore_errors=True)
 
 
 def ingest(source: str, **kwargs) -> dict:

@@ -39,10 +39,12 @@ val is then round(m * val_fraction) of each domain's m train images, in the same
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import posixpath
 import re
+import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -164,12 +166,15 @@ def auto_image_size(dims: Iterable[tuple[int, int, int] | None]) -> int:
 
 @dataclass(frozen=True)
 class Scan:
-    """A source's listing: (relative path, size, change token) per file, and its fingerprint."""
+    """A source's listing: (relative path, size, change token) per file, and its fingerprint;
+    ``skipped``: (relative path, reason) of entries that are not files to read (links that
+    loop or dangle, devices, pipes), quarantined with that reason."""
 
     url: str
     entries: tuple[tuple[str, int, str], ...]
     single_file: bool
     fingerprint: str
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -201,16 +206,74 @@ def default_name(source: str) -> str:
 # Stages.
 
 
+def _walk_local(root: str) -> tuple[dict[str, dict], list[tuple[str, str]]]:
+    """Files under a local folder as {path: {"size", "mtime"}} (fsspec's find reports a link
+    to a folder as "other", which then cannot be read), and (relative path, reason) for what
+    is skipped.
+
+    Links are followed: a link to a file is that file, a link to a folder is walked like a
+    folder (a dataset assembled from links is common), except a link to a folder that
+    contains it (a loop: walked, it would never end). A link that dangles or loops on itself
+    and anything that is not a regular file (pipe, socket, device: reading a pipe would block)
+    is skipped with the reason, and counts as a quarantined file."""
+    files: dict[str, dict] = {}
+    skipped: list[tuple[str, str]] = []
+
+    def rel(p: str) -> str:
+        return os.path.relpath(p, root).replace(os.sep, "/")
+
+    def walk(folder: str, ancestors: tuple[str, ...]) -> None:
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError as exc:
+            skipped.append((rel(folder) + "/", f"unreadable folder ({exc.strerror or exc})"))
+            return
+        for entry in names:
+            p = os.path.join(folder, entry)
+            link = os.path.islink(p)
+            try:
+                st = os.stat(p)  # follows links
+            except OSError as exc:
+                if link:
+                    why = "a link loop" if exc.errno == errno.ELOOP else "a dangling link"
+                    skipped.append((rel(p), f"{why}; not followed"))
+                else:
+                    skipped.append((rel(p), f"unreadable ({exc.strerror or exc})"))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                real = os.path.realpath(p)
+                if real in ancestors:
+                    skipped.append((rel(p), "a link to a folder that contains it (a loop)"))
+                    continue
+                walk(p, (*ancestors, real))
+            elif stat.S_ISREG(st.st_mode):
+                files[p] = {"type": "file", "size": st.st_size, "mtime": st.st_mtime}
+            else:
+                skipped.append((rel(p), "not a regular file (pipe, socket or device)"))
+
+    walk(root, (os.path.realpath(root),))
+    return files, skipped
+
+
 def scan_source(url: str, options: IngestOptions) -> Scan:
     """List the source (no reads). IngestError/StorageError in one line for wrong paths,
     missing buckets, denied access or an empty source."""
     fs, path = get_filesystem(url)
+    skipped: list[tuple[str, str]] = []
+    local_dir = not is_remote(url) and os.path.isdir(path)  # a folder, or a link to one
+    if not (is_remote(url) or local_dir or os.path.isfile(path)) and os.path.lexists(path):
+        why = "a dangling link or a link loop" if os.path.islink(path) else "not a file"
+        raise IngestError(f"source {_shown(url)} is {why}")
     try:
-        info = with_retries(fs.info, path)
-        if info["type"] == "directory":
-            found = with_retries(fs.find, path, detail=True)
+        if local_dir:
+            info = {"type": "directory"}
+            found, skipped = _walk_local(path)
         else:
-            found = {path: info}
+            info = with_retries(fs.info, path)
+            if info["type"] == "directory":
+                found = with_retries(fs.find, path, detail=True)
+            else:
+                found = {path: info}
     except FileNotFoundError:
         if is_remote(url):
             bucket = path.split("/", 1)[0]
@@ -238,18 +301,21 @@ def scan_source(url: str, options: IngestOptions) -> Scan:
         )
         token = str(inf.get("ETag") or inf.get("mtime") or inf.get("LastModified") or "")
         entries.append((rel, int(inf.get("size") or 0), token))
+    skipped = [(r, why) for r, why in skipped if not is_ignored(r)]
     if not [e for e in entries if not is_ignored(e[0])]:
-        raise IngestError(f"source is empty: {_shown(url)} holds no files")
-    fingerprint = digest(
-        {
-            "format": FORMAT_VERSION,
-            "source": url,
-            "entries": entries,
-            "layout": options.layout,
-            "preprocessing": options.preprocessing(),
-        }
-    )
-    return Scan(url, tuple(entries), info["type"] != "directory", fingerprint)
+        first = f" (skipped {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise IngestError(f"source is empty: {_shown(url)} holds no files{first}")
+    listing = {
+        "format": FORMAT_VERSION,
+        "source": url,
+        "entries": entries,
+        "layout": options.layout,
+        "preprocessing": options.preprocessing(),
+    }
+    if skipped:  # only then, so that listings without skipped entries keep their fingerprint
+        listing["skipped"] = skipped
+    fingerprint = digest(listing)
+    return Scan(url, tuple(entries), info["type"] != "directory", fingerprint, tuple(skipped))
 
 
 def fetch_source(
@@ -304,11 +370,15 @@ def _source_file(rel: str, data: bytes, spool: str | None, local: str = "") -> S
     return SourceFile(rel, sha, len(data), local, header_dims(rel, data))
 
 
-def plan_snapshot(files: list[SourceFile], options: IngestOptions) -> Plan:
+def plan_snapshot(
+    files: list[SourceFile], options: IngestOptions, skipped: Iterable[tuple[str, str]] = ()
+) -> Plan:
     """Detect the layout, place every file (class/domain, given split), resolve the stored
-    size (auto: from the kept files' headers), compute the id."""
+    size (auto: from the kept files' headers), compute the id. ``skipped``: the scan's
+    entries that were not read (Scan.skipped), quarantined with their reasons."""
     layout, prefix = detect_layout([f.path for f in files], options.layout)
-    kept, assignments, quarantined = [], [], []
+    kept, assignments = [], []
+    quarantined = [{"path": p, "reason": why} for p, why in skipped]
     for f in files:
         if is_ignored(f.path):
             continue

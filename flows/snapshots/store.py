@@ -12,7 +12,10 @@ Layout under the storage root (:func:`flows.settings.snapshot_root`, local or ``
 Atomicity: shards are written first, each in one put (a rename from a temporary file on local
 disks, one PUT on S3), then the manifest, which lists every shard with its sha256. A crash
 before the manifest leaves only an unreferenced folder that nothing lists or loads, and the
-rerun (same id, since the id hashes the source content) overwrites it. Readers check every
+rerun (same id, since the id hashes the source content) overwrites it. An interrupted or
+failed write (Ctrl-C included) removes its own shards and temporary files; what a killed
+process leaves (SIGKILL, power loss) in a local root is removed by the next successful
+ingest once it is an hour old (:meth:`Store.sweep`; younger, it may be a writer at work). Readers check every
 shard's hash, so a shard replaced under a manifest is detected, not trained on.
 
 Shards are ``.npz`` read with ``allow_pickle=False``: nothing loaded from storage can run code.
@@ -27,11 +30,14 @@ added the val split and family_data).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import os
 import re
 import shlex
+import shutil
 import time
 import uuid
 import zipfile
@@ -50,6 +56,8 @@ if TYPE_CHECKING:  # torch is imported when data is loaded: the CLI imports this
 FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")
 SHARD_BYTES = 64 << 20
+STALE_S = 3600.0
+"""Age after which a manifest-less snapshot folder or a temporary file is a leftover."""
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _ID_RE = re.compile(r"^[0-9a-f]{20}$")
 _RAISE = object()
@@ -191,7 +199,24 @@ class Store:
         """Shards first, manifest last. parts: {'train' | 'val' | 'test' | 'train-x' ...:
         arrays}."""
         sid = manifest["id"]
-        shards = []
+        shards: list[dict] = []
+        try:
+            manifest = self._write_parts(manifest, parts, shards)
+        except BaseException:
+            # Ctrl-C or a failure: no shards stay without a manifest (unless another writer of
+            # the same snapshot finished it meanwhile: its manifest lists them).
+            if self.get(f"{sid}/manifest.json") is None:
+                for shard in shards:
+                    with contextlib.suppress(Exception):
+                        self.fs.rm_file(self._p(f"{sid}/{shard['file']}"))
+                if not is_remote(self.url):
+                    with contextlib.suppress(OSError):
+                        os.rmdir(self._p(sid))  # only when empty
+            raise
+        return manifest
+
+    def _write_parts(self, manifest: dict, parts: dict, shards: list[dict]) -> dict:
+        sid = manifest["id"]
         for part, arrays in sorted(parts.items()):
             n = len(arrays["images"])
             per_image = max(1, sum(a[0:1].nbytes for a in arrays.values()))
@@ -199,9 +224,10 @@ class Store:
             for k, start in enumerate(range(0, max(n, 1), step)):
                 data = npz_bytes({key: a[start : start + step] for key, a in arrays.items()})
                 fname = f"{part}-{k:05d}.npz"
+                shards.append({"file": fname})  # before the put: cleaned up if it is cut short
                 self.put(f"{sid}/{fname}", data)
                 split, _, domain = part.partition("-")
-                shards.append(
+                shards[-1].update(
                     {
                         "file": fname,
                         "split": split,
@@ -214,6 +240,33 @@ class Store:
         manifest = {**manifest, "shards": shards}
         self.put(f"{sid}/manifest.json", json.dumps(manifest, indent=1).encode())
         return manifest
+
+    def sweep(self, stale_s: float = STALE_S) -> list[str]:
+        """Remove what an ingest killed outright (SIGKILL, power loss) left in a local root:
+        snapshot folders without a manifest and temporary files, untouched for stale_s (a
+        writer at work now touches its files within seconds). Ctrl-C leaves nothing: the
+        writer cleans up itself. Returns the paths removed."""
+        if is_remote(self.url) or not os.path.isdir(self.path):
+            return []
+        removed: list[str] = []
+        cutoff = time.time() - stale_s
+        for entry in os.listdir(self.path):
+            folder = os.path.join(self.path, entry)
+            if not os.path.isdir(folder) or os.path.islink(folder):
+                continue
+            if _ID_RE.match(entry) and not os.path.exists(os.path.join(folder, "manifest.json")):
+                if _newest_mtime(folder) < cutoff:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder)
+                continue
+            for dirpath, _, files in os.walk(folder):
+                for f in files:
+                    p = os.path.join(dirpath, f)
+                    if ".tmp-" in f and _mtime(p) < cutoff:
+                        with contextlib.suppress(OSError):
+                            os.remove(p)
+                            removed.append(p)
+        return removed
 
     def list(self) -> list[dict]:
         out = []
@@ -255,6 +308,21 @@ class Store:
         return {k: np.concatenate(v) for k, v in chunks.items()}
 
 
+def _mtime(path: str) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return float("inf")  # gone or unreadable: not ours to remove
+
+
+def _newest_mtime(folder: str) -> float:
+    newest = _mtime(folder)
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            newest = max(newest, _mtime(os.path.join(dirpath, f)))
+    return newest
+
+
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """An .npz (np.load-compatible) with fixed member times, so equal arrays give equal bytes:
     concurrent writers of one snapshot (Ray workers loading a built-in) write identical shards."""
@@ -275,7 +343,12 @@ def _put_bytes(fs, path: str, data: bytes) -> None:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     if "file" in protocols:
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        fs.pipe_file(tmp, data)
-        fs.mv(tmp, path)
+        try:
+            fs.pipe_file(tmp, data)
+            fs.mv(tmp, path)
+        except BaseException:  # Ctrl-C included: no stray .tmp
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
     else:
         fs.pipe_file(path, data)
