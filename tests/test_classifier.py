@@ -76,7 +76,7 @@ def test_cache_round_trip_does_not_retrain(trained, tmp_path, monkeypatch):
     monkeypatch.setattr(classifier_mod, "train_digit_classifier", fake_train)
     first = load_or_train_classifier(IMAGE_SIZE, tmp_path / "cache", seed=0)
     assert calls == [(IMAGE_SIZE, 0)]
-    path = tmp_path / "cache" / f"digit_classifier_s{IMAGE_SIZE}_seed0_v1.safetensors"
+    path = classifier_mod.classifier_cache_path(IMAGE_SIZE, tmp_path / "cache", seed=0)
     assert path.is_file()
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp file left
     assert set(load_file(str(path))) == set(clf.state_dict())
@@ -94,3 +94,27 @@ def test_cache_round_trip_does_not_retrain(trained, tmp_path, monkeypatch):
     # Another seed is another cache entry, so it must train.
     with pytest.raises(AssertionError, match="retrained"):
         load_or_train_classifier(IMAGE_SIZE, tmp_path / "cache", seed=1)
+
+
+def test_judge_is_trained_once_per_snapshot_and_cached(tmp_path, monkeypatch):
+    """The snapshot judge: trained on the first call (labels -> the class task), then read
+    from its safetensors cache (task and held-out accuracy in the metadata), not retrained."""
+    from gan_core import judge as judge_mod
+    from gan_core.data import load_digits
+
+    train, test = load_digits(IMAGE_SIZE, "train"), load_digits(IMAGE_SIZE, "test")
+    first = judge_mod.load_or_train_judge("snap-a", lambda: (train, test), tmp_path)
+    assert first.task == "classes" and first.num_classes == 10
+    assert first.heldout_accuracy > 0.9
+
+    def must_not_train(*a, **k):
+        raise AssertionError("a cached judge was retrained")
+
+    monkeypatch.setattr(judge_mod, "train_judge", must_not_train)
+    second = judge_mod.load_or_train_judge("snap-a", must_not_train, tmp_path)
+    assert (second.task, second.num_classes) == ("classes", 10)
+    assert second.heldout_accuracy == first.heldout_accuracy
+    for name, tensor in first.net.state_dict().items():
+        torch.testing.assert_close(second.net.state_dict()[name], tensor, rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="retrained"):  # another snapshot, another judge
+        judge_mod.load_or_train_judge("snap-b", (train, test), tmp_path)
