@@ -41,8 +41,16 @@ def _families(text: str) -> list[str]:
     return names
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors in one line and a pointer to --help (argparse's own is the
+    whole usage, 8-9 lines, before the one line that matters). Subparsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ganflow", description="Train, evaluate and benchmark GANs (GAN, cGAN, CycleGAN)."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -8,6 +8,7 @@ import time
 
 from flows.ingest.layouts import (
     LAYOUTS,
+    IngestError,
 )
 from flows.ingest.runner import ingest
 from flows.ingest.stages import (
@@ -49,6 +50,8 @@ class _Bar:
 
 
 def cmd_ingest(args: argparse.Namespace) -> dict:
+    if args.workers < 0:
+        raise IngestError(f"--workers must be >= 0 (0: min(cpus, 8)), got {args.workers}")
     options = IngestOptions(
         layout=args.layout,
         image_size=args.image_size,

@@ -14,7 +14,8 @@ def cmd_run(args: argparse.Namespace) -> dict:
     from flows.orchestration.retraining import PipelineConfig, retraining_flow
     from flows.preflight import check_services
 
-    PipelineConfig.load(args.config)  # validate before Ray or MLflow start
+    pc = PipelineConfig.load(args.config)  # validate before Ray or MLflow start
+    check_datasets(pc)
     check_services()  # every configured remote service answers, before any work
     result = retraining_flow(args.config)
     if not args.json:
@@ -23,11 +24,51 @@ def cmd_run(args: argparse.Namespace) -> dict:
     return {"results": result["results"]}
 
 
+def check_datasets(pc) -> None:
+    """Each family's dataset is a snapshot here, a built-in, a remote source (checked when it
+    is read) or a local path that exists: a missing folder is one line before any work, not
+    a failed flow run."""
+    import os
+
+    from flows.orchestration.retraining import PipelineError
+    from flows.snapshots.load import resolve_snapshot
+    from flows.snapshots.store import SnapshotNotFound
+
+    for family in pc.families:
+        ref = pc.dataset(family)
+        if ref.startswith("builtin:") or ("://" in ref and not ref.startswith("file://")):
+            continue
+        try:
+            resolve_snapshot(ref)
+            continue
+        except SnapshotNotFound as exc:
+            if "/" not in ref:  # not a path: a snapshot name that is not there
+                raise PipelineError(f"datasets.{family}: {exc}") from None
+        path = os.path.expanduser(ref.removeprefix("file://"))
+        if not os.path.exists(path):
+            raise PipelineError(f"datasets.{family}: source not found: {ref}")
+
+
+def check_cron(cron: str) -> None:
+    """One line for a bad cron expression, before anything is served."""
+    from prefect._internal.schemas.validators import validate_cron_string
+
+    from flows.errors import UserError
+
+    try:  # Prefect's own rule, the one serve() applies (its error is a 5-line pydantic dump)
+        validate_cron_string(cron)
+    except ValueError as exc:
+        raise UserError(
+            f"--cron: {exc} (e.g. '0 3 * * 1': minute hour day month weekday)"
+        ) from None
+
+
 def cmd_schedule(args: argparse.Namespace) -> dict:
     """Serve the retraining flow on a cron schedule in this process (no infrastructure)."""
+    check_cron(args.cron)
     from flows.orchestration.retraining import PipelineConfig, retraining_flow
 
-    PipelineConfig.load(args.config)
+    check_datasets(PipelineConfig.load(args.config))
     if not args.json:
         print(f"serving ganflow-retraining on cron '{args.cron}' (Ctrl-C to stop)")
     retraining_flow.serve(name=args.name, cron=args.cron, parameters={"config_path": args.config})

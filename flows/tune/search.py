@@ -148,6 +148,12 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
     steps = base.train.steps
     eval_every = req.eval_every or max(1, steps // 4)
     req.check()
+    if req.resume:  # before any work: a search that cannot resume leaves nothing behind
+        where, fs = StorageSpec(url=_storage_root(req)).resolve()
+        if not tune.Tuner.can_restore(f"{where}/{req.name}", storage_filesystem=fs):
+            raise SearchError(
+                f"nothing to resume: no search named {req.name!r} under {_storage_root(req)}"
+            )
     uri = parent = None
     if req.tracking:
         uri = tracking.tracking_uri()
@@ -172,12 +178,7 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
             cpus_per_worker=req.cpus_per_worker,
         )
     )
-    from ray import tune as _tune
-
     path = f"{storage_path}/{name}"
-    # Before the parent run exists: a search that cannot resume leaves nothing behind.
-    if req.resume and not _tune.Tuner.can_restore(path, storage_filesystem=filesystem):
-        raise SearchError(f"nothing to resume: no search named {name!r} under {_storage_root(req)}")
 
     if req.tracking:
         exp_id = tracking.ensure_experiment(uri, EXPERIMENT)
