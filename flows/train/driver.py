@@ -180,6 +180,7 @@ def run_training(req: TrainRequest) -> dict:
         storage_path, _ = req.storage.resolve()
         inside(storage_path, os.path.join(storage_path, run_name))
     if req.tracking:
+        _route_mlflow_logs()
         exp_id = tracking.ensure_experiment(uri, req.experiment)
         tags = {
             "ganflow.family": cfg.family,
@@ -211,6 +212,16 @@ def run_training(req: TrainRequest) -> dict:
         "checkpoint": result["checkpoint"],
         "storage": result["storage"],
     }
+
+
+def _route_mlflow_logs() -> None:
+    """MLflow sets its own console handler when imported (its INFO lines about creating the
+    database would reach the terminal): import it, then route its loggers as the others."""
+    import mlflow  # noqa: F401
+
+    from flows import console
+
+    console.reapply()
 
 
 def _end_run(uri: str, run_id: str, status: str) -> None:
