@@ -11,10 +11,12 @@ imported inside the functions: importing it costs about a second and starts noth
 from __future__ import annotations
 
 import functools
+import json
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +29,6 @@ from gan_core.viz import grid_array
 
 RUN_NAME_TAG = "ganflow.run_name"
 """Tag holding the Ray run name, so a rerun of the same name resumes the same MLflow run."""
-
-# The model's pip requirements, stated so log_model does not spend seconds inferring them.
-PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}"]
 
 
 class TrackingError(ValueError):
@@ -161,54 +160,169 @@ def log_dataset_input(uri: str, run_id: str, manifest: dict, storage_url: str) -
     client(uri).log_inputs(run_id, datasets=[inp])
 
 
-def log_generator(uri: str, run_id: str, cfg: GanConfig, models: dict[str, nn.Module]) -> list[str]:
-    """The final generator(s) as MLflow PyTorch models with a signature and an input example.
+# --- the generator package and the logged model ---------------------------------------------
+#
+# One model per run: the final generator(s) as an MLflow logged model with a python_function
+# flavor (models-from-code: the class is shipped as code, never pickled) whose payload is the
+# weights-only package below. The registry registers that logged model; `ganflow generate`,
+# `ganflow serve` and `mlflow models serve` all load the same artifacts.
 
-    gan: z [4, z_dim] -> images; cgan: (z, y) -> images; cyclegan: G (X -> Y) and F (Y -> X),
-    each images -> images. MLflow's default pt2 format exports forward with the example; its
-    batch of 4 (> 1) keeps the batch dimension dynamic, so any batch size is served (a batch
-    of 1 would fix it). Returns model URIs."""
-    import mlflow
-    from mlflow.models import infer_signature
+MODEL_FILE = "generator.safetensors"
+META_FILE = "ganflow_model.json"
+PACKAGE_ARTIFACT = "package"  # key (and folder) of the package inside the logged model
+MODEL_NAME = "generator"  # the logged model's name in its run
+FORMAT_VERSION = 1
+# Marks a logged model as ganflow's (MLmodel metadata); loaders refuse models without it.
+MODEL_FORMAT = "ganflow-generator-v1"
+# The models-from-code file MLflow ships with the model and runs when it loads it. It lives
+# with the registry code that serves it; this module only passes its path to MLflow (it is
+# never imported here, so the layering holds).
+MODEL_CODE = Path(__file__).parent / "registry" / "pyfunc_model.py"
+# Samples one request (or one `ganflow generate`) may ask for: 1,024 images of 64 x 64 RGB
+# are 50 MB as float32; far more ran a machine out of memory (issue 16).
+MAX_SAMPLES = 1024
+# What the served model needs besides ganflow itself (served with --env-manager local in the
+# ganflow environment, the project image on a cluster).
+PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy", "pillow"]
+
+
+def generator_keys(family: str) -> tuple[str, ...]:
+    """The networks a package ships: the family's generators, as gan_core's registry names
+    them (CycleGAN: both directions, G: X -> Y and F: Y -> X)."""
+    from gan_core.train import FAMILIES
+
+    return FAMILIES[family].generators
+
+
+def write_package(
+    cfg: GanConfig, models: dict[str, nn.Module], out_dir: str | Path, extra: dict | None = None
+) -> Path:
+    """The generator(s) as safetensors plus a JSON description (family, flat config, image
+    size, labels, snapshot, metrics) in out_dir: tensors and JSON only, nothing pickled."""
+    from safetensors.torch import save_file
 
     from gan_core.train import plain
 
-    mlflow.set_tracking_uri(uri)
-    gen = torch.Generator().manual_seed(0)
-    s, ch = cfg.data.image_size, cfg.data.channels
-    specs: list[tuple[str, nn.Module, object, object]] = []
-    if cfg.family in ("gan", "cgan"):
-        G = plain(models["G"]).cpu().eval()
-        z = torch.randn(4, cfg.model.z_dim, generator=gen)
-        if cfg.family == "gan":
-            with torch.no_grad():
-                out = G(z).numpy()
-            specs.append(("generator", G, z.numpy(), (z.numpy(), out)))
-        else:
-            y = torch.arange(4) % cfg.model.num_classes
-            with torch.no_grad():
-                out = G(z, y).numpy()
-            example = (z.numpy(), y.numpy())
-            specs.append(("generator", G, example, ({"z": z.numpy(), "y": y.numpy()}, out)))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key in generator_keys(cfg.family):
+        for pname, t in plain(models[key]).state_dict().items():
+            tensors[f"{key}.{pname}"] = t.detach().cpu().contiguous()
+    save_file(tensors, str(out / MODEL_FILE))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "family": cfg.family,
+        "config": cfg.to_flat_dict(),
+        "image_size": cfg.data.image_size,
+        "channels": cfg.data.channels,
+        "labels": list(range(cfg.model.num_classes)) if cfg.family == "cgan" else [],
+        "generators": list(generator_keys(cfg.family)),
+        **(extra or {}),
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return out
+
+
+def serving_signature(cfg: GanConfig):
+    """(signature, input example) of the served model, per family (README, "Serving").
+
+    gan: {n, seed} -> n images; cgan: {labels, seed} -> one image per label; cyclegan:
+    {images (base64 PNG strings or [C, S, S] arrays in [-1, 1]), direction G|F} -> images.
+    Param ``format``: ``array`` (default, values in [-1, 1]) or ``png`` (base64 PNG)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+    seed = ColSpec("long", "seed", required=False)
+    if cfg.family == "gan":
+        inputs = Schema([ColSpec("long", "n"), seed])
+        example = {"n": 4, "seed": 0}
+    elif cfg.family == "cgan":
+        inputs = Schema([ColSpec(Array("long"), "labels"), seed])
+        example = {"labels": [i % cfg.model.num_classes for i in range(4)], "seed": 0}
     else:
-        for key, name in (("G", "generator"), ("F", "generator_F")):
-            net = plain(models[key]).cpu().eval()
-            x = torch.rand(4, ch, s, s, generator=gen) * 2 - 1
-            with torch.no_grad():
-                out = net(x).numpy()
-            specs.append((name, net, x.numpy(), (x.numpy(), out)))
-    uris = []
-    with mlflow.start_run(run_id=run_id):
-        for name, net, example, (sig_in, sig_out) in specs:
-            info = mlflow.pytorch.log_model(
-                net,
-                name=name,
-                signature=infer_signature(sig_in, sig_out),
+        inputs = Schema(
+            [ColSpec(AnyType(), "images"), ColSpec("string", "direction", required=False)]
+        )
+        s, ch = cfg.data.image_size, cfg.data.channels
+        example = {"images": [np.zeros((ch, s, s), dtype=np.float32).tolist()], "direction": "G"}
+    params = ParamSchema([ParamSpec("format", "string", "array")])
+    return ModelSignature(inputs=inputs, params=params), example
+
+
+def _run_snapshot(c, run_id: str) -> tuple[str, object | None]:
+    """The run's snapshot id (tag) and its dataset input, if logged (for metric lineage)."""
+    run = c.get_run(run_id)
+    snapshot = run.data.tags.get("ganflow.snapshot_id", "")
+    for inp in run.inputs.dataset_inputs if run.inputs else []:
+        if snapshot and inp.dataset.digest == snapshot:
+            return snapshot, inp.dataset
+    inputs = run.inputs.dataset_inputs if run.inputs else []
+    return snapshot or (inputs[0].dataset.digest if inputs else ""), (
+        inputs[0].dataset if inputs else None
+    )
+
+
+def log_generator(
+    uri: str,
+    run_id: str,
+    cfg: GanConfig,
+    models: dict[str, nn.Module],
+    extra: dict | None = None,
+) -> list[str]:
+    """Log the final generator(s) once, as the run's logged model ``generator``: a
+    python_function model from code whose payload is the weights-only package, with the
+    serving signature and an input example, the flat config as its params, the run's final
+    figures as its metrics (linked to the snapshot's dataset) and the snapshot as a tag.
+    Returns [models:/<model_id>]."""
+    import tempfile
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    c = client(uri)
+    snapshot, dataset = _run_snapshot(c, run_id)
+    run_metrics = c.get_run(run_id).data.metrics
+    figures = {
+        k.removeprefix("eval."): v
+        for k, v in run_metrics.items()
+        if k.startswith("eval.") and not k.startswith("eval.val_")
+    }
+    meta = {"snapshot_id": snapshot, "run_id": run_id, "metrics": figures, **(extra or {})}
+    signature, example = serving_signature(cfg)
+    mlflow.set_tracking_uri(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        pkg = write_package(cfg, models, Path(tmp) / PACKAGE_ARTIFACT, meta)
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            # MLflow suggests type hints on predict; the signature here is explicit instead.
+            warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=str(MODEL_CODE),
+                artifacts={PACKAGE_ARTIFACT: str(pkg)},
+                signature=signature,
                 input_example=example,
                 pip_requirements=PIP_REQUIREMENTS,
+                metadata={"ganflow.format": MODEL_FORMAT, "ganflow.family": cfg.family},
+                params={k: str(v) for k, v in cfg.to_flat_dict().items()},
+                tags={
+                    "ganflow.family": cfg.family,
+                    "ganflow.snapshot_id": snapshot,
+                    "ganflow.format": MODEL_FORMAT,
+                },
+                model_type=f"ganflow-{cfg.family}",
             )
-            uris.append(info.model_uri)
-    return uris
+    if figures:
+        now = int(time.time() * 1000)
+        link = {"dataset_name": dataset.name, "dataset_digest": dataset.digest} if dataset else {}
+        c.log_batch(
+            run_id,
+            metrics=[
+                Metric(k, float(v), now, 0, model_id=info.model_id, **link)
+                for k, v in figures.items()
+            ],
+        )
+    return [info.model_uri]
 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

@@ -1,18 +1,37 @@
 """Model registry and promotion on MLflow.
 
-package (the weights-only generator package) -> models (register, resolve, load) ->
-promote (the fair comparison, the lock, rollback).
+package (the weights-only generator package) -> pyfunc (the served model class over it) ->
+models (register, resolve, load) -> promote (the fair comparison, the lock, rollback) ->
+serve (MLflow's scoring server on a champion).
 """
 
-from flows.registry.models import load_registered, parse_model_ref, register
-from flows.registry.package import RegistryError, load_package, model_name, package_generator
-from flows.registry.promote import Decision, promote, promotion_lock, rollback
+from flows.registry.models import (
+    list_models,
+    load_generator,
+    load_registered,
+    load_registered_generator,
+    parse_model_ref,
+    register,
+)
+from flows.registry.package import (
+    HISTORY_TAG,
+    RegistryError,
+    load_package,
+    model_name,
+    package_generator,
+)
+from flows.registry.promote import Decision, PromotionLock, promote, promotion_lock, rollback
 
 __all__ = [
+    "HISTORY_TAG",
     "Decision",
+    "PromotionLock",
     "RegistryError",
+    "list_models",
+    "load_generator",
     "load_package",
     "load_registered",
+    "load_registered_generator",
     "model_name",
     "package_generator",
     "parse_model_ref",

@@ -12,62 +12,200 @@ is ever unpickled. Aliases and tags are used throughout (MLflow stages are depre
 - version tags ``promotion.decision`` / ``promotion.reason`` and ``eval.<metric>`` /
   ``eval.champion.<metric>``: the decision with both figures.
 
-Two promotions racing on one model are serialised by a lock that is itself a registered
-model (``<name>.promotion-lock``): creating a registered model is atomic in every MLflow
-backend (a unique key in its database), so exactly one promoter holds it. A lock older than
-its TTL is considered abandoned (the holder crashed) and is broken.
+Two promotions (or a promotion and a rollback) on one model are serialised by a lock kept in
+the registry itself, so it works across processes and machines with any MLflow backend:
+
+- the lock is a registered model ``<name>.promotion-lock`` (tagged ``ganflow.lock``, left out
+  of ganflow's listings); each contender adds a version to it, and MLflow numbers versions
+  atomically and never reuses a number (deleted versions are kept, marked deleted);
+- the live entry with the lowest number holds the lock (first come, first served);
+- the holder renews a heartbeat tag on its entry while it works; an entry whose heartbeat is
+  older than the TTL belongs to a crashed holder and is deleted by the next contender;
+- every delete names one entry by its number: releasing deletes only one's own entry, and
+  breaking a stale lock deletes only the stale entry, so a late holder can never delete its
+  successor's lock (compare-and-delete by identity);
+- a holder whose entry was broken (its process stalled past the TTL) finds out at its next
+  heartbeat or at ``check()``, which promotion calls before it moves an alias.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from flows.registry.models import _client, _resolve
-from flows.registry.package import HISTORY_TAG, RegistryError, load_package
+from flows.registry.models import (
+    LOCK_SUFFIX,
+    LOCK_TAG,
+    _client,
+    _resolve,
+    check_model_name,
+    load_generator,
+)
+from flows.registry.package import HISTORY_TAG, RegistryError
 from gan_core.config import GanConfig, apply_overrides
 from gan_core.evaluate import evaluate, primary_metric
+
+LOCK_SOURCE = "ganflow:promotion-lock"  # a lock entry's source: no artifacts behind it
+
+
+class PromotionLock:
+    """One contender for ``<name>.promotion-lock`` (see the module notes)."""
+
+    def __init__(
+        self, client, name: str, ttl_s: float = 60.0, wait_s: float = 120.0, heartbeat_s=None
+    ) -> None:
+        self.client, self.name, self.ttl_s, self.wait_s = client, name, ttl_s, wait_s
+        self.lock = f"{name}{LOCK_SUFFIX}"
+        self.token = uuid.uuid4().hex
+        self.version: str | None = None
+        self.heartbeat_s = heartbeat_s if heartbeat_s is not None else max(0.05, ttl_s / 4)
+        self._stop = threading.Event()
+        self._lost = False
+        self._thread: threading.Thread | None = None
+
+    # --- the registry side --------------------------------------------------------------
+
+    def _ensure_container(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            held = self.client.get_registered_model(self.lock)
+        except MlflowException:
+            held = None
+        if held is not None and LOCK_TAG not in held.tags:
+            self._wait_for_legacy(held)
+            held = None
+        if held is None:
+            with contextlib.suppress(MlflowException):  # a concurrent contender made it
+                self.client.create_registered_model(
+                    self.lock,
+                    tags={LOCK_TAG: "2"},
+                    description="ganflow promotion lock (internal; not a model)",
+                )
+
+    def _wait_for_legacy(self, held) -> None:
+        """A lock taken by an older ganflow (the whole registered model, deleted on release):
+        wait for it, or break it once older than the TTL."""
+        from mlflow.exceptions import MlflowException
+
+        while True:
+            created = float(held.tags.get("created", "0") or 0)
+            if time.time() - created > self.ttl_s:
+                with contextlib.suppress(MlflowException):
+                    self.client.delete_registered_model(self.lock)
+                return
+            self._sleep_or_time_out()
+            try:
+                held = self.client.get_registered_model(self.lock)
+            except MlflowException:
+                return  # released
+            if LOCK_TAG in held.tags:
+                return
+
+    def _entries(self) -> list:
+        """Live entries, lowest number first."""
+        found = self.client.search_model_versions(f"name = '{self.lock}'")
+        return sorted(found, key=lambda mv: int(mv.version))
+
+    def _stale(self, mv) -> bool:
+        beat = float(mv.tags.get("heartbeat", "0") or 0)
+        return time.time() - beat > self.ttl_s
+
+    def _sleep_or_time_out(self) -> None:
+        if time.monotonic() > self._deadline:
+            self._withdraw()
+            raise RegistryError(
+                f"timed out after {self.wait_s:g} s waiting for the promotion lock of "
+                f"{self.name!r} (another promotion or rollback is running)"
+            )
+        time.sleep(0.1)
+
+    def acquire(self) -> PromotionLock:
+        from mlflow.exceptions import MlflowException
+
+        self._deadline = time.monotonic() + self.wait_s
+        self._ensure_container()
+        mv = self.client.create_model_version(
+            self.lock,
+            LOCK_SOURCE,
+            tags={"owner": self.token, "heartbeat": f"{time.time():.3f}"},
+        )
+        self.version = str(mv.version)
+        while True:
+            entries = self._entries()
+            if not any(str(e.version) == self.version for e in entries):
+                raise RegistryError(f"the promotion lock entry of {self.name!r} vanished")
+            head = entries[0]
+            if str(head.version) == self.version:
+                break
+            if self._stale(head):
+                # Deletes exactly that entry: if its holder released it meanwhile, or another
+                # contender broke it first, this fails and nothing else is touched.
+                with contextlib.suppress(MlflowException):
+                    self.client.delete_model_version(self.lock, head.version)
+                continue
+            self._sleep_or_time_out()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="ganflow-lock")
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self.client.set_model_version_tag(
+                    self.lock, self.version, "heartbeat", f"{time.time():.3f}"
+                )
+            except MlflowException:  # our entry is gone: the lock was broken
+                self._lost = True
+                return
+            except Exception:  # a transient failure; the next beat tries again
+                continue
+
+    def check(self) -> None:
+        """Raise unless this contender still holds the lock (call before writes)."""
+        if self._lost or not self._still_held():
+            self._lost = True
+            raise RegistryError(
+                f"lost the promotion lock of {self.name!r} (held past its {self.ttl_s:g} s "
+                "TTL without a heartbeat); nothing more was changed"
+            )
+
+    def _still_held(self) -> bool:
+        entries = self._entries()
+        return bool(entries) and str(entries[0].version) == self.version
+
+    def _withdraw(self) -> None:
+        """Delete this contender's own entry, and nothing else."""
+        from mlflow.exceptions import MlflowException
+
+        if self.version is not None:
+            with contextlib.suppress(MlflowException):
+                self.client.delete_model_version(self.lock, self.version)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._withdraw()
 
 
 @contextlib.contextmanager
 def promotion_lock(
-    client, name: str, ttl_s: float = 600.0, wait_s: float = 120.0
-) -> Iterator[None]:
+    client, name: str, ttl_s: float = 60.0, wait_s: float = 120.0, heartbeat_s=None
+) -> Iterator[PromotionLock]:
     """Mutual exclusion across processes and machines through the registry itself."""
-    from mlflow.exceptions import MlflowException
-
-    lock = f"{name}.promotion-lock"
-    token = uuid.uuid4().hex
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            client.create_registered_model(
-                lock,
-                tags={"owner": token, "created": f"{time.time():.3f}"},
-                description="ganflow promotion lock (safe to delete if stale)",
-            )
-            break
-        except MlflowException:
-            with contextlib.suppress(MlflowException):
-                held = client.get_registered_model(lock)
-                if time.time() - float(held.tags.get("created", "0")) > ttl_s:
-                    client.delete_registered_model(lock)  # abandoned by a crashed promoter
-                    continue
-            if time.monotonic() > deadline:
-                raise RegistryError(
-                    f"timed out waiting for the promotion lock of {name!r}"
-                ) from None
-            time.sleep(0.2)
+    lock = PromotionLock(client, name, ttl_s, wait_s, heartbeat_s).acquire()
     try:
-        yield
+        yield lock
     finally:
-        with contextlib.suppress(MlflowException):
-            client.delete_registered_model(lock)
+        lock.release()
 
 
 @dataclass
@@ -95,14 +233,8 @@ def evaluate_version(
 ) -> tuple[GanConfig, dict[str, float]]:
     """The version's config and figures under fixed conditions: the given held-out data,
     judge, seed and metric code (FID/KID exactly when ``inception`` is given)."""
-    import mlflow
-
-    mv = client.get_model_version(name, version)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=mv.source, dst_path=tmp, tracking_uri=client.tracking_uri
-        )
-        cfg, models, _ = load_package(local)
+    gen = load_generator(client, name, version)
+    cfg, models = gen.cfg, gen.nets
     cfg = apply_overrides(cfg, {"eval.inception": inception is not None})
     return cfg, evaluate(cfg, models, heldout, judge, seed=seed, inception=inception)
 
@@ -126,7 +258,7 @@ def promote(
     if family not in ("gan", "cgan", "cyclegan"):
         raise RegistryError(f"{name} v{version} is not a ganflow model (no ganflow.family tag)")
     has_truth = getattr(heldout, "x_truth", None) is not None
-    with promotion_lock(client, name):
+    with promotion_lock(client, name) as lock:
         cfg, figures = evaluate_version(client, name, version, heldout, judge, seed, inception)
         metric, mode = primary_metric(cfg, has_truth)
         cand = figures[metric]
@@ -155,11 +287,13 @@ def promote(
             history = json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
             if champ_version is not None and champ_version != version:
                 history.append(champ_version)
+            lock.check()  # a stalled promoter whose lock was broken must not move the alias
             client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
             client.set_registered_model_alias(name, "champion", version)
             decision = "champion"
         else:
             reason = f"{metric} {cand:.4g} does not beat champion v{champ_version} {champ:.4g} by more than {margin:g} ({mode})"
+            lock.check()
             client.set_registered_model_alias(name, "challenger", version)
             decision = "rejected"
         tags = {"promotion.decision": decision, "promotion.reason": reason}
@@ -173,8 +307,10 @@ def promote(
 
 def rollback(name: str, tracking_uri: str | None = None) -> dict:
     """Move `champion` back to the previous champion; the demoted version is tagged."""
+    check_model_name(name)  # NAME/1 or NAME@x: one line now, not after the lock
     client = _client(tracking_uri)
-    with promotion_lock(client, name):
+    _resolve(client, name, None)  # an unknown model or no champion: before the lock too
+    with promotion_lock(client, name) as lock:
         current = _resolve(client, name, "champion")
         history = json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
         if not history:
@@ -182,6 +318,7 @@ def rollback(name: str, tracking_uri: str | None = None) -> dict:
                 f"{name} has no previous champion to roll back to (champion is v{current})"
             )
         previous = history.pop()
+        lock.check()
         client.set_registered_model_alias(name, "champion", previous)
         client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
         client.set_model_version_tag(name, current, "promotion.rolled_back", "true")
