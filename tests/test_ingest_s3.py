@@ -10,6 +10,7 @@ import torch
 from ingest_data import make_layout, upload
 
 from flows.ingest.layouts import IngestError
+from flows.ingest.resolve import ensure_snapshot
 from flows.ingest.runner import ingest
 from flows.snapshots.load import list_snapshots, load_dataset
 from flows.storage import StorageError
@@ -40,7 +41,8 @@ def test_layouts_from_s3_into_s3(kind, s3, tmp_path):
 
 def test_builtin_into_s3_root_equals_load_builtin(s3):
     root = s3.url("snapshots")
-    got = load_dataset("builtin:digits-unpaired", "test", root)
+    sid = ensure_snapshot("builtin:digits-unpaired", root)["id"]
+    got = load_dataset(sid, "test", root)
     want = load_builtin("builtin:digits-unpaired", 16, "test")
     assert torch.equal(got.x.images, want.x.images) and torch.equal(got.x_truth, want.x_truth)
     assert [m["source"] for m in list_snapshots(root)] == ["builtin:digits-unpaired"]

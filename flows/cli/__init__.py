@@ -160,8 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ganflow {args.command}: interrupted", file=sys.stderr)
         return 130
-    finally:
-        console.report(log_file)
+    # After a success only: an error stays one line (--verbose shows the libraries' output).
+    console.report(log_file)
     if args.json:
         print(json.dumps(result, default=str))
     return 0
