@@ -35,6 +35,7 @@ PREFECT_YAML = DEPLOY / "prefect.yaml"
 RAYCLUSTER = DEPLOY / "kuberay" / "raycluster.yaml"
 RAYJOB = DEPLOY / "kuberay" / "rayjob.yaml"
 LAUNCHER = DEPLOY / "ray" / "cluster-aws-gpu.yaml"
+SERVING = DEPLOY / "serving" / "champion.yaml"
 K8S_VERSION = "1.33.0"
 
 # The command line as documented (README, issue 7); manifests may use only these.
@@ -46,6 +47,7 @@ DOCUMENTED_COMMANDS = {
     "datasets",
     "generate",
     "rollback",
+    "serve",
     "bench",
     "schedule",
 }
@@ -752,3 +754,50 @@ def test_prefect_entrypoints_exist(entry):
     assert set(deployment.get("parameters", {})) <= params, (
         f"{entry} takes {sorted(params)}, prefect.yaml passes {sorted(deployment['parameters'])}"
     )
+
+
+# --- serving the champion (issue 12) ------------------------------------------------------
+
+
+def test_serving_manifest_validates_and_agrees_with_the_code():
+    import kubernetes_validate
+
+    docs = _docs(SERVING)
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "Service"]
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(f"{SERVING.name} {doc['kind']}: {exc.message}") from exc
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    service = next(d for d in docs if d["kind"] == "Service")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    m = IMAGE_RE.match(container["image"])
+    assert m and m["version"] == version, container["image"]
+    argv = container["args"]
+    assert argv[:2] == ["ganflow", "serve"]
+    parser, _ = _subparsers()
+    args = parser.parse_args(argv[1:])
+    assert args.model.endswith("@champion")  # follows promotion: the alias, not a version
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
+    assert args.port == port and service["spec"]["ports"][0]["targetPort"] == "http"
+    assert service["spec"]["type"] == "ClusterIP"  # the scoring server has no authentication
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert {c["configMapRef"]["name"] for c in container["envFrom"]} == {"ganflow-env"}
+    secrets = {
+        d["metadata"]["name"]: set(d["stringData"]) for _, d in _k8s_docs() if d["kind"] == "Secret"
+    }
+    allowed = DOCUMENTED_ENV | TOOL_ENV
+    for e in container["env"]:
+        assert e["name"] in allowed, e["name"]
+        ref = e["valueFrom"]["secretKeyRef"]
+        assert ref["key"] in secrets.get(ref["name"], set()), f"{ref} not in deploy/kuberay"
+    assert deployment["metadata"]["namespace"] == _configmap_namespace()
+
+
+def _configmap_namespace() -> str:
+    for _, d in _k8s_docs():
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "ganflow-env":
+            return d["metadata"]["namespace"]
+    raise AssertionError("ConfigMap ganflow-env not found under deploy/kuberay")

@@ -144,11 +144,14 @@ def register(
         **{f"train_metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
         **(tags or {}),
     }
-    # The logged model's own location as the source (what MLflow's register_model resolves
-    # models:/<model_id> to), with model_id linking the version to the logged model, its
-    # params, metrics and dataset. Resolving models:/ here would use MLflow's global URI.
+    # The source is models:/<model_id>, as MLflow's register_model writes it: that is how the
+    # version links to the logged model (its params, metrics and dataset) in MLflow's UI and
+    # API. A SQL registry resolves it with MLflow's global client, so that must be ours.
+    import mlflow
+
+    mlflow.set_tracking_uri(client.tracking_uri)
     mv = client.create_model_version(
-        name, logged.artifact_location, run_id=run_id, tags=tags, model_id=logged.model_id
+        name, f"models:/{logged.model_id}", run_id=run_id, tags=tags, model_id=logged.model_id
     )
     versions = json.loads(logged.tags.get("mlflow.modelVersions", "[]"))
     versions.append({"name": name, "version": str(mv.version)})
@@ -216,11 +219,23 @@ def check_model_name(text: str) -> str:
 
 
 def _download(client, uri: str, dst: str) -> str:
+    import os
+
     import mlflow
 
-    return mlflow.artifacts.download_artifacts(
-        artifact_uri=uri, dst_path=dst, tracking_uri=client.tracking_uri
-    )
+    # No progress bars: a command's output is its result line (small files, fast anyway).
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        return mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=dst, tracking_uri=client.tracking_uri
+        )
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def check_mlmodel(path: str | Path, where: str) -> str:

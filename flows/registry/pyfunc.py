@@ -24,7 +24,6 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
-import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -46,7 +45,7 @@ class BadRequest(MlflowException):
 def _records(model_input) -> list[dict]:
     """The request as records: MLflow hands over a DataFrame (one row per record, from
     ``inputs`` or ``dataframe_records``), a dict, or a list of dicts."""
-    if isinstance(model_input, pd.DataFrame):
+    if hasattr(model_input, "columns") and hasattr(model_input, "to_dict"):  # a DataFrame
         return [
             {k: v for k, v in row.items() if not _missing(v)}
             for row in model_input.to_dict(orient="records")
@@ -100,6 +99,10 @@ def to_png(images: torch.Tensor) -> list[str]:
 class GanflowGenerator(PythonModel):
     """A registered ganflow generator (any family), loaded from its package."""
 
+    # The signature is explicit (flows.tracking.serving_signature), so MLflow need not infer
+    # one from type hints on predict (nor warn that there are none).
+    _skip_type_hint_validation = True
+
     cfg = None
     nets: dict
     meta: dict
@@ -149,10 +152,7 @@ class GanflowGenerator(PythonModel):
 
     # --- MLflow ---------------------------------------------------------------------------
 
-    # The DataFrame hint (what MLflow hands over under the column signature) tells MLflow not to
-    # infer a second signature from type hints. No `from __future__ import annotations` here:
-    # MLflow reads the hint as a type.
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+    def predict(self, context, model_input, params: dict | None = None):
         try:
             return self._predict(model_input, params or {})
         except MlflowException:
