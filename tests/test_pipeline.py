@@ -113,6 +113,19 @@ def test_pipeline_end_to_end_registers_champions(env, tmp_path, monkeypatch, cap
             )
         )
     assert arts and "ganflow-cyclegan" in arts[0].data
+    # Each champion is an MLflow model: MLflow itself loads it and predicts (issue 12).
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    requests = {
+        "gan": {"n": 2, "seed": 0},
+        "cgan": {"labels": [3, 7], "seed": 0},
+        "cyclegan": {"images": [[[[0.0] * 16] * 16]] * 2, "direction": "G"},
+    }
+    for r in out["results"]:
+        model = mlflow.pyfunc.load_model(f"models:/{r['name']}@champion")
+        pred = model.predict(requests[r["family"]])
+        assert len(pred["images"]) == 2, r["family"]
     # And the champion can be sampled from.
     png = tmp_path / "s.png"
     assert (

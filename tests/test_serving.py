@@ -405,12 +405,12 @@ def servers(server_procs, store):
                 raise AssertionError(
                     f"{family} server exited: {(logs / f'{family}.log').read_text()[-2000:]}"
                 )
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                break
-        except OSError:
-            assert time.monotonic() < deadline, f"{family} server did not come up"
-            time.sleep(0.5)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, f"{family} server did not come up"
+                time.sleep(0.5)
     return ports, store[1]
 
 

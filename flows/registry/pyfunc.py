@@ -216,9 +216,9 @@ class GanflowGenerator(PythonModel):
             raise BadRequest(f"unknown input field(s) {unknown} for a cyclegan model")
         if "images" not in rec:
             raise BadRequest("a cyclegan request needs 'images': base64 PNG strings or arrays")
-        items = _list(rec["images"], "images")
-        self.check_count(len(items), "images")
         s, ch = self.cfg.data.image_size, self.cfg.data.channels
+        items = self._items(rec["images"], ch)
+        self.check_count(len(items), "images")
         out = []
         for i, item in enumerate(items):
             if isinstance(item, str):
@@ -241,6 +241,30 @@ class GanflowGenerator(PythonModel):
                 )
             out.append(torch.from_numpy(np.ascontiguousarray(arr)))
         return torch.stack(out)
+
+    @staticmethod
+    def _items(raw, channels: int) -> list:
+        """One image or a list of them. MLflow may hand over one image per DataFrame row (it
+        splits a list under `inputs` into rows), so a row's value can be a single image."""
+        if isinstance(raw, np.ndarray):
+            raw = raw.tolist()
+        if isinstance(raw, str):
+            return [raw]
+        if not isinstance(raw, (list, tuple)) or not raw:
+            raise BadRequest("images must be base64 PNG strings or C x H x W arrays")
+        if all(isinstance(item, str) for item in raw):
+            return list(raw)
+        try:
+            arr = np.asarray(raw, dtype=np.float32)
+        except (ValueError, TypeError):  # ragged, or strings and arrays mixed in one list
+            return list(raw)
+        if arr.ndim == 3 and (arr.shape[0] in (1, 3) or channels != 1):
+            return [arr]  # one C x H x W image
+        if arr.ndim == 2 and channels == 1:
+            return [arr]  # one grey H x W image
+        if arr.ndim in (3, 4):
+            return list(arr)
+        raise BadRequest(f"images must be C x H x W arrays, got shape {arr.shape}")
 
     def _png(self, text: str, i: int, channels: int) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
