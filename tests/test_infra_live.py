@@ -496,7 +496,12 @@ def test_pipeline_against_live_services(live, tmp_path, monkeypatch):
     mv = c.get_model_version_by_alias(result["name"], "champion")
     assert str(mv.version) == str(result["version"]) == "1"
     assert mv.run_id == result["run_id"]
-    assert mv.source.startswith("mlflow-artifacts:/ganflow/"), mv.source
+    # The version is the run's logged model, whose artifacts live in the server's store.
+    assert mv.source.startswith("models:/m-"), mv.source
+    logged = c.get_logged_model(mv.source.removeprefix("models:/"))
+    assert logged.source_run_id == result["run_id"]
+    assert logged.artifact_location.startswith("mlflow-artifacts:/ganflow/"), logged
+
     run = c.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/ganflow/")
@@ -517,7 +522,8 @@ def test_pipeline_against_live_services(live, tmp_path, monkeypatch):
     ray_keys = [k for k in keys if k.startswith(f"ray/{result['run_name']}/")]
     assert any(k.endswith("/state.pt") and "/checkpoint-" in k for k in ray_keys), ray_keys[:20]
     ml_keys = [k for k in keys if k.startswith("mlflow/ganflow/")]
-    assert any(f"/{result['run_id']}/artifacts/ganflow_generator/" in k for k in ml_keys), ml_keys
+    # The generator package inside the run's logged model (models/m-.../artifacts/package/).
+    assert any(k.endswith("/package/generator.safetensors") for k in ml_keys), ml_keys
     assert any(k.endswith("/MLmodel") for k in ml_keys), ml_keys
     assert any(k.endswith(".png") for k in ml_keys), ml_keys
 

@@ -50,7 +50,8 @@ from flows.registry.package import HISTORY_TAG, RegistryError
 from gan_core.config import GanConfig, apply_overrides
 from gan_core.evaluate import evaluate, primary_metric
 
-LOCK_SOURCE = "ganflow:promotion-lock"  # a lock entry's source: no artifacts behind it
+LOCK_SOURCE = "ganflow:/promotion-lock"  # no artifacts behind it; an absolute path, as
+# MLflow's server requires of any model version source (a relative one is refused)
 
 
 class PromotionLock:
