@@ -28,6 +28,9 @@ def route_library_logs(command: str, verbose: bool) -> Path | None:
     """Send the libraries' log records to GANFLOW_HOME/logs/<command>-<time>.log (None and
     nothing changed with verbose). Call before the libraries are used."""
     global _handler
+    # The embedded Prefect server's telemetry: a machine without internet logs an ERROR per
+    # heartbeat otherwise (and it is nothing the user asked for).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if verbose:
         return None
     from flows.settings import ganflow_home
@@ -36,8 +39,10 @@ def route_library_logs(command: str, verbose: bool) -> Path | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     _handler = logging.FileHandler(path, delay=True)
     _handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    # Prefect configures its own console handlers when imported: it reads its level then.
+    # Prefect and MLflow configure their own console handlers when imported and read their
+    # levels then (MLflow's "Creating initial MLflow database tables" lines are INFO).
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     reapply()
     return path
 

@@ -20,6 +20,15 @@ failing case's report names its command line. Cases by command:
 - run: a dataset folder that is missing; a snapshot name that is not there; ``search:
   maybe``; ``margin: "0.5"``; an unknown family; an unknown key.
 - schedule: a bad --cron (before "serving..." is printed).
+- generate: an unknown model; ``NAME@``; --n 0 and over the per-call cap; --out a folder;
+  a non-integer --label. rollback: ``NAME/1``. serve: an unknown model. models: an unknown
+  flag. (With registered models: tests/test_serving.py.)
+- more ingest: an unknown built-in; --channels 2; --resize squash; --val-fraction 0.9;
+  --max-bad-fraction 2; --layout weird.
+- more train: a missing or invalid --config file; an unknown field; ``--set d_steps``;
+  λ < 0; an unknown snapshot; an override contradicting the snapshot; a family the data
+  cannot serve; eval.inception without FID weights. More tune: a missing --space file;
+  k = 0. local: an unknown preset. run: a missing config file.
 
 Beyond the table: a job that fails or is interrupted ends its MLflow run FAILED or KILLED;
 ingest follows links to folders, quarantines loops with a reason, scales 16-bit PNGs, and an
@@ -151,6 +160,44 @@ CASES = [
     (["run", "--config", "{cfg}"], "families: unknown", _yaml("families: [gam]\n")),
     (["run", "--config", "{cfg}"], "unknown keys ['epochs']", _yaml("epochs: 3\n")),
     (["schedule", "--cron", "bad cron"], '--cron: Invalid cron string: "bad cron"', None),
+    # The registry's commands against an empty registry (with models: tests/test_serving.py).
+    (["generate", "no-such-model", "--out", "{d}/x.png"], "no registered model named", None),
+    (["generate", "name@", "--out", "{d}/x.png"], "nothing after '@'", None),
+    (["generate", "m", "--n", "0", "--out", "{d}/x.png"], "--n must be between 1 and", None),
+    (["generate", "m", "--n", "100000000", "--out", "{d}/x.png"], "(the per-call cap)", None),
+    (["generate", "m", "--out", "{d}"], "is a directory", None),
+    (["generate", "m", "--label", "x", "--out", "{d}/x.png"], "invalid int value: 'x'", None),
+    (["rollback", "m/1"], "names a version or alias; this takes the model name", None),
+    (["serve", "no-such-model"], "no registered model named", None),
+    (["models", "--bogus"], "unrecognized arguments: --bogus", None),
+    (["ingest", "builtin:nope"], "unknown built-in dataset 'builtin:nope'", None),
+    (["ingest", "builtin:digits", "--channels", "2"], "invalid choice: 2", None),
+    (["ingest", "builtin:digits", "--resize", "squash"], "invalid choice: 'squash'", None),
+    (["ingest", "builtin:digits", "--val-fraction", "0.9"], "test_fraction + val_fraction", None),
+    (["ingest", "builtin:digits", "--max-bad-fraction", "2"], "max_bad_fraction: must be", None),
+    (["ingest", "builtin:digits", "--layout", "weird"], "invalid choice: 'weird'", None),
+    (["train", "--family", "gan", "--config", "{d}/missing.yaml"], "file not found", None),
+    (
+        ["train", "--family", "gan", "--config", "{cfg}"],
+        "is not valid YAML",
+        _yaml("train: [unclosed\n"),
+    ),
+    (["train", "--family", "gan", "--set", "nope=1"], "nope: unknown config field", None),
+    (["train", "--family", "gan", "--set", "d_steps"], "must look like key=value", None),
+    (["train", "--family", "gan", "--set", "lambda_cyc=-1"], "loss.lambda_cyc: must be", None),
+    (["train", "--family", "gan", "--dataset", "no-such-snapshot"], "no snapshot", None),
+    # The config follows the data: a contradiction or a family the data cannot serve.
+    (
+        ["train", "--family", "cgan", "--set", "data.channels=3"],
+        "data.channels: 3 contradicts",
+        None,
+    ),
+    (["train", "--family", "cyclegan", "--dataset", "builtin:digits"], "cannot train on", None),
+    (["train", "--family", "gan", "--set", "eval.inception=true"], "GANFLOW_FID_WEIGHTS", None),
+    (["tune", "--family", "gan", "--space", "{d}/missing.yaml"], "file not found", None),
+    (["tune", "--family", "gan", "--set", "d_steps=0"], "train.d_steps: k must be", None),
+    (["local", "--preset", "nope"], "unknown preset 'nope'", None),
+    (["run", "--config", "{d}/missing.yaml"], "config file not found", None),
 ]
 
 # Cases that reach a (shared, 2-CPU) Ray cluster: refused when the cluster is asked.
