@@ -43,6 +43,7 @@ def route_library_logs(command: str, verbose: bool) -> Path | None:
     # levels then (MLflow's "Creating initial MLflow database tables" lines are INFO).
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     reapply()
     return path
 
