@@ -138,6 +138,10 @@ class ModelConfig:
     """Number of labels y for the conditional GAN."""
     embed_dim: int = 16
     """Size of the label embedding fed to G(z, y) and D(x, y)."""
+    sync_batchnorm: bool = True
+    """Under data parallelism on GPUs (workers > 1), BatchNorm layers normalise over the
+    global minibatch (SyncBatchNorm), so N workers x m behave like 1 x N*m as the batch docs
+    say. PyTorch's SyncBatchNorm is CUDA-only: CPU (gloo) workers normalise per rank."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -152,6 +156,12 @@ class ModelConfig:
         ):
             v = getattr(self, name)
             _check(_is_int(v) and v >= 1, f"model.{name}", "must be an integer >= 1", v)
+        _check(
+            isinstance(self.sync_batchnorm, bool),
+            "model.sync_batchnorm",
+            "must be true or false",
+            self.sync_batchnorm,
+        )
         for name in ("n_res_blocks", "g_downsample"):
             v = getattr(self, name)
             _check(_is_int(v) and v >= 0, f"model.{name}", "must be an integer >= 0", v)
@@ -236,12 +246,21 @@ class TrainConfig:
     """Metrics are synced to the host and reported every log_every iterations."""
     pool_size: int = 50
     """CycleGAN's history of generated images fed to the discriminators (0 disables)."""
-    precision: str = "fp32"
-    """'fp32' or 'bf16' (autocast of the forward passes; losses stay in fp32)."""
+    precision: str = "auto"
+    """'fp32', 'bf16' (autocast of the forward passes; losses and monitored statistics stay
+    in fp32) or 'auto': bf16 on CUDA, fp32 elsewhere. A value set anywhere (--set, --config,
+    a pipeline or search config) is kept as it is on every device."""
     device: str = "auto"
     """'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:N]'."""
+    compile: bool = False
+    """Run the networks through ``torch.compile``. Off by default: whether it pays is a GPU
+    measurement (``ganflow bench --device cuda``, ``make gpu-check``) not yet made; on CPU
+    the compile time (tens of seconds per network) outweighs short runs."""
 
     def __post_init__(self) -> None:
+        _check(
+            isinstance(self.compile, bool), "train.compile", "must be true or false", self.compile
+        )
         _check(
             _is_int(self.d_steps) and self.d_steps >= 1,
             "train.d_steps",
@@ -258,9 +277,9 @@ class TrainConfig:
             v = getattr(self, name)
             _check(_is_int(v) and v >= low, f"train.{name}", f"must be an integer >= {low}", v)
         _check(
-            self.precision in ("fp32", "bf16"),
+            self.precision in ("auto", "fp32", "bf16"),
             "train.precision",
-            "must be 'fp32' or 'bf16'",
+            "must be 'auto', 'fp32' or 'bf16'",
             self.precision,
         )
         _check(

@@ -74,12 +74,32 @@ def resolve_device(name: str) -> torch.device:
 
 
 def plain(module: nn.Module) -> nn.Module:
-    """The module under a DistributedDataParallel-style wrapper, without importing one.
+    """The module under a DistributedDataParallel-style wrapper and a ``torch.compile``
+    wrapper (``_orig_mod``), in any nesting, without importing either.
 
     G's update calls D through this: D is frozen there, so its gradients must not be
     all-reduced, and a DDP forward whose backward never reaches its parameters would leave
-    the reducer waiting."""
-    return getattr(module, "module", module)
+    the reducer waiting. Checkpoints and state dicts go through it too, so their keys are
+    the plain module's (no ``module.`` or ``_orig_mod.`` prefixes) whatever the wrapping."""
+    while True:
+        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
+def _channels_last(cfg: GanConfig, device: torch.device) -> bool:
+    """Whether the networks and the real batches use the NHWC layout: the convolutional
+    families on CUDA, where cuDNN's fastest (tensor-core) convolution kernels are NHWC and an
+    NCHW tensor is transposed around every convolution. Not on CPU (no measured gain there),
+    never for the MLPs (their D flattens its input with a view, which needs NCHW)."""
+    return device.type == "cuda" and (cfg.family == "cyclegan" or cfg.model.arch == "conv")
+
+
+def _to_device_layout(images: Tensor, state: TrainState) -> Tensor:
+    if _channels_last(state.cfg, state.device):
+        return images.contiguous(memory_format=torch.channels_last)
+    return images
 
 
 @contextlib.contextmanager
@@ -164,7 +184,7 @@ class TrainState:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         # bf16 autocast of forward passes only; losses are computed on .float() outputs.
-        enabled = self.cfg.train.precision == "bf16"
+        enabled = autocast_enabled(self.cfg.train.precision, self.device.type)
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def z(self, m: int) -> Tensor:
@@ -172,6 +192,12 @@ class TrainState:
 
 
 # --- families ---------------------------------------------------------------------------
+
+# No generator forward is shared between D's and G's updates. Each of the k D updates draws
+# fresh z and a fresh data minibatch (Algorithm 1), so no two of them see the same fakes; and
+# G's update needs D *after* its k-th step, on fresh z, with a graph through G: the k-th D
+# update's fakes were made under no_grad for other z, so reusing them would change the
+# algorithm, not just its cost. What is exact and kept: D's update builds no graph through G.
 
 
 class Family:
@@ -194,7 +220,7 @@ class Family:
         idx = sampler.next_indices().to(data.images.device)
         labels = None if data.labels is None else data.labels[idx]
         images = augment(data.images[idx], state.cfg.data.augment, sampler.generator)
-        return Batch(images, labels)
+        return Batch(_to_device_layout(images, state), labels)
 
     def d_step(self, state: TrainState, batch: Batch) -> Metrics:
         raise NotImplementedError
@@ -286,9 +312,9 @@ class CycleGanFamily(Family):
         iy = sy.next_indices().to(dev)
         mode = state.cfg.data.augment
         return Batch(
-            augment(data.x.images[ix], mode, sx.generator),
+            _to_device_layout(augment(data.x.images[ix], mode, sx.generator), state),
             data.x.labels[ix] if data.x.labels is not None else None,
-            augment(data.y.images[iy], mode, sy.generator),
+            _to_device_layout(augment(data.y.images[iy], mode, sy.generator), state),
         )
 
     def d_step(self, state: TrainState, batch: Batch) -> Metrics:
@@ -365,6 +391,13 @@ def init_state(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         models = {k: v.to(device) for k, v in build_models(cfg).items()}
+    if _channels_last(cfg, device):
+        models = {k: v.to(memory_format=torch.channels_last) for k, v in models.items()}
+    if cfg.train.compile:
+        # Compiled before the DDP wrap, so plain() (what G's update calls D through, and what
+        # state dicts are read from) sees through both. The wrapper shares the parameters, so
+        # the optimisers below hold the same tensors. Compilation itself is lazy (first call).
+        models = {k: torch.compile(v) for k, v in models.items()}
     if wrap is not None:
         models = {k: wrap(v) for k, v in models.items()}
     o = cfg.optim
@@ -389,6 +422,24 @@ def init_state(
     return TrainState(cfg, models, opt_g, opt_d, schedulers, samplers, noise, device, pools)
 
 
+def autocast_enabled(precision: str, device_type: str) -> bool:
+    """bf16 autocast for train.precision: always for 'bf16', never for 'fp32', and for
+    'auto' (nothing set) on CUDA only."""
+    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
+
+
+def accumulate_metrics(sums: dict[str, Tensor], counts: dict[str, int], metrics: Metrics) -> None:
+    """Running sums of the step metrics, on the device (no host sync), always in fp32.
+
+    Under bf16 autocast the monitored D(x) / D(G(z)) probabilities come out in bf16, and a
+    bf16 running sum stops growing once its spacing exceeds the addend (at 256, adding 0.5
+    does nothing): a long log interval would report a mean far too small."""
+    for k, v in metrics.items():
+        v = v.detach().float()
+        sums[k] = sums[k] + v if k in sums else v.clone()
+        counts[k] = counts.get(k, 0) + 1
+
+
 def train(
     state: TrainState,
     data: ImageSet | UnpairedSet,
@@ -409,9 +460,7 @@ def train(
     counts: dict[str, int] = {}
 
     def accumulate(metrics: Metrics) -> None:
-        for k, v in metrics.items():
-            sums[k] = sums[k] + v if k in sums else v.clone()
-            counts[k] = counts.get(k, 0) + 1
+        accumulate_metrics(sums, counts, metrics)
 
     while state.step < end:
         for _ in range(cfg.train.d_steps):

@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
             max_failures=args.max_failures,
         )
     else:
-        cfg, precision_set = build_config(args.family, args.config, args.overrides, args.dataset)
+        cfg, _ = build_config(args.family, args.config, args.overrides, args.dataset)
         req = TrainRequest(
             cfg=cfg,
             dataset=cfg.data.dataset,
@@ -61,7 +61,6 @@ def cmd_train(args: argparse.Namespace) -> dict:
             run_name=args.run_name,
             checkpoint_every=args.checkpoint_every,
             max_failures=args.max_failures,
-            auto_bf16=not precision_set,
         )
         result = run_training(req)
     if not args.json:

@@ -51,7 +51,7 @@ def train_flow(
 ) -> dict:
     """Train one family on one snapshot as a Ray Train job, tracked in MLflow."""
     overrides = list(overrides or [])
-    cfg, precision_set = build_config_task(family, config_file, overrides, dataset)
+    cfg, _ = build_config_task(family, config_file, overrides, dataset)
     req = TrainRequest(
         cfg=cfg,
         dataset=cfg.data.dataset,
@@ -60,7 +60,6 @@ def train_flow(
         run_name=run_name or default_run_name(cfg),
         checkpoint_every=checkpoint_every,
         max_failures=max_failures,
-        auto_bf16=not precision_set,
     )
     result = train_task(req)
     create_markdown_artifact(

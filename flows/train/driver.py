@@ -172,9 +172,8 @@ def run_training(req: TrainRequest) -> dict:
     ensure_ray()
     check_resources(cluster)
     use_gpu = cluster.gpus_per_worker > 0
-    if use_gpu and req.auto_bf16 and cfg.train.precision == "fp32":
-        # bf16 autocast of forward passes on GPUs (losses stay fp32 in gan_core).
-        cfg = apply_overrides(cfg, {"train.precision": "bf16"})
+    # train.precision 'auto' (nothing set anywhere) is bf16 on CUDA and fp32 on CPU, decided
+    # by gan_core on each worker's device; a value the user set is never rewritten here.
 
     if not req.storage.is_remote():  # the run's folder stays under the storage root
         storage_path, _ = req.storage.resolve()

@@ -77,6 +77,14 @@ class ClusterSpec:
             raise TrainError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker!r}")
         if not _is_int(self.threads) or self.threads < 1:
             raise TrainError(f"--threads must be an integer >= 1, got {self.threads!r}")
+        g = self.gpus_per_worker
+        if self.workers > 1 and g > 0 and g != int(g):
+            # GPU workers talk over NCCL, which refuses two ranks on one device; a single
+            # worker (e.g. Tune packing trials onto one GPU) has no peer and is fine.
+            raise TrainError(
+                f"--gpus-per-worker {g:g} with {self.workers} workers would put two NCCL ranks "
+                "on one GPU, which NCCL refuses; use whole GPUs per worker (1, 2, ...)"
+            )
         return self
 
 
@@ -135,8 +143,6 @@ class TrainRequest:
     check_replicas: bool = False
     fault: FaultInjection | None = None
     cache_dir: str | None = None
-    auto_bf16: bool = True
-    """On GPUs, switch fp32 to bf16 autocast (off when the user set train.precision)."""
     eval_every: int | None = None
     """Held-out evaluation every N iterations (a multiple of log_every), reported to Ray under
     the metrics' own names (Tune's schedulers read them) and to MLflow as eval.*; later

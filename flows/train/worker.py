@@ -83,11 +83,18 @@ def load_heldout(job: WorkerJob, cfg: GanConfig) -> dict:
 # --- distribution ---------------------------------------------------------------------------
 
 
-def ddp_wrap(module: nn.Module) -> nn.Module:
+def sync_batchnorm(module: nn.Module, enabled: bool) -> nn.Module:
+    """BatchNorm layers as SyncBatchNorm (statistics over the global minibatch) when enabled:
+    model.sync_batchnorm, more than one worker, CUDA (PyTorch's SyncBatchNorm is CUDA-only)."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module) if enabled else module
+
+
+def ddp_wrap(module: nn.Module, sync_bn: bool = False) -> nn.Module:
     """The one place a network is made data-parallel: moved to this worker's device and, with
     more than one worker, wrapped in DistributedDataParallel (see the module notes)."""
     from ray.train.torch import prepare_model
 
+    module = sync_batchnorm(module, sync_bn)
     return prepare_model(
         module,
         parallel_strategy="ddp",
@@ -253,7 +260,10 @@ def _train_worker(job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, de
     train_cpu = load_split(job, cfg, "train")
     data = train_cpu.to(device)
     heldout = load_heldout(job, cfg) if rank == 0 else None
-    state = init_state(cfg, data, device, rank, world_size, wrap=ddp_wrap)
+    sync_bn = cfg.model.sync_batchnorm and world_size > 1 and device.type == "cuda"
+    state = init_state(
+        cfg, data, device, rank, world_size, wrap=lambda m: ddp_wrap(m, sync_bn=sync_bn)
+    )
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
