@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup run test test-fast fmt lint bench clean
+.PHONY: setup run test test-fast fmt lint bench gpu-check gpu-check-dry clean
 
 # torch is installed first and pinned: its CPU build lies on local disk, and an unpinned
 # torch (or any range admitting newer releases) pulls a multi-GB CUDA build.
@@ -43,6 +43,15 @@ lint: setup
 
 bench: setup
 	$(VENV)/bin/ganflow bench
+
+# The prepared GPU check (flows/bench/gpu_check.py): nvidia-smi, the CUDA bench, a 1-worker
+# Ray Train job in bf16, plain-loop steps/s, bf16-vs-fp32 losses; JSON + Markdown in the
+# folder. Under 5 minutes on one H100, no downloads. The dry run is its CPU rehearsal (CI).
+gpu-check: setup
+	$(PY) -m flows.bench.gpu_check --out gpu-check-out
+
+gpu-check-dry: setup
+	$(PY) -m flows.bench.gpu_check --out gpu-check-out --dry
 
 clean:
 	rm -rf $(VENV) .ganflow .pytest_cache .ruff_cache

@@ -87,16 +87,19 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_peak_flops(
-    n: int = 1024, repeats: int = 5, device: torch.device | str = "cpu"
+    n: int = 1024,
+    repeats: int = 5,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> float:
-    """This machine's fp32 matmul rate in FLOP/s: the best of ``repeats`` timings of one
-    n x n @ n x n matmul (2 n^3 FLOPs), after a warm-up that pays for allocation and
+    """This machine's matmul rate in FLOP/s for ``dtype``: the best of ``repeats`` timings of
+    one n x n @ n x n matmul (2 n^3 FLOPs), after a warm-up that pays for allocation and
     thread-pool start-up. Best-of, not mean: other processes only ever slow it down."""
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, generator=g, device=device)
-    b = torch.randn(n, n, generator=g, device=device)
-    out = torch.empty(n, n, device=device)
+    a = torch.randn(n, n, generator=g, device=device).to(dtype)
+    b = torch.randn(n, n, generator=g, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
     for _ in range(2):
         torch.mm(a, b, out=out)
     _sync(device)
@@ -176,7 +179,13 @@ def _benchmark(
     data = data.to(device)
     state = init_state(run_cfg, data, device)
 
-    flops = count_flops_per_step(state, data)
+    if cfg.train.compile:
+        # Same arithmetic either way; counted uncompiled, since the counter's dispatch mode
+        # and compiled graphs do not mix, and a deep copy of a compiled module is not one.
+        plain_cfg = apply_overrides(run_cfg, {"train.compile": False})
+        flops = count_flops_per_step(init_state(plain_cfg, data, device), data)
+    else:
+        flops = count_flops_per_step(state, data)
     if peak_flops_per_s is None:
         peak_flops_per_s = measure_peak_flops(device=device)
 
@@ -285,3 +294,160 @@ def format_table(results: Sequence[dict]) -> str:
     ]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in [header, *rows]]
     return "\n".join(lines)
+
+
+# --- the precision / compile suite: `ganflow bench [--device cuda] [--quick]` -------------
+
+SUITE_KEYS = (
+    "name",
+    "device",
+    "precision",
+    "compile",
+    *RESULT_KEYS,
+    "peak_dtype",
+    "mfu",
+)
+
+
+def synthetic_data(cfg: GanConfig, n: int = 256, seed: int = 0):
+    """Random images (and labels) of cfg's shape: throughput does not depend on pixel values,
+    and the papers' datasets (MNIST, LSUN, horse2zebra) are downloads this must not need."""
+    from gan_core.data import ImageSet, UnpairedSet
+
+    g = torch.Generator().manual_seed(seed)
+    d = cfg.data
+    n = max(n, cfg.train.batch_size)
+
+    def images() -> torch.Tensor:
+        return torch.rand(n, d.channels, d.image_size, d.image_size, generator=g) * 2 - 1
+
+    if cfg.family == "cyclegan":
+        return UnpairedSet(ImageSet(images()), ImageSet(images()))
+    classes = max(cfg.model.num_classes, 1)
+    labels = torch.randint(0, classes, (n,), generator=g) if cfg.family == "cgan" else None
+    return ImageSet(images(), labels)
+
+
+def paper_configs(quick: bool = False) -> list[tuple[str, GanConfig]]:
+    """The issue's configs: the paper MLP GAN (28 px, hidden 1200, m = 64), DCGAN at 64 px
+    (m = 128, Radford et al.), CycleGAN at 256 px (batch 1 as in the paper, and 8).
+
+    ``quick`` (CPU smoke runs): the same families at sizes a 2-core CPU gets through in
+    seconds: DCGAN at 32 px m = 16, CycleGAN's 64 px architecture (6 ResNet blocks) at m = 1
+    and 2. The paper MLP stays full size (~60 ms an iteration on CPU)."""
+    if quick:
+        return [
+            ("mlp-gan-28", preset("gan", "paper")),
+            ("dcgan-32", apply_overrides(preset("gan", image_size=32), {"train.batch_size": 16})),
+            ("cyclegan-64-b1", preset("cyclegan", image_size=64)),
+            (
+                "cyclegan-64-b2",
+                apply_overrides(preset("cyclegan", image_size=64), {"train.batch_size": 2}),
+            ),
+        ]
+    return [
+        ("mlp-gan-28", preset("gan", "paper")),
+        ("dcgan-64", apply_overrides(preset("gan", image_size=64), {"train.batch_size": 128})),
+        ("cyclegan-256-b1", preset("cyclegan", image_size=256)),
+        (
+            "cyclegan-256-b8",
+            apply_overrides(preset("cyclegan", image_size=256), {"train.batch_size": 8}),
+        ),
+    ]
+
+
+def measure_device_peak(device: torch.device | str) -> tuple[float, str]:
+    """The denominator of MFU: the bf16 matmul peak on CUDA (8192^3, where tensor cores
+    saturate). On CPU the better of the fp32 and bf16 rates at bench's usual 1024^3: CPUs
+    with AMX / AVX512-BF16 run bf16 faster than fp32 (bf16 rows measured above 100% of the
+    fp32 peak on the dev box), others emulate it slower, so neither alone bounds both rows."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return measure_peak_flops(n=8192, repeats=10, device=device, dtype=torch.bfloat16), "bf16"
+    fp32 = measure_peak_flops(repeats=20, device=device)
+    bf16 = measure_peak_flops(repeats=20, device=device, dtype=torch.bfloat16)
+    return (bf16, "bf16") if bf16 > fp32 else (fp32, "fp32")
+
+
+def run_precision_suite(
+    device: torch.device | str = "cpu",
+    quick: bool = False,
+    precisions: Sequence[str] = ("fp32", "bf16"),
+    compile_modes: Sequence[bool] | None = None,
+    warmup: int | None = None,
+    iters: int | None = None,
+    num_threads: int | None = None,
+    progress: Callable[[dict], None] | None = None,
+    configs: Sequence[tuple[str, GanConfig]] | None = None,
+) -> list[dict]:
+    """Each config of :func:`paper_configs` x precision x compile, on ``device``: one row
+    each with ``SUITE_KEYS`` (samples/s, FLOPs per step, achieved FLOP/s, ``mfu`` against
+    :func:`measure_device_peak`). ``compile_modes`` defaults to both on CUDA and off on CPU
+    (inductor's CPU compile takes longer than a whole quick run). Warm-up defaults to 10
+    iterations with compile (the first calls compile, and G's frozen-D pass recompiles
+    once) and 3 without; ``iters`` to 20, or 3 in ``quick`` mode."""
+    device = torch.device(device)
+    if compile_modes is None:
+        compile_modes = (False, True) if device.type == "cuda" else (False,)
+    configs = paper_configs(quick) if configs is None else list(configs)
+    iters = iters if iters is not None else (3 if quick else 20)
+    rows: list[dict] = []
+    with _intra_op_threads(num_threads):
+        peak, peak_dtype = measure_device_peak(device)
+        for name, base in configs:
+            data = synthetic_data(base, n=64 if quick else 256)
+            for compiled in compile_modes:
+                for precision in precisions:
+                    cfg = apply_overrides(
+                        base,
+                        {
+                            "train.precision": precision,
+                            "train.compile": compiled,
+                            "train.device": device.type,
+                        },
+                    )
+                    w = warmup if warmup is not None else (10 if compiled else (1 if quick else 3))
+                    if device.type == "cuda":
+                        torch._dynamo.reset()  # each row compiles its own graphs, cleanly
+                    r = benchmark(
+                        cfg, data, warmup=w, iters=iters, device=device, peak_flops_per_s=peak
+                    )
+                    row = {
+                        "name": name,
+                        "device": device.type,
+                        "precision": precision,
+                        "compile": compiled,
+                        **r,
+                        "peak_dtype": peak_dtype,
+                        "mfu": r["utilisation"],
+                    }
+                    rows.append(row)
+                    if progress is not None:
+                        progress(row)
+    return rows
+
+
+def format_precision_table(rows: Sequence[dict], markdown: bool = False) -> str:
+    """The suite's rows as a fixed-width text table, or a Markdown table."""
+    header = ["config", "m", "prec", "compile", "samples/s", "GFLOP/step", "TFLOP/s", "MFU"]
+    body = [
+        [
+            r["name"],
+            str(r["batch_size"]),
+            r["precision"],
+            "yes" if r["compile"] else "no",
+            f"{r['samples_per_s']:.1f}",
+            f"{r['flops_per_step'] / 1e9:.3f}",
+            f"{r['achieved_flops_per_s'] / 1e12:.4f}",
+            f"{r['mfu']:.1%}",
+        ]
+        for r in rows
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines)
+    widths = [
+        max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)
+    ]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in [header, *body])

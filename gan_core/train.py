@@ -82,7 +82,11 @@ def plain(module: nn.Module) -> nn.Module:
     the reducer waiting. Checkpoints and state dicts go through it too, so their keys are
     the plain module's (no ``module.`` or ``_orig_mod.`` prefixes) whatever the wrapping."""
     while True:
-        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        # Not `a or b`: that asks the module's truth value, and a compiled wrapper of a module
+        # without __len__ raises on it.
+        inner = getattr(module, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(module, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
             return module
         module = inner

@@ -157,3 +157,65 @@ def test_default_suite_covers_families_and_archs():
     }
     paper = next(c for c in suite if c.data.image_size == 28)
     assert (paper.model.hidden, paper.train.batch_size) == (1200, 64)
+
+
+def test_precision_suite_quick_cpu_rows():
+    # One tiny config through the suite's machinery (the quick configs themselves take ~20 s:
+    # `ganflow bench --quick`, and the gpu-check dry test, run them).
+    configs = [("gan-tiny", preset("gan", "tiny")), ("cyclegan-tiny", preset("cyclegan", "tiny"))]
+    rows = bench.run_precision_suite("cpu", quick=True, configs=configs, iters=2)
+    assert [(r["name"], r["precision"], r["compile"]) for r in rows] == [
+        ("gan-tiny", "fp32", False),
+        ("gan-tiny", "bf16", False),
+        ("cyclegan-tiny", "fp32", False),
+        ("cyclegan-tiny", "bf16", False),
+    ]
+    for r in rows:
+        assert set(r) == set(bench.SUITE_KEYS)
+        assert r["device"] == "cpu" and r["peak_dtype"] in ("fp32", "bf16")
+        for key in ("samples_per_s", "flops_per_step", "achieved_flops_per_s", "mfu"):
+            assert math.isfinite(r[key]) and r[key] > 0, key
+        assert r["mfu"] == pytest.approx(r["achieved_flops_per_s"] / r["peak_flops_per_s"])
+    # Same arithmetic in either precision: FLOPs per step do not depend on the dtype.
+    assert rows[0]["flops_per_step"] == rows[1]["flops_per_step"]
+    table = bench.format_precision_table(rows, markdown=True)
+    assert table.count("\n") == 1 + len(rows) and "| gan-tiny | 8 | bf16 | no |" in table
+
+
+def test_paper_configs_sizes():
+    full = dict(bench.paper_configs())
+    assert (full["dcgan-64"].model.arch, full["dcgan-64"].data.image_size) == ("conv", 64)
+    assert full["dcgan-64"].train.batch_size == 128
+    assert full["mlp-gan-28"].model.hidden == 1200
+    b1, b8 = full["cyclegan-256-b1"], full["cyclegan-256-b8"]
+    assert (b1.data.image_size, b1.train.batch_size, b8.train.batch_size) == (256, 1, 8)
+    assert b1.model.n_res_blocks == 9
+    quick = dict(bench.paper_configs(quick=True))
+    assert max(c.data.image_size for c in quick.values()) <= 64
+
+
+def test_compiled_state_dicts_use_plain_keys(digits16):
+    # torch.compile wraps each network (lazily: nothing compiles until the first call, which
+    # this test never makes); checkpoints must still hold the plain module's keys, so a
+    # compiled run's checkpoint loads into an uncompiled state and back.
+    cfg = apply_overrides(preset("gan", "tiny"), {"train.compile": True})
+    state = init_state(cfg, digits16, "cpu")
+    assert all(hasattr(m, "_orig_mod") for m in state.models.values())
+    plain_state = init_state(preset("gan", "tiny"), digits16, "cpu")
+    sd = state_dict(state)
+    assert sd["models"].keys() == state_dict(plain_state)["models"].keys()
+    for k, weights in sd["models"].items():
+        assert weights.keys() == plain_state.models[k].state_dict().keys()
+    train_mod.load_state_dict(plain_state, sd)
+    # plain() sees through DDP-style wrappers around compiled modules too.
+    wrapper = torch.nn.Module()
+    wrapper.module = state.models["D"]
+    assert train_mod.plain(wrapper) is state.models["D"]._orig_mod
+
+
+def test_compile_switch_is_a_bool():
+    from gan_core.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="train.compile"):
+        TrainConfig(compile=1)
+    assert apply_overrides(preset("gan", "tiny"), ["train.compile=true"]).train.compile is True

@@ -81,10 +81,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="training throughput and FLOP utilisation of each family's default architecture",
+        help="training throughput, FLOPs and MFU: paper MLP, DCGAN, CycleGAN in fp32 and bf16",
     )
     bench.add_argument(
-        "--iters", type=int, default=30, help="timed iterations per config (default: 30)"
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where to run (default: cpu); MFU is against this device's measured matmul peak",
+    )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller sizes and iterations (DCGAN 32 px, CycleGAN 64 px): a CPU smoke run",
+    )
+    bench.add_argument(
+        "--compile",
+        choices=["auto", "off", "on", "both"],
+        default="auto",
+        help="torch.compile rows (default auto: both on cuda, off on cpu)",
+    )
+    bench.add_argument(
+        "--suite",
+        choices=["paper", "families"],
+        default="paper",
+        help="paper: the configs above, per precision and compile (default); "
+        "families: each family's default architecture in fp32",
+    )
+    bench.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="timed iterations per config (default: 20, 3 with --quick, 30 for families)",
     )
     bench.add_argument(
         "--threads",
@@ -113,19 +140,41 @@ def cmd_local(args: argparse.Namespace) -> dict:
 
 
 def cmd_bench(args: argparse.Namespace) -> dict:
-    from gan_core.bench import format_table, run_suite
+    from gan_core.bench import format_precision_table, format_table, run_precision_suite, run_suite
 
     def progress(r: dict) -> None:
         if not args.json:
+            label = r.get("name", f"{r['family']}/{r['arch']}")
+            extra = f" {r['precision']} compile={r['compile']}" if "precision" in r else ""
             print(
-                f"[bench] {r['family']}/{r['arch']} m={r['batch_size']} {r['steps_per_s']:.1f} steps/s",
+                f"[bench] {label} m={r['batch_size']}{extra} {r['steps_per_s']:.1f} steps/s",
                 file=sys.stderr,
                 flush=True,
             )
 
-    rows = run_suite(iters=args.iters, progress=progress, num_threads=args.threads or None)
+    threads = args.threads or None
+    if args.suite == "families":
+        rows = run_suite(
+            iters=args.iters or 30, device=args.device, progress=progress, num_threads=threads
+        )
+        table = format_table(rows)
+    else:
+        import torch
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda, but CUDA is not available on this machine")
+        modes = {"auto": None, "off": (False,), "on": (True,), "both": (False, True)}
+        rows = run_precision_suite(
+            args.device,
+            quick=args.quick,
+            compile_modes=modes[args.compile],
+            iters=args.iters,
+            num_threads=threads,
+            progress=progress,
+        )
+        table = format_precision_table(rows)
     if not args.json:
-        print(format_table(rows))
+        print(table)
     return {"results": rows}
 
 
