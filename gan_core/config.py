@@ -452,13 +452,7 @@ def apply_overrides(cfg: GanConfig, overrides: dict[str, object] | list[str]) ->
     overrides: {'train.d_steps': 3} or ['d_steps=3', 'lambda_cyc=10', 'family=cgan'].
     """
     if isinstance(overrides, list):
-        pairs: dict[str, object] = {}
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"{item}: overrides must look like key=value")
-            pairs[key.strip()] = value.strip()
-        overrides = pairs
+        overrides = parse_pairs(overrides)
     family = str(overrides.get("family", cfg.family))
     sections = {s: {} for s in _SECTIONS}
     for key, value in overrides.items():
@@ -601,7 +595,7 @@ def config_for_data(
     An override of a fact that differs from the dataset is refused in one line: the data
     would not fit the networks (or would silently be re-interpreted)."""
     check_family_data(family, facts)
-    user = _normalise(overrides or {})
+    user = normalise_overrides(overrides or {})
     cfg = preset(family, preset_name, image_size=facts.image_size)
     num_classes = facts.num_classes if family == "cgan" else cfg.model.num_classes
     wanted = {
@@ -630,16 +624,22 @@ def config_for_data(
     return apply_overrides(cfg, user)
 
 
-def _normalise(overrides: dict[str, object] | list[str]) -> dict[str, object]:
-    """key=value list or dict -> {'section.name': value} with leaf names resolved."""
+def parse_pairs(items: list[str]) -> dict[str, object]:
+    """The command line's ['d_steps=3', 'train.steps=500'] as {'d_steps': '3', ...}."""
+    pairs: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{item}: overrides must look like key=value")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def normalise_overrides(overrides: dict[str, object] | list[str]) -> dict[str, object]:
+    """key=value list or dict -> {'section.name': value} with leaf names resolved (unknown or
+    ambiguous keys fail here); 'family' is dropped (the family is chosen elsewhere)."""
     if isinstance(overrides, list):
-        pairs: dict[str, object] = {}
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"{item}: overrides must look like key=value")
-            pairs[key.strip()] = value.strip()
-        overrides = pairs
+        overrides = parse_pairs(overrides)
     out: dict[str, object] = {}
     for key, value in overrides.items():
         if key == "family":

@@ -57,3 +57,25 @@ def isolated_cluster(cpus_per_node: list[float], connect: bool = True) -> Iterat
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@contextlib.contextmanager
+def embedded_pipeline(home) -> Iterator[object]:
+    """What `make run` uses, for a test module: GANFLOW_HOME at home, Prefect's ephemeral
+    server under it (no telemetry), MLflow on its SQLite default, and a 2-CPU Ray cluster of
+    its own. Yields home."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {
+            "GANFLOW_HOME": str(home),
+            "PREFECT_HOME": str(home / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+            **RAY_TEST_ENV,
+        }.items():
+            mp.setenv(k, v)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("PREFECT_API_URL", raising=False)
+        with isolated_cluster([2]):
+            yield home

@@ -51,31 +51,12 @@ def test_config_validation(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, classifier_cache):
+def env(tmp_path_factory):
     pytest.importorskip("ray")
-    home = tmp_path_factory.mktemp("pipeline-home")
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {
-            "GANFLOW_HOME": str(home),
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_AUTH_MODE": "disabled",
-            "PREFECT_HOME": str(home / "prefect"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-        }.items():
-            mp.setenv(k, v)
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("PREFECT_API_URL", raising=False)
-        # The classifier the session already trained, so the pipeline does not train it again.
-        (home / "cache").mkdir()
-        for f in classifier_cache.iterdir():
-            (home / "cache" / f.name).write_bytes(f.read_bytes())
-        from ray_isolated import RAY_TEST_ENV, isolated_cluster
+    from ray_isolated import embedded_pipeline
 
-        for k, v in RAY_TEST_ENV.items():
-            mp.setenv(k, v)
-        with isolated_cluster([2]):
-            yield home
+    with embedded_pipeline(tmp_path_factory.mktemp("pipeline-home")) as home:
+        yield home
 
 
 def _write(tmp_path, **cfg) -> str:

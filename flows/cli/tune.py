@@ -13,15 +13,17 @@ def cmd_tune(args: argparse.Namespace) -> dict:
     from flows.tune.search import SearchRequest, run_search
     from flows.tune.space import check_args, count_trials, load_space, validate_space
 
-    check_args(
-        samples=args.samples,
-        scheduler=args.scheduler,
-        max_concurrent=args.max_concurrent,
-        workers_per_trial=args.workers_per_trial,
-        gpus_per_worker=args.gpus_per_worker,
-        name=args.name,
-        resume=args.resume,
-    )
+    # The command line's part of the request, checked before the dataset is resolved.
+    opts = {
+        "samples": args.samples,
+        "scheduler": args.scheduler,
+        "max_concurrent": args.max_concurrent,
+        "workers_per_trial": args.workers_per_trial,
+        "gpus_per_worker": args.gpus_per_worker,
+        "name": args.name,
+        "resume": args.resume,
+    }
+    check_args(**opts)
     base, _ = build_config(args.family, None, args.overrides, args.dataset)
     args.dataset = base.data.dataset
     space = validate_space(load_space(args.space, args.family), base)
@@ -29,19 +31,7 @@ def cmd_tune(args: argparse.Namespace) -> dict:
     if not args.json:
         print(f"search over {', '.join(space)}: {n} trials, scheduler {args.scheduler}")
     result = run_search(
-        SearchRequest(
-            family=args.family,
-            dataset=args.dataset,
-            base=base,
-            space=space,
-            samples=args.samples,
-            scheduler=args.scheduler,
-            max_concurrent=args.max_concurrent,
-            workers_per_trial=args.workers_per_trial,
-            gpus_per_worker=args.gpus_per_worker,
-            name=args.name,
-            resume=args.resume,
-        ),
+        SearchRequest(family=args.family, dataset=args.dataset, base=base, space=space, **opts),
         progress=not args.json,
     )
     if not args.json:

@@ -222,14 +222,11 @@ def stage_promote(name: str, version: str, snapshot_id: str, cfg, margin: float)
     from flows import registry
     from flows.settings import cache_dir, snapshot_root
     from flows.snapshots.load import load_dataset
-    from flows.train.data_config import load_inception, load_judge
+    from flows.train.data_config import load_inception, load_judge, selection_split
 
     root = snapshot_root()
     test = load_dataset(snapshot_id, "test", root)
-    heldout = load_dataset(snapshot_id, "val", root)
-    sizes = [len(heldout.x), len(heldout.y)] if hasattr(heldout, "x") else [len(heldout)]
-    if min(sizes) < 2:
-        heldout = test  # too small a snapshot for a validation split
+    heldout = selection_split(load_dataset(snapshot_id, "val", root), test)
     judge = load_judge(
         snapshot_id, cache_dir(), lambda: (load_dataset(snapshot_id, "train", root), test)
     )

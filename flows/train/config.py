@@ -8,7 +8,6 @@ from flows.settings import read_yaml_mapping, snapshot_root
 from flows.train.spec import TrainError
 from gan_core.config import (
     DEFAULT_DATASET,
-    ConfigError,
     GanConfig,
 )
 
@@ -18,22 +17,13 @@ from gan_core.config import (
 def user_overrides(config_file: str | None, overrides: list[str]) -> dict[str, object]:
     """--config FILE (flat or nested JSON/YAML key: value) < --set key=value, as
     {'section.field': value} with leaf names resolved (unknown keys fail here)."""
-    from gan_core.config import resolve_key
+    from gan_core.config import normalise_overrides, parse_pairs
 
     flat: dict[str, object] = {}
     if config_file:
         flat = _flatten(read_yaml_mapping(config_file, "--config file", TrainError))
-        flat.pop("family", None)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{item}: overrides must look like key=value")
-        flat[key.strip()] = value.strip()
-    out = {}
-    for key, value in flat.items():
-        section, name = resolve_key(key)
-        out[f"{section}.{name}"] = value
-    return out
+    # --set after the file: for one field written two ways, the later (--set) one wins.
+    return normalise_overrides({**flat, **parse_pairs(overrides)})
 
 
 def build_config(

@@ -60,6 +60,17 @@ def check_config(cfg: GanConfig, manifest: dict) -> None:
             )
 
 
+def set_size(data) -> int:
+    """Images in a split; for two domains, in the smaller one."""
+    return min(len(data.x), len(data.y)) if hasattr(data, "x") else len(data)
+
+
+def selection_split(val, test):
+    """What search and promotion select on: the validation split, or test when the snapshot
+    is too small to have one (under 2 images a part, e.g. val_fraction 0)."""
+    return val if set_size(val) >= 2 else test
+
+
 def dry_run(cfg: GanConfig, train, heldout) -> None:
     """Build the networks from the final config and run one Algorithm 1 iteration, a sample
     grid and an evaluation on a few real images, on the CPU: any shape or config error
@@ -80,8 +91,7 @@ def dry_run(cfg: GanConfig, train, heldout) -> None:
         return ImageSet(d.images[:n], None if d.labels is None else d.labels[:n])
 
     small, probe = few(train, 4), few(heldout, 10)
-    sizes = [len(small.x), len(small.y)] if isinstance(small, UnpairedSet) else [len(small)]
-    if min(sizes) < 2:
+    if set_size(small) < 2:
         raise ConfigError(f"data.dataset: {cfg.data.dataset} has fewer than 2 training images")
     trial = apply_overrides(
         cfg,

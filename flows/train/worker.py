@@ -66,18 +66,13 @@ def load_split(job: WorkerJob, cfg: GanConfig, split: str):
     return load_dataset(job.snapshot_id, split, job.snapshot_root, image_size=cfg.data.image_size)
 
 
-def _size(data) -> int:
-    return min(len(data.x), len(data.y)) if hasattr(data, "x") else len(data)
-
-
 def load_heldout(job: WorkerJob, cfg: GanConfig) -> dict:
     """{'val': ..., 'test': ...}: selection (Tune, promotion) reads val, the reported figures
     test. A snapshot too small to have a val split (under 2 images a part) selects on test."""
+    from flows.train.data_config import selection_split
+
     test = load_split(job, cfg, "test")
-    val = load_split(job, cfg, "val")
-    if _size(val) < 2:
-        val = test
-    return {"val": val, "test": test}
+    return {"val": selection_split(load_split(job, cfg, "val"), test), "test": test}
 
 
 # --- distribution ---------------------------------------------------------------------------
