@@ -1,7 +1,10 @@
 """Built-in datasets and the minibatch sampler.
 
 Everything here ships with a package (scikit-learn's 1,797 labelled 8x8 digits), so nothing
-is downloaded at run time. Images are float32 tensors shaped [N, C, H, W] in [-1, 1].
+is downloaded at run time. Images are float32 tensors shaped [N, C, H, W] in [-1, 1], or
+rows stored on disk (:class:`StoredRows`, uint8 for 8-bit sources) that training reads by
+index, a minibatch at a time; pixels become [-1, 1] per batch (:func:`to_unit`), on the
+device the batch is for.
 
 Resize rule (documented once, used everywhere): bilinear interpolation with
 ``align_corners=False`` from the source grid to ``image_size`` x ``image_size``.
@@ -17,8 +20,12 @@ for a known T, translation quality is measurable against the truth on held-out d
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as nnf
 
@@ -30,19 +37,149 @@ _VAL_FRACTION = 0.1  # of each class's images left after the test split
 _SPLIT_SEED = 0
 
 
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """Stored pixels as float32 in [-1, 1]: uint8 x becomes x / 127.5 - 1 (the one pixel rule,
+    the same expression ingest used when it stored floats); float pixels pass unchanged."""
+    if pixels.dtype == torch.uint8:
+        return pixels.float() / 127.5 - 1.0
+    return pixels.float()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float pixels in [-1, 1] -> uint8, the inverse of :func:`to_unit` rounded to nearest:
+    exact for pixels that came from 8-bit values (|error| < 1e-4 before rounding)."""
+    return ((images.float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class StoredRows:
+    """The rows [N, ...] of one array kept in ``.npy`` files (a split's shards, in order),
+    read by index: the array is never loaded whole.
+
+    Positional reads (``os.preadv`` straight into the batch), not a memory map: a mapped file
+    counts in the process's resident memory as it is touched (an epoch of random minibatches
+    touches all of it), while reads leave only the batch resident and the hot rows in the
+    kernel's page cache, shared by every worker on the node. Thread-safe: a prefetch thread
+    may read while the caller trains."""
+
+    def __init__(self, paths: list[str]):
+        if not paths:
+            raise ValueError("StoredRows needs at least one .npy file")
+        self.paths = list(paths)
+        self._offsets: list[int] = []
+        counts: list[int] = []
+        row_shape = dtype = None
+        for p in self.paths:
+            with open(p, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dt = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, fortran, dt = np.lib.format.read_array_header_2_0(f)
+                offset = f.tell()
+            if fortran or dt.hasobject or len(shape) < 1:
+                raise ValueError(f"{p}: not a C-ordered numeric array")
+            if row_shape is None:
+                row_shape, dtype = tuple(shape[1:]), dt
+            elif tuple(shape[1:]) != row_shape or dt != dtype:
+                raise ValueError(f"{p}: rows {shape[1:]} {dt} differ from the first shard's")
+            size = os.path.getsize(p)
+            need = offset + int(np.prod(shape)) * dt.itemsize
+            if size < need:
+                raise ValueError(f"{p}: truncated ({size} of {need} bytes)")
+            self._offsets.append(offset)
+            counts.append(int(shape[0]))
+        self.row_shape: tuple[int, ...] = row_shape
+        self.np_dtype = np.dtype(dtype)
+        self.row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self.np_dtype.itemsize
+        self._ends = np.cumsum(counts)
+        self.shape = torch.Size((int(self._ends[-1]), *row_shape))
+        self._fds: list[int] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.from_numpy(np.empty(0, self.np_dtype)).dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _open(self) -> list[int]:
+        with self._lock:
+            if self._fds is None:
+                self._fds = [os.open(p, os.O_RDONLY) for p in self.paths]
+            return self._fds
+
+    def take(self, idx) -> torch.Tensor:
+        """Rows idx (any int sequence or tensor, any order, repeats allowed) as a CPU tensor
+        of the stored dtype."""
+        idx = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx, dtype=np.int64)
+        n = len(self)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"row index out of range for {n} stored rows")
+        out = np.empty((idx.size, *self.row_shape), dtype=self.np_dtype)
+        if idx.size == 0:
+            return torch.from_numpy(out)
+        fds = self._open()
+        shard = np.searchsorted(self._ends, idx, side="right")
+        starts = np.concatenate([[0], self._ends[:-1]])
+        flat = out.reshape(idx.size, -1).view(np.uint8)
+        for j in range(idx.size):
+            s = shard[j]
+            pos = self._offsets[s] + (int(idx[j]) - int(starts[s])) * self.row_bytes
+            got = os.preadv(fds[s], [flat[j]], pos)
+            if got != self.row_bytes:
+                raise ValueError(f"{self.paths[s]}: short read (file changed while in use?)")
+        return torch.from_numpy(out)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, slice):
+            return self.take(range(*key.indices(len(self))))
+        if isinstance(key, int):
+            return self.take([key])[0]
+        return self.take(key)
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._fds = self._fds, None
+        for fd in fds or ():
+            os.close(fd)
+
+    def __del__(self):
+        with contextlib.suppress(Exception):  # interpreter shutdown: os may be gone
+            self.close()
+
+    def __getstate__(self):
+        # File descriptors do not travel: a copy reopens the files where it is used.
+        return {"paths": self.paths}
+
+    def __setstate__(self, state):
+        self.__init__(state["paths"])
+
+
+Pixels = torch.Tensor | StoredRows
+
+
 @dataclass(frozen=True)
 class ImageSet:
-    """Images [N, C, H, W] float32 in [-1, 1], with optional int64 labels [N]."""
+    """Images [N, C, H, W] with optional int64 labels [N]. ``images`` is a tensor (float32 in
+    [-1, 1], or uint8 read through :func:`to_unit`) or :class:`StoredRows` on the host, read a
+    minibatch at a time."""
 
-    images: torch.Tensor
+    images: Pixels
     labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @property
+    def stored(self) -> bool:
+        return isinstance(self.images, StoredRows)
+
     def to(self, device: torch.device | str) -> ImageSet:
+        """Moved to device; stored rows stay on the host (training moves minibatches)."""
         labels = None if self.labels is None else self.labels.to(device)
-        return ImageSet(self.images.to(device), labels)
+        images = self.images if self.stored else self.images.to(device)
+        return ImageSet(images, labels)
 
 
 @dataclass(frozen=True)
@@ -53,9 +190,45 @@ class UnpairedSet:
     y: ImageSet
     x_truth: torch.Tensor | None = None
 
+    @property
+    def stored(self) -> bool:
+        return self.x.stored or self.y.stored
+
     def to(self, device: torch.device | str) -> UnpairedSet:
-        truth = None if self.x_truth is None else self.x_truth.to(device)
+        truth = self.x_truth
+        if truth is not None and not isinstance(truth, StoredRows):
+            truth = truth.to(device)
         return UnpairedSet(self.x.to(device), self.y.to(device), truth)
+
+
+def spread(n: int, limit: int | None) -> torch.Tensor:
+    """limit row indices spaced evenly over n rows (all of them when limit is None or >= n):
+    a deterministic subset that spans every class of a split stored in class order."""
+    if limit is None or limit >= n:
+        return torch.arange(n)
+    return torch.arange(limit, dtype=torch.int64) * n // limit
+
+
+def _rows(images: Pixels, idx: torch.Tensor) -> torch.Tensor:
+    if isinstance(images, StoredRows):
+        return to_unit(images.take(idx))
+    return to_unit(images[idx.to(images.device)])
+
+
+def in_memory(data: ImageSet | UnpairedSet, limit: int | None = None) -> ImageSet | UnpairedSet:
+    """float32 [-1, 1] tensors in memory, at most ``limit`` evenly spaced rows per set (per
+    domain for CycleGAN, the truth following x): what evaluation and the judge work on."""
+    if isinstance(data, UnpairedSet):
+        ix = spread(len(data.x), limit)
+        truth = None if data.x_truth is None else _rows(data.x_truth, ix)
+        x = ImageSet(_rows(data.x.images, ix), _take_labels(data.x.labels, ix))
+        return UnpairedSet(x, in_memory(data.y, limit), truth)
+    idx = spread(len(data), limit)
+    return ImageSet(_rows(data.images, idx), _take_labels(data.labels, idx))
+
+
+def _take_labels(labels: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    return None if labels is None else labels[idx.to(labels.device)]
 
 
 def resize(images: torch.Tensor, image_size: int) -> torch.Tensor:

@@ -314,7 +314,9 @@ def to_uint8(images: Tensor) -> Tensor:
     that came from 8-bit files reach the network as their original bytes; grayscale is
     replicated to RGB, as FID implementations do for grayscale datasets.
     """
-    out = ((images.detach().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    from gan_core.data import to_uint8 as eight_bit
+
+    out = eight_bit(images.detach())
     return out.expand(-1, 3, -1, -1) if out.shape[1] == 1 else out
 
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 
 from gan_core import losses
 from gan_core.config import GanConfig
-from gan_core.data import ImageSet, MinibatchSampler, UnpairedSet
+from gan_core.data import ImageSet, MinibatchSampler, UnpairedSet, to_unit
 from gan_core.models import build_models
 
 Metrics = dict[str, Tensor]
@@ -42,6 +44,41 @@ Metrics = dict[str, Tensor]
 JITTER_RATIO = 286 / 256
 
 
+def draw_augment(m: int, size: int, mode: str, generator: torch.Generator) -> dict:
+    """The random draws of :func:`augment` for m images of side size, in its order (crop
+    offsets, then flips), so they can be drawn ahead of the pixels they apply to."""
+    if mode == "none":
+        return {}
+    out: dict = {}
+    if mode == "jitter_flip":
+        big = max(size + 1, round(size * JITTER_RATIO))
+        out["big"] = big
+        out["offsets"] = torch.randint(0, big - size + 1, (m, 2), generator=generator).tolist()
+    out["flip"] = torch.rand(m, generator=generator) < 0.5
+    return out
+
+
+def apply_augment(images: Tensor, mode: str, params: dict) -> Tensor:
+    """:func:`augment` with its draws given (no randomness here)."""
+    if mode == "none":
+        return images
+    size = images.shape[-1]
+    if mode == "jitter_flip":
+        big = params["big"]
+        enlarged = torch.nn.functional.interpolate(
+            images, size=(big, big), mode="bilinear", align_corners=False
+        )
+        images = torch.stack(
+            [
+                enlarged[i, :, t : t + size, u : u + size]
+                for i, (t, u) in enumerate(params["offsets"])
+            ]
+        )
+    m = images.shape[0]
+    flip = params["flip"].to(images.device)
+    return torch.where(flip.view(m, 1, 1, 1), images.flip(-1), images)
+
+
 def augment(images: Tensor, mode: str, generator: torch.Generator) -> Tensor:
     """The papers' training-time augmentation of a real minibatch [m, C, S, S].
 
@@ -49,20 +86,8 @@ def augment(images: Tensor, mode: str, generator: torch.Generator) -> Tensor:
     286/256 (bilinear), cropped back to S at a random offset per image, then flipped.
     Random draws come from ``generator`` (a sampler's, on the CPU), so they are part of the
     checkpointed stream and a resumed run augments exactly as the uninterrupted one."""
-    if mode == "none":
-        return images
-    m, size = images.shape[0], images.shape[-1]
-    if mode == "jitter_flip":
-        big = max(size + 1, round(size * JITTER_RATIO))
-        enlarged = torch.nn.functional.interpolate(
-            images, size=(big, big), mode="bilinear", align_corners=False
-        )
-        offsets = torch.randint(0, big - size + 1, (m, 2), generator=generator).tolist()
-        images = torch.stack(
-            [enlarged[i, :, t : t + size, u : u + size] for i, (t, u) in enumerate(offsets)]
-        )
-    flip = (torch.rand(m, generator=generator) < 0.5).to(images.device)
-    return torch.where(flip.view(m, 1, 1, 1), images.flip(-1), images)
+    params = draw_augment(images.shape[0], images.shape[-1], mode, generator)
+    return apply_augment(images, mode, params)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -219,12 +244,13 @@ class Family:
         seed = cfg.train.seed * 1_000_003 + 1
         return {"x": MinibatchSampler(len(data), cfg.train.batch_size, seed, rank, world_size)}
 
-    def next_batch(self, state: TrainState, data: ImageSet) -> Batch:
-        sampler = state.samplers["x"]
-        idx = sampler.next_indices().to(data.images.device)
-        labels = None if data.labels is None else data.labels[idx]
-        images = augment(data.images[idx], state.cfg.data.augment, sampler.generator)
-        return Batch(_to_device_layout(images, state), labels)
+    def sources(self, data) -> dict[str, ImageSet]:
+        """The sets minibatches are drawn from, by sampler key ("x" carries the labels)."""
+        return {"x": data}
+
+    def next_batch(self, state: TrainState, data) -> Batch:
+        """One fresh minibatch, read now (the loop's :class:`Feeder` reads ahead)."""
+        return Feeder(state, data).next(ahead=False)
 
     def d_step(self, state: TrainState, batch: Batch) -> Metrics:
         raise NotImplementedError
@@ -309,17 +335,8 @@ class CycleGanFamily(Family):
             "y": MinibatchSampler(len(data.y), m, seed + 2, rank, world_size),
         }
 
-    def next_batch(self, state: TrainState, data: UnpairedSet) -> Batch:
-        dev = data.x.images.device
-        sx, sy = state.samplers["x"], state.samplers["y"]
-        ix = sx.next_indices().to(dev)
-        iy = sy.next_indices().to(dev)
-        mode = state.cfg.data.augment
-        return Batch(
-            _to_device_layout(augment(data.x.images[ix], mode, sx.generator), state),
-            data.x.labels[ix] if data.x.labels is not None else None,
-            _to_device_layout(augment(data.y.images[iy], mode, sy.generator), state),
-        )
+    def sources(self, data: UnpairedSet) -> dict[str, ImageSet]:
+        return {"x": data.x, "y": data.y}
 
     def d_step(self, state: TrainState, batch: Batch) -> Metrics:
         mo = state.models
@@ -367,6 +384,94 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (GanFamily(), CganFamily(), Cy
 
 
 # --- state, loop, checkpoints -----------------------------------------------------------
+
+
+class Feeder:
+    """The loop's minibatches, in exactly the order the samplers draw them.
+
+    Every random draw (indices, then the augmentation's crops and flips, per sampler) happens
+    on the calling thread in the same order as drawing one minibatch at a time, so the
+    stream is the same with or without reading ahead. When rows are stored on the host
+    (:class:`StoredRows`), the next minibatch's rows are read on a background thread (into
+    pinned memory for CUDA) while the device works on the current one; only the minibatch
+    moves to the device, where it becomes [-1, 1] (:func:`to_unit`) and is augmented.
+
+    ``next(ahead=False)`` leaves nothing drawn ahead: the loop asks for that before a log
+    point, where callbacks may checkpoint, so saved sampler states are exactly those of the
+    minibatches consumed and a resumed run draws what the uninterrupted one would have."""
+
+    def __init__(self, state: TrainState, data: ImageSet | UnpairedSet):
+        self.state = state
+        self.sources = FAMILIES[state.cfg.family].sources(data)
+        self.stored = any(src.stored for src in self.sources.values())
+        self.pin = self.stored and state.device.type == "cuda"
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: tuple[dict, Future] | None = None
+        self.wait_s = 0.0
+        """Time next() spent blocked on a read ahead (the device waiting on data)."""
+
+    def _draw(self) -> dict:
+        cfg = self.state.cfg
+        draws = {}
+        for key, src in self.sources.items():
+            sampler = self.state.samplers[key]
+            idx = sampler.next_indices()
+            params = draw_augment(
+                len(idx), src.images.shape[-1], cfg.data.augment, sampler.generator
+            )
+            draws[key] = (idx, params)
+        return draws
+
+    def _read(self, draws: dict) -> dict:
+        out = {}
+        for key, (idx, _) in draws.items():
+            src = self.sources[key]
+            if src.stored:
+                rows = src.images.take(idx)
+                if self.pin:
+                    rows = rows.pin_memory()
+            else:
+                rows = src.images[idx.to(src.images.device)]
+            labels = None if src.labels is None else src.labels[idx.to(src.labels.device)]
+            out[key] = (rows, labels)
+        return out
+
+    def next(self, ahead: bool = True) -> Batch:
+        if self._pending is not None:
+            draws, future = self._pending
+            self._pending = None
+            t0 = time.perf_counter()
+            raw = future.result()
+            self.wait_s += time.perf_counter() - t0
+        else:
+            draws = self._draw()
+            raw = self._read(draws)
+        if ahead and self.stored:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="ganflow-feeder")
+            following = self._draw()
+            self._pending = (following, self._pool.submit(self._read, following))
+        return self._finish(draws, raw)
+
+    def _finish(self, draws: dict, raw: dict) -> Batch:
+        state, mode = self.state, self.state.cfg.data.augment
+        images = {}
+        for key, (rows, _) in raw.items():
+            x = to_unit(rows.to(state.device, non_blocking=self.pin))
+            images[key] = _to_device_layout(apply_augment(x, mode, draws[key][1]), state)
+        labels = raw["x"][1]
+        if labels is not None:
+            labels = labels.to(state.device, non_blocking=self.pin)
+        return Batch(images["x"], labels, images.get("y"))
+
+    def close(self) -> None:
+        """Stop reading ahead (a pending read is finished and dropped: it drew nothing new)."""
+        if self._pending is not None:
+            self._pending[1].cancel()
+            self._pending = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _lr_lambda(steps: int, decay_start: float) -> Callable[[int], float]:
@@ -466,26 +571,37 @@ def train(
     def accumulate(metrics: Metrics) -> None:
         accumulate_metrics(sums, counts, metrics)
 
-    while state.step < end:
-        for _ in range(cfg.train.d_steps):
-            accumulate(family.d_step(state, family.next_batch(state, data)))
-        accumulate(
-            family.g_step(state, family.next_batch(state, data) if family.g_uses_data else None)
-        )
-        for sched in state.schedulers:
-            sched.step()
-        state.step += 1
-        if state.step % cfg.train.log_every == 0 or state.step == end:
-            keys = list(sums)
-            values = torch.stack(
-                [sums[k].float() / counts[k] for k in keys]
-            ).tolist()  # the one host sync
-            report = dict(zip(keys, values))
-            report["lr_g"] = state.opt_g.param_groups[0]["lr"]
-            sums.clear()
-            counts.clear()
-            for cb in callbacks:
-                cb(state, report)
+    # Minibatches per iteration: k for D, one more when G's update reads data.
+    per_iteration = cfg.train.d_steps + (1 if family.g_uses_data else 0)
+    feeder = Feeder(state, data)
+    try:
+        while state.step < end:
+            after = state.step + 1
+            # Nothing is drawn past a log point: callbacks there may checkpoint the samplers.
+            last = after % cfg.train.log_every == 0 or after == end
+            for j in range(cfg.train.d_steps):
+                ahead = not (last and j == per_iteration - 1)
+                accumulate(family.d_step(state, feeder.next(ahead)))
+            accumulate(family.g_step(state, feeder.next(not last) if family.g_uses_data else None))
+            for sched in state.schedulers:
+                sched.step()
+            state.step += 1
+            if state.step % cfg.train.log_every == 0 or state.step == end:
+                keys = list(sums)
+                values = torch.stack(
+                    [sums[k].float() / counts[k] for k in keys]
+                ).tolist()  # the one host sync
+                report = dict(zip(keys, values))
+                report["lr_g"] = state.opt_g.param_groups[0]["lr"]
+                if feeder.stored:
+                    report["data_wait_s"] = feeder.wait_s
+                    feeder.wait_s = 0.0
+                sums.clear()
+                counts.clear()
+                for cb in callbacks:
+                    cb(state, report)
+    finally:
+        feeder.close()
     return state
 
 

@@ -11,17 +11,27 @@ import numpy as np
 from flows.ingest.layouts import (
     IngestError,
 )
-from flows.ingest.stages import BUILTIN_IMAGE_SIZE, IngestOptions, _result, default_name
+from flows.ingest.stages import (
+    BUILTIN_IMAGE_SIZE,
+    PIXELS_UINT8,
+    IngestOptions,
+    _result,
+    default_name,
+)
 from flows.snapshots.store import FORMAT_VERSION, SPLITS, Store, check_name, digest
 
 
 def ingest_builtin(
     ref: str, options: IngestOptions, root: str | None = None, name: str | None = None
 ) -> dict:
-    """A built-in dataset as a snapshot whose tensors equal gan_core's load_builtin exactly,
-    split for split (train, val, test). Stored at options.image_size, 16 px when auto; the
+    """A built-in dataset as a snapshot whose images are gan_core's load_builtin stored in 8
+    bits (gan_core.data.to_uint8: read back, each pixel is within 1/255 of it), split for
+    split (train, val, test). Stored at options.image_size, 16 px when auto; the
     splits are gan_core's fixed ones, so the fractions and resize_mode options do not apply."""
-    from gan_core.data import BUILTIN_DATASETS, load_builtin
+    from gan_core.data import BUILTIN_DATASETS, load_builtin, to_uint8
+
+    def u8(t) -> np.ndarray:
+        return to_uint8(t).numpy()
 
     if ref not in BUILTIN_DATASETS:
         raise IngestError(f"unknown built-in dataset {ref!r}; known: {', '.join(BUILTIN_DATASETS)}")
@@ -40,13 +50,13 @@ def ingest_builtin(
         data = load_builtin(ref, size, split)
         if hasattr(data, "x_truth"):
             parts[f"{split}-x"] = {
-                "images": data.x.images.numpy(),
+                "images": u8(data.x.images),
                 "labels": data.x.labels.numpy(),
-                "truth": data.x_truth.numpy(),
+                "truth": u8(data.x_truth),
             }
-            parts[f"{split}-y"] = {"images": data.y.images.numpy(), "labels": data.y.labels.numpy()}
+            parts[f"{split}-y"] = {"images": u8(data.y.images), "labels": data.y.labels.numpy()}
         else:
-            parts[split] = {"images": data.images.numpy(), "labels": data.labels.numpy()}
+            parts[split] = {"images": u8(data.images), "labels": data.labels.numpy()}
     content = hashlib.sha256()
     for part, arrays in sorted(parts.items()):
         for key, a in sorted(arrays.items()):
@@ -83,7 +93,12 @@ def ingest_builtin(
                 "layout": "cyclegan" if unpaired else "classes",
                 "image_size": size,
                 "channels": 1,
-                "preprocessing": {"image_size": size, "builtin": "gan_core.data.load_builtin"},
+                "preprocessing": {
+                    "image_size": size,
+                    "builtin": "gan_core.data.load_builtin",
+                    "pixels": PIXELS_UINT8,
+                },
+                "pixels": "uint8",
                 "num_images": sum(total.values()),
                 "counts": total,
                 "split_counts": split_counts,

@@ -80,6 +80,11 @@ RESIZE_RULES = {
 }
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 512  # training's range (gan_core.config DataConfig)
 AUTO_IMAGE_SIZE_CAP = 256
+PIXELS_UINT8 = (
+    "uint8 0..255 (x / 127.5 - 1 gives [-1, 1], per minibatch); resized pixels rounded to the "
+    "nearest 8-bit value"
+)
+PIXEL_RULE = f"{PIXELS_UINT8} when every source is 8-bit; else float32 in [-1, 1]"
 BUILTIN_IMAGE_SIZE = 16
 _READ_BATCH = 256
 
@@ -146,7 +151,7 @@ class IngestOptions:
             "val_fraction": self.val_fraction,
             "resize_mode": self.resize_mode,
             "resize": RESIZE_RULES[self.resize_mode],
-            "pixels": "x / 127.5 - 1, float32 in [-1, 1]",
+            "pixels": PIXEL_RULE,
         }
 
 
@@ -447,35 +452,44 @@ def center_square(a: np.ndarray) -> np.ndarray:
 
 def shrink(d: Decoded, size: int, resize_mode: str = "crop") -> Decoded:
     """The resize rule applied at decode time (RESIZE_RULES[resize_mode]): images become
-    [size, size, c] float32 in [-1, 1], channels kept (the snapshot's channel count is known
-    only once all are seen; luma and resize are both linear, so converting channels afterwards
-    gives the same)."""
-    from gan_core.data import resize
+    [size, size, c], uint8 when they were (rounded to the nearest 8-bit value after resizing,
+    so an image already at the stored size is kept exactly), else float32 in [-1, 1]; channels
+    kept (the snapshot's channel count is known only once all are seen; see _to_images)."""
+    from gan_core.data import resize, to_uint8
 
     images = [center_square(a) for a in d.images] if resize_mode == "crop" else list(d.images)
     out: list[np.ndarray] = list(images)
     for idx in _by_shape(images):
         t = resize(_pixels(np.stack([images[i] for i in idx])), size)
+        if images[idx[0]].dtype == np.uint8:
+            t = to_uint8(t)
         for j, i in enumerate(idx):
             # A copy, so no stored image keeps its full-size source array alive.
             out[i] = t[j].permute(1, 2, 0).numpy().copy()
     return Decoded(out, d.labels, d.hashes, d.gray)
 
 
-def _to_images(arrays: list[np.ndarray], channels: int, size: int):
-    """[n, C, size, size] float32 in [-1, 1] from [h, w, c] arrays (uint8 or float in [-1, 1])."""
-    import torch
+_CONVERT_CHUNK = 1024
 
-    from gan_core.data import resize
 
-    out = torch.empty(len(arrays), channels, size, size)
-    for idx in _by_shape(arrays):
-        t = _pixels(np.stack([arrays[i] for i in idx]))
-        if t.shape[1] == 3 and channels == 1:  # ITU-R 601 luma, Pillow's "L" weights
-            t = (0.299 * t[:, 0:1] + 0.587 * t[:, 1:2] + 0.114 * t[:, 2:3]).clamp(-1, 1)
-        elif t.shape[1] == 1 and channels == 3:
-            t = t.expand(-1, 3, -1, -1)
-        out[idx] = resize(t.contiguous(), size)
+def _to_images(arrays: list[np.ndarray], channels: int, size: int) -> np.ndarray:
+    """[n, C, size, size] from [h, w, c] arrays: uint8 when every array is (8-bit sources),
+    else float32 in [-1, 1]. Converted a chunk at a time, so the float intermediate stays
+    small whatever n is."""
+    from gan_core.data import resize, to_uint8
+
+    eight_bit = all(a.dtype == np.uint8 for a in arrays)
+    out = np.empty((len(arrays), channels, size, size), np.uint8 if eight_bit else np.float32)
+    for group in _by_shape(arrays):
+        for start in range(0, len(group), _CONVERT_CHUNK):
+            idx = group[start : start + _CONVERT_CHUNK]
+            t = _pixels(np.stack([arrays[i] for i in idx]))
+            if t.shape[1] == 3 and channels == 1:  # ITU-R 601 luma, Pillow's "L" weights
+                t = (0.299 * t[:, 0:1] + 0.587 * t[:, 1:2] + 0.114 * t[:, 2:3]).clamp(-1, 1)
+            elif t.shape[1] == 1 and channels == 3:
+                t = t.expand(-1, 3, -1, -1)
+            t = resize(t.contiguous(), size)
+            out[idx] = (to_uint8(t) if eight_bit else t).numpy()
     return out
 
 
@@ -565,9 +579,7 @@ def assemble(
     parts: dict[str, dict[str, np.ndarray]] = {}
     for part, idx in sorted(parts_idx.items()):
         idx.sort(key=lambda i: (items[i][0], items[i][3]))
-        arrays = {
-            "images": _to_images([items[i][4] for i in idx], channels, options.image_size).numpy()
-        }
+        arrays = {"images": _to_images([items[i][4] for i in idx], channels, options.image_size)}
         if has_labels:
             arrays["labels"] = np.array([items[i][5] for i in idx], dtype=np.int64)
         parts[part] = arrays
@@ -588,6 +600,7 @@ def assemble(
         "layout": plan.layout,
         "image_size": options.image_size,
         "channels": channels,
+        "pixels": str(next(iter(parts.values()))["images"].dtype),
         "preprocessing": options.preprocessing(),
         "num_images": len(items),
         "counts": count(range(len(items))),

@@ -221,17 +221,13 @@ def stage_promote(name: str, version: str, snapshot_id: str, cfg, margin: float)
     test), judged by the snapshot's judge, with FID/KID when the config asks for them."""
     from flows import registry
     from flows.settings import cache_dir, snapshot_root
-    from flows.snapshots.load import load_dataset
-    from flows.train.data_config import load_inception, load_judge, selection_split
+    from flows.train.data_config import judge_data, load_heldout, load_inception, load_judge
 
     root = snapshot_root()
-    test = load_dataset(snapshot_id, "test", root)
-    heldout = selection_split(load_dataset(snapshot_id, "val", root), test)
-    judge = load_judge(
-        snapshot_id, cache_dir(), lambda: (load_dataset(snapshot_id, "train", root), test)
-    )
+    splits = load_heldout(snapshot_id, root, cfg)
+    judge = load_judge(snapshot_id, cache_dir(), judge_data(snapshot_id, root, splits["test"]))
     decision = registry.promote(
-        name, version, heldout, judge, margin=margin, inception=load_inception(cfg)
+        name, version, splits["val"], judge, margin=margin, inception=load_inception(cfg)
     )
     return decision.to_dict()
 

@@ -14,7 +14,7 @@ from flows.snapshots.store import (
     check_format,
     check_name,
     digest,
-    npz_bytes,
+    npy_bytes,
 )
 
 __all__ = [
@@ -29,6 +29,6 @@ __all__ = [
     "lineage",
     "list_snapshots",
     "load_dataset",
-    "npz_bytes",
+    "npy_bytes",
     "resolve_snapshot",
 ]

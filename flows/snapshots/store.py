@@ -2,9 +2,12 @@
 
 Layout under the storage root (:func:`flows.settings.snapshot_root`, local or ``s3://``)::
 
-    <id>/train-00000.npz ...   shards per split (train, val, test; train-x, train-y ... for
-                               two domains): images float32 [n, C, H, W] in [-1, 1], labels
-                               int64 [n], truth (CycleGAN ground truth T(x), built-in pairs only)
+    <id>/train-00000.images.npy ...   shards per split part (train, val, test; train-x,
+                               train-y ... for two domains), one .npy per array: images
+                               [n, C, H, W] uint8 0..255 (float32 in [-1, 1] only when the
+                               source's pixels are float), labels int64 [n], truth (CycleGAN
+                               ground truth T(x), built-in pairs only); shard k of a part holds
+                               the same rows in each of its arrays
     <id>/manifest.json         written last: a snapshot exists once its manifest does
     refs/names/<name>/<created>-<id>.json    name -> id history (latest = last)
     refs/sources/<fingerprint>.json          listing fingerprint -> id (the no-work fast path)
@@ -18,14 +21,22 @@ process leaves (SIGKILL, power loss) in a local root is removed by the next succ
 ingest once it is an hour old (:meth:`Store.sweep`; younger, it may be a writer at work). Readers check every
 shard's hash, so a shard replaced under a manifest is detected, not trained on.
 
-Shards are ``.npz`` read with ``allow_pickle=False``: nothing loaded from storage can run code.
+Why ``.npy`` shards of 8-bit pixels: a quarter of float32's bytes (what sources hold: a
+decoded 8-bit image is 8-bit), and a row is at a fixed offset of a plain file, so training
+reads minibatches by index from a node's local copy (:mod:`flows.snapshots.cache`) without
+loading a split, with no reader beyond numpy's header parser. Pixels become [-1, 1] per
+minibatch on the device (``x / 127.5 - 1``). Parquet (Ray Data's native format) would add a
+decode per row and does not give Algorithm 1's seeded per-rank sampling with exact resume.
+Shards are read with ``allow_pickle=False`` (object arrays refused): nothing loaded from
+storage can run code.
 
 Manifest keys that training reads to configure itself: ``family_data`` ("labelled": class
 labels present, "unlabelled": images only, "unpaired": two domains x and y), ``classes``
 (names in label order, or null), ``channels``, ``image_size``, ``kind`` ("images" or
 "unpaired"), ``layout``, ``split_counts`` ({"train" | "val" | "test": {class or domain:
-count}}). ``format`` is FORMAT_VERSION; snapshots of another format are refused (format 2
-added the val split and family_data).
+count}}), ``pixels`` ("uint8" or "float32"). ``format`` is FORMAT_VERSION; snapshots of another
+format are refused with the command that re-ingests them (format 2 added the val split and
+family_data; format 3 stores uint8 .npy shards).
 """
 
 from __future__ import annotations
@@ -40,7 +51,6 @@ import shlex
 import shutil
 import time
 import uuid
-import zipfile
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -53,7 +63,7 @@ if TYPE_CHECKING:  # torch is imported when data is loaded: the CLI imports this
     pass
 
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SPLITS = ("train", "val", "test")
 SHARD_BYTES = 64 << 20
 STALE_S = 3600.0
@@ -221,22 +231,26 @@ class Store:
             n = len(arrays["images"])
             per_image = max(1, sum(a[0:1].nbytes for a in arrays.values()))
             step = max(1, SHARD_BYTES // per_image)
+            split, _, domain = part.partition("-")
             for k, start in enumerate(range(0, max(n, 1), step)):
-                data = npz_bytes({key: a[start : start + step] for key, a in arrays.items()})
-                fname = f"{part}-{k:05d}.npz"
-                shards.append({"file": fname})  # before the put: cleaned up if it is cut short
-                self.put(f"{sid}/{fname}", data)
-                split, _, domain = part.partition("-")
-                shards[-1].update(
-                    {
-                        "file": fname,
-                        "split": split,
-                        "part": domain or "data",
-                        "count": len(arrays["images"][start : start + step]),
-                        "bytes": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest(),
-                    }
-                )
+                for key in sorted(arrays):
+                    rows = arrays[key][start : start + step]
+                    data = npy_bytes(rows)
+                    fname = f"{part}-{k:05d}.{key}.npy"
+                    shards.append({"file": fname})  # before the put: cleaned up if cut short
+                    self.put(f"{sid}/{fname}", data)
+                    shards[-1].update(
+                        {
+                            "split": split,
+                            "part": domain or "data",
+                            "array": key,
+                            "shard": k,
+                            "count": len(rows),
+                            "dtype": rows.dtype.str,
+                            "bytes": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest(),
+                        }
+                    )
         manifest = {**manifest, "shards": shards}
         self.put(f"{sid}/manifest.json", json.dumps(manifest, indent=1).encode())
         return manifest
@@ -291,21 +305,15 @@ class Store:
                 return check_format({**m, "name": ref}, ref)
         raise SnapshotNotFound(ref, self.url)
 
-    def read_part(self, manifest: dict, split: str, part: str) -> dict[str, np.ndarray]:
-        chunks: dict[str, list[np.ndarray]] = {}
-        for shard in manifest["shards"]:
-            if shard["split"] != split or shard["part"] != part:
-                continue
-            data = self.get(f"{manifest['id']}/{shard['file']}")
-            if data is None or hashlib.sha256(data).hexdigest() != shard["sha256"]:
-                raise ValueError(
-                    f"snapshot {manifest['id']} in {self.url}: shard {shard['file']} is missing "
-                    "or does not match its manifest hash; re-ingest the source"
-                )
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                for key in z.files:
-                    chunks.setdefault(key, []).append(z[key])
-        return {k: np.concatenate(v) for k, v in chunks.items()}
+    def shard_path(self, manifest: dict, file: str) -> str:
+        """A shard's path in this root's filesystem."""
+        return self._p(f"{manifest['id']}/{file}")
+
+    def corrupt(self, manifest: dict, file: str) -> ValueError:
+        return ValueError(
+            f"snapshot {manifest['id']} in {self.url}: shard {file} is missing or does not "
+            "match its manifest hash; re-ingest the source"
+        )
 
 
 def _mtime(path: str) -> float:
@@ -323,15 +331,11 @@ def _newest_mtime(folder: str) -> float:
     return newest
 
 
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """An .npz (np.load-compatible) with fixed member times, so equal arrays give equal bytes:
-    concurrent writers of one snapshot (Ray workers loading a built-in) write identical shards."""
+def npy_bytes(array: np.ndarray) -> bytes:
+    """One array as .npy bytes; equal arrays give equal bytes (the header is a function of
+    dtype and shape), so concurrent writers of one snapshot write identical shards."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
-        for key in sorted(arrays):
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            with zf.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
 
 

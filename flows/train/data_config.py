@@ -65,6 +65,46 @@ def set_size(data) -> int:
     return min(len(data.x), len(data.y)) if hasattr(data, "x") else len(data)
 
 
+JUDGE_BYTES = 1 << 30
+"""Bound on the float32 copy of train images the judge trains on (rank 0, once per snapshot)."""
+
+
+def judge_limit(channels: int, image_size: int) -> int:
+    """Train rows the judge trains on: at most JUDGE_BYTES of float32 pixels, at least 1,024
+    (its 2,000 steps of 64 images see ~128k draws, so a few thousand distinct rows suffice)."""
+    return max(1024, JUDGE_BYTES // (4 * channels * image_size * image_size))
+
+
+def load_heldout(snapshot_id: str, root: str | None, cfg: GanConfig) -> dict:
+    """{'val': ..., 'test': ...} in memory, at most eval.heldout rows per split (spaced evenly):
+    selection (Tune, promotion) reads val, the reported figures test. A snapshot too small to
+    have a val split (under 2 images a part) selects on test."""
+    from flows.snapshots.load import load_dataset
+
+    limit = cfg.eval.heldout
+    test = load_dataset(snapshot_id, "test", root, limit=limit)
+    return {
+        "val": selection_split(load_dataset(snapshot_id, "val", root, limit=limit), test),
+        "test": test,
+    }
+
+
+def judge_data(snapshot_id: str, root: str | None, heldout, train=None) -> Callable:
+    """What load_judge trains on when the judge is not cached: a bounded, evenly spaced
+    subset of the train split (``train``: the split already opened, else opened here)."""
+
+    def load():
+        from flows.snapshots.load import open_dataset
+        from gan_core.data import UnpairedSet, in_memory
+
+        data = train if train is not None else open_dataset(snapshot_id, "train", root)
+        one = data.x if isinstance(data, UnpairedSet) else data
+        channels, size = one.images.shape[1], one.images.shape[-1]
+        return in_memory(data, judge_limit(channels, size)), heldout
+
+    return load
+
+
 def selection_split(val, test):
     """What search and promotion select on: the validation split, or test when the snapshot
     is too small to have one (under 2 images a part, e.g. val_fraction 0)."""

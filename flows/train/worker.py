@@ -60,19 +60,20 @@ from gan_core.config import (
 )
 
 
-def load_split(job: WorkerJob, cfg: GanConfig, split: str):
-    from flows.snapshots.load import load_dataset
+def open_train(job: WorkerJob, cfg: GanConfig):
+    """The train split as rows read by index from this node's verified copy of the snapshot
+    (fetched once per node, shared by its workers): memory per worker does not grow with the
+    dataset; each minibatch is read, moved to the device and scaled there."""
+    from flows.snapshots.load import open_dataset
 
-    return load_dataset(job.snapshot_id, split, job.snapshot_root, image_size=cfg.data.image_size)
+    return open_dataset(job.snapshot_id, "train", job.snapshot_root, image_size=cfg.data.image_size)
 
 
 def load_heldout(job: WorkerJob, cfg: GanConfig) -> dict:
-    """{'val': ..., 'test': ...}: selection (Tune, promotion) reads val, the reported figures
-    test. A snapshot too small to have a val split (under 2 images a part) selects on test."""
-    from flows.train.data_config import selection_split
+    """{'val', 'test'} in memory, at most eval.heldout rows each (data_config.load_heldout)."""
+    from flows.train.data_config import load_heldout as load
 
-    test = load_split(job, cfg, "test")
-    return {"val": selection_split(load_split(job, cfg, "val"), test), "test": test}
+    return load(job.snapshot_id, job.snapshot_root, cfg)
 
 
 # --- distribution ---------------------------------------------------------------------------
@@ -252,8 +253,8 @@ def _train_worker(job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, de
 
     from gan_core.train import init_state, train
 
-    train_cpu = load_split(job, cfg, "train")
-    data = train_cpu.to(device)
+    train_rows = open_train(job, cfg)
+    data = train_rows.to(device)  # labels only: rows stay on the host, minibatches move
     heldout = load_heldout(job, cfg) if rank == 0 else None
     sync_bn = cfg.model.sync_batchnorm and world_size > 1 and device.type == "cuda"
     state = init_state(
@@ -272,7 +273,7 @@ def _train_worker(job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, de
     end = cfg.train.steps
     nodes = _count_nodes(world_size)
     start_step, t0 = state.step, time.perf_counter()
-    evaluator = Evaluator(job, cfg, train_cpu, heldout) if rank == 0 else None
+    evaluator = Evaluator(job, cfg, train_rows, heldout) if rank == 0 else None
     train(state, data, callbacks=[RayCallback(job, rank, world_size, end, evaluator)])
     seconds = time.perf_counter() - t0
     final: dict[str, float] = {
@@ -309,18 +310,21 @@ class Evaluator:
     one measures val and test: test figures under their own names are what is reported and
     registered, val figures are what search and promotion select on."""
 
-    def __init__(self, job: WorkerJob, cfg: GanConfig, train_cpu, heldout: dict):
-        self.job, self.cfg, self.train_cpu, self.heldout = job, cfg, train_cpu, heldout
+    def __init__(self, job: WorkerJob, cfg: GanConfig, train_rows, heldout: dict):
+        self.job, self.cfg, self.train_rows, self.heldout = job, cfg, train_rows, heldout
         self._judge = self._inception = None
 
     def judge(self):
         if self._judge is None:
-            from flows.train.data_config import load_judge
+            from flows.train.data_config import judge_data, load_judge
 
+            job = self.job
             self._judge = load_judge(
-                self.job.snapshot_id,
-                self.job.cache_dir,
-                lambda: (self.train_cpu.to("cpu"), self.heldout["test"]),
+                job.snapshot_id,
+                job.cache_dir,
+                judge_data(
+                    job.snapshot_id, job.snapshot_root, self.heldout["test"], self.train_rows
+                ),
             )
         return self._judge
 
