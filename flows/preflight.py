@@ -14,6 +14,9 @@ failure after ingestion or an hour of training. Only what is configured is check
   :func:`flows.storage.get_filesystem`, so the endpoint variables apply as everywhere else.
 - Ray: ``RAY_ADDRESS`` when set and not ``auto``/``local``: a TCP connection to host:port.
 
+:func:`ensure_ray` is the one way ganflow connects to Ray (training, search, and ingest on the
+cluster): RAY_ADDRESS when set, else a local Ray started for the process.
+
 Each check has a timeout of ``GANFLOW_PREFLIGHT_TIMEOUT_S`` seconds (default 5) and no retries.
 Messages name the service and never carry secrets (URL userinfo and AWS keys are masked).
 """
@@ -334,6 +337,29 @@ def check_ray(address: str, timeout_s: float) -> None:
         raise PreflightError(
             f"Ray cluster at {host}:{port}: unreachable ({reason}); start it or fix RAY_ADDRESS"
         ) from None
+
+
+def ensure_ray(log_to_driver: bool = True) -> None:
+    """Connect to RAY_ADDRESS when set, else start a local cluster. Never ray.init()'s own
+    fallback, which joins whatever cluster `ray start` last left on this machine. Here, not in
+    flows.train, because ingest (a lower layer) runs on the cluster too."""
+    import ray
+
+    from flows import console
+
+    console.reapply()  # importing ray configured its loggers
+    if not ray.is_initialized():
+        kwargs = {}
+        if console.quiet():
+            # Workers' and the Train controller's INFO chatter stays in Ray's session logs;
+            # ganflow's own progress lines (plain prints on rank 0) still reach the console.
+            kwargs["logging_config"] = ray.LoggingConfig(log_level="WARNING")
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS") or "local",
+            log_to_driver=log_to_driver,
+            **kwargs,
+        )
+        console.reapply()
 
 
 # --- the entry point -------------------------------------------------------------------------

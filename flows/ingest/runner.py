@@ -1,6 +1,7 @@
 """The ingest pipeline run directly (the Prefect flow in flows.orchestration.ingest runs the
 same stages as tasks): scan, fetch, plan, decode, assemble, write. Both return the same
-result dict."""
+result dict. With a Ray cluster (``cluster``, auto: RAY_ADDRESS set), fetch and decode run as
+Ray tasks (flows.ingest.cluster); the other stages, the write included, stay here."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable
 
 from flows.ingest.builtin import ingest_builtin
+from flows.ingest.cluster import decode_on_cluster, fetch_on_cluster, runs_on_cluster, use_cluster
 from flows.ingest.layouts import IngestError
 from flows.ingest.stages import (
     IngestOptions,
@@ -42,9 +44,14 @@ def run_pipeline(
     workers: int = 0,
     progress: Progress | None = None,
     call: Call = _direct,
+    cluster: str | bool | None = None,
 ) -> dict:
-    """Source -> snapshot. ``call(stage, fn, *args)`` runs each stage (directly, or as a task)."""
+    """Source -> snapshot. ``call(stage, fn, *args)`` runs each stage (directly, or as a task).
+    ``cluster``: fetch and decode on the Ray cluster: None or "auto" when RAY_ADDRESS is set,
+    "yes" always (a local Ray without RAY_ADDRESS), "no" never; a single-file source is
+    always fetched and decoded here. ``workers`` is the local decode's processes."""
     options = options or IngestOptions()
+    wanted = use_cluster(cluster)
     name = check_name(name or default_name(source))
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise IngestError(f"--workers must be an integer >= 0 (0: min(cpus, 8)), got {workers!r}")
@@ -60,15 +67,22 @@ def run_pipeline(
         return _result(hit, name, store, reused=True)
     spool_root = ganflow_home() / "tmp"
     spool_root.mkdir(parents=True, exist_ok=True)
+    on_cluster = wanted and runs_on_cluster(scan)
     with tempfile.TemporaryDirectory(prefix="ingest-", dir=spool_root) as spool:
-        files = call("fetch", fetch_source, scan, options, spool, progress)
+        if on_cluster:  # nothing is spooled: workers read the source where it lives
+            files = call("fetch", fetch_on_cluster, scan, progress)
+        else:
+            files = call("fetch", fetch_source, scan, options, spool, progress)
         plan = call("plan", plan_snapshot, files, options, scan.skipped)
         existing = call("lookup", store.manifest, plan.snapshot_id)
         if existing is not None:
             call("refs", store.add_refs, existing, name, scan.fingerprint)
             _sweep(store)
             return _result(existing, name, store, reused=True)
-        decoded = call("decode", decode_plan, plan, workers, progress)
+        if on_cluster:
+            decoded = call("decode", decode_on_cluster, plan, progress)
+        else:
+            decoded = call("decode", decode_plan, plan, workers, progress)
     manifest, parts = call("assemble", assemble, plan, decoded, scan.url, name)
     manifest = call("write", store.write_snapshot, manifest, parts)
     call("refs", store.add_refs, manifest, name, scan.fingerprint)

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import asdict
 
 from flows.ingest.resolve import ensure_snapshot
+from flows.preflight import ensure_ray
 from flows.settings import cache_dir, forwarded_env, ganflow_home, inside, snapshot_root
 from flows.train.spec import ClusterSpec, TrainError, TrainRequest, WorkerJob
 from flows.train.worker import train_loop_per_worker
@@ -20,28 +21,6 @@ from gan_core.config import (
     GanConfig,
     apply_overrides,
 )
-
-
-def ensure_ray(log_to_driver: bool = True) -> None:
-    """Connect to RAY_ADDRESS when set, else start a local cluster. Never ray.init()'s own
-    fallback, which joins whatever cluster `ray start` last left on this machine."""
-    import ray
-
-    from flows import console
-
-    console.reapply()  # importing ray configured its loggers
-    if not ray.is_initialized():
-        kwargs = {}
-        if console.quiet():
-            # Workers' and the Train controller's INFO chatter stays in Ray's session logs;
-            # ganflow's own progress lines (plain prints on rank 0) still reach the console.
-            kwargs["logging_config"] = ray.LoggingConfig(log_level="WARNING")
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS") or "local",
-            log_to_driver=log_to_driver,
-            **kwargs,
-        )
-        console.reapply()
 
 
 def _max_setting(var: str) -> float | None:
