@@ -66,6 +66,19 @@ def spy(monkeypatch):
     return calls
 
 
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A temporary Prefect server for the module (about 10 s to start)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        mp.delenv("PREFECT_API_URL", raising=False)
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=60):
+            yield
+
+
 def _files(root: Path, sid: str) -> dict[str, bytes]:
     folder = root / sid
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
@@ -103,6 +116,24 @@ def _decode_nodes() -> set[str]:
             break
         time.sleep(0.2)
     return nodes
+
+
+def test_cli_through_the_prefect_flow_on_the_cluster(
+    two_nodes, prefect_server, source, tmp_path, spy, capsys
+):
+    """First in Ray terms here: the flow's task connects this process to the cluster."""
+    from flows.cli import main
+
+    root = str(tmp_path / "store")
+    assert main(["ingest", str(source), "--root", root, "--cluster", "yes", "--json"]) == 0
+    assert spy == ["fetch_on_cluster", "decode_on_cluster"]
+    on = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    args = ["ingest", str(source), "--root", str(tmp_path / "local"), "--json", "--quiet"]
+    assert main([*args, "--cluster", "no", "--no-prefect"]) == 0
+    assert spy == ["fetch_on_cluster", "decode_on_cluster"]  # no: the local stages ran
+    local = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert on["id"] == local["id"] and not on["reused"]
+    _same_snapshot(tmp_path / "local", tmp_path / "store", on["id"])
 
 
 def test_local_folder_on_two_nodes_equals_local_ingest(two_nodes, source, tmp_path, spy):

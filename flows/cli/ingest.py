@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from flows.ingest.cluster import CLUSTER_CHOICES
 from flows.ingest.layouts import (
     LAYOUTS,
     IngestError,
@@ -67,6 +68,7 @@ def cmd_ingest(args: argparse.Namespace) -> dict:
         root=args.root,
         workers=args.workers,
         progress=_Bar(not args.quiet),
+        cluster=args.cluster,
     )
     if args.no_prefect:
         result = ingest(args.source, **kwargs)
@@ -194,7 +196,18 @@ def add_commands(sub, add_common) -> None:
         "--root", help="storage root (default: GANFLOW_STORAGE_ROOT or GANFLOW_HOME/snapshots)"
     )
     p.add_argument(
-        "--workers", type=int, default=0, help="decode processes (default: min(cpus, 8))"
+        "--workers",
+        type=int,
+        default=0,
+        help="decode processes of a local ingest (default: min(cpus, 8))",
+    )
+    p.add_argument(
+        "--cluster",
+        choices=CLUSTER_CHOICES,
+        default="auto",
+        help="read and decode on the Ray cluster's workers: auto (default) when RAY_ADDRESS is "
+        "set; yes always (without RAY_ADDRESS: a local Ray on this machine); no never. A local "
+        "source must then be on a filesystem every node mounts at the same path",
     )
     p.add_argument(
         "--no-prefect",

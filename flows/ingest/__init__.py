@@ -1,7 +1,8 @@
 """Ingest: raw images wherever they live -> validated, versioned dataset snapshots.
 
 layouts (what a folder means) -> stages (scan, fetch, plan, decode, assemble) -> runner (the
-chain, run directly) and builtin (the built-in digits); resolve.ensure_snapshot turns any
+chain, run directly) and builtin (the built-in digits); cluster runs fetch and decode as Ray
+tasks when a Ray cluster is configured (RAY_ADDRESS); resolve.ensure_snapshot turns any
 dataset reference into a snapshot. The Prefect flow is flows.orchestration.ingest.
 """
 

@@ -67,9 +67,11 @@ def ingest_flow(
     workers: int = 0,
     resize_mode: str = "crop",
     val_fraction: float = 0.1,
+    cluster: str = "auto",
 ) -> dict:
     """Raw images at ``source`` -> a snapshot in ``root``; returns the snapshot summary.
-    Parameters are IngestOptions' (image_size None: the source's resolution)."""
+    Parameters are IngestOptions' (image_size None: the source's resolution); ``cluster``:
+    fetch and decode on the Ray cluster, auto (when RAY_ADDRESS is set), yes or no."""
     from prefect.artifacts import create_markdown_artifact
 
     from flows.orchestration.reports import artifact_key, ingest_markdown
@@ -91,6 +93,7 @@ def ingest_flow(
         workers=workers,
         progress=_progress.get(),
         call=_as_task,
+        cluster=cluster,
     )
     create_markdown_artifact(
         ingest_markdown(result),
@@ -123,6 +126,7 @@ def run_flow(
     workers: int = 0,
     progress: Progress | None = None,
     debug: bool = False,
+    cluster: str = "auto",
 ) -> dict:
     """Run ingest_flow with CLI-style arguments; raises the stage's own exception on failure."""
     o = options or IngestOptions()
@@ -141,6 +145,7 @@ def run_flow(
                 workers=workers,
                 resize_mode=o.resize_mode,
                 val_fraction=o.val_fraction,
+                cluster=cluster,
             )
     finally:
         _progress.reset(token)
