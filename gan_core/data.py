@@ -41,7 +41,8 @@ def to_unit(pixels: torch.Tensor) -> torch.Tensor:
     """Stored pixels as float32 in [-1, 1]: uint8 x becomes x / 127.5 - 1 (the one pixel rule,
     the same expression ingest used when it stored floats); float pixels pass unchanged."""
     if pixels.dtype == torch.uint8:
-        return pixels.float() / 127.5 - 1.0
+        # In place on the new float copy: the same two float32 operations, one buffer.
+        return pixels.float().div_(127.5).sub_(1.0)
     return pixels.float()
 
 

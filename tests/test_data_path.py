@@ -234,3 +234,19 @@ def test_a_corrupt_remote_shard_is_never_cached(s3, tmp_path):
         open_dataset(sid, "test", root)
     assert not (snapshot_cache(sid) / shard).exists()
     assert not [f for f in os.listdir(snapshot_cache(sid)) if ".tmp-" in f]
+
+
+def test_memory_benchmark_prints_its_table(capsys):
+    from flows.bench.data import main
+
+    assert main(["memory", "--sizes", "200,800", "--image-size", "16", "--steps", "1"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[1].split()[:3] == ["images", "mode", "split"]
+    rows = json.loads(out[-1])["memory"]
+    assert [(r["mode"], r["n"]) for r in rows] == [
+        ("before", 180),
+        ("after", 180),
+        ("before", 720),
+        ("after", 720),
+    ]
+    assert all(r["VmHWM"] > 0 and r["RssAnon"] > 0 for r in rows)

@@ -163,13 +163,14 @@ def _print_memory_row(r: dict) -> None:
 
 
 def throughput(size: int, batch_size: int, steps: int, n: int) -> dict:
+    """Data path alone vs the training step on one generated snapshot (in a temporary root;
+    the node cache's verification note lands under GANFLOW_HOME/cache)."""
     import torch
 
     from flows.snapshots.load import open_dataset
     from gan_core.train import FAMILIES, Feeder, init_state, resolve_device, train
 
     with tempfile.TemporaryDirectory(prefix="ganflow-bench-data-") as tmp:
-        os.environ["GANFLOW_HOME"] = os.path.join(tmp, "home")
         root = os.path.join(tmp, "store")
         sid = make_snapshot(root, n, size)
         cfg = _bench_config(size, batch_size, steps, False)
@@ -245,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = memory(sizes, a.image_size, a.steps)
         print(json.dumps({"memory": rows}))
         return 0
-    r = throughput(a.image_size, a.batch_size, a.steps, a.rows)
+    with tempfile.TemporaryDirectory(prefix="ganflow-bench-home-") as home:
+        os.environ["GANFLOW_HOME"] = home
+        r = throughput(a.image_size, a.batch_size, a.steps, a.rows)
     print(
         f"data path vs training step, {r['image_size']} px RGB, batch {r['batch_size']}, "
         f"{r['rows']} rows, {r['device']}"

@@ -226,6 +226,19 @@ def _agreement(manifest: dict, steps: int, device: str, extra: dict) -> dict:
     }
 
 
+def _data_path(dry: bool) -> dict:
+    """Minibatches/s the data path delivers (rows read by index, pinned, moved, scaled) vs
+    what the 64 px DCGAN cGAN step consumes on this device (flows.bench.data throughput)."""
+    from flows.bench.data import throughput
+
+    try:
+        if dry:
+            return throughput(16, 16, 4, 1000)
+        return throughput(64, 64, 40, 20000)
+    except Exception as exc:  # a report line, not a lost check
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def markdown(report: dict) -> str:
     from gan_core.bench import format_precision_table
 
@@ -242,6 +255,16 @@ def markdown(report: dict) -> str:
         f" (MLflow {ray.get('mlflow_status', '-')}), {ray.get('steps_per_s') or 0:.2f} steps/s;"
         f" plain loop {plain['steps_per_s']:.2f} steps/s on the same device",
     ]
+    dp = report.get("data_path", {})
+    if "error" in dp:
+        lines.append(f"- data path: FAILED ({dp['error']})")
+    elif dp:
+        lines.append(
+            f"- data path ({dp['image_size']} px, batch {dp['batch_size']}): "
+            f"{dp['data_batches_per_s']:.0f} minibatches/s delivered vs "
+            f"{dp['train_batches_per_s']:.1f} consumed by training; loop waited on data "
+            f"{100 * dp['data_wait_share']:.2f}% of training time"
+        )
     ag = report["bf16_vs_fp32"]
     gaps = ", ".join(f"{k} {v:.3f}" for k, v in ag["abs_gap"].items())
     lines += [
@@ -284,6 +307,7 @@ def run_check(out: Path, dry: bool, home: Path | None = None, compile_rows: bool
     report["ray_train"] = _ray_train(manifest["id"], out, steps, 0 if dry else 1, extra, env)
     report["plain_loop"] = _plain_loop(manifest, steps, device, "bf16", extra)
     report["bf16_vs_fp32"] = _agreement(manifest, 20 if dry else 200, device, extra)
+    report["data_path"] = _data_path(dry)
     report["wall_s"] = time.perf_counter() - t0
     # A skipped Ray step (ok None: not installed) is reported, not failed.
     report["ok"] = report["ray_train"]["ok"] is not False and report["bf16_vs_fp32"]["ok"]
