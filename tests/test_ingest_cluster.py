@@ -5,6 +5,7 @@ the same manifest but for its time; quarantine, the bad-share limit and lost wor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -201,3 +202,31 @@ def test_lost_worker_retried_or_nothing_written(two_nodes, source, tmp_path, mon
     local = ingest(str(source), root=str(tmp_path / "local"), cluster="no")
     assert on["id"] == local["id"]
     _same_snapshot(tmp_path / "local", tmp_path / "retried", on["id"])
+
+
+def test_decode_task_rereads_and_checks_the_hash(s3, tmp_path):
+    """What a decode task does with files changed or removed since the fetch (no Ray needed:
+    the task's function, called here): quarantined with the local path's reasons."""
+    from flows.ingest.layouts import SourceFile
+
+    good, other = (png(np.full((9, 9), v, dtype=np.uint8)) for v in (10, 200))
+    fs = s3.fs()
+    for name in ("same", "changed", "gone"):
+        fs.pipe_file(f"{s3.bucket}/{name}.png", good)
+    sha = hashlib.sha256(good).hexdigest()
+    files = [
+        cluster.RemoteSourceFile(f"{n}.png", sha, len(good), s3.url(f"{n}.png"), (1, 9, 9))
+        for n in ("same", "changed", "gone")
+    ]
+    (tmp_path / "local.png").write_bytes(other)
+    files.append(SourceFile("local.png", sha, len(good), str(tmp_path / "local.png")))
+    fs.pipe_file(f"{s3.bucket}/changed.png", other)
+    fs.rm(f"{s3.bucket}/gone.png")
+    out = cluster._decode_task(files, 8, "crop")
+    assert out[0].images[0].shape == (8, 8, 1)
+    assert out[1:] == [
+        "changed.png: changed while being ingested",
+        "gone.png: unreadable (removed while being ingested)",
+        "local.png: changed while being ingested",
+    ]
+    assert files[0].read() == good  # RemoteSourceFile.read: the same check, one file

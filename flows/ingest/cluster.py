@@ -151,7 +151,7 @@ def _fetch_task(url: str, rels: list[str]) -> list[tuple[str, str, int, object]]
                 "filesystem every Ray node mounts at the same path; or use s3://)"
             )
         if isinstance(data, BaseException):
-            raise describe(data, _shown(url if not is_remote(url) else _url(url, path)))
+            raise describe(data, _shown(_url(url, path) if is_remote(url) else path))
         out.append((rel, hashlib.sha256(data).hexdigest(), len(data), header_dims(rel, data)))
     return out
 
