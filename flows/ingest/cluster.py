@@ -57,7 +57,15 @@ from flows.ingest.layouts import (
 from flows.ingest.stages import Plan, Progress, Scan, _shown, shrink
 from flows.preflight import ensure_ray
 from flows.settings import forwarded_env
-from flows.storage import StorageError, describe, get_filesystem, is_remote, join, with_retries
+from flows.storage import (
+    StorageError,
+    describe,
+    get_filesystem,
+    is_remote,
+    is_transient,
+    join,
+    with_retries,
+)
 
 CLUSTER_CHOICES = ("auto", "yes", "no")
 MAX_RETRIES = 3
@@ -134,9 +142,18 @@ def _read_batch(url: str, paths: list[str]) -> list[bytes | BaseException]:
     fs, _ = get_filesystem(url)
     try:
         # cat_ranges, as fetch_source: one concurrent GET per file, no HEADs first.
-        return list(with_retries(fs.cat_ranges, paths, None, None))
+        out = list(with_retries(fs.cat_ranges, paths, None, None))
     except Exception as exc:
         raise describe(exc, _shown(url)) from None
+    for i, data in enumerate(out):
+        # cat_ranges hands back a file's own error instead of raising it, so a transient
+        # failure of one file would otherwise escape with_retries.
+        if isinstance(data, Exception) and is_transient(data):
+            try:
+                out[i] = with_retries(fs.cat_file, paths[i])
+            except Exception as exc:
+                out[i] = exc
+    return out
 
 
 def _fetch_task(url: str, rels: list[str]) -> list[tuple[str, str, int, object]]:
