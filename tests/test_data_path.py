@@ -250,3 +250,22 @@ def test_memory_benchmark_prints_its_table(capsys):
         ("after", 720),
     ]
     assert all(r["VmHWM"] > 0 and r["RssAnon"] > 0 for r in rows)
+
+
+def test_a_file_removed_between_listing_and_reading_is_one_line(tmp_path, monkeypatch):
+    import flows.ingest.runner as runner
+    from flows.ingest.layouts import IngestError
+
+    src = write(tmp_path / "raw", {f"{i}.png": png(noise(8, 8, seed=i)) for i in range(4)})
+    real = runner.scan_source
+
+    def scan_then_remove(url, options):
+        scan = real(url, options)
+        (src / "2.png").unlink()
+        return scan
+
+    monkeypatch.setattr(runner, "scan_source", scan_then_remove)
+    store = tmp_path / "store"
+    with pytest.raises(IngestError, match=r"^2.png: removed from .* while being ingested"):
+        ingest(str(src), root=str(store))
+    assert not store.exists() or not any(store.iterdir())

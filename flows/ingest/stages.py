@@ -347,6 +347,14 @@ def fetch_source(
         except Exception as exc:
             raise describe(exc, _shown(scan.url)) from None
         for rel, f, data in zip(batch, full, blobs):
+            # cat_ranges hands a file's error back in its place instead of raising it.
+            if isinstance(data, FileNotFoundError):
+                raise IngestError(
+                    f"{rel}: removed from {_shown(scan.url)} while being ingested; run the "
+                    "ingest again"
+                )
+            if isinstance(data, BaseException):
+                raise describe(data, _shown(join(scan.url, rel))) from None
             out.append(_source_file(rel, data, spool if remote else None, f))
         del blobs
         if progress:
