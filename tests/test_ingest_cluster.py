@@ -22,6 +22,7 @@ import flows.ingest.runner as runner
 from flows.ingest.layouts import IngestError
 from flows.ingest.runner import ingest
 from flows.ingest.stages import IngestOptions
+from flows.snapshots import resolve_snapshot
 
 pytest_plugins = ["s3_server"]  # the moto server fixtures: moto_endpoint, s3
 pytestmark = pytest.mark.timeout(300)
@@ -137,9 +138,15 @@ def test_cli_through_the_prefect_flow_on_the_cluster(
     _same_snapshot(tmp_path / "local", tmp_path / "store", on["id"])
 
 
-def test_local_folder_on_two_nodes_equals_local_ingest(two_nodes, source, tmp_path, spy):
+def test_local_folder_on_two_nodes_equals_local_ingest(
+    two_nodes, source, tmp_path, spy, monkeypatch
+):
     import ray
 
+    import flows.snapshots.store as store_mod
+
+    # Several shards per split: written by several tasks, each from the chunks it needs.
+    monkeypatch.setattr(store_mod, "SHARD_BYTES", 20000)
     local = ingest(str(source), root=str(tmp_path / "local"), cluster="no")
     assert spy == []
     seen = []
@@ -151,8 +158,11 @@ def test_local_folder_on_two_nodes_equals_local_ingest(two_nodes, source, tmp_pa
     assert spy == ["fetch_on_cluster", "decode_on_cluster"]
     assert on["id"] == local["id"] and on["num_images"] == local["num_images"] == 61
     _same_snapshot(tmp_path / "local", tmp_path / "cluster", on["id"])
-    assert seen[-1] == ("decode", 61, 61) and ("read", 61, 61) in seen
+    assert ("decode", 61, 61) in seen and ("read", 61, 61) in seen
     assert len([s for s in seen if s[0] == "decode"]) > 1  # reported as tasks finish
+    manifest = resolve_snapshot(on["id"], str(tmp_path / "local"))
+    shards = len({(s["split"], s["part"], s["shard"]) for s in manifest["shards"]})
+    assert shards > 3 and seen[-1] == ("write", shards, shards)  # one write task per shard
     assert len(ray.nodes()) == 2 and len(_decode_nodes()) == 2
 
 
@@ -202,6 +212,33 @@ def test_lost_worker_retried_or_nothing_written(two_nodes, source, tmp_path, mon
     local = ingest(str(source), root=str(tmp_path / "local"), cluster="no")
     assert on["id"] == local["id"]
     _same_snapshot(tmp_path / "local", tmp_path / "retried", on["id"])
+
+
+def test_lost_writer_or_cut_write_leaves_no_partial_snapshot(
+    two_nodes, source, tmp_path, monkeypatch
+):
+    """Shards are written by the workers: a writer lost for good, or a failure after every
+    shard is written but before the manifest (Ctrl-C here), leaves no file behind."""
+    import flows.snapshots.store as store_mod
+
+    monkeypatch.setattr(store_mod, "SHARD_BYTES", 20000)
+    monkeypatch.setattr(cluster, "MAX_RETRIES", 0)
+    monkeypatch.setenv(cluster._FAULT_VAR, f"write:1:{tmp_path / 'deaths'}")
+    with pytest.raises(IngestError, match="ingest write on the Ray cluster failed for shard"):
+        ingest(str(source), root=str(tmp_path / "lost"))
+    _nothing_written(tmp_path / "lost")
+    monkeypatch.delenv(cluster._FAULT_VAR)
+
+    def interrupted(self, manifest, shards):
+        assert len(shards) > 3 and all(
+            (tmp_path / "cut" / manifest["id"] / s["file"]).exists() for s in shards
+        )
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_mod.Store, "finish_snapshot", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(str(source), root=str(tmp_path / "cut"))
+    _nothing_written(tmp_path / "cut")
 
 
 def test_decode_task_rereads_and_checks_the_hash(s3, tmp_path):

@@ -38,12 +38,14 @@ local path. Quarantine and the bad-share limit (``max_bad_fraction``) are applie
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import math
 import os
 import platform
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from flows.ingest.layouts import (
     Decoded,
@@ -54,9 +56,18 @@ from flows.ingest.layouts import (
     header_dims,
     is_ignored,
 )
-from flows.ingest.stages import Plan, Progress, Scan, _shown, shrink
+from flows.ingest.stages import (
+    Arrangement,
+    DecodedMeta,
+    Plan,
+    Progress,
+    Scan,
+    _shown,
+    shrink,
+)
 from flows.preflight import ensure_ray
 from flows.settings import forwarded_env
+from flows.snapshots.store import Store, shard_file
 from flows.storage import (
     StorageError,
     describe,
@@ -229,7 +240,7 @@ def _batches(items: Sequence, bounds: tuple[int, int], cpus: int) -> list[list]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def _task(fn: Callable, stage: str):
+def _task(fn: Callable, stage: str, **options):
     import ray
 
     env = forwarded_env()
@@ -244,31 +255,52 @@ def _task(fn: Callable, stage: str):
         # node whose worker is up first would otherwise take every task while others start.
         scheduling_strategy="SPREAD",
         runtime_env={"env_vars": env},
+        **options,
     )
 
 
 def _lost(stage: str, batch: list, exc: BaseException) -> IngestError:
-    first = batch[0] if isinstance(batch[0], str) else batch[0].path
+    if stage == "write":
+        part, k = batch[0][:2]
+        what = f"shard {k} of {part}"
+    else:
+        first = batch[0] if isinstance(batch[0], str) else batch[0].path
+        what = f"{len(batch)} files from {first}"
     why = " ".join(str(exc).split())[:200] or type(exc).__name__
     return IngestError(
-        f"ingest {stage} on the Ray cluster failed for {len(batch)} files from {first} after "
+        f"ingest {stage} on the Ray cluster failed for {what} after "
         f"{MAX_RETRIES} retries ({type(exc).__name__}: {why}); nothing was written"
     )
 
 
 def _gather(
-    stage: str, task, args: Callable[[list], tuple], batches: list[list], progress, cpus: int
+    stage: str,
+    task,
+    args: Callable[[list], tuple],
+    batches: list[list],
+    progress,
+    cpus: int,
+    kept: list | None = None,
 ) -> list[list]:
-    """Run task(*args(batch)) per batch, at most two per CPU in flight; results in batch order."""
+    """Run task(*args(batch)) per batch, at most two per CPU in flight; results in batch order.
+    A task with several returns has its first fetched here and the others' refs put in
+    ``kept`` (in batch order): they stay in Ray's object store."""
     import ray
 
     results: list[list] = [[] for _ in batches]
+    if kept is not None:
+        kept[:] = [None] * len(batches)
     pending: dict = {}
     total, done, nxt = sum(len(b) for b in batches), 0, 0
+    shown = {"fetch": "read"}.get(stage, stage)
     try:
         while nxt < len(batches) or pending:
             while nxt < len(batches) and len(pending) < 2 * cpus:
-                pending[task.remote(*args(batches[nxt]))] = nxt
+                refs = task.remote(*args(batches[nxt]))
+                if isinstance(refs, list):
+                    kept[nxt] = refs[1:]
+                    refs = refs[0]
+                pending[refs] = nxt
                 nxt += 1
             ready, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(ready[0])
@@ -283,7 +315,7 @@ def _gather(
                 raise _lost(stage, batches[i], exc) from None
             done += len(batches[i])
             if progress:
-                progress("read" if stage == "fetch" else "decode", done, total)
+                progress(shown, done, total)
     except BaseException:
         for ref in pending:  # Ctrl-C or a failure: the rest stops now, not when done
             with contextlib.suppress(Exception):
@@ -316,15 +348,106 @@ def fetch_on_cluster(scan: Scan, progress: Progress | None = None) -> list[Sourc
     return out
 
 
-def decode_on_cluster(plan: Plan, progress: Progress | None = None) -> list[Decoded | str]:
-    """The cluster's :func:`~flows.ingest.stages.decode_plan`: decoded images shrunk to the
-    plan's stored size (or quarantine reasons), in plan order, decoded by Ray tasks."""
+@dataclass(frozen=True)
+class ClusterDecoded:
+    """The cluster decode's result: per plan file its metadata (or quarantine reason), on
+    the driver; the shrunk pixels stay in Ray's object store, one object per decode chunk
+    (``chunks``, each holding files ``starts[j]`` onwards), until the write tasks read them."""
+
+    metas: list
+    chunks: list
+    starts: list[int]
+
+
+def decode_on_cluster(plan: Plan, progress: Progress | None = None) -> ClusterDecoded:
+    """The cluster's :func:`~flows.ingest.stages.decode_plan`: every file decoded and shrunk
+    to the plan's stored size by Ray tasks. Only metadata comes back to the driver, so its
+    memory follows the number of files, not the pixels (the write tasks read those)."""
     if not plan.files:
-        return []
+        return ClusterDecoded([], [], [])
     _connect()
     cpus = _cluster_cpus()
     size, mode = plan.options.image_size, plan.options.resize_mode
     batches = _batches(plan.files, _DECODE_CHUNK, cpus)
-    task = _task(_decode_task, "decode")
-    chunks = _gather("decode", task, lambda b: (b, size, mode), batches, progress, cpus)
-    return [d for chunk in chunks for d in chunk]
+    task = _task(_decode_split_task, "decode", num_returns=2)
+    kept: list = []
+    metas = _gather("decode", task, lambda b: (b, size, mode), batches, progress, cpus, kept)
+    starts = [0]
+    for b in batches[:-1]:
+        starts.append(starts[-1] + len(b))
+    return ClusterDecoded([m for chunk in metas for m in chunk], [k[0] for k in kept], starts)
+
+
+def _decode_split_task(files: list[SourceFile], size: int, mode: str):
+    """_decode_task's result as (metadata for the driver, pixels for the object store)."""
+    out = _decode_task(files, size, mode)
+    metas = [d if isinstance(d, str) else DecodedMeta.of(d) for d in out]
+    return metas, [None if isinstance(d, str) else d.images for d in out]
+
+
+def _write_task(
+    url: str,
+    sid: str,
+    part: str,
+    k: int,
+    layout: Arrangement,
+    starts: list[int],
+    *pixels: list,
+) -> list[dict]:
+    """Shard k of a part, converted from the decoded chunks it draws on and put in the store
+    by this worker (the store's credentials are the node's own)."""
+    _test_fault("write")
+
+    def image(f: int, i: int):
+        j = bisect.bisect_right(starts, f) - 1
+        return pixels[j][f - starts[j]][i]
+
+    arrays = layout.arrays(part, 0, len(layout.parts[part]), image)
+    return Store(url).put_shard(sid, part, k, arrays, [])
+
+
+def write_on_cluster(
+    store: Store,
+    manifest: dict,
+    layout: Arrangement,
+    decoded: ClusterDecoded,
+    progress: Progress | None = None,
+) -> dict:
+    """The snapshot's shards written by Ray tasks, each converting its rows from the decoded
+    chunks in the object store (the same conversion and shard boundaries as
+    Store.write_snapshot: the same bytes), then the manifest, last, by the driver. On any
+    failure every shard file that may exist is removed: no partial snapshot."""
+    _connect()
+    cpus = _cluster_cpus()
+    sid = manifest["id"]
+    jobs = []  # (part, k, layout of the shard's rows, chunk indices it reads)
+    expected: list[str] = []
+    keys = ["images"]
+    for part in sorted(layout.parts):
+        arrays = keys + (["labels"] if layout.labels[part] is not None else [])
+        for k, (start, stop) in enumerate(layout.shards(part)):
+            refs = layout.parts[part][start:stop]
+            labels = layout.labels[part]
+            rows = Arrangement(
+                {part: refs},
+                {part: None if labels is None else labels[start:stop]},
+                layout.channels,
+                layout.size,
+                layout.eight_bit,
+            )
+            used = sorted({bisect.bisect_right(decoded.starts, f) - 1 for f, _ in refs})
+            jobs.append([(part, k, rows, used)])
+            expected += [shard_file(part, k, a) for a in sorted(arrays)]
+    task = _task(_write_task, "write")
+
+    def args(batch):
+        part, k, rows, used = batch[0]
+        # Chunk refs as top-level arguments: Ray hands the task their values.
+        starts = [decoded.starts[j] for j in used]
+        return (store.url, sid, part, k, rows, starts, *[decoded.chunks[j] for j in used])
+
+    def write() -> dict:
+        entries = _gather("write", task, args, jobs, progress, cpus)
+        return store.finish_snapshot(manifest, [e for shard in entries for e in shard])
+
+    return store.cleaning_up(sid, expected, write)

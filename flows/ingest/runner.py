@@ -12,12 +12,19 @@ import time
 from collections.abc import Callable
 
 from flows.ingest.builtin import ingest_builtin
-from flows.ingest.cluster import decode_on_cluster, fetch_on_cluster, runs_on_cluster, use_cluster
+from flows.ingest.cluster import (
+    decode_on_cluster,
+    fetch_on_cluster,
+    runs_on_cluster,
+    use_cluster,
+    write_on_cluster,
+)
 from flows.ingest.layouts import IngestError
 from flows.ingest.stages import (
     IngestOptions,
     Progress,
     _result,
+    arrange,
     assemble,
     decode_plan,
     default_name,
@@ -83,8 +90,14 @@ def run_pipeline(
             decoded = call("decode", decode_on_cluster, plan, progress)
         else:
             decoded = call("decode", decode_plan, plan, workers, progress)
-    manifest, parts = call("assemble", assemble, plan, decoded, scan.url, name)
-    manifest = call("write", store.write_snapshot, manifest, parts)
+    if on_cluster:
+        # Pixels never come to the driver: they go from the decode tasks to the write tasks
+        # through Ray's object store; the driver arranges from metadata and writes the manifest.
+        manifest, layout = call("assemble", arrange, plan, decoded.metas, scan.url, name)
+        manifest = call("write", write_on_cluster, store, manifest, layout, decoded, progress)
+    else:
+        manifest, parts = call("assemble", assemble, plan, decoded, scan.url, name)
+        manifest = call("write", store.write_snapshot, manifest, parts)
     call("refs", store.add_refs, manifest, name, scan.fingerprint)
     _sweep(store)
     return _result(manifest, name, store, reused=False)

@@ -68,7 +68,7 @@ from flows.ingest.layouts import (
     is_ignored,
     iter_archive,
 )
-from flows.snapshots.store import FORMAT_VERSION, SPLITS, Store, digest
+from flows.snapshots.store import FORMAT_VERSION, SPLITS, Store, digest, shard_ranges
 from flows.storage import describe, get_filesystem, is_remote, join, mask_secrets, with_retries
 
 Progress = Callable[[str, int, int], None]
@@ -480,13 +480,13 @@ def shrink(d: Decoded, size: int, resize_mode: str = "crop") -> Decoded:
 _CONVERT_CHUNK = 1024
 
 
-def _to_images(arrays: list[np.ndarray], channels: int, size: int) -> np.ndarray:
-    """[n, C, size, size] from [h, w, c] arrays: uint8 when every array is (8-bit sources),
-    else float32 in [-1, 1]. Converted a chunk at a time, so the float intermediate stays
-    small whatever n is."""
+def _to_images(arrays: list[np.ndarray], channels: int, size: int, eight_bit: bool) -> np.ndarray:
+    """[n, C, size, size] from [h, w, c] arrays: uint8 when eight_bit (every source image of
+    the snapshot is 8-bit), else float32 in [-1, 1]. Converted a chunk at a time, so the
+    float intermediate stays small whatever n is; each image's result depends on it alone,
+    so any slice of a part converts to the same bytes as the whole part."""
     from gan_core.data import resize, to_uint8
 
-    eight_bit = all(a.dtype == np.uint8 for a in arrays)
     out = np.empty((len(arrays), channels, size, size), np.uint8 if eight_bit else np.float32)
     for group in _by_shape(arrays):
         for start in range(0, len(group), _CONVERT_CHUNK):
@@ -509,26 +509,95 @@ def split_ranks(n: int, test_fraction: float, val_fraction: float) -> tuple[int,
     return n_test, round(n * (test_fraction + val_fraction)) - n_test
 
 
+@dataclass(frozen=True)
+class DecodedMeta:
+    """A Decoded without its pixels: what arranging a snapshot needs (the cluster path keeps
+    the pixels in Ray's object store, where the write tasks read them)."""
+
+    labels: list[int] | None
+    hashes: list[str]
+    gray: bool
+    eight_bit: bool
+
+    @classmethod
+    def of(cls, d: Decoded) -> DecodedMeta:
+        return cls(d.labels, d.hashes, d.gray, all(a.dtype == np.uint8 for a in d.images))
+
+
+Image = Callable[[int, int], np.ndarray]
+"""(file index in the plan, image index in the file) -> that image's decoded pixels."""
+
+
+@dataclass(frozen=True)
+class Arrangement:
+    """Where every stored image comes from: per part ('train', 'val', 'test', 'train-x' ...),
+    (file index in the plan, image index in the file) in stored order, and the labels."""
+
+    parts: dict[str, list[tuple[int, int]]]
+    labels: dict[str, np.ndarray | None]
+    channels: int
+    size: int
+    eight_bit: bool
+
+    def row_bytes(self, part: str) -> int:
+        pixel = self.channels * self.size * self.size * (1 if self.eight_bit else 4)
+        return pixel + (8 if self.labels[part] is not None else 0)
+
+    def shards(self, part: str) -> list[tuple[int, int]]:
+        """[start, stop) of each shard of the part (the store's rule)."""
+        return shard_ranges(len(self.parts[part]), self.row_bytes(part))
+
+    def arrays(self, part: str, start: int, stop: int, image: Image) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of a part as stored: images converted, labels."""
+        refs = self.parts[part][start:stop]
+        pixels = [image(f, i) for f, i in refs]
+        out = {"images": _to_images(pixels, self.channels, self.size, self.eight_bit)}
+        if self.labels[part] is not None:
+            out["labels"] = self.labels[part][start:stop]
+        return out
+
+
 def assemble(
     plan: Plan, decoded: list[Decoded | str], source: str, name: str
 ) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
     """Validate, split and resize: the manifest (without shards) and the arrays per part
     ('train', 'val', 'test', or 'train-x' ... for two domains)."""
+    metas = [d if isinstance(d, str) else DecodedMeta.of(d) for d in decoded]
+    manifest, arrangement = arrange(plan, metas, source, name)
+
+    def image(f: int, i: int) -> np.ndarray:
+        return decoded[f].images[i]
+
+    parts = {
+        part: arrangement.arrays(part, 0, len(refs), image)
+        for part, refs in sorted(arrangement.parts.items())
+    }
+    return manifest, parts
+
+
+def arrange(
+    plan: Plan, decoded: list[DecodedMeta | str], source: str, name: str
+) -> tuple[dict, Arrangement]:
+    """Validate and split, from the decoded files' metadata alone: the manifest (without
+    shards) and where each stored row comes from. Quarantine, the bad-share limit and the
+    splits are decided here, before any pixel is converted or written."""
     options = plan.options
     quarantined = list(plan.quarantined)
-    items = []  # (group, given split, hash, key, array, label)
+    items = []  # (group, given split, hash, key, (file, image) index, label, gray)
     files_meta = []
     labelled_npz = set()
-    for f, a, d in zip(plan.files, plan.assignments, decoded):
+    eight_bit = True
+    for fi, (f, a, d) in enumerate(zip(plan.files, plan.assignments, decoded)):
         meta = {"path": f.path, "sha256": f.sha256, "bytes": f.size, "group": a.group}
         if isinstance(d, str):
             quarantined.append({"path": f.path, "reason": d})
             files_meta.append({**meta, "quarantined": d})
             continue
         files_meta.append(meta)
+        eight_bit = eight_bit and d.eight_bit
         if plan.layout == "npz":
             labelled_npz.add(d.labels is not None)
-        for i, (arr, h) in enumerate(zip(d.images, d.hashes)):
+        for i, h in enumerate(d.hashes):
             if plan.layout == "classes":
                 label = plan.classes.index(a.group)
             elif d.labels is not None:
@@ -536,7 +605,7 @@ def assemble(
             else:
                 label = None
             group = str(label) if plan.layout == "npz" and label is not None else a.group
-            items.append((group, a.split, h, (f.path, i), arr, label, d.gray))
+            items.append((group, a.split, h, (f.path, i), (fi, i), label, d.gray))
     total = len(plan.files) + len(plan.quarantined)
     shown = _shown(source)
     if not items:
@@ -584,13 +653,13 @@ def assemble(
     for i, it in enumerate(items):
         part = f"{splits[i]}-{it[0]}" if unpaired else splits[i]
         parts_idx.setdefault(part, []).append(i)
-    parts: dict[str, dict[str, np.ndarray]] = {}
+    refs: dict[str, list[tuple[int, int]]] = {}
+    labels: dict[str, np.ndarray | None] = {}
     for part, idx in sorted(parts_idx.items()):
         idx.sort(key=lambda i: (items[i][0], items[i][3]))
-        arrays = {"images": _to_images([items[i][4] for i in idx], channels, options.image_size)}
-        if has_labels:
-            arrays["labels"] = np.array([items[i][5] for i in idx], dtype=np.int64)
-        parts[part] = arrays
+        refs[part] = [items[i][4] for i in idx]
+        labels[part] = np.array([items[i][5] for i in idx], dtype=np.int64) if has_labels else None
+    arrangement = Arrangement(refs, labels, channels, options.image_size, eight_bit)
 
     def count(sel):
         c: dict[str, int] = {}
@@ -608,7 +677,7 @@ def assemble(
         "layout": plan.layout,
         "image_size": options.image_size,
         "channels": channels,
-        "pixels": str(next(iter(parts.values()))["images"].dtype),
+        "pixels": "uint8" if eight_bit else "float32",
         "preprocessing": options.preprocessing(),
         "num_images": len(items),
         "counts": count(range(len(items))),
@@ -624,7 +693,7 @@ def assemble(
         "files": files_meta,
         "quarantined": quarantined,
     }
-    return manifest, parts
+    return manifest, arrangement
 
 
 def _result(manifest: dict, name: str, store: Store, reused: bool) -> dict:

@@ -73,6 +73,17 @@ _ID_RE = re.compile(r"^[0-9a-f]{20}$")
 _RAISE = object()
 
 
+def shard_ranges(n: int, row_bytes: int) -> list[tuple[int, int]]:
+    """[start, stop) of each shard of a part of n rows of row_bytes (all arrays): about
+    SHARD_BYTES each; an empty part is one empty shard."""
+    step = max(1, SHARD_BYTES // max(1, row_bytes))
+    return [(start, min(start + step, n)) for start in range(0, max(n, 1), step)]
+
+
+def shard_file(part: str, k: int, array: str) -> str:
+    return f"{part}-{k:05d}.{array}.npy"
+
+
 class SnapshotNotFound(ValueError):
     """No snapshot matches a ref (id, name or builtin) in a storage root."""
 
@@ -208,51 +219,68 @@ class Store:
     def write_snapshot(self, manifest: dict, parts: dict[str, dict[str, np.ndarray]]) -> dict:
         """Shards first, manifest last. parts: {'train' | 'val' | 'test' | 'train-x' ...:
         arrays}."""
-        sid = manifest["id"]
-        shards: list[dict] = []
+        started: list[str] = []
+
+        def write() -> dict:
+            shards: list[dict] = []
+            for part, arrays in sorted(parts.items()):
+                per_row = sum(a[0:1].nbytes for a in arrays.values())
+                for k, (start, stop) in enumerate(shard_ranges(len(arrays["images"]), per_row)):
+                    rows = {key: a[start:stop] for key, a in arrays.items()}
+                    shards.extend(self.put_shard(manifest["id"], part, k, rows, started))
+            return self.finish_snapshot(manifest, shards)
+
+        return self.cleaning_up(manifest["id"], started, write)
+
+    def cleaning_up(self, sid: str, started: list[str], write):
+        """write(), or on any failure (Ctrl-C included) none of the shard files in
+        ``started`` left without a manifest (unless another writer of the same snapshot
+        finished it meanwhile: its manifest lists them)."""
         try:
-            manifest = self._write_parts(manifest, parts, shards)
+            return write()
         except BaseException:
-            # Ctrl-C or a failure: no shards stay without a manifest (unless another writer of
-            # the same snapshot finished it meanwhile: its manifest lists them).
             if self.get(f"{sid}/manifest.json") is None:
-                for shard in shards:
+                for f in started:
                     with contextlib.suppress(Exception):
-                        self.fs.rm_file(self._p(f"{sid}/{shard['file']}"))
+                        self.fs.rm_file(self._p(f"{sid}/{f}"))
                 if not is_remote(self.url):
                     with contextlib.suppress(OSError):
                         os.rmdir(self._p(sid))  # only when empty
             raise
-        return manifest
 
-    def _write_parts(self, manifest: dict, parts: dict, shards: list[dict]) -> dict:
-        sid = manifest["id"]
-        for part, arrays in sorted(parts.items()):
-            n = len(arrays["images"])
-            per_image = max(1, sum(a[0:1].nbytes for a in arrays.values()))
-            step = max(1, SHARD_BYTES // per_image)
-            split, _, domain = part.partition("-")
-            for k, start in enumerate(range(0, max(n, 1), step)):
-                for key in sorted(arrays):
-                    rows = arrays[key][start : start + step]
-                    data = npy_bytes(rows)
-                    fname = f"{part}-{k:05d}.{key}.npy"
-                    shards.append({"file": fname})  # before the put: cleaned up if cut short
-                    self.put(f"{sid}/{fname}", data)
-                    shards[-1].update(
-                        {
-                            "split": split,
-                            "part": domain or "data",
-                            "array": key,
-                            "shard": k,
-                            "count": len(rows),
-                            "dtype": rows.dtype.str,
-                            "bytes": len(data),
-                            "sha256": hashlib.sha256(data).hexdigest(),
-                        }
-                    )
+    def put_shard(
+        self, sid: str, part: str, k: int, arrays: dict[str, np.ndarray], started: list[str]
+    ) -> list[dict]:
+        """Shard k of a part: one .npy per array (sorted by name), each in one put; returns
+        their manifest entries. Each file's name is added to ``started`` before its put, so a
+        write cut short is cleaned up."""
+        split, _, domain = part.partition("-")
+        entries = []
+        for key in sorted(arrays):
+            rows = arrays[key]
+            data = npy_bytes(rows)
+            fname = shard_file(part, k, key)
+            started.append(fname)
+            self.put(f"{sid}/{fname}", data)
+            entries.append(
+                {
+                    "file": fname,
+                    "split": split,
+                    "part": domain or "data",
+                    "array": key,
+                    "shard": k,
+                    "count": len(rows),
+                    "dtype": rows.dtype.str,
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            )
+        return entries
+
+    def finish_snapshot(self, manifest: dict, shards: list[dict]) -> dict:
+        """The manifest, written last: from now on the snapshot exists."""
         manifest = {**manifest, "shards": shards}
-        self.put(f"{sid}/manifest.json", json.dumps(manifest, indent=1).encode())
+        self.put(f"{manifest['id']}/manifest.json", json.dumps(manifest, indent=1).encode())
         return manifest
 
     def sweep(self, stale_s: float = STALE_S) -> list[str]:
