@@ -1,13 +1,12 @@
-"""Ingest on a Ray cluster: the fetch and decode stages as Ray tasks on the cluster's workers.
+"""Ingest on a Ray cluster: fetch, decode and the shard writes as Ray tasks on the workers.
 
 Selected by ``run_pipeline(cluster=...)`` / ``ganflow ingest --cluster auto|yes|no``: auto (the
 default) uses the cluster when ``RAY_ADDRESS`` is set; yes uses it always, starting a local
 Ray for this process when ``RAY_ADDRESS`` is unset (several decode processes on one machine,
-at the cost of Ray's start-up); no never does. Listing (scan), planning, assembling and
-writing stay on the driver: the functions here return exactly what
-:func:`flows.ingest.stages.fetch_source` and :func:`~flows.ingest.stages.decode_plan`
-return, so the same files give the same snapshot id and byte-identical shards, whichever
-path ran.
+at the cost of Ray's start-up); no never does. Listing (scan), planning, arranging (splits,
+quarantine, the bad-share limit: :func:`flows.ingest.stages.arrange`) and the manifest stay on
+the driver, from metadata only; the same files give the same snapshot id and byte-identical
+shards, whichever path ran.
 
 - Fetch: tasks over batches of the listing read their files, hash them and read their
   headers, and return (path, sha256, size, header dims) per file, never the bytes: the
@@ -16,24 +15,30 @@ path ran.
   the plan was made from (a file changed meanwhile is quarantined as "changed while being
   ingested", as :meth:`SourceFile.read` does on the local path), decode it with
   :func:`flows.ingest.layouts.decode_one` and shrink it with
-  :func:`flows.ingest.stages.shrink`, and return the small images (or the quarantine reason)
-  in plan order. Progress is reported as tasks finish, with the local path's callback shape
-  (``progress("read" | "decode", done, total)``).
+  :func:`flows.ingest.stages.shrink`. Each returns two objects: the files' metadata (or
+  quarantine reasons), fetched by the driver, and the shrunk pixels, left in Ray's object
+  store (spilled to disk by Ray when it fills; rebuilt from lineage if a node is lost).
+- Write: one task per shard converts its rows (:meth:`~flows.ingest.stages.Arrangement.arrays`,
+  the local path's conversion) from the decode chunks it needs and puts the shard's files in
+  the store (:meth:`~flows.snapshots.store.Store.put_shard`). The driver writes the manifest
+  last. So the driver's memory follows the number of files, never the pixels.
+- Progress is reported as tasks finish, with the local path's callback shape
+  (``progress("read" | "decode" | "write", done, total)``).
 
 Where workers read from: an ``s3://`` source is read by each worker directly from the object
 store through s3fs. The endpoint travels with the tasks (Ray's runtime env, the settings of
 :func:`flows.settings.forwarded_env`); credentials never do: each node has its own (its
-environment or instance role), as for training. A local path is read by that path on
-whichever node runs the task, so on a cluster of several machines it must be on a
-filesystem every node mounts at the same path (NFS, a shared volume); a node that does not
-see it fails the ingest in one line saying so. A single-file source (an archive, one .npz)
-stays on the local path: it is one file, nothing to spread.
+environment or instance role), as for training, and writes to the snapshot root with them. A
+local path (source or snapshot root) is used by that path on whichever node runs the task,
+so on a cluster of several machines it must be on a filesystem every node mounts at the same
+path (NFS, a shared volume); a node that does not see a source fails the ingest in one line
+saying so. A single-file source (an archive, one .npz) stays on the local path: it is one
+file, nothing to spread.
 
 Failures: a task whose worker or node is lost is retried by Ray (``MAX_RETRIES``); if it
 still fails, or a task raises (a storage error), the ingest fails in one line and nothing is
-written: the snapshot is written on the driver after every task has returned, as on the
-local path. Quarantine and the bad-share limit (``max_bad_fraction``) are applied by
-:func:`~flows.ingest.stages.assemble`, on the driver, as on the local path.
+left: every shard file that may have been written is removed, and without a manifest no
+snapshot exists (:meth:`~flows.snapshots.store.Store.cleaning_up`).
 """
 
 from __future__ import annotations
