@@ -7,7 +7,12 @@ GANFLOW_S3_ENDPOINT_URL and a writable bucket (--bucket) are given. Each source 
 into a fresh local store (cold), then again (the no-op re-ingest). With --large N, N larger
 photos-like PNGs (256x256 RGB) are ingested down to 32x32 in a child process, which reports its
 peak resident memory: decoding shrinks each chunk as it arrives, so memory follows the stored
-size, not the source's pixels. A benchmark, not a test.
+size, not the source's pixels. With --driver-memory N,M,... N (then M ...) 64x64 RGB PNGs
+are ingested at their size, locally and on Ray (``cluster=yes``: a local Ray on this machine,
+standing in for a cluster), each in a child process that reports the driver's own peak
+resident memory and the seconds taken: locally the driver holds every stored pixel before
+writing; on the cluster the pixels go from the decode tasks to the write tasks through Ray's
+object store and the driver holds metadata only. A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -90,6 +95,61 @@ def _time_large(n: int, side: int, workers: int) -> dict:
     }
 
 
+def _driver_child(src: str, cluster: str) -> None:
+    """One ingest in its own process: the driver's peak resident memory (Ray's workers and
+    the decode pool are other processes) and the seconds taken, Ray's start-up excluded."""
+    import resource
+
+    from flows.ingest.runner import ingest
+
+    if cluster == "yes":
+        from flows.preflight import ensure_ray
+
+        ensure_ray(log_to_driver=False)
+    with tempfile.TemporaryDirectory() as root:
+        t0 = time.perf_counter()
+        r = ingest(src, root=root, workers=2, cluster=cluster)
+        seconds = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"images": r["num_images"], "seconds": seconds, "peak_mb": peak_mb}))
+
+
+def _driver_memory(sizes: list[int]) -> list[dict]:
+    import subprocess
+    import sys
+
+    rows = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "pngs"
+            _make_large_pngs(src, n, 64)
+            for cluster in ("no", "yes"):
+                code = (
+                    f"from flows.bench.ingest import _driver_child; "
+                    f"_driver_child({str(src)!r}, {cluster!r})"
+                )
+                env = {**os.environ, "GANFLOW_HOME": str(Path(tmp) / "home")}
+                env.pop("RAY_ADDRESS", None)
+                out = subprocess.run(
+                    [sys.executable, "-c", code],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                ).stdout
+                r = json.loads(out.strip().splitlines()[-1])
+                row = {
+                    "images": r["images"],
+                    "path": "cluster" if cluster == "yes" else "local",
+                    "stored_mb": round(r["images"] * 64 * 64 * 3 / 2**20),
+                    "driver_peak_rss_mb": round(r["peak_mb"]),
+                    "seconds": round(r["seconds"], 1),
+                }
+                print(f"driver memory: {row}", flush=True)
+                rows.append(row)
+    return rows
+
+
 def _time(source: str, root: str, workers: int) -> dict:
     from flows.ingest.runner import ingest
     from flows.ingest.stages import IngestOptions
@@ -123,8 +183,18 @@ def main() -> None:
         metavar="N",
         help="also ingest N 256x256 RGB PNGs down to 32x32 and report peak memory (0: skip)",
     )
+    p.add_argument(
+        "--driver-memory",
+        metavar="N,M",
+        help="only: the driver's peak memory ingesting N, M ... 64 px PNGs, local vs on Ray",
+    )
     args = p.parse_args()
     import torch
+
+    if args.driver_memory:
+        rows = _driver_memory([int(x) for x in args.driver_memory.split(",")])
+        print(json.dumps({"driver_memory": rows}))
+        return
 
     torch.set_num_threads(1)
     results = {}
