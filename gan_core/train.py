@@ -465,7 +465,8 @@ class Feeder:
         return Batch(images["x"], labels, images.get("y"))
 
     def close(self) -> None:
-        """Stop reading ahead (a pending read is finished and dropped: it drew nothing new)."""
+        """Stop reading ahead. A pending read is dropped but its draws are not undone: only
+        a loop that failed leaves one (train() never does at a log point or at its end)."""
         if self._pending is not None:
             self._pending[1].cancel()
             self._pending = None
