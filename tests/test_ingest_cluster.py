@@ -208,7 +208,9 @@ def test_lost_worker_retried_or_nothing_written(two_nodes, source, tmp_path, mon
     # One death, then the retry succeeds: the snapshot is the local one.
     monkeypatch.setenv(cluster._FAULT_VAR, f"decode:1:{tmp_path / 'deaths-b'}")
     on = ingest(str(source), root=str(tmp_path / "retried"))
-    assert (tmp_path / "deaths-b").read_bytes() == b"x"
+    # At least one worker died (tasks starting together may each see no death recorded
+    # yet and die too: each is a different task, retried once).
+    assert len((tmp_path / "deaths-b").read_bytes()) >= 1
     local = ingest(str(source), root=str(tmp_path / "local"), cluster="no")
     assert on["id"] == local["id"]
     _same_snapshot(tmp_path / "local", tmp_path / "retried", on["id"])

@@ -128,7 +128,8 @@ class RemoteSourceFile(SourceFile):
 
 def _test_fault(stage: str) -> None:
     """Tests only: GANFLOW_INGEST_TEST_FAULT="<stage>:<n>:<file>" kills the worker process of
-    the first n task attempts of the stage (counted in <file>), as a lost node would."""
+    the first n task attempts of the stage (counted in <file>), as a lost node would.
+    Attempts that start together may all see fewer than n deaths counted: at least n die."""
     spec = os.environ.get(_FAULT_VAR)
     if not spec:
         return
