@@ -89,6 +89,7 @@ MAX_RETRIES = 3
 _READ_BATCH = (16, 256)  # files per fetch task: at least, at most
 _DECODE_CHUNK = (8, 64)  # files per decode task: at least, at most
 _FAULT_VAR = "GANFLOW_INGEST_TEST_FAULT"
+_STOP_WAIT_S = 60.0
 
 
 def use_cluster(cluster: str | bool | None) -> bool:
@@ -326,6 +327,11 @@ def _gather(
         for ref in pending:  # Ctrl-C or a failure: the rest stops now, not when done
             with contextlib.suppress(Exception):
                 ray.cancel(ref)
+        # ...and has stopped before the caller cleans up: a write task still running would
+        # put its shard (or leave its temporary file) after the cleanup. A cancelled task
+        # is interrupted, and an interrupted put removes its temporary file.
+        with contextlib.suppress(Exception):
+            ray.wait(list(pending), num_returns=len(pending), timeout=_STOP_WAIT_S)
         raise
     return results
 
