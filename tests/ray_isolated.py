@@ -22,6 +22,12 @@ RAY_TEST_ENV = {
 }
 
 
+def use_test_env(mp) -> None:
+    """Set RAY_TEST_ENV through a pytest MonkeyPatch (undone with it)."""
+    for k, v in RAY_TEST_ENV.items():
+        mp.setenv(k, v)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))

@@ -286,11 +286,10 @@ def test_bad_input_is_one_line(argv, phrase, setup, tmp_path, monkeypatch, capsy
 @pytest.fixture(scope="module")
 def ray_cluster():
     pytest.importorskip("ray")
-    from ray_isolated import RAY_TEST_ENV, isolated_cluster
+    from ray_isolated import isolated_cluster, use_test_env
 
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in RAY_TEST_ENV.items():
-            mp.setenv(k, v)
+        use_test_env(mp)
         mp.delenv("RAY_ADDRESS", raising=False)
         mp.delenv("GANFLOW_RAY_MAX_CPUS", raising=False)
         mp.delenv("GANFLOW_RAY_MAX_GPUS", raising=False)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from ingest_data import png, upload, write
 from own_data import labelled
-from ray_isolated import RAY_TEST_ENV, isolated_cluster
+from ray_isolated import isolated_cluster, use_test_env
 
 import flows.ingest.cluster as cluster
 import flows.ingest.runner as runner
@@ -34,8 +34,7 @@ def two_nodes():
     from s3_server import ACCESS_KEY, SECRET_KEY
 
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in RAY_TEST_ENV.items():
-            mp.setenv(k, v)
+        use_test_env(mp)
         # Credentials live in each node's own environment (they never travel with tasks):
         # the nodes are started with the keys the s3 fixture sets later for the driver.
         mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)

@@ -5,7 +5,7 @@ per worker). About 40 s on 2 shared cores."""
 from __future__ import annotations
 
 import pytest
-from ray_isolated import RAY_TEST_ENV, isolated_cluster
+from ray_isolated import isolated_cluster, use_test_env
 
 from flows.train.driver import run_training
 from flows.train.spec import ClusterSpec, TrainRequest
@@ -18,8 +18,7 @@ pytestmark = pytest.mark.timeout(300)
 def two_nodes():
     pytest.importorskip("ray")
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in RAY_TEST_ENV.items():
-            mp.setenv(k, v)
+        use_test_env(mp)
         with isolated_cluster([1, 1], connect=False) as cluster:
             yield cluster
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from ray_isolated import RAY_TEST_ENV, isolated_cluster
+from ray_isolated import isolated_cluster, use_test_env
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -19,8 +19,7 @@ def prefect_and_ray(tmp_path_factory):
     mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     mp.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
     mp.delenv("PREFECT_API_URL", raising=False)
-    for k, v in RAY_TEST_ENV.items():
-        mp.setenv(k, v)
+    use_test_env(mp)
     from prefect.testing.utilities import prefect_test_harness
 
     try:

@@ -59,7 +59,7 @@ def _env(home, mp):
 @pytest.fixture(scope="module")
 def ray_home(tmp_path_factory, classifier_cache):
     pytest.importorskip("ray")
-    from ray_isolated import RAY_TEST_ENV, isolated_cluster
+    from ray_isolated import isolated_cluster, use_test_env
 
     home = tmp_path_factory.mktemp("tune-home")
     (home / "cache").mkdir()
@@ -67,8 +67,7 @@ def ray_home(tmp_path_factory, classifier_cache):
         (home / "cache" / f.name).write_bytes(f.read_bytes())
     with pytest.MonkeyPatch.context() as mp:
         _env(home, mp)
-        for k, v in RAY_TEST_ENV.items():
-            mp.setenv(k, v)
+        use_test_env(mp)
         with isolated_cluster([2]) as cluster:
             mp.setenv("RAY_ADDRESS", cluster.address)  # the resume test's CLI driver joins it
             yield home
