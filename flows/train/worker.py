@@ -69,13 +69,6 @@ def open_train(job: WorkerJob, cfg: GanConfig):
     return open_dataset(job.snapshot_id, "train", job.snapshot_root, image_size=cfg.data.image_size)
 
 
-def load_heldout(job: WorkerJob, cfg: GanConfig) -> dict:
-    """{'val', 'test'} in memory, at most eval.heldout rows each (data_config.load_heldout)."""
-    from flows.train.data_config import load_heldout as load
-
-    return load(job.snapshot_id, job.snapshot_root, cfg)
-
-
 # --- distribution ---------------------------------------------------------------------------
 
 
@@ -255,7 +248,11 @@ def _train_worker(job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, de
 
     train_rows = open_train(job, cfg)
     data = train_rows.to(device)  # labels only: rows stay on the host, minibatches move
-    heldout = load_heldout(job, cfg) if rank == 0 else None
+    heldout = None
+    if rank == 0:  # {'val', 'test'} in memory, at most eval.heldout rows each
+        from flows.train.data_config import load_heldout
+
+        heldout = load_heldout(job.snapshot_id, job.snapshot_root, cfg)
     sync_bn = cfg.model.sync_batchnorm and world_size > 1 and device.type == "cuda"
     state = init_state(
         cfg, data, device, rank, world_size, wrap=lambda m: ddp_wrap(m, sync_bn=sync_bn)
