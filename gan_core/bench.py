@@ -46,8 +46,10 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gan_core.config import GanConfig, apply_overrides, preset
+from gan_core.config import GanConfig
 from gan_core.data import load_builtin
+from gan_core.overrides import apply_overrides
+from gan_core.presets import preset
 from gan_core.train import TrainState, init_state, resolve_device, train
 
 RESULT_KEYS = (

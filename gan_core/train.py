@@ -36,6 +36,7 @@ from gan_core import losses
 from gan_core.config import GanConfig
 from gan_core.data import ImageSet, MinibatchSampler, UnpairedSet, to_unit
 from gan_core.models import build_models
+from gan_core.overrides import from_flat_dict
 
 Metrics = dict[str, Tensor]
 
@@ -664,6 +665,6 @@ def load_checkpoint(
 ) -> TrainState:
     """Rebuild the state a checkpoint was saved from (its config is stored inside it)."""
     sd = read_checkpoint(path)
-    cfg = GanConfig.from_flat_dict(sd["config"])
+    cfg = from_flat_dict(sd["config"])
     state = init_state(cfg, data, device, rank, world_size, wrap)
     return load_state_dict(state, sd)

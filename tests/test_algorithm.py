@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from gan_core.config import apply_overrides, preset
 from gan_core.data import load_builtin
+from gan_core.overrides import apply_overrides
+from gan_core.presets import preset
 from gan_core.train import FAMILIES, init_state, train
 
 ALL = ("gan", "cgan", "cyclegan")

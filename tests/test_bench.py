@@ -11,8 +11,9 @@ import torch
 
 import gan_core.train as train_mod
 from gan_core import bench
-from gan_core.config import apply_overrides, preset
 from gan_core.data import load_builtin
+from gan_core.overrides import apply_overrides
+from gan_core.presets import preset
 from gan_core.train import init_state, state_dict
 
 

@@ -7,8 +7,9 @@ import pickle
 import pytest
 import torch
 
-from gan_core.config import apply_overrides, preset
 from gan_core.data import load_builtin
+from gan_core.overrides import apply_overrides
+from gan_core.presets import preset
 from gan_core.train import init_state, load_checkpoint, read_checkpoint, save_checkpoint, train
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gan_core.config import ConfigError, GanConfig, apply_overrides, preset
+from gan_core.config import ConfigError
+from gan_core.overrides import apply_overrides, from_flat_dict
+from gan_core.presets import preset
 
 
 @pytest.mark.parametrize(
@@ -41,9 +43,9 @@ def test_flat_dict_round_trip_including_strings(family, name):
     cfg = preset(family, name)
     flat = cfg.to_flat_dict()
     assert all("." in k for k in flat if k != "family")
-    assert GanConfig.from_flat_dict(flat) == cfg
+    assert from_flat_dict(flat) == cfg
     as_strings = {k: str(v) for k, v in flat.items()}  # what MLflow gives back
-    assert GanConfig.from_flat_dict(as_strings) == cfg
+    assert from_flat_dict(as_strings) == cfg
 
 
 def test_overrides_by_leaf_name():

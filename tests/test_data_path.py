@@ -22,8 +22,9 @@ from flows.ingest.stages import IngestOptions
 from flows.snapshots import SnapshotOutdated, resolve_snapshot
 from flows.snapshots.cache import snapshot_cache
 from flows.snapshots.load import load_dataset, open_dataset
-from gan_core.config import apply_overrides, preset
 from gan_core.data import StoredRows, in_memory, spread, to_uint8, to_unit
+from gan_core.overrides import apply_overrides
+from gan_core.presets import preset
 from gan_core.train import Feeder, init_state, load_state_dict, plain, state_dict, train
 
 pytest_plugins = ["s3_server"]

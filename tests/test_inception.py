@@ -328,11 +328,12 @@ def test_evaluation_uses_fid_as_the_primary_metric_when_asked(fid_env, extractor
     """eval.inception wires FID/KID into every family's evaluation, the GAN's and CycleGAN's
     primary metric follows, and the preflight passes with the configured file."""
     from flows.train.data_config import check_inception, load_inception
-    from gan_core.config import apply_overrides, preset
     from gan_core.data import load_builtin
     from gan_core.evaluate import evaluate, primary_metric
     from gan_core.judge import train_judge
     from gan_core.models import build_models
+    from gan_core.overrides import apply_overrides
+    from gan_core.presets import preset
 
     for family in ("gan", "cyclegan"):
         cfg = apply_overrides(preset(family, "tiny"), {"eval.inception": True, "eval.samples": 16})

@@ -206,8 +206,9 @@ def test_dry_run_turns_a_model_error_into_one_line(monkeypatch):
 
     from flows.train.data_config import dry_run
     from gan_core import train as train_module
-    from gan_core.config import ConfigError, preset
+    from gan_core.config import ConfigError
     from gan_core.data import load_builtin
+    from gan_core.presets import preset
 
     cfg = preset("gan", "tiny")
     data, test = (load_builtin("builtin:digits", 16, s) for s in ("train", "test"))

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from gan_core.config import apply_overrides, preset
 from gan_core.data import load_builtin
+from gan_core.overrides import apply_overrides
+from gan_core.presets import preset
 from gan_core.train import (
     accumulate_metrics,
     autocast_enabled,

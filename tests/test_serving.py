@@ -31,10 +31,11 @@ import torch
 from mlflow import MlflowClient
 
 from flows import registry, tracking
-from gan_core.config import apply_overrides, preset
 from gan_core.data import load_builtin
 from gan_core.evaluate import evaluate
 from gan_core.judge import load_or_train_judge
+from gan_core.overrides import apply_overrides
+from gan_core.presets import preset
 from gan_core.train import init_state, train
 
 pytestmark = pytest.mark.timeout(600)

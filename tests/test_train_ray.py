@@ -18,11 +18,12 @@ from ray_isolated import RAY_TEST_ENV, isolated_cluster
 from flows import tracking
 from flows.train.driver import run_training
 from flows.train.spec import ClusterSpec, FaultInjection, StorageSpec, TrainError, TrainRequest
-from gan_core.config import apply_overrides, preset
 from gan_core.data import load_digits
 from gan_core.evaluate import evaluate
 from gan_core.judge import load_or_train_judge
 from gan_core.models import build_models
+from gan_core.overrides import apply_overrides
+from gan_core.presets import preset
 from gan_core.train import read_checkpoint
 
 pytestmark = pytest.mark.timeout(600)

@@ -9,7 +9,8 @@ from ray_isolated import isolated_cluster, use_test_env
 
 from flows.train.driver import run_training
 from flows.train.spec import ClusterSpec, TrainRequest
-from gan_core.config import apply_overrides, preset
+from gan_core.overrides import apply_overrides
+from gan_core.presets import preset
 
 pytestmark = pytest.mark.timeout(300)
 

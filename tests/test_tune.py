@@ -14,7 +14,8 @@ import pytest
 
 from flows.tune.search import SearchRequest, run_search
 from flows.tune.space import SearchError, count_trials, default_space, validate_space
-from gan_core.config import apply_overrides, preset
+from gan_core.overrides import apply_overrides
+from gan_core.presets import preset
 
 pytestmark = pytest.mark.timeout(900)
 pytest_plugins = ["s3_server"]  # moto server fixtures: moto_endpoint, s3

@@ -94,7 +94,8 @@ def make_snapshot(root: str, n: int, size: int, seed: int = 0) -> str:
 
 
 def _bench_config(size: int, batch_size: int, steps: int, narrow: bool):
-    from gan_core.config import DataFacts, apply_overrides, config_for_data
+    from gan_core.overrides import apply_overrides
+    from gan_core.presets import DataFacts, config_for_data
 
     facts = DataFacts("labelled", size, 3, tuple(str(c) for c in range(10)), name="bench")
     cfg = config_for_data("cgan", facts)

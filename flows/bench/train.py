@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-    from gan_core.config import apply_overrides, preset
+    from gan_core.overrides import apply_overrides
+    from gan_core.presets import preset
 
     cfg = apply_overrides(
         preset(args.family, "default"),

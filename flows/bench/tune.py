@@ -18,8 +18,9 @@ import torch
 def main(family: str = "cyclegan", steps: int = 40, samples: int = 1) -> dict:
     from flows.tune.search import SearchRequest, run_search
     from flows.tune.space import default_space, validate_space
-    from gan_core.config import apply_overrides, preset
     from gan_core.data import load_builtin
+    from gan_core.overrides import apply_overrides
+    from gan_core.presets import preset
     from gan_core.train import init_state, train
 
     base = apply_overrides(

@@ -14,7 +14,9 @@ import sys
 from collections.abc import Sequence
 
 from flows.errors import UserError
-from gan_core.config import FAMILIES, ConfigError, apply_overrides, preset
+from gan_core.config import FAMILIES, ConfigError
+from gan_core.overrides import apply_overrides
+from gan_core.presets import preset
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -8,9 +8,7 @@ from flows.settings import check_name
 from flows.train.config import build_config
 from flows.train.driver import run_training
 from flows.train.spec import ClusterSpec, StorageSpec, TrainError, TrainRequest
-from gan_core.config import (
-    FAMILIES,
-)
+from gan_core.config import FAMILIES
 
 
 def _check_args(args: argparse.Namespace) -> ClusterSpec:

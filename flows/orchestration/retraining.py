@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from prefect import flow, task
 
 from flows.settings import read_yaml_mapping
-from gan_core.config import DEFAULT_DATASET, FAMILIES, ConfigError, apply_overrides, preset
+from gan_core.config import DEFAULT_DATASET, FAMILIES, ConfigError
+from gan_core.overrides import apply_overrides
+from gan_core.presets import preset
 
 
 class PipelineError(ValueError):

@@ -19,6 +19,7 @@ from flows.tracking import META_FILE, MODEL_FILE
 from flows.tracking import write_package as package_generator
 from gan_core.config import GanConfig
 from gan_core.models import build_models
+from gan_core.overrides import from_flat_dict
 
 PACKAGE_DIR = "ganflow_generator"  # legacy: the loose artifact folder of versions before v2
 HISTORY_TAG = "ganflow.champion_history"
@@ -57,7 +58,7 @@ def load_package(
         )
     try:
         meta = json.loads(meta_path.read_text())
-        cfg = GanConfig.from_flat_dict(meta["config"])
+        cfg = from_flat_dict(meta["config"])
         tensors = load_file(str(weights_path), device=str(device))
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise RegistryError(f"damaged generator package ({type(exc).__name__}: {exc})") from None

@@ -47,8 +47,9 @@ from flows.registry.models import (
     load_generator,
 )
 from flows.registry.package import HISTORY_TAG, RegistryError
-from gan_core.config import GanConfig, apply_overrides
+from gan_core.config import GanConfig
 from gan_core.evaluate import evaluate, primary_metric
+from gan_core.overrides import apply_overrides
 
 LOCK_SOURCE = "ganflow:/promotion-lock"  # no artifacts behind it; an absolute path, as
 # MLflow's server requires of any model version source (a relative one is refused)

@@ -6,10 +6,7 @@ from __future__ import annotations
 from flows.ingest.resolve import ensure_snapshot
 from flows.settings import read_yaml_mapping, snapshot_root
 from flows.train.spec import TrainError
-from gan_core.config import (
-    DEFAULT_DATASET,
-    GanConfig,
-)
+from gan_core.config import DEFAULT_DATASET, GanConfig
 
 # --- command line ---------------------------------------------------------------------------
 
@@ -17,7 +14,7 @@ from gan_core.config import (
 def user_overrides(config_file: str | None, overrides: list[str]) -> dict[str, object]:
     """--config FILE (flat or nested JSON/YAML key: value) < --set key=value, as
     {'section.field': value} with leaf names resolved (unknown keys fail here)."""
-    from gan_core.config import normalise_overrides, parse_pairs
+    from gan_core.overrides import normalise_overrides, parse_pairs
 
     flat: dict[str, object] = {}
     if config_file:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from gan_core.config import ConfigError, DataFacts, GanConfig, apply_overrides, config_for_data
+from gan_core.config import ConfigError, GanConfig
+from gan_core.overrides import apply_overrides
+from gan_core.presets import DataFacts, config_for_data
 
 
 def facts(manifest: dict) -> DataFacts:
@@ -42,7 +44,7 @@ def check_config(cfg: GanConfig, manifest: dict) -> None:
     """ConfigError when a finished config does not fit the snapshot (a config built
     elsewhere, e.g. a search's base or a pipeline override, against another snapshot)."""
     f = facts(manifest)
-    from gan_core.config import check_family_data
+    from gan_core.presets import check_family_data
 
     check_family_data(cfg.family, f)
     for key, have, want in (

@@ -17,10 +17,8 @@ from flows.preflight import ensure_ray
 from flows.settings import cache_dir, forwarded_env, ganflow_home, inside, snapshot_root
 from flows.train.spec import ClusterSpec, TrainError, TrainRequest, WorkerJob
 from flows.train.worker import train_loop_per_worker
-from gan_core.config import (
-    GanConfig,
-    apply_overrides,
-)
+from gan_core.config import GanConfig
+from gan_core.overrides import apply_overrides
 
 
 def _max_setting(var: str) -> float | None:

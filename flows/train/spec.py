@@ -8,9 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flows.settings import check_name, ray_storage
-from gan_core.config import (
-    GanConfig,
-)
+from gan_core.config import GanConfig
 
 STATE_FILE = "state.pt"
 EXPERIMENT = "ganflow-train"

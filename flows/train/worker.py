@@ -22,9 +22,10 @@ Distribution, stated once:
 
 Checkpoints (every ``checkpoint_every`` iterations and at the end) are reported through
 ``ray.train.report`` by every rank into one directory: rank 0 writes ``state.pt`` (models,
-optimisers, schedulers, step, config) and each rank writes ``rank-<r>.pt`` with its own random
-streams (sampler, noise, CycleGAN image pools), so a resumed run draws exactly the batches
-and noise the uninterrupted one would have. Files hold tensors and primitives only and load
+optimisers, schedulers, EMA, step, config) and ``best.pt`` (the best generator so far on
+val), and each rank writes ``rank-<r>.pt`` with its own random streams (sampler, noise,
+CycleGAN image pools, augmentation), so a resumed run draws exactly the batches and noise the
+uninterrupted one would have and registers the same best step. Files hold tensors and primitives only and load
 with ``weights_only=True``. Storage is local (GANFLOW_HOME/ray_results) or ``s3://`` with the
 endpoint passed explicitly to pyarrow. FailureConfig restarts a dead worker group from the
 latest checkpoint; rerunning a run name resumes it (Ray finds the run in storage, and the
@@ -33,11 +34,19 @@ MLflow run tagged with that name is reused).
 Reports to Ray are few on purpose: Ray Train's controller takes one report per worker every
 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) from a one-deep queue, so reporting at
 every log point paced a tiny model at 0.5 log points/s (measured). Losses go to MLflow at
-every log point; Ray sees checkpoints, evaluations (``eval_every``, for Tune) and the end.
+every log point; Ray sees checkpoints, evaluations (``eval.every``, which Tune's schedulers
+read) and the end.
+
+Best, not last: every ``eval.every`` iterations and at the end, rank 0 measures the networks
+evaluation uses (``gan_core.train.eval_models``: the EMA generator when the config keeps one)
+on the val split, logs ``eval.val_<metric>`` at that step (the curve) and keeps the best step
+by the family's primary metric (:class:`flows.train.best.BestSoFar`). At the end the best
+step's generator is measured on test and registered; the run's final figures are that
+step's (``best_step`` says which).
 
 MLflow: the driver checks the tracking server, creates the run and logs the config and the
 dataset snapshot before any cluster work; rank 0 alone logs metrics, sample grids, the
-evaluation and the final generator.
+evaluation and the chosen generator.
 """
 
 from __future__ import annotations
@@ -53,11 +62,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flows.train.checkpoints import report_checkpoint, restore_checkpoint
+from flows.train.checkpoints import read_best, report_checkpoint, restore_checkpoint
 from flows.train.spec import WorkerJob, WorkerUserError
-from gan_core.config import (
-    GanConfig,
-)
+from gan_core.config import GanConfig
+from gan_core.overrides import from_flat_dict
 
 
 def open_train(job: WorkerJob, cfg: GanConfig):
@@ -219,7 +227,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    cfg = GanConfig.from_flat_dict(job.config)
+    cfg = from_flat_dict(job.config)
     try:
         _train_worker(job, cfg, rank, world_size, device)
     except (

@@ -23,8 +23,8 @@ from flows.ingest.resolve import ensure_snapshot
 from flows.settings import forwarded_env, ray_storage
 from flows.tune.space import SearchError, SearchRequest, to_tune_space
 from flows.tune.summary import _summarise
-from gan_core.config import GanConfig, apply_overrides
 from gan_core.evaluate import primary_metric
+from gan_core.overrides import apply_overrides, from_flat_dict
 
 EXPERIMENT = "ganflow-search"
 
@@ -109,7 +109,7 @@ def _trial(config: dict) -> None:
     # same snapshot store and writes the same MLflow/Ray storage as the driver.
     os.environ.update(ctx["env"])
     params = {k: v for k, v in config.items() if k != "__ganflow"}
-    cfg = apply_overrides(GanConfig.from_flat_dict(ctx["base"]), params)
+    cfg = apply_overrides(from_flat_dict(ctx["base"]), params)
     trial_name = f"{ctx['search']}-{tune.get_context().get_trial_id()}"
     req = TrainRequest(
         cfg=cfg,

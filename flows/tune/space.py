@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass, field
 
 from flows.settings import read_yaml_mapping
-from gan_core.config import ConfigError, GanConfig, apply_overrides, resolve_key
+from gan_core.config import ConfigError, GanConfig
+from gan_core.overrides import apply_overrides, resolve_key
 
 SEARCHER_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
