@@ -162,10 +162,11 @@ def log_dataset_input(uri: str, run_id: str, manifest: dict, storage_url: str) -
 
 # --- the generator package and the logged model ---------------------------------------------
 #
-# One model per run: the final generator(s) as an MLflow logged model with a python_function
-# flavor (models-from-code: the class is shipped as code, never pickled) whose payload is the
-# weights-only package below. The registry registers that logged model; `ganflow generate`,
-# `ganflow serve` and `mlflow models serve` all load the same artifacts.
+# One model per run: the chosen generator(s) (a training run's best step on val, EMA weights
+# when kept) as an MLflow logged model with a python_function flavor (models-from-code: the
+# class is shipped as code, never pickled) whose payload is the weights-only package below.
+# The registry registers that logged model; `ganflow generate`, `ganflow serve` and
+# `mlflow models serve` all load the same artifacts.
 
 MODEL_FILE = "generator.safetensors"
 META_FILE = "ganflow_model.json"
@@ -269,12 +270,15 @@ def log_generator(
     cfg: GanConfig,
     models: dict[str, nn.Module],
     extra: dict | None = None,
+    tags: dict[str, str] | None = None,
 ) -> list[str]:
-    """Log the final generator(s) once, as the run's logged model ``generator``: a
+    """Log the run's chosen generator(s) once, as the run's logged model ``generator``: a
     python_function model from code whose payload is the weights-only package, with the
     serving signature and an input example, the flat config as its params, the run's final
     figures as its metrics (linked to the snapshot's dataset) and the snapshot as a tag.
-    Returns [models:/<model_id>]."""
+    ``models``: the networks to serve (a training run passes its best step's EMA
+    generator); ``tags``: more logged-model tags (a training run: ``ganflow.best_step`` and
+    the val figure that chose it). Returns [models:/<model_id>]."""
     import tempfile
 
     import mlflow
@@ -306,6 +310,7 @@ def log_generator(
                 metadata={"ganflow.format": MODEL_FORMAT, "ganflow.family": cfg.family},
                 params={k: str(v) for k, v in cfg.to_flat_dict().items()},
                 tags={
+                    **(tags or {}),
                     "ganflow.family": cfg.family,
                     "ganflow.snapshot_id": snapshot,
                     "ganflow.format": MODEL_FORMAT,

@@ -237,7 +237,6 @@ def _track_and_fit(req, cfg, manifest, root, uri, run_id, run_name, use_gpu) -> 
         threads=cluster.threads,
         check_replicas=req.check_replicas,
         fault=asdict(req.fault) if req.fault else None,
-        eval_every=req.eval_every,
     )
     return _fit(job, cluster, req, run_name, use_gpu)
 

@@ -43,7 +43,6 @@ class WorkerJob:
     threads: int = 1
     check_replicas: bool = False
     fault: dict | None = None
-    eval_every: int | None = None
 
 
 class WorkerUserError(RuntimeError):
@@ -141,10 +140,6 @@ class TrainRequest:
     check_replicas: bool = False
     fault: FaultInjection | None = None
     cache_dir: str | None = None
-    eval_every: int | None = None
-    """Held-out evaluation every N iterations (a multiple of log_every), reported to Ray under
-    the metrics' own names (Tune's schedulers read them) and to MLflow as eval.*; later
-    reports carry the latest figures. None: at the end only."""
     parent_run_id: str | None = None
     """MLflow parent run (a search), recorded as mlflow.parentRunId."""
     trainer_callbacks: list = field(default_factory=list)
@@ -159,7 +154,6 @@ class TrainRequest:
         for flag, value in (
             ("--checkpoint-every", self.checkpoint_every),
             ("sample_every", self.sample_every),
-            ("eval_every", self.eval_every),
         ):
             if value is not None and (not _is_int(value) or value < 1):
                 raise TrainError(f"{flag} must be an integer >= 1, got {value!r}")

@@ -51,7 +51,6 @@ evaluation and the chosen generator.
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import sys
@@ -62,6 +61,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flows.train.best import eval_models, evaluation_due, judged_generators
 from flows.train.checkpoints import read_best, report_checkpoint, restore_checkpoint
 from flows.train.spec import WorkerJob, WorkerUserError
 from gan_core.config import GanConfig
@@ -130,9 +130,9 @@ def replica_divergence(models: dict[str, nn.Module], device: torch.device) -> fl
 
 class RayCallback:
     """gan_core callback at every log point: average the metrics over ranks, log them to
-    MLflow (rank 0), evaluate every ``eval_every`` iterations (rank 0), and report to Ray
-    with a checkpoint every ``checkpoint_every`` iterations. Every rank calls it at the same
-    iterations, so collectives and reports line up."""
+    MLflow (rank 0), evaluate on val every ``eval.every`` iterations (rank 0, which also keeps
+    the best step), and report to Ray with a checkpoint every ``checkpoint_every`` iterations.
+    Every rank calls it at the same iterations, so collectives and reports line up."""
 
     def __init__(self, job: WorkerJob, rank: int, world_size: int, end: int, evaluator):
         self.job, self.rank, self.world_size, self.end = job, rank, world_size, end
@@ -140,6 +140,11 @@ class RayCallback:
         self.last_t: float | None = None
         self.latest_eval: dict[str, float] = {}
         self.last_step = 0
+
+    @property
+    def best(self):
+        """Rank 0's best-so-far (written into its checkpoints); None on the other ranks."""
+        return self.evaluator.best if self.evaluator is not None else None
 
     def __call__(self, state, metrics: dict[str, float]) -> None:
         import ray.train
@@ -165,10 +170,10 @@ class RayCallback:
                 file=sys.__stderr__,
                 flush=True,
             )
-        every = self.job.eval_every
-        evaluated = bool(every) and state.step % every == 0 and state.step != self.end
+        cfg = state.cfg
+        evaluated = evaluation_due(state.step, cfg.eval.every, cfg.train.log_every, self.end)
         if self.rank == 0 and evaluated:
-            self.latest_eval = self.evaluator.run(state, final=False)
+            self.latest_eval = self.evaluator.validate(state)
         metrics.update(self.latest_eval)
         if self.rank == 0 and self.job.run_id:
             self._track(state, {k: v for k, v in metrics.items() if k not in self.latest_eval})
@@ -192,7 +197,7 @@ class RayCallback:
         if state.step == self.end:
             return
         if state.step % self.job.checkpoint_every == 0:
-            report_checkpoint(state, metrics, self.rank, self.world_size)
+            report_checkpoint(state, metrics, self.rank, self.world_size, self.best)
         elif evaluated:
             ray.train.report(metrics)
 
@@ -204,8 +209,9 @@ class RayCallback:
             self.job.tracking_uri, self.job.run_id, {k: v for k, v in metrics.items()}, state.step
         )
         if state.step % self.job.sample_every == 0 or state.step == self.end:
+            # The generator evaluation judges (EMA when kept), not the optimiser's weights.
             images, nrow, caption = sample_grid(
-                state.cfg, state.models, self.evaluator.heldout["test"]
+                state.cfg, eval_models(state), self.evaluator.heldout["test"]
             )
             tracking.log_grid(self.job.tracking_uri, self.job.run_id, images, nrow, state.step)
             # What the grid's rows are (and whether classes were cut), next to it in the UI.
@@ -266,9 +272,11 @@ def _train_worker(job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, de
         cfg, data, device, rank, world_size, wrap=lambda m: ddp_wrap(m, sync_bn=sync_bn)
     )
     checkpoint = ray.train.get_checkpoint()
+    best = None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             exact = restore_checkpoint(state, Path(d), rank, world_size)
+            best = read_best(Path(d)) if rank == 0 else None
         print(
             f"[ganflow rank {rank}] resumed at iteration {state.step}"
             + ("" if exact else " (world size changed: fresh data/noise streams)"),
@@ -278,7 +286,7 @@ def _train_worker(job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, de
     end = cfg.train.steps
     nodes = _count_nodes(world_size)
     start_step, t0 = state.step, time.perf_counter()
-    evaluator = Evaluator(job, cfg, train_rows, heldout) if rank == 0 else None
+    evaluator = Evaluator(job, cfg, train_rows, heldout, best) if rank == 0 else None
     train(state, data, callbacks=[RayCallback(job, rank, world_size, end, evaluator)])
     seconds = time.perf_counter() - t0
     final: dict[str, float] = {
@@ -289,9 +297,10 @@ def _train_worker(job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, de
         "train_steps_per_s": (state.step - start_step) / max(seconds, 1e-9),
     }
     if rank == 0:
-        final.update(evaluator.run(state, final=True))
-    # Result.metrics on the driver are those of the latest checkpoint: the evaluation.
-    report_checkpoint(state, final, rank, world_size)
+        final.update(evaluator.finish(state))
+    # Result.metrics on the driver are those of the latest checkpoint: the best step's
+    # figures. Its best.pt holds the registered generator (the last step was a candidate).
+    report_checkpoint(state, final, rank, world_size, evaluator.best if rank == 0 else None)
 
 
 def _count_nodes(world_size: int) -> int:
@@ -311,13 +320,30 @@ def _count_nodes(world_size: int) -> int:
 class Evaluator:
     """Rank 0's evaluation: the snapshot's judge (trained on the train split on first use,
     cached by snapshot id), the FID network when eval.inception is on, and the held-out
-    splits. Periodic evaluations (for Tune) measure val only, as ``val_<metric>``; the final
-    one measures val and test: test figures under their own names are what is reported and
-    registered, val figures are what search and promotion select on."""
+    splits. Evaluations during training measure val only, as ``val_<metric>``, and offer the
+    step to the best-so-far; the end measures the last step on val too (a candidate), then
+    the chosen step's generator on test: test figures under their own names are what is
+    reported and registered, val figures are what the best step, search and promotion
+    select on."""
 
-    def __init__(self, job: WorkerJob, cfg: GanConfig, train_rows, heldout: dict):
+    def __init__(self, job: WorkerJob, cfg: GanConfig, train_rows, heldout: dict, best=None):
+        from flows.train.best import BestSoFar
+        from gan_core.evaluate import primary_metric
+
         self.job, self.cfg, self.train_rows, self.heldout = job, cfg, train_rows, heldout
         self._judge = self._inception = None
+        self._tagged = False
+        # The direction comes from gan_core with the metric: never assumed per family.
+        has_truth = getattr(heldout["test"], "x_truth", None) is not None
+        self.primary, self.mode = primary_metric(cfg, has_truth)
+        self.best = BestSoFar(self.primary, self.mode)
+        if best is not None and not self.best.load_state_dict(best):
+            print(
+                f"[ganflow] the checkpoint's best step was chosen by {best.get('metric')} "
+                f"({best.get('mode')}), not {self.primary} ({self.mode}): chosen again from here",
+                file=sys.__stderr__,
+                flush=True,
+            )
 
     def judge(self):
         if self._judge is None:
@@ -343,35 +369,78 @@ class Evaluator:
             self.cfg, models, self.heldout[split], self.judge(), inception=self._inception
         )
 
-    def run(self, state, final: bool) -> dict[str, float]:
-        from gan_core.evaluate import primary_metric
-        from gan_core.train import plain
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        job = self.job
+        if not job.run_id:
+            return
+        from flows import tracking
 
-        cfg = self.cfg
-        # Evaluated on CPU copies: the judge lives on the CPU, and G stays untouched.
-        models = {k: copy.deepcopy(plain(v)).cpu() for k, v in state.models.items()}
-        primary, _ = primary_metric(cfg, getattr(self.heldout["test"], "x_truth", None) is not None)
-        metrics = {f"val_{k}": v for k, v in self._measure(models, "val").items()}
-        if final:
-            metrics.update(self._measure(models, "test"))
-            metrics["primary_metric_value"] = metrics[primary]
-            metrics["judge_heldout_accuracy"] = self.judge().heldout_accuracy
+        tracking.log_metrics(job.tracking_uri, job.run_id, metrics, step)
+        if not self._tagged:
+            client = tracking.client(job.tracking_uri)
+            client.set_tag(job.run_id, "ganflow.primary_metric", self.primary)
+            client.set_tag(job.run_id, "ganflow.judge_task", self.judge().task)
+            self._tagged = True
+
+    def validate(self, state) -> dict[str, float]:
+        """The val figures at this step (``val_<metric>``), logged as ``eval.val_<metric>``
+        (the curve); the step becomes the best so far when its primary figure is better."""
+        generators = judged_generators(state)
+        figures = self._measure(generators, "val")
+        self.best.offer(state.step, figures, generators)
+        metrics = {f"val_{k}": v for k, v in figures.items()}
+        self._log({f"eval.{k}": v for k, v in metrics.items()}, state.step)
+        return metrics
+
+    def finish(self, state) -> dict[str, float]:
+        """The end: the last step is evaluated on val as a candidate, then the best step's
+        generator is measured on test and registered. Returns the best step's figures: val
+        ones as ``val_<metric>``, test ones by name, and ``best_step``. When no step had a
+        finite primary figure (a diverged run), the last step's generator is the one kept."""
+        last_val = self.validate(state)
+        generators = judged_generators(state)
+        if self.best.found:
+            step = self.best.step
+            generators = self.best.load_into(generators)
+            val = {f"val_{k}": v for k, v in self.best.figures.items()}
+        else:
+            step, val = state.step, last_val
+        test = self._measure(generators, "test")
+        metrics = {
+            **val,
+            **test,
+            "best_step": step,
+            "primary_metric_value": test.get(self.primary, float("nan")),
+            "judge_heldout_accuracy": self.judge().heldout_accuracy,
+        }
         job = self.job
         if job.run_id:
             from flows import tracking
 
-            tracking.log_metrics(
+            # Test figures at the step whose generator they measure; best_step at the end.
+            self._log(
+                {f"eval.{k}": v for k, v in metrics.items() if k not in val and k != "best_step"},
+                step,
+            )
+            self._log({"best_step": step}, state.step)
+            primary_val = val.get(f"val_{self.primary}", float("nan"))
+            tags = {
+                "ganflow.best_step": str(step),
+                "ganflow.best_metric": f"val_{self.primary}",
+                "ganflow.best_value": f"{primary_val:.6g}",
+            }
+            client = tracking.client(job.tracking_uri)
+            for k, v in tags.items():
+                client.set_tag(job.run_id, k, v)
+            _log_loss_plot(job, self.cfg)
+            tracking.log_generator(
                 job.tracking_uri,
                 job.run_id,
-                {f"eval.{k}": v for k, v in metrics.items()},
-                state.step,
+                self.cfg,
+                generators,
+                extra={"best_step": step},
+                tags=tags,
             )
-            client = tracking.client(job.tracking_uri)
-            client.set_tag(job.run_id, "ganflow.primary_metric", primary)
-            client.set_tag(job.run_id, "ganflow.judge_task", self.judge().task)
-            if final:
-                _log_loss_plot(job, cfg)
-                tracking.log_generator(job.tracking_uri, job.run_id, cfg, models)
         return metrics
 
 

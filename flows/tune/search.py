@@ -4,10 +4,12 @@ other config field, at cluster scale.
 Each trial is a Ray Train run of the training stage's trainer (Ray Train V2: a Tune function
 builds one TorchTrainer per trial and forwards its reports with ``TuneReportCallback``), so
 a trial can itself span several GPU workers. Trials report the family's primary quality
-metric (gan_core's held-out evaluation) every ``eval_every`` iterations; ASHA stops poor
-trials early. MLflow gets one parent run for the search and one child run per trial; the
-parent records the best trial's config, metric and checkpoint, a metric-vs-(λ, k) picture
-and the best trial's sample grid. The best configuration comes back as config overrides
+metric on val every ``eval.every`` iterations (the training config's one evaluation
+interval: the search's ``eval_every`` sets it in every trial's config); ASHA stops poor
+trials early. A trial's final figure is its best step's, the generator its run registers.
+MLflow gets one parent run for the search and one child run per trial; the parent records
+the best trial's config, metric and checkpoint, a metric-vs-(λ, k) picture and the best
+trial's sample grid. The best configuration comes back as config overrides
 that ``ganflow train --set``/``--config`` and the retraining flow take as they are.
 """
 
@@ -122,7 +124,6 @@ def _trial(config: dict) -> None:
         experiment=EXPERIMENT,
         tracking=ctx["tracking"],
         parent_run_id=ctx["parent_run_id"],
-        eval_every=ctx["eval_every"],
         trainer_callbacks=[TuneReportCallback()],
         max_failures=0,
     )
@@ -144,10 +145,11 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
     from flows.train.driver import check_resources, ensure_ray, gpu_capacity
     from flows.train.spec import ClusterSpec, StorageSpec
 
-    base = req.base
-    steps = base.train.steps
-    eval_every = req.eval_every or max(1, steps // 4)
     req.check()
+    steps = req.base.train.steps
+    eval_every = req.eval_every or req.base.eval.every or max(1, steps // 4)
+    # Every trial evaluates on val at this interval (its reports carry the metric ASHA reads).
+    base = apply_overrides(req.base, {"eval.every": eval_every})
     if req.resume:  # before any work: a search that cannot resume leaves nothing behind
         where, fs = StorageSpec(url=_storage_root(req)).resolve()
         if not tune.Tuner.can_restore(f"{where}/{req.name}", storage_filesystem=fs):
@@ -209,7 +211,7 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
                 if k not in have:
                     client.log_param(parent, k, str(v))
 
-        # Trials report losses at every log point and the quality metric every eval_every
+        # Trials report losses at every log point and the quality metric every eval.every
         # iterations; ASHA only judges results that carry the metric, so reports without it are
         # valid (Tune's strict check would reject them).
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -223,7 +225,6 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
             "storage": _storage_root(req),
             "tracking": req.tracking,
             "parent_run_id": parent,
-            "eval_every": eval_every,
             "env": forwarded_env(),
         }
         trainable = tune.with_resources(
