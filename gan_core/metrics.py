@@ -6,6 +6,11 @@ in batches, and return plain Python floats/ints. The classifier is expected in e
 eval for the measurement and restored afterwards. Statistics use float64 so that the
 Fréchet distance between near-identical sets is not swamped by float32 rounding.
 
+Beside the distances between whole sets, figures that a collapsed generator cannot pass:
+precision/recall (Kynkäänniemi et al. 2019) and density/coverage (Naeem et al. 2020) from
+k-nearest-neighbour balls, the intra-class Fréchet distance and per-class coverage for
+conditional samples, and a memorisation ratio (distance to the nearest training image).
+
 The feature space is a :class:`gan_core.classifier.DigitClassifier` (``clf.features``) that
 this project trains itself on the dataset (:mod:`gan_core.judge`); numbers are comparable
 only between runs judged by the same classifier (same snapshot and seed).
@@ -167,13 +172,181 @@ def kernel_distance(
     return float(t.mean()), float(t.std(unbiased=False)) if len(values) > 1 else 0.0
 
 
+def features(clf: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """clf's features [N, D] of images, batched, on the CPU."""
+    return _features(clf, images)
+
+
+def feature_distances(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict:
+    """Fréchet distance (fd) and kernel distance (kd, kd_std) between two feature sets."""
+    mu_r, sigma_r = feature_statistics(real)
+    mu_f, sigma_f = feature_statistics(fake)
+    kd, kd_std = kernel_distance(real, fake, seed=seed)
+    return {"fd": frechet_distance(mu_r, sigma_r, mu_f, sigma_f), "kd": kd, "kd_std": kd_std}
+
+
 def distances(real: torch.Tensor, fake: torch.Tensor, clf: nn.Module, seed: int = 0) -> dict:
     """Fréchet distance (fd) and kernel distance (kd, kd_std) in clf's feature space."""
-    fr, ff = _features(clf, real), _features(clf, fake)
-    mu_r, sigma_r = feature_statistics(fr)
-    mu_f, sigma_f = feature_statistics(ff)
-    kd, kd_std = kernel_distance(fr, ff, seed=seed)
-    return {"fd": frechet_distance(mu_r, sigma_r, mu_f, sigma_f), "kd": kd, "kd_std": kd_std}
+    return feature_distances(_features(clf, real), _features(clf, fake), seed)
+
+
+# --- collapse and memorisation: figures that one image per mode cannot pass -----------------
+
+# k of the k-nearest-neighbour balls, as Naeem et al. 2020 recommend (and Kynkäänniemi et
+# al. 2019 use k = 3..5): smaller k makes the balls hug single points, larger k lets a few
+# samples cover everything.
+NEIGHBOURS = 5
+# At most this many points a side enter a neighbour computation: the cost is quadratic, and
+# a few thousand already pin the figures to within about a percent.
+MAX_NEIGHBOUR_POINTS = 2000
+
+
+def _subsample(points: torch.Tensor, limit: int, generator: torch.Generator) -> torch.Tensor:
+    if points.shape[0] <= limit:
+        return points
+    return points[torch.randperm(points.shape[0], generator=generator)[:limit]]
+
+
+def _pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # The direct difference formula, not the matmul expansion: the expansion leaves
+    # distances of ~1e-7 between identical points, and a copied image must be at 0.
+    return torch.cdist(
+        a.to(torch.float64), b.to(torch.float64), compute_mode="donot_use_mm_for_euclid_dist"
+    )
+
+
+def knn_radii(points: torch.Tensor, k: int = NEIGHBOURS) -> torch.Tensor:
+    """Distance from each point to its k-th nearest other point (float64). Fewer than k + 1
+    points: the farthest other point's distance, so small classes still get a ball."""
+    n = points.shape[0]
+    if n < 2:
+        raise ValueError(f"k-NN radii need at least 2 points, got {n}")
+    d = _pairwise(points, points)
+    # Column 0 of each sorted row is the point itself (distance 0).
+    return d.sort(dim=1).values[:, min(k, n - 1)]
+
+
+def precision_recall(
+    real: torch.Tensor, fake: torch.Tensor, k: int = NEIGHBOURS
+) -> tuple[float, float]:
+    """Improved precision and recall of Kynkäänniemi et al. 2019, on feature sets [N, D].
+
+    Each set's manifold is the union of balls around its points reaching their k-th
+    nearest neighbour. precision: share of fake points inside the real manifold (fidelity);
+    recall: share of real points inside the fake manifold (diversity). Samples collapsed
+    onto a few points have balls of radius 0, so their recall is about 0."""
+    d = _pairwise(real, fake)
+    precision = (d <= knn_radii(real, k)[:, None]).any(dim=0).double().mean()
+    recall = (d <= knn_radii(fake, k)[None, :]).any(dim=1).double().mean()
+    return float(precision), float(recall)
+
+
+def density_coverage(
+    real: torch.Tensor, fake: torch.Tensor, k: int = NEIGHBOURS
+) -> tuple[float, float]:
+    """Density and coverage of Naeem et al. 2020 ("Reliable Fidelity and Diversity Metrics
+    for Generative Models"), on feature sets [N, D].
+
+    Only real points get balls (to their k-th nearest real neighbour), so outliers among the
+    samples cannot inflate the figures. density: mean number of real balls holding a fake
+    point, over k (about 1 when the sets match; above 1 when samples crowd dense regions).
+    coverage: share of real points whose ball holds at least one fake point (about
+    1 - 2^-k = 0.97 for a second real set of the same size; near k / N for one point)."""
+    d = _pairwise(real, fake)
+    inside = d <= knn_radii(real, k)[:, None]
+    density = inside.double().sum() / (k * fake.shape[0])
+    coverage = inside.any(dim=1).double().mean()
+    return float(density), float(coverage)
+
+
+def fidelity_diversity(
+    real: torch.Tensor, fake: torch.Tensor, k: int = NEIGHBOURS, seed: int = 0
+) -> dict:
+    """precision, recall (Kynkäänniemi et al.), density, coverage (Naeem et al.) of fake
+    features against real ones, each side subsampled (seeded) to MAX_NEIGHBOUR_POINTS."""
+    g = torch.Generator().manual_seed(seed)
+    r = _subsample(real, MAX_NEIGHBOUR_POINTS, g)
+    f = _subsample(fake, MAX_NEIGHBOUR_POINTS, g)
+    precision, recall = precision_recall(r, f, k)
+    density, coverage = density_coverage(r, f, k)
+    return {"precision": precision, "recall": recall, "density": density, "coverage": coverage}
+
+
+def _by_class(
+    real: torch.Tensor, real_labels: torch.Tensor, fake: torch.Tensor, fake_labels: torch.Tensor
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(class, its real features, its fake features) for every class with at least 2 of each.
+
+    Classes with fewer real images are left out, not guessed at: no spread can be measured
+    from one image."""
+    real_labels, fake_labels = real_labels.cpu(), fake_labels.cpu()
+    for c in torch.unique(real_labels).tolist():
+        r, f = real[real_labels == c], fake[fake_labels == c]
+        if r.shape[0] >= 2 and f.shape[0] >= 2:
+            yield int(c), r, f
+
+
+def intra_class_frechet(
+    real: torch.Tensor, real_labels: torch.Tensor, fake: torch.Tensor, fake_labels: torch.Tensor
+) -> dict[int, float]:
+    """Intra-class Fréchet distance (as in Miyato & Koyama 2018's intra-FID): per class c,
+    the Fréchet distance between the features of real images of c and of samples made for c.
+
+    A cGAN that draws one image per label has zero spread per class, so the real class's
+    whole spread, Tr(S_c), stays in its distance: class accuracy cannot see this, this can.
+
+    Small classes: with n < D images the covariance is singular and the estimate is biased
+    upwards (the bias shrinks as 1/n), but it stays finite (the square root is taken over
+    PSD eigenvalues). Figures are comparable between models evaluated on the same held-out
+    images with the same number of samples per class, which is how evaluation compares
+    them; they are not comparable across datasets or sample counts."""
+    return {
+        c: frechet_distance(*feature_statistics(r), *feature_statistics(f))
+        for c, r, f in _by_class(real, real_labels, fake, fake_labels)
+    }
+
+
+def class_coverage(
+    real: torch.Tensor,
+    real_labels: torch.Tensor,
+    fake: torch.Tensor,
+    fake_labels: torch.Tensor,
+    k: int = NEIGHBOURS,
+) -> dict[int, float]:
+    """Naeem et al.'s coverage per class: the share of real images of class c whose k-NN
+    ball (among real images of c) holds a sample made for c. A class with at most k real
+    images uses its farthest neighbour's distance as the radius (see knn_radii)."""
+    return {
+        c: density_coverage(r, f, k)[1]
+        for c, r, f in _by_class(real, real_labels, fake, fake_labels)
+    }
+
+
+def nearest_distance(points: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Distance from each point to its nearest reference point (float64), in chunks so a large
+    reference set does not need one [N, M] matrix."""
+    return torch.cat(
+        [
+            _pairwise(points[i : i + 256], reference).min(dim=1).values
+            for i in range(0, len(points), 256)
+        ]
+    )
+
+
+def memorisation_ratio(
+    fake: torch.Tensor, heldout: torch.Tensor, train: torch.Tensor, seed: int = 0
+) -> float:
+    """Median distance from a sample to its nearest training image, over the same for
+    held-out real images (features [N, D]). About 1: samples are as far from the training set
+    as unseen real images are; near 0: samples are (near-)copies of training images. Each
+    side is subsampled (seeded) to MAX_NEIGHBOUR_POINTS."""
+    g = torch.Generator().manual_seed(seed)
+    train = _subsample(train, 4 * MAX_NEIGHBOUR_POINTS, g)
+    f = nearest_distance(_subsample(fake, MAX_NEIGHBOUR_POINTS, g), train).median()
+    h = nearest_distance(_subsample(heldout, MAX_NEIGHBOUR_POINTS, g), train).median()
+    if h == 0:
+        raise ValueError("held-out images duplicate training images: the ratio is undefined")
+    return float(f / h)
 
 
 def class_accuracy(images: torch.Tensor, labels: torch.Tensor, clf: nn.Module) -> float:
@@ -217,7 +390,11 @@ def cyclegan_metrics(
     Always (no ground truth needed):
       cycle_error: mean |F(G(x)) - x| + mean |G(F(y)) - y| (L_cyc, per pixel);
       fd_g / kd_g: distance of G(x) to held-out y in clf's features; fd_f / kd_f: of F(y)
-        to held-out x; fd_translation: their mean (the primary metric without truth).
+        to held-out x; fd_translation: their mean (the primary metric without truth);
+      precision_g, recall_g, density_g, coverage_g (and _f): :func:`fidelity_diversity` of
+        the translations against the target domain; coverage_translation and
+        recall_translation: the means of G's and F's (a translation that maps every input
+        to one image covers almost nothing of its target domain).
     With ground truth T (x_truth = T(x), built-in pairs):
       truth_error: mean |G(x) - x_truth|; identity_truth_error: mean |x - x_truth|;
       truth_error_ratio: their ratio (0 perfect, 1 no better than doing nothing).
@@ -237,11 +414,14 @@ def cyclegan_metrics(
     # separate close checkpoints.
     cycle = (f_g_x - x).abs().double().mean() + (g_f_y - y).abs().double().mean()
     out = {"cycle_error": float(cycle)}
-    dg = distances(y, g_x, clf, seed)
-    df = distances(x, f_y, clf, seed)
+    fx, fy = _features(clf, x), _features(clf, y)
+    fgx, ffy = _features(clf, g_x), _features(clf, f_y)
+    dg = {**feature_distances(fy, fgx, seed), **fidelity_diversity(fy, fgx, seed=seed)}
+    df = {**feature_distances(fx, ffy, seed), **fidelity_diversity(fx, ffy, seed=seed)}
     out.update({f"{k}_g": v for k, v in dg.items()})
     out.update({f"{k}_f": v for k, v in df.items()})
-    out["fd_translation"] = (dg["fd"] + df["fd"]) / 2
+    for k in ("fd", "coverage", "recall"):
+        out[f"{k}_translation"] = (dg[k] + df[k]) / 2
     if x_truth is not None:
         x_truth = x_truth.cpu()
         truth = (g_x - x_truth).abs().double().mean()

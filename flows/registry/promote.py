@@ -48,9 +48,12 @@ from flows.registry.models import (
 )
 from flows.registry.package import HISTORY_TAG, RegistryError
 from gan_core.config import GanConfig
-from gan_core.evaluate import evaluate, primary_metric
+from gan_core.evaluate import evaluate, gate_failure, primary_metric
 from gan_core.overrides import apply_overrides
 
+# Figures the gate reads, tagged on the version beside the primary metric so a rejection by
+# the gate can be checked from the registry alone.
+GATE_FIGURES = ("class_accuracy", "class_accuracy_floor")
 LOCK_SOURCE = "ganflow:/promotion-lock"  # no artifacts behind it; an absolute path, as
 # MLflow's server requires of any model version source (a relative one is refused)
 
@@ -251,9 +254,15 @@ def promote(
     tracking_uri: str | None = None,
     inception=None,
 ) -> Decision:
-    """Make version the champion if it beats the current champion by more than margin on
-    the primary metric, both evaluated here on the same data (the snapshot's validation
-    split, in the pipeline) with the same judge and seed."""
+    """Make version the champion if it passes the gate and beats the current champion by more
+    than margin on the primary metric, both evaluated here on the same data (the snapshot's
+    validation split, in the pipeline) with the same judge and seed.
+
+    The gate (``gan_core.evaluate.gate_failure``) comes before any ranking: a candidate whose
+    primary figure is not finite, or a cGAN whose samples the judge does not classify as
+    their labels, is rejected with the reason in one line, even when there is no champion.
+    A champion that fails the gate under today's conditions loses to any candidate that
+    passes it."""
     client = _client(tracking_uri)
     mv = client.get_model_version(name, version)
     family = mv.tags.get("ganflow.family")
@@ -265,25 +274,37 @@ def promote(
         metric, mode = primary_metric(cfg, has_truth)
         cand = figures[metric]
         client.set_model_version_tag(name, version, f"eval.{metric}", f"{cand:.6g}")
+        for k in GATE_FIGURES:
+            if k in figures:
+                client.set_model_version_tag(name, version, f"eval.{k}", f"{figures[k]:.6g}")
+        failed = gate_failure(figures, metric)
         try:
             champ_version = _resolve(client, name, "champion")
         except RegistryError:
             champ_version = None
-        champ = None
-        if champ_version is not None and champ_version != version:
+        champ = champ_failed = None
+        # A candidate that fails the gate loses whatever the champion measures: no need to
+        # spend an evaluation on the champion.
+        if failed is None and champ_version is not None and champ_version != version:
             _, champ_figures = evaluate_version(
                 client, name, champ_version, heldout, judge, seed, inception
             )
             champ = champ_figures[metric]
-        if (
+            champ_failed = gate_failure(champ_figures, metric)
+        if failed is None and (
             champ_version is None
             or champ_version == version
+            or champ_failed is not None
             or _is_better(cand, champ, mode, margin)
         ):
             if champ_version == version:
                 reason = f"v{version} is already the champion ({metric} {cand:.4g})"
-            elif champ is None:
+            elif champ_version is None:
                 reason = "no champion yet"
+            elif champ_failed is not None:
+                reason = (
+                    f"champion v{champ_version} fails the gate ({champ_failed}); v{version} passes"
+                )
             else:
                 reason = f"{metric} {cand:.4g} beats champion v{champ_version} {champ:.4g} by more than {margin:g} ({mode})"
             history = json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
@@ -294,9 +315,13 @@ def promote(
             client.set_registered_model_alias(name, "champion", version)
             decision = "champion"
         else:
-            reason = f"{metric} {cand:.4g} does not beat champion v{champ_version} {champ:.4g} by more than {margin:g} ({mode})"
+            if failed is not None:
+                reason = f"v{version} fails the gate: {failed}"
+            else:
+                reason = f"{metric} {cand:.4g} does not beat champion v{champ_version} {champ:.4g} by more than {margin:g} ({mode})"
             lock.check()
-            client.set_registered_model_alias(name, "challenger", version)
+            if champ_version != version:
+                client.set_registered_model_alias(name, "challenger", version)
             decision = "rejected"
         tags = {"promotion.decision": decision, "promotion.reason": reason}
         if champ is not None:

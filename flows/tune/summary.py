@@ -8,6 +8,7 @@ from pathlib import Path
 
 from flows.settings import ganflow_home
 from flows.tune.space import SearchRequest
+from gan_core.evaluate import gate_failure
 
 
 def _summarise(
@@ -33,6 +34,9 @@ def _summarise(
                 "metric": m.get(metric),
                 "step": reached,
                 "stopped_early": r.error is None and reached < steps,
+                # The val figures must pass the gate promotion applies, or the trial
+                # cannot be the best (a cGAN that ignores its labels, say).
+                "gate": gate_failure(m, prefix="val_"),
                 "error": None if r.error is None else str(r.error).splitlines()[0][:300],
                 "checkpoint": m.get("checkpoint_path")
                 or (r.checkpoint.path if r.checkpoint else None),
@@ -41,7 +45,10 @@ def _summarise(
     completed = [
         t
         for t in trials
-        if t["error"] is None and not t["stopped_early"] and t["metric"] is not None
+        if t["error"] is None
+        and not t["stopped_early"]
+        and t["metric"] is not None
+        and t["gate"] is None
     ]
     best = None
     if completed:
