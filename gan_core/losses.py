@@ -42,6 +42,25 @@ def lsgan_generator_loss(fake_scores: Tensor) -> Tensor:
     return (fake_scores - 1).square().mean()
 
 
+def hinge_discriminator_loss(real_scores: Tensor, fake_scores: Tensor) -> Tensor:
+    """Hinge D loss (Lim & Ye 2017; Miyato et al. 2018): E[max(0, 1 - D(x))] + E[max(0, 1 + D(G(z)))]."""
+    return nnf.relu(1 - real_scores).mean() + nnf.relu(1 + fake_scores).mean()
+
+
+def hinge_generator_loss(fake_scores: Tensor) -> Tensor:
+    """Hinge G loss: -E[D(G(z))]."""
+    return -fake_scores.mean()
+
+
+def r1_penalty(real_scores: Tensor, real_images: Tensor) -> Tensor:
+    """R1 (Mescheder et al. 2018): E_x[‖∇_x D(x)‖²] on real images, without the γ/2 factor.
+
+    real_images must require grad and be what real_scores were computed from; the graph is
+    kept (create_graph) so the penalty can be differentiated with respect to D's weights."""
+    (grad,) = torch.autograd.grad(real_scores.sum(), real_images, create_graph=True)
+    return grad.square().flatten(1).sum(1).mean()
+
+
 def cycle_consistency_loss(x: Tensor, x_cycled: Tensor, y: Tensor, y_cycled: Tensor) -> Tensor:
     """L_cyc(G, F) = E_x[||F(G(x)) - x||_1] + E_y[||G(F(y)) - y||_1] (per-pixel mean, as in the code)."""
     return (x_cycled - x).abs().mean() + (y_cycled - y).abs().mean()
@@ -54,17 +73,29 @@ def identity_loss(x: Tensor, f_of_x: Tensor, y: Tensor, g_of_y: Tensor) -> Tenso
 
 def discriminator_loss(kind: str):
     """The D loss for a LossConfig.gan_loss value."""
-    return {"minimax": discriminator_minimax_loss, "lsgan": lsgan_discriminator_loss}[kind]
+    return {
+        "minimax": discriminator_minimax_loss,
+        "lsgan": lsgan_discriminator_loss,
+        "hinge": hinge_discriminator_loss,
+    }[kind]
 
 
 def generator_loss(kind: str, g_loss: str = "non_saturating"):
     """The G loss for LossConfig (gan_loss, g_loss)."""
     if kind == "lsgan":
         return lsgan_generator_loss
+    if kind == "hinge":
+        return hinge_generator_loss
     return {
         "non_saturating": generator_non_saturating_loss,
         "saturating": generator_saturating_loss,
     }[g_loss]
+
+
+def decision_boundary(kind: str) -> float:
+    """The D output between "real" and "fake" for a gan_loss: 0 for logits (minimax) and
+    hinge scores, ½ between LSGAN's targets 0 and 1. ADA's sign(D(x)) is taken about it."""
+    return 0.5 if kind == "lsgan" else 0.0
 
 
 def d_probability(logits: Tensor) -> Tensor:

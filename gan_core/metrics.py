@@ -338,10 +338,10 @@ def memorisation_ratio(
 ) -> float:
     """Median distance from a sample to its nearest training image, over the same for
     held-out real images (features [N, D]). About 1: samples are as far from the training set
-    as unseen real images are; near 0: samples are (near-)copies of training images. Each
-    side is subsampled (seeded) to MAX_NEIGHBOUR_POINTS."""
+    as unseen real images are; near 0: samples are (near-)copies of training images. Samples
+    and held-out images are subsampled (seeded) to MAX_NEIGHBOUR_POINTS; every training
+    image given is searched (the caller bounds how many)."""
     g = torch.Generator().manual_seed(seed)
-    train = _subsample(train, 4 * MAX_NEIGHBOUR_POINTS, g)
     f = nearest_distance(_subsample(fake, MAX_NEIGHBOUR_POINTS, g), train).median()
     h = nearest_distance(_subsample(heldout, MAX_NEIGHBOUR_POINTS, g), train).median()
     if h == 0:

@@ -84,8 +84,37 @@ class MLPDiscriminator(nn.Module):
         return self.net(h).squeeze(1)
 
 
+def _sn(module: nn.Module, on: bool) -> nn.Module:
+    """Spectral normalisation of a layer's weight (Miyato et al. 2018): one power iteration
+    per training forward, its vectors kept as buffers (so they checkpoint)."""
+    return nn.utils.parametrizations.spectral_norm(module) if on else module
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """Batch norm whose scale and shift are looked up per class (de Vries et al. 2017, as in
+    Miyato & Koyama's and BigGAN's generators): y steers every layer of G, not only its input."""
+
+    def __init__(self, c: int, num_classes: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c, affine=False)
+        self.gamma = nn.Embedding(num_classes, c)
+        self.beta = nn.Embedding(num_classes, c)
+        nn.init.ones_(self.gamma.weight)
+        nn.init.zeros_(self.beta.weight)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        h = self.bn(x)
+        return h * self.gamma(y)[:, :, None, None] + self.beta(y)[:, :, None, None]
+
+
 class ConvGenerator(nn.Module):
-    """DCGAN-style G: project z (and the label embedding) to 4x4, then double until size S."""
+    """DCGAN-style G(z) or G(z, y): z (and y) to 4x4, then stride-2 transposed convs up to S.
+
+    layout 'dcgan' (Radford et al.): ngf·2^(n-1) channels at 4x4 from a 4x4 transposed conv
+    of z, halved at each doubling, the last one straight to the image. 'wide' (ganflow
+    before 0.9, kept so registered models load): a linear projection to ngf·2^n channels
+    and a 3x3 conv at full resolution. conditioning 'projection': class-conditional batch
+    norm at every level; 'concat': a label embedding concatenated to z."""
 
     def __init__(
         self,
@@ -95,62 +124,115 @@ class ConvGenerator(nn.Module):
         ngf: int,
         num_classes: int = 0,
         embed_dim: int = 0,
+        layout: str = "dcgan",
+        conditioning: str = "concat",
     ):
         super().__init__()
         n_up = (image_size // 4).bit_length() - 1  # 4 * 2**n_up == image_size
-        c0 = ngf * 2**n_up
-        self.embed = nn.Embedding(num_classes, embed_dim) if num_classes else None
-        in_dim = z_dim + (embed_dim if num_classes else 0)
-        self.project = nn.Sequential(
-            nn.Linear(in_dim, c0 * 16), nn.Unflatten(1, (c0, 4, 4)), nn.BatchNorm2d(c0), nn.ReLU()
-        )
-        ups: list[nn.Module] = []
-        c = c0
-        for _ in range(n_up):
-            ups += [
-                nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False),
-                nn.BatchNorm2d(c // 2),
+        self.cbn = bool(num_classes) and conditioning == "projection"
+        concat = bool(num_classes) and not self.cbn
+        self.embed = nn.Embedding(num_classes, embed_dim) if concat else None
+        in_dim = z_dim + (embed_dim if concat else 0)
+        self.layout = layout
+        if layout == "wide":
+            c0 = ngf * 2**n_up
+            self.project = nn.Sequential(
+                nn.Linear(in_dim, c0 * 16),
+                nn.Unflatten(1, (c0, 4, 4)),
+                nn.BatchNorm2d(c0),
                 nn.ReLU(),
-            ]
-            c //= 2
-        ups += [nn.Conv2d(c, channels, 3, 1, 1), nn.Tanh()]
+            )
+            widths = [c0 // 2**i for i in range(n_up + 1)]
+        else:
+            c0 = ngf * 2 ** max(n_up - 1, 0)
+            self.project = nn.Sequential(
+                nn.Unflatten(1, (in_dim, 1, 1)), nn.ConvTranspose2d(in_dim, c0, 4, 1, 0, bias=False)
+            )
+            widths = [c0 // 2**i for i in range(n_up)] + [channels]
+        if self.cbn:
+            # Per-level norms live beside the convs: forward needs y at each of them.
+            self.norms = nn.ModuleList(
+                ConditionalBatchNorm2d(c, num_classes) for c in widths[: n_up + (layout == "wide")]
+            )
+            if layout == "wide":
+                self.project = self.project[:2]
+        elif layout == "dcgan":
+            self.project.append(nn.BatchNorm2d(c0))
+            self.project.append(nn.ReLU())
+        ups: list[nn.Module] = []
+        for i in range(n_up):
+            last = layout == "dcgan" and i == n_up - 1
+            ups.append(nn.ConvTranspose2d(widths[i], widths[i + 1], 4, 2, 1, bias=last))
+            if not last and not self.cbn:
+                ups += [nn.BatchNorm2d(widths[i + 1]), nn.ReLU()]
+        if layout == "wide":
+            ups.append(nn.Conv2d(widths[-1], channels, 3, 1, 1))
+        ups.append(nn.Tanh())
         self.net = nn.Sequential(*ups)
 
     def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
         if self.embed is not None:
             z = torch.cat([z, self.embed(y)], dim=1)
-        return self.net(self.project(z))
+        h = self.project(z)
+        if not self.cbn:
+            return self.net(h)
+        convs = [m for m in self.net if isinstance(m, (nn.ConvTranspose2d, nn.Conv2d))]
+        h = torch.relu(self.norms[0](h, y))
+        for i, conv in enumerate(convs):
+            h = conv(h)
+            if i + 1 < len(self.norms):
+                h = torch.relu(self.norms[i + 1](h, y))
+        return torch.tanh(h)
 
 
 class ConvDiscriminator(nn.Module):
-    """DCGAN-style D: stride-2 convolutions down to 4x4, then one logit.
+    """DCGAN-style D(x) or D(x, y): stride-2 convolutions down to 4x4, then one logit.
 
     No batch norm: D sees real and fake minibatches separately, and batch statistics would
-    let it tell them apart by batch rather than by sample. For D(x, y) the label embedding is
-    broadcast to an extra input plane.
+    let it tell them apart by batch rather than by sample; spectral norm (``sn``) bounds D
+    per weight instead. conditioning 'projection' (Miyato & Koyama 2018): the logit is
+    ψ(φ(x)) + <embed(y), φ(x)>, so y enters as an inner product with D's features and a
+    sample of the wrong class scores lower; 'concat': the label embedding as an extra plane.
     """
 
     def __init__(
-        self, channels: int, image_size: int, ndf: int, num_classes: int = 0, embed_dim: int = 0
+        self,
+        channels: int,
+        image_size: int,
+        ndf: int,
+        num_classes: int = 0,
+        embed_dim: int = 0,
+        sn: bool = False,
+        conditioning: str = "concat",
     ):
         super().__init__()
         n_down = (image_size // 4).bit_length() - 1
-        self.embed = nn.Embedding(num_classes, image_size * image_size) if num_classes else None
-        c_in = channels + (1 if num_classes else 0)
+        projection = bool(num_classes) and conditioning == "projection"
+        self.embed = None  # the label plane of 'concat' (named as before projection existed)
+        if num_classes and not projection:
+            self.embed = nn.Embedding(num_classes, image_size * image_size)
+        c_in = channels + (1 if self.embed is not None else 0)
         layers: list[nn.Module] = []
         c = ndf
         for _ in range(n_down):
-            layers += [nn.Conv2d(c_in, c, 4, 2, 1), nn.LeakyReLU(0.2)]
+            layers += [_sn(nn.Conv2d(c_in, c, 4, 2, 1), sn), nn.LeakyReLU(0.2)]
             c_in, c = c, c * 2
-        layers += [nn.Flatten(), nn.Linear(c_in * 16, 1)]
-        self.net = nn.Sequential(*layers)
+        layers.append(nn.Flatten())
+        head = _sn(nn.Linear(c_in * 16, 1), sn)
+        # Module names as before projection existed, so registered concat models load.
+        self.head = head if projection else None
+        self.net = nn.Sequential(*layers) if projection else nn.Sequential(*layers, head)
+        self.proj = _sn(nn.Embedding(num_classes, c_in * 16), sn) if projection else None
         self.image_size = image_size
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         if self.embed is not None:
             plane = self.embed(y).view(-1, 1, self.image_size, self.image_size)
             x = torch.cat([x, plane], dim=1)
-        return self.net(x).squeeze(1)
+        h = self.net(x)
+        if self.proj is None:
+            return h.squeeze(1)
+        return self.head(h).squeeze(1) + (self.proj(y) * h).sum(1)
 
 
 class ResnetBlock(nn.Module):
@@ -199,18 +281,21 @@ class ResnetGenerator(nn.Module):
 class PatchDiscriminator(nn.Module):
     """PatchGAN (Isola et al.): one score per overlapping patch, [N, 1, P, P]."""
 
-    def __init__(self, channels: int, ndf: int, n_layers: int):
+    def __init__(self, channels: int, ndf: int, n_layers: int, sn: bool = False):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2)]
+        # With spectral norm, no instance norm (SN-PatchGAN): SN bounds D per weight, and
+        # instance norm's per-image statistics would undo part of it.
+        norm = nn.Identity if sn else nn.InstanceNorm2d
+        layers: list[nn.Module] = [_sn(nn.Conv2d(channels, ndf, 4, 2, 1), sn), nn.LeakyReLU(0.2)]
         c = ndf
         for _ in range(1, n_layers):
-            layers += [nn.Conv2d(c, c * 2, 4, 2, 1), nn.InstanceNorm2d(c * 2), nn.LeakyReLU(0.2)]
+            layers += [_sn(nn.Conv2d(c, c * 2, 4, 2, 1), sn), norm(c * 2), nn.LeakyReLU(0.2)]
             c *= 2
         layers += [
-            nn.Conv2d(c, c * 2, 4, 1, 1),
-            nn.InstanceNorm2d(c * 2),
+            _sn(nn.Conv2d(c, c * 2, 4, 1, 1), sn),
+            norm(c * 2),
             nn.LeakyReLU(0.2),
-            nn.Conv2d(c * 2, 1, 4, 1, 1),
+            _sn(nn.Conv2d(c * 2, 1, 4, 1, 1), sn),
         ]
         self.net = nn.Sequential(*layers)
 
@@ -219,8 +304,12 @@ class PatchDiscriminator(nn.Module):
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """N(0, 0.02) for conv/linear weights, as in DCGAN and CycleGAN; norms at (1, 0)."""
+    """N(0, 0.02) for conv/linear weights, as in DCGAN and CycleGAN; norms at (1, 0).
+    Spectrally normalised layers keep PyTorch's default init: SN rescales the weight to unit
+    spectral norm anyway, and N(0, 0.02) would only change its direction's statistics."""
     for m in module.modules():
+        if nn.utils.parametrize.is_parametrized(m):
+            continue
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             nn.init.normal_(m.weight, 0.0, std)
             if m.bias is not None:
@@ -240,8 +329,8 @@ def build_models(cfg: GanConfig) -> dict[str, nn.Module]:
         models = {
             "G": ResnetGenerator(d.channels, m.ngf, m.n_res_blocks, m.g_downsample),
             "F": ResnetGenerator(d.channels, m.ngf, m.n_res_blocks, m.g_downsample),
-            "D_X": PatchDiscriminator(d.channels, m.ndf, m.patch_layers),
-            "D_Y": PatchDiscriminator(d.channels, m.ndf, m.patch_layers),
+            "D_X": PatchDiscriminator(d.channels, m.ndf, m.patch_layers, m.spectral_norm),
+            "D_Y": PatchDiscriminator(d.channels, m.ndf, m.patch_layers, m.spectral_norm),
         }
         for net in models.values():
             init_weights(net)
@@ -253,8 +342,12 @@ def build_models(cfg: GanConfig) -> dict[str, nn.Module]:
         }
         return models  # PyTorch's default (Kaiming-uniform) init suits the MLPs
     models = {
-        "G": ConvGenerator(m.z_dim, d.channels, d.image_size, m.ngf, ncls, emb),
-        "D": ConvDiscriminator(d.channels, d.image_size, m.ndf, ncls, emb),
+        "G": ConvGenerator(
+            m.z_dim, d.channels, d.image_size, m.ngf, ncls, emb, m.g_layout, m.conditioning
+        ),
+        "D": ConvDiscriminator(
+            d.channels, d.image_size, m.ndf, ncls, emb, m.spectral_norm, m.conditioning
+        ),
     }
     for net in models.values():
         init_weights(net)

@@ -6,474 +6,70 @@
             update D by ascending its stochastic gradient of V
         sample m fresh noise samples
         update G once (D frozen: its weights get no gradients)
+        update the moving average of G's weights (train.ema_half_life)
 
-A family (GAN, cGAN, CycleGAN) plugs in through ``FAMILIES``: it says how to draw a
-minibatch and what one D update and one G update are. Everything random draws from
-generators held in ``TrainState`` (the data samplers, the noise generator, the image
-pools), so a checkpoint restores the exact stream and a resumed run reproduces the
-uninterrupted one. Checkpoints hold only tensors and primitives and load with
-``weights_only=True``: nothing is unpickled.
-
-Code-to-paper names: G, F (CycleGAN's Y -> X generator), D, D_X, D_Y; k = d_steps;
-m = batch_size; λ = lambda_cyc.
+A family (GAN, cGAN, CycleGAN, :mod:`gan_core.families`) says how to draw a minibatch and
+what one D update and one G update are. Everything random draws from generators held in
+``TrainState`` (the data samplers, the noise generator, the image pools, D's augmentation),
+so a checkpoint restores the exact stream and a resumed run reproduces the uninterrupted
+one. Checkpoints hold only tensors and primitives and load with ``weights_only=True``:
+nothing is unpickled.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
-import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from gan_core import losses
+from gan_core import ema, losses
 from gan_core.config import GanConfig
-from gan_core.data import ImageSet, MinibatchSampler, UnpairedSet, to_unit
+from gan_core.data import ImageSet, UnpairedSet
+from gan_core.diffaug import Augmenter
+from gan_core.families import FAMILIES, ImagePool
+from gan_core.feed import Feeder, apply_augment, augment, draw_augment
 from gan_core.models import build_models
 from gan_core.overrides import from_flat_dict
-
-Metrics = dict[str, Tensor]
-
-# CycleGAN's jitter: images are enlarged to 286 px and randomly cropped back to 256 (Zhu et al.,
-# appendix); the same ratio at any side.
-JITTER_RATIO = 286 / 256
-
-
-def draw_augment(m: int, size: int, mode: str, generator: torch.Generator) -> dict:
-    """The random draws of :func:`augment` for m images of side size, in its order (crop
-    offsets, then flips), so they can be drawn ahead of the pixels they apply to."""
-    if mode == "none":
-        return {}
-    out: dict = {}
-    if mode == "jitter_flip":
-        big = max(size + 1, round(size * JITTER_RATIO))
-        out["big"] = big
-        out["offsets"] = torch.randint(0, big - size + 1, (m, 2), generator=generator).tolist()
-    out["flip"] = torch.rand(m, generator=generator) < 0.5
-    return out
-
-
-def apply_augment(images: Tensor, mode: str, params: dict) -> Tensor:
-    """:func:`augment` with its draws given (no randomness here)."""
-    if mode == "none":
-        return images
-    size = images.shape[-1]
-    if mode == "jitter_flip":
-        big = params["big"]
-        enlarged = torch.nn.functional.interpolate(
-            images, size=(big, big), mode="bilinear", align_corners=False
-        )
-        images = torch.stack(
-            [
-                enlarged[i, :, t : t + size, u : u + size]
-                for i, (t, u) in enumerate(params["offsets"])
-            ]
-        )
-    m = images.shape[0]
-    flip = params["flip"].to(images.device)
-    return torch.where(flip.view(m, 1, 1, 1), images.flip(-1), images)
-
-
-def augment(images: Tensor, mode: str, generator: torch.Generator) -> Tensor:
-    """The papers' training-time augmentation of a real minibatch [m, C, S, S].
-
-    'flip': each image mirrored left-right with probability 1/2; 'jitter_flip': enlarged by
-    286/256 (bilinear), cropped back to S at a random offset per image, then flipped.
-    Random draws come from ``generator`` (a sampler's, on the CPU), so they are part of the
-    checkpointed stream and a resumed run augments exactly as the uninterrupted one."""
-    params = draw_augment(images.shape[0], images.shape[-1], mode, generator)
-    return apply_augment(images, mode, params)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def plain(module: nn.Module) -> nn.Module:
-    """The module under a DistributedDataParallel-style wrapper and a ``torch.compile``
-    wrapper (``_orig_mod``), in any nesting, without importing either.
-
-    G's update calls D through this: D is frozen there, so its gradients must not be
-    all-reduced, and a DDP forward whose backward never reaches its parameters would leave
-    the reducer waiting. Checkpoints and state dicts go through it too, so their keys are
-    the plain module's (no ``module.`` or ``_orig_mod.`` prefixes) whatever the wrapping."""
-    while True:
-        # Not `a or b`: that asks the module's truth value, and a compiled wrapper of a module
-        # without __len__ raises on it.
-        inner = getattr(module, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(module, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return module
-        module = inner
-
-
-def _channels_last(cfg: GanConfig, device: torch.device) -> bool:
-    """Whether the networks and the real batches use the NHWC layout: the convolutional
-    families on CUDA, where cuDNN's fastest (tensor-core) convolution kernels are NHWC and an
-    NCHW tensor is transposed around every convolution. Not on CPU (no measured gain there),
-    never for the MLPs (their D flattens its input with a view, which needs NCHW)."""
-    return device.type == "cuda" and (cfg.family == "cyclegan" or cfg.model.arch == "conv")
-
-
-def _to_device_layout(images: Tensor, state: TrainState) -> Tensor:
-    if _channels_last(state.cfg, state.device):
-        return images.contiguous(memory_format=torch.channels_last)
-    return images
-
-
-@contextlib.contextmanager
-def frozen(*modules: nn.Module) -> Iterator[None]:
-    """D's parameters are not differentiated during G's update (saves D's weight gradients)."""
-    params = [p for m in modules for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-
-
-class ImagePool:
-    """CycleGAN's history of generated images (Shrivastava et al.): D sees a mix of current
-    and past fakes. Per image: while the pool fills, store and return it; after that, with
-    probability ½ return a stored image and store the new one in its place."""
-
-    def __init__(self, size: int, seed: int):
-        self.size = size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.images: Tensor | None = None
-        self.count = 0
-
-    def query(self, images: Tensor) -> Tensor:
-        if self.size == 0:
-            return images
-        if self.images is None:
-            self.images = images.new_zeros((self.size, *images.shape[1:]))
-        n = images.shape[0]
-        # Decisions come from a CPU generator: no device sync, and they checkpoint cleanly.
-        coins = torch.rand(n, generator=self.generator).tolist()
-        slots = torch.randint(0, self.size, (n,), generator=self.generator).tolist()
-        out = images.clone()
-        for i in range(n):
-            if self.count < self.size:
-                self.images[self.count] = images[i]
-                self.count += 1
-            elif coins[i] > 0.5:
-                j = slots[i]
-                out[i] = self.images[j]
-                self.images[j] = images[i]
-        return out
-
-    def state_dict(self) -> dict:
-        state = {"generator": self.generator.get_state(), "count": self.count}
-        if self.images is not None:
-            state["images"] = self.images
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.count = int(state["count"])
-        self.images = state.get("images")
-
-
-@dataclass
-class Batch:
-    """A minibatch of m rows. x: images (domain X for CycleGAN); labels: y for the cGAN;
-    y: domain-Y images for CycleGAN."""
-
-    x: Tensor
-    labels: Tensor | None = None
-    y: Tensor | None = None
-
-
-@dataclass
-class TrainState:
-    cfg: GanConfig
-    models: dict[str, nn.Module]
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    schedulers: list[torch.optim.lr_scheduler.LRScheduler]
-    samplers: dict[str, MinibatchSampler]
-    noise: torch.Generator
-    device: torch.device
-    pools: dict[str, ImagePool] = field(default_factory=dict)
-    step: int = 0
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        # bf16 autocast of forward passes only; losses are computed on .float() outputs.
-        enabled = autocast_enabled(self.cfg.train.precision, self.device.type)
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
-
-    def z(self, m: int) -> Tensor:
-        return torch.randn(m, self.cfg.model.z_dim, generator=self.noise, device=self.device)
-
-
-# --- families ---------------------------------------------------------------------------
-
-# No generator forward is shared between D's and G's updates. Each of the k D updates draws
-# fresh z and a fresh data minibatch (Algorithm 1), so no two of them see the same fakes; and
-# G's update needs D *after* its k-th step, on fresh z, with a graph through G: the k-th D
-# update's fakes were made under no_grad for other z, so reusing them would change the
-# algorithm, not just its cost. What is exact and kept: D's update builds no graph through G.
-
-
-class Family:
-    """What a GAN variant plugs into the loop. Subclasses override the four hooks."""
-
-    name: str = ""
-    generators: tuple[str, ...] = ("G",)
-    discriminators: tuple[str, ...] = ("D",)
-    g_uses_data = False
-    """Whether G's update needs a data minibatch (labels for the cGAN, real x, y for CycleGAN)."""
-
-    def samplers(
-        self, cfg: GanConfig, data, rank: int, world_size: int
-    ) -> dict[str, MinibatchSampler]:
-        seed = cfg.train.seed * 1_000_003 + 1
-        return {"x": MinibatchSampler(len(data), cfg.train.batch_size, seed, rank, world_size)}
-
-    def sources(self, data) -> dict[str, ImageSet]:
-        """The sets minibatches are drawn from, by sampler key ("x" carries the labels)."""
-        return {"x": data}
-
-    def next_batch(self, state: TrainState, data) -> Batch:
-        """One fresh minibatch, read now (the loop's :class:`Feeder` reads ahead)."""
-        return Feeder(state, data).next(ahead=False)
-
-    def d_step(self, state: TrainState, batch: Batch) -> Metrics:
-        raise NotImplementedError
-
-    def g_step(self, state: TrainState, batch: Batch | None) -> Metrics:
-        raise NotImplementedError
-
-
-class GanFamily(Family):
-    """Goodfellow et al. (2014): G(z), D(x)."""
-
-    name = "gan"
-
-    def _labels(self, batch: Batch | None) -> Tensor | None:
-        return None
-
-    def d_step(self, state: TrainState, batch: Batch) -> Metrics:
-        G, D = state.models["G"], state.models["D"]
-        y = self._labels(batch)
-        with torch.no_grad(), state.autocast():  # no graph through G in D's update
-            fake = (
-                G(state.z(batch.x.shape[0]), y) if y is not None else G(state.z(batch.x.shape[0]))
-            )
-        with state.autocast():
-            real_logits = D(batch.x, y) if y is not None else D(batch.x)
-            fake_logits = D(fake, y) if y is not None else D(fake)
-        loss = losses.discriminator_loss(state.cfg.loss.gan_loss)(
-            real_logits.float(), fake_logits.float()
-        )
-        state.opt_d.zero_grad(set_to_none=True)
-        loss.backward()
-        state.opt_d.step()
-        return {
-            "loss_D": loss.detach(),
-            "D_real": losses.d_probability(real_logits),
-            "D_fake": losses.d_probability(fake_logits),
-        }
-
-    def g_step(self, state: TrainState, batch: Batch | None) -> Metrics:
-        G, D = state.models["G"], plain(state.models["D"])
-        y = self._labels(batch)
-        m = state.cfg.train.batch_size
-        with frozen(D), state.autocast():
-            fake = G(state.z(m), y) if y is not None else G(state.z(m))
-            fake_logits = D(fake, y) if y is not None else D(fake)
-        loss = losses.generator_loss(state.cfg.loss.gan_loss, state.cfg.loss.g_loss)(
-            fake_logits.float()
-        )
-        state.opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        state.opt_g.step()
-        return {"loss_G": loss.detach()}
-
-
-class CganFamily(GanFamily):
-    """Mirza & Osindero (2014): G(z, y), D(x, y), y ~ p_data(y) drawn with the minibatch."""
-
-    name = "cgan"
-    g_uses_data = True  # G's labels are the labels of a fresh data minibatch: y ~ p_data(y)
-
-    def _labels(self, batch: Batch | None) -> Tensor | None:
-        if batch is None or batch.labels is None:
-            raise ValueError("the cgan family needs a labelled dataset")
-        return batch.labels
-
-
-class CycleGanFamily(Family):
-    """Zhu et al. (2017): G: X -> Y, F: Y -> X, D_Y judges Y, D_X judges X."""
-
-    name = "cyclegan"
-    generators = ("G", "F")
-    discriminators = ("D_X", "D_Y")
-    g_uses_data = True
-
-    def samplers(
-        self, cfg: GanConfig, data: UnpairedSet, rank: int, world_size: int
-    ) -> dict[str, MinibatchSampler]:
-        seed = cfg.train.seed * 1_000_003
-        m = cfg.train.batch_size
-        return {
-            "x": MinibatchSampler(len(data.x), m, seed + 1, rank, world_size),
-            "y": MinibatchSampler(len(data.y), m, seed + 2, rank, world_size),
-        }
-
-    def sources(self, data: UnpairedSet) -> dict[str, ImageSet]:
-        return {"x": data.x, "y": data.y}
-
-    def d_step(self, state: TrainState, batch: Batch) -> Metrics:
-        mo = state.models
-        with torch.no_grad(), state.autocast():
-            fake_y, fake_x = mo["G"](batch.x), mo["F"](batch.y)
-        fake_y = state.pools["Y"].query(fake_y.float())
-        fake_x = state.pools["X"].query(fake_x.float())
-        d_loss = losses.discriminator_loss(state.cfg.loss.gan_loss)
-        with state.autocast():
-            scores = [mo["D_Y"](batch.y), mo["D_Y"](fake_y), mo["D_X"](batch.x), mo["D_X"](fake_x)]
-        loss_d_y = d_loss(scores[0].float(), scores[1].float())
-        loss_d_x = d_loss(scores[2].float(), scores[3].float())
-        state.opt_d.zero_grad(set_to_none=True)
-        (loss_d_x + loss_d_y).backward()
-        state.opt_d.step()
-        return {"loss_D_X": loss_d_x.detach(), "loss_D_Y": loss_d_y.detach()}
-
-    def g_step(self, state: TrainState, batch: Batch | None) -> Metrics:
-        assert batch is not None and batch.y is not None
-        G, F = state.models["G"], state.models["F"]
-        D_X, D_Y = plain(state.models["D_X"]), plain(state.models["D_Y"])
-        lc = state.cfg.loss
-        g_loss = losses.generator_loss(lc.gan_loss, lc.g_loss)
-        x, y = batch.x, batch.y
-        with frozen(D_X, D_Y), state.autocast():
-            fake_y, fake_x = G(x), F(y)
-            cycled_x, cycled_y = F(fake_y), G(fake_x)
-            adv_g = g_loss(D_Y(fake_y).float())  # L_GAN(G, D_Y, X, Y), G's side
-            adv_f = g_loss(D_X(fake_x).float())  # L_GAN(F, D_X, Y, X), F's side
-            cyc = losses.cycle_consistency_loss(x, cycled_x.float(), y, cycled_y.float())
-            total = adv_g + adv_f + lc.lambda_cyc * cyc
-            metrics = {"loss_G": adv_g.detach(), "loss_F": adv_f.detach(), "loss_cyc": cyc.detach()}
-            if lc.lambda_id > 0:
-                idt = losses.identity_loss(x, F(x).float(), y, G(y).float())
-                total = total + lc.lambda_cyc * lc.lambda_id * idt
-                metrics["loss_idt"] = idt.detach()
-        state.opt_g.zero_grad(set_to_none=True)
-        total.backward()
-        state.opt_g.step()
-        metrics["loss_G_total"] = total.detach()
-        return metrics
-
-
-FAMILIES: dict[str, Family] = {f.name: f for f in (GanFamily(), CganFamily(), CycleGanFamily())}
-
-
-# --- state, loop, checkpoints -----------------------------------------------------------
-
-
-class Feeder:
-    """The loop's minibatches, in exactly the order the samplers draw them.
-
-    Every random draw (indices, then the augmentation's crops and flips, per sampler) happens
-    on the calling thread in the same order as drawing one minibatch at a time, so the
-    stream is the same with or without reading ahead. When rows are stored on the host
-    (:class:`StoredRows`), the next minibatch's rows are read on a background thread (into
-    pinned memory for CUDA) while the device works on the current one; only the minibatch
-    moves to the device, where it becomes [-1, 1] (:func:`to_unit`) and is augmented.
-
-    ``next(ahead=False)`` leaves nothing drawn ahead: the loop asks for that before a log
-    point, where callbacks may checkpoint, so saved sampler states are exactly those of the
-    minibatches consumed and a resumed run draws what the uninterrupted one would have."""
-
-    def __init__(self, state: TrainState, data: ImageSet | UnpairedSet):
-        self.state = state
-        self.sources = FAMILIES[state.cfg.family].sources(data)
-        self.stored = any(src.stored for src in self.sources.values())
-        self.pin = self.stored and state.device.type == "cuda"
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: tuple[dict, Future] | None = None
-        self.wait_s = 0.0
-        """Time next() spent blocked on a read ahead (the device waiting on data)."""
-
-    def _draw(self) -> dict:
-        cfg = self.state.cfg
-        draws = {}
-        for key, src in self.sources.items():
-            sampler = self.state.samplers[key]
-            idx = sampler.next_indices()
-            params = draw_augment(
-                len(idx), src.images.shape[-1], cfg.data.augment, sampler.generator
-            )
-            draws[key] = (idx, params)
-        return draws
-
-    def _read(self, draws: dict) -> dict:
-        out = {}
-        for key, (idx, _) in draws.items():
-            src = self.sources[key]
-            if src.stored:
-                rows = src.images.take(idx)
-                if self.pin:
-                    rows = rows.pin_memory()
-            else:
-                rows = src.images[idx.to(src.images.device)]
-            labels = None if src.labels is None else src.labels[idx.to(src.labels.device)]
-            out[key] = (rows, labels)
-        return out
-
-    def next(self, ahead: bool = True) -> Batch:
-        if self._pending is not None:
-            draws, future = self._pending
-            self._pending = None
-            t0 = time.perf_counter()
-            raw = future.result()
-            self.wait_s += time.perf_counter() - t0
-        else:
-            draws = self._draw()
-            raw = self._read(draws)
-        if ahead and self.stored:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="ganflow-feeder")
-            following = self._draw()
-            self._pending = (following, self._pool.submit(self._read, following))
-        return self._finish(draws, raw)
-
-    def _finish(self, draws: dict, raw: dict) -> Batch:
-        state, mode = self.state, self.state.cfg.data.augment
-        images = {}
-        for key, (rows, _) in raw.items():
-            x = to_unit(rows.to(state.device, non_blocking=self.pin))
-            images[key] = _to_device_layout(apply_augment(x, mode, draws[key][1]), state)
-        labels = raw["x"][1]
-        if labels is not None:
-            labels = labels.to(state.device, non_blocking=self.pin)
-        return Batch(images["x"], labels, images.get("y"))
-
-    def close(self) -> None:
-        """Stop reading ahead. A pending read is dropped but its draws are not undone: only
-        a loop that failed leaves one (train() never does at a log point or at its end)."""
-        if self._pending is not None:
-            self._pending[1].cancel()
-            self._pending = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+from gan_core.state import (
+    Batch,
+    Metrics,
+    TrainState,
+    autocast_enabled,
+    channels_last,
+    frozen,
+    plain,
+    resolve_device,
+)
+
+# Re-exported: the loop's public surface, one import for its callers.
+__all__ = [
+    "FAMILIES",
+    "Batch",
+    "Feeder",
+    "TrainState",
+    "apply_augment",
+    "augment",
+    "autocast_enabled",
+    "draw_augment",
+    "eval_models",
+    "frozen",
+    "init_state",
+    "load_checkpoint",
+    "plain",
+    "read_checkpoint",
+    "resolve_device",
+    "save_checkpoint",
+    "state_dict",
+    "train",
+]
+
+# state_dict keys that are each rank's own random streams (the rest is the same on every
+# rank and rank 0 alone writes it).
+PER_RANK_KEYS = ("samplers", "noise", "pools", "augment_rng")
 
 
 def _lr_lambda(steps: int, decay_start: float) -> Callable[[int], float]:
@@ -502,7 +98,7 @@ def init_state(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         models = {k: v.to(device) for k, v in build_models(cfg).items()}
-    if _channels_last(cfg, device):
+    if channels_last(cfg, device):
         models = {k: v.to(memory_format=torch.channels_last) for k, v in models.items()}
     if cfg.train.compile:
         # Compiled before the DDP wrap, so plain() (what G's update calls D through, and what
@@ -530,13 +126,47 @@ def init_state(
             "Y": ImagePool(cfg.train.pool_size, cfg.train.seed * 31 + 2 * rank + 2),
         }
     samplers = family.samplers(cfg, data, rank, world_size)
-    return TrainState(cfg, models, opt_g, opt_d, schedulers, samplers, noise, device, pools)
+    augmenter = Augmenter(
+        cfg.augment,
+        cfg.train.batch_size * world_size,
+        losses.decision_boundary(cfg.loss.gan_loss),
+        device,
+        seed=cfg.train.seed * 104_729 + rank,
+    )
+    averages = {}
+    if cfg.train.ema_half_life > 0:
+        averages = {k: ema.make_average(plain(models[k])) for k in family.generators}
+    return TrainState(
+        cfg,
+        models,
+        opt_g,
+        opt_d,
+        schedulers,
+        samplers,
+        noise,
+        device,
+        augmenter,
+        pools,
+        averages,
+        world_size,
+    )
 
 
-def autocast_enabled(precision: str, device_type: str) -> bool:
-    """bf16 autocast for train.precision: always for 'bf16', never for 'fp32', and for
-    'auto' (nothing set) on CUDA only."""
-    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
+def eval_models(state: TrainState) -> dict[str, nn.Module]:
+    """The plain networks to evaluate, sample from and register: the moving averages of the
+    generators when train.ema_half_life > 0, else the live ones; the discriminators as they
+    are. Shared with training, not copies: copy before changing them."""
+    return {k: state.ema.get(k, plain(v)) for k, v in state.models.items()}
+
+
+def _update_averages(state: TrainState) -> None:
+    t, family = state.cfg.train, FAMILIES[state.cfg.family]
+    if not state.ema:
+        return
+    images = t.batch_size * state.world_size
+    beta = ema.decay(t.ema_half_life, t.ema_rampup, state.step * images, images)
+    for k in family.generators:
+        ema.update(state.ema[k], plain(state.models[k]), beta)
 
 
 def accumulate_metrics(sums: dict[str, Tensor], counts: dict[str, int], metrics: Metrics) -> None:
@@ -584,15 +214,19 @@ def train(
             for j in range(cfg.train.d_steps):
                 ahead = not (last and j == per_iteration - 1)
                 accumulate(family.d_step(state, feeder.next(ahead)))
+                state.d_updates += 1
             accumulate(family.g_step(state, feeder.next(not last) if family.g_uses_data else None))
             for sched in state.schedulers:
                 sched.step()
             state.step += 1
+            _update_averages(state)
             if state.step % cfg.train.log_every == 0 or state.step == end:
                 keys = list(sums)
-                values = torch.stack(
-                    [sums[k].float() / counts[k] for k in keys]
-                ).tolist()  # the one host sync
+                means = [sums[k].float() / counts[k] for k in keys]
+                if state.augment.enabled:
+                    keys += ["augment_p", "ada_rt"]
+                    means += [state.augment.p.float(), state.augment.last_rt.float()]
+                values = torch.stack(means).tolist()  # the one host sync
                 report = dict(zip(keys, values))
                 report["lr_g"] = state.opt_g.param_groups[0]["lr"]
                 if feeder.stored:
@@ -619,6 +253,10 @@ def state_dict(state: TrainState) -> dict:
         "samplers": {k: s.state_dict() for k, s in state.samplers.items()},
         "noise": state.noise.get_state(),
         "pools": {k: p.state_dict() for k, p in state.pools.items()},
+        "ema": {k: avg.state_dict() for k, avg in state.ema.items()},
+        "augment": state.augment.state_dict(),
+        "augment_rng": state.augment.rank_state(),
+        "d_updates": state.d_updates,
     }
 
 
@@ -636,7 +274,16 @@ def load_state_dict(state: TrainState, sd: dict) -> TrainState:
         if "images" in p:
             p = {**p, "images": p["images"].to(state.device)}
         state.pools[k].load_state_dict(p)
+    # Checkpoints from before EMA and D's augmentation existed have neither: a resumed run
+    # starts its average from the current G and p from its configured start.
+    for k, avg in state.ema.items():
+        avg.load_state_dict(
+            sd["ema"][k] if k in sd.get("ema", {}) else plain(state.models[k]).state_dict()
+        )
+    if "augment" in sd:
+        state.augment.load_state_dict(sd["augment"], sd.get("augment_rng"))
     state.step = int(sd["step"])
+    state.d_updates = int(sd.get("d_updates", state.step * state.cfg.train.d_steps))
     return state
 
 
