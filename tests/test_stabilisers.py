@@ -1,0 +1,295 @@
+"""The stabilisers against their definitions: DiffAugment's ops, ADA's controller, the EMA's
+half-life, R1 and hinge against the formulas, spectral norm, the projection D, the DCGAN
+layout; models registered before them still load; exact resume with all of them on."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gan_core import diffaug, ema, losses
+from gan_core.config import AugmentConfig, ConfigError
+from gan_core.data import ImageSet
+from gan_core.models import ConvDiscriminator, ConvGenerator, build_models
+from gan_core.overrides import apply_overrides, from_flat_dict
+from gan_core.presets import preset
+from gan_core.train import eval_models, init_state, load_state_dict, state_dict, train
+
+
+def _images(n=8, c=3, s=16, seed=0):
+    return torch.rand(n, c, s, s, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+# --- DiffAugment ----------------------------------------------------------------------------
+
+
+def test_each_op_is_the_identity_at_p_zero():
+    x = _images()
+    draws = diffaug.draw(("color", "translation", "cutout"), 8, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(diffaug.apply(x, draws, 0.0), x, rtol=0, atol=1e-6)
+
+
+def test_translation_moves_whole_pixels_and_pads_with_zeros():
+    x = _images(s=16)
+    draws = diffaug.draw(("translation",), 8, torch.Generator().manual_seed(2))
+    out = diffaug.apply(x, draws, 1.0)
+    s = int(16 * diffaug.TRANSLATION_RATIO + 0.5)
+    for i in range(8):
+        dx, dy = (torch.floor(draws["translation"][i, 1:3] * (2 * s + 1)) - s).int().tolist()
+        want = torch.zeros_like(x[i])
+        src = x[i][:, max(0, -dy) : 16 - max(0, dy), max(0, -dx) : 16 - max(0, dx)]
+        want[:, max(0, dy) : 16 - max(0, -dy), max(0, dx) : 16 - max(0, -dx)] = src
+        torch.testing.assert_close(out[i], want, rtol=0, atol=0)
+
+
+def test_cutout_zeroes_one_square_of_half_the_side():
+    x = _images(s=16).abs() + 0.1  # no zeros of its own
+    draws = diffaug.draw(("cutout",), 8, torch.Generator().manual_seed(3))
+    out = diffaug.apply(x, draws, 1.0)
+    for i in range(8):
+        hole = (out[i] == 0).all(0)
+        rows, cols = hole.any(1).nonzero().flatten(), hole.any(0).nonzero().flatten()
+        assert 0 < len(rows) <= 8 and 0 < len(cols) <= 8  # clipped at the border only
+        assert hole.sum() == len(rows) * len(cols)  # a rectangle
+        assert torch.equal(out[i][:, ~hole], x[i][:, ~hole])
+
+
+def test_ops_are_differentiable_and_follow_their_draws():
+    x = _images().requires_grad_(True)
+    ops = ("color", "translation", "cutout")
+    draws = diffaug.draw(ops, 8, torch.Generator().manual_seed(4))
+    out = diffaug.apply(x, draws, 1.0)
+    out.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    torch.testing.assert_close(diffaug.apply(x.detach(), draws, 1.0), out.detach())
+    other = diffaug.draw(ops, 8, torch.Generator().manual_seed(5))
+    assert not torch.allclose(diffaug.apply(x.detach(), other, 1.0), out.detach())
+
+
+def test_ada_raises_p_when_d_is_sure_of_the_reals_and_lowers_it_otherwise():
+    cfg = AugmentConfig(policy="translation", ada=True, ada_images=1000, ada_interval=4)
+    aug = diffaug.Augmenter(cfg, batch_size=10, boundary=0.0, device=torch.device("cpu"), seed=0)
+    assert float(aug.p) == 0.0  # ADA starts without augmentation
+    step = 10 * 4 / 1000
+    for _ in range(8):  # r_t = 1 > 0.6: two adjustments up
+        aug.observe(torch.ones(10))
+    assert float(aug.p) == pytest.approx(2 * step)
+    assert float(aug.last_rt) == 1.0
+    for _ in range(12):  # r_t = -1 < 0.6: three down, clamped at 0
+        aug.observe(-torch.ones(10))
+    assert float(aug.p) == 0.0
+    fixed = diffaug.Augmenter(
+        AugmentConfig(policy="color", p=0.3), 10, 0.0, torch.device("cpu"), seed=0
+    )
+    fixed.observe(torch.ones(10))
+    assert float(fixed.p) == pytest.approx(0.3)
+
+
+def test_augment_policy_is_validated():
+    with pytest.raises(ConfigError, match="augment.policy"):
+        AugmentConfig(policy="color,rotate")
+    with pytest.raises(ConfigError, match="augment.p"):
+        AugmentConfig(p=1.5)
+    with pytest.raises(ConfigError, match="augment.policy: needs a convolutional D"):
+        apply_overrides(preset("gan"), {"augment.policy": "color"})
+
+
+# --- EMA ------------------------------------------------------------------------------------
+
+
+def test_ema_half_life_is_in_images():
+    # After half_life images the old weights' share is one half, whatever the batch.
+    for batch in (1, 16, 64):
+        beta = ema.decay(1000, 0.0, images_seen=10**6, batch=batch)
+        assert beta ** (1000 / batch) == pytest.approx(0.5)
+    # Ramp-up: early on the half-life is a fraction of the images seen.
+    assert ema.decay(1000, 0.05, images_seen=200, batch=10) == pytest.approx(0.5 ** (10 / 10))
+
+
+def test_ema_update_averages_weights_and_copies_buffers():
+    net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    avg = ema.make_average(net)
+    before = avg[0].weight.clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    net(torch.randn(5, 3))  # moves BN's running statistics
+    ema.update(avg, net, beta=0.75)
+    torch.testing.assert_close(avg[0].weight, 0.75 * before + 0.25 * net[0].weight)
+    torch.testing.assert_close(avg[1].running_mean, net[1].running_mean)
+    assert not any(p.requires_grad for p in avg.parameters())
+
+
+# --- losses and regularisers against the formulas -------------------------------------------
+
+
+def test_hinge_losses_match_the_formulas():
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.5])
+    want_d = (0 + 0.5 + 2.0) / 3 + (0 + 1.0 + 2.5) / 3
+    assert float(losses.hinge_discriminator_loss(real, fake)) == pytest.approx(want_d)
+    assert float(losses.hinge_generator_loss(fake)) == pytest.approx(-(-2.0 + 0.0 + 1.5) / 3)
+
+
+def test_r1_is_the_squared_gradient_norm_on_reals():
+    # D(x) = <w, x> + b has ∇_x D = w everywhere: R1 = ‖w‖².
+    lin = nn.Linear(12, 1)
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    r1 = losses.r1_penalty(lin(x.flatten(1)).squeeze(1), x)
+    assert float(r1.detach()) == pytest.approx(float(lin.weight.square().sum()), rel=1e-6)
+    r1.backward()  # differentiable with respect to D's weights (create_graph)
+    torch.testing.assert_close(lin.weight.grad, 2 * lin.weight.detach())
+
+
+# --- networks -------------------------------------------------------------------------------
+
+
+def test_spectral_norm_bounds_each_layer_of_d():
+    D = ConvDiscriminator(3, 16, 8, sn=True)
+    x = torch.randn(4, 3, 16, 16)
+    for _ in range(30):  # power iterations run in training forwards
+        D(x)
+    D.eval()
+    for m in D.modules():
+        if isinstance(m, nn.Conv2d):
+            sigma = torch.linalg.matrix_norm(m.weight.flatten(1), ord=2)
+            assert float(sigma) == pytest.approx(1.0, abs=0.05)
+
+
+def test_projection_d_scores_depend_on_the_label_through_an_inner_product():
+    D = ConvDiscriminator(3, 16, 8, num_classes=3, sn=False, conditioning="projection")
+    x = torch.randn(2, 3, 16, 16)
+    y0, y1 = torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.long)
+    h = D.net(x)
+    diff = D(x, y0) - D(x, y1)
+    torch.testing.assert_close(diff, ((D.proj.weight[0] - D.proj.weight[1]) * h).sum(1))
+
+
+def test_dcgan_layout_is_radfords():
+    # 64 px, ngf 64: 512 channels at 4x4, halved per doubling, the last conv to RGB.
+    G = ConvGenerator(100, 3, 64, 64, layout="dcgan")
+    convs = [m for m in G.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert [c.out_channels for c in convs] == [512, 256, 128, 64, 3]
+    assert not any(isinstance(m, nn.Conv2d) for m in G.modules())
+    y = torch.tensor([0, 2])
+    cg = ConvGenerator(100, 3, 32, 16, num_classes=3, layout="dcgan", conditioning="projection")
+    out = cg(torch.randn(2, 100), y)
+    assert out.shape == (2, 3, 32, 32) and out.abs().max() <= 1
+
+
+def test_models_registered_before_the_stabilisers_still_load():
+    # A flat config written before model.g_layout existed rebuilds the old networks: the
+    # keys of their state dicts are those the older code wrote (frozen here).
+    cfg = apply_overrides(
+        preset("cgan", "default", 32), {"data.channels": 3, "model.num_classes": 3}
+    )
+    flat = {
+        k: v
+        for k, v in cfg.to_flat_dict().items()
+        if k not in ("model.g_layout", "model.spectral_norm", "model.conditioning")
+        and not k.startswith("augment.")
+    }
+    old = from_flat_dict(flat)
+    assert (old.model.g_layout, old.model.spectral_norm, old.model.conditioning) == (
+        "wide",
+        False,
+        "concat",
+    )
+    models = build_models(old)
+    g_keys = sorted(models["G"].state_dict())
+    assert g_keys[:4] == ["embed.weight", "net.0.weight", "net.1.bias", "net.1.num_batches_tracked"]
+    assert "project.0.weight" in g_keys and "net.9.weight" in g_keys  # the 3x3 full-res conv
+    assert sorted(models["D"].state_dict()) == [
+        "embed.weight",
+        "net.0.bias",
+        "net.0.weight",
+        "net.2.bias",
+        "net.2.weight",
+        "net.4.bias",
+        "net.4.weight",
+        "net.7.bias",
+        "net.7.weight",
+    ]
+
+
+# --- the loop with everything on ------------------------------------------------------------
+
+
+def _stabilised(family="cgan", **extra):
+    over = {
+        "data.channels": 3,
+        "model.num_classes": 3,
+        "model.ngf": 8,
+        "model.ndf": 8,
+        "train.batch_size": 8,
+        "train.steps": 12,
+        "train.log_every": 3,
+        "train.ema_half_life": 200,
+        "augment.ada_images": 500,
+        "augment.ada_interval": 2,
+        "loss.r1_gamma": 1.0,
+        "loss.r1_every": 4,
+        "train.device": "cpu",
+        **extra,
+    }
+    if family == "cyclegan":
+        for k in ("model.num_classes", "model.ngf", "model.ndf"):
+            over.pop(k)
+        over.update({"model.ngf": 4, "model.ndf": 4, "augment.policy": "color,translation,cutout"})
+        over["augment.ada"] = True
+        return apply_overrides(preset("cyclegan", "tiny", 16), over)
+    return apply_overrides(preset(family, "default", 32), over)
+
+
+def _data(family):
+    g = torch.Generator().manual_seed(0)
+    if family == "cyclegan":
+        from gan_core.data import UnpairedSet
+
+        return UnpairedSet(
+            ImageSet(torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=g)),
+            ImageSet(torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=g)),
+        )
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return ImageSet(images, torch.arange(40) % 3)
+
+
+@pytest.mark.parametrize("family", ["gan", "cgan", "cyclegan"])
+def test_resume_is_exact_with_ema_ada_and_r1(family, tmp_path):
+    cfg, data = _stabilised(family), _data(family)
+    logs: list[dict] = []
+    whole = train(init_state(cfg, data, "cpu"), data, callbacks=[lambda s, r: logs.append(r)])
+    assert any("r1" in r for r in logs) and all("augment_p" in r for r in logs)
+    if family != "cyclegan":  # random images: D overfits at once, and ADA raises p
+        assert logs[-1]["augment_p"] > 0
+
+    first = train(init_state(cfg, data, "cpu"), data, until=6)
+    sd = state_dict(first)
+    torch.save(sd, tmp_path / "ckpt.pt")
+    resumed = load_state_dict(
+        init_state(cfg, data, "cpu"), torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    )
+    train(resumed, data)
+    a, b = state_dict(whole), state_dict(resumed)
+    for k in whole.models:
+        for (n, x), (_, y) in zip(a["models"][k].items(), b["models"][k].items()):
+            assert torch.equal(x, y), (k, n)
+    for k in whole.ema:
+        for (n, x), (_, y) in zip(a["ema"][k].items(), b["ema"][k].items()):
+            assert torch.equal(x, y), ("ema", k, n)
+    assert torch.equal(a["augment"]["p"], b["augment"]["p"])
+
+
+def test_eval_models_are_the_averages():
+    cfg, data = _stabilised("gan"), _data("gan")
+    state = train(init_state(cfg, data, "cpu"), data)
+    models = eval_models(state)
+    assert models["G"] is state.ema["G"] and models["D"] is state.models["D"]
+    live = dict(state.models["G"].named_parameters())
+    diff = max(float((p - live[n]).abs().max()) for n, p in models["G"].named_parameters())
+    assert diff > 0  # an average, not a copy of the last step
+    off = apply_overrides(cfg, {"train.ema_half_life": 0})
+    state = init_state(off, data, "cpu")
+    assert eval_models(state)["G"] is state.models["G"] and not state.ema
+    assert math.isfinite(diff)
