@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import threading
@@ -172,6 +173,57 @@ def test_concurrent_promotions_end_consistent(mlflow_uri, models, medium, judge,
     assert lock.tags["ganflow.lock"] and "not a model" in lock.description
     assert not client.search_model_versions(f"name = '{name}.promotion-lock'")
     assert [m["name"] for m in registry.list_models()] == [name]
+
+
+@pytest.fixture(scope="module")
+def cgans():
+    """A cGAN that has learnt its labels (700 steps: class accuracy 0.96), its collapsed twin
+    (the noise's inputs zeroed: one image per label, class accuracy 1.00) and an untrained
+    one (about chance)."""
+    cfg = apply_overrides(preset("cgan"), {"train.steps": 700})
+    data = load_builtin(cfg.data.dataset, cfg.data.image_size)
+    untrained = init_state(cfg, data, "cpu").models
+    with torch.random.fork_rng(devices=[]):
+        trained = train(init_state(cfg, data, "cpu"), data).models
+    collapsed = copy.deepcopy(trained)
+    first = next(m for m in collapsed["G"].modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        first.weight[:, : cfg.model.z_dim] = 0
+    return cfg, trained, collapsed, untrained
+
+
+def test_cgan_promotion_is_gated_and_ranks_collapse_below(mlflow_uri, cgans, judge):
+    """A cGAN whose samples ignore their labels is never promoted, not even as the first
+    version; one that draws one image per label passes the gate (its class accuracy is
+    perfect) but loses on the intra-class distance to a trained one."""
+    cfg, trained, collapsed, untrained = cgans
+    heldout = load_builtin("builtin:digits", 16, "val")
+    _, clf = judge
+    client = mlflow_uri[1]
+    name = "ganflow-cgan-gate"
+
+    v1 = _register(mlflow_uri, cfg, untrained, name)
+    d1 = registry.promote(name, v1, heldout, clf)
+    assert d1.decision == "rejected" and d1.metric == "intra_fd"
+    assert d1.reason.startswith(f"v{v1} fails the gate: class_accuracy")
+    assert "\n" not in d1.reason
+    tags = client.get_model_version(name, v1).tags
+    assert float(tags["eval.class_accuracy"]) < float(tags["eval.class_accuracy_floor"])
+    with pytest.raises(Exception, match="champion"):
+        client.get_model_version_by_alias(name, "champion")
+
+    v2 = _register(mlflow_uri, cfg, trained, name)
+    d2 = registry.promote(name, v2, heldout, clf)
+    assert d2.decision == "champion" and d2.reason == "no champion yet"
+
+    v3 = _register(mlflow_uri, cfg, collapsed, name)
+    d3 = registry.promote(name, v3, heldout, clf)
+    print(f"intra_fd: trained {d2.candidate:.1f}, collapsed {d3.candidate:.1f}")
+    tags = client.get_model_version(name, v3).tags
+    assert float(tags["eval.class_accuracy"]) >= 0.95  # the old headline would promote it
+    assert d3.decision == "rejected" and "does not beat champion" in d3.reason
+    assert d3.candidate > d3.champion  # lower is better
+    assert _alias(client, name, "champion") == v2
 
 
 def test_stale_lock_is_broken(mlflow_uri):
