@@ -1,6 +1,7 @@
 """Ray Train jobs on a real local Ray cluster (started here, one per module): DDP replicas
-stay identical, 2 workers match 1 worker at the same global batch, a killed worker resumes
-from its checkpoint exactly, a rerun of a run name resumes after the driver gave up,
+stay identical, 2 workers match 1 worker at the same global batch, the generator registered
+is the best step's on val (not the last), a killed worker resumes from its checkpoint
+exactly (the same best step included), a rerun of a run name resumes after the driver gave up,
 checkpoints and MLflow artifacts go through an S3 API (moto server), and the errors a user
 meets come before any training.
 
@@ -90,6 +91,10 @@ def _models(checkpoint_dir: str) -> dict:
     return read_checkpoint(f"{checkpoint_dir}/state.pt")["models"]
 
 
+def _best(checkpoint_dir: str) -> dict:
+    return read_checkpoint(f"{checkpoint_dir}/best.pt")
+
+
 def _assert_same_models(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
@@ -98,6 +103,9 @@ def _assert_same_models(a: dict, b: dict) -> None:
 
 
 STEPS = 16
+# Val evaluations at 4, 8, 12 and the end; a learning rate high enough that the figures do
+# not just fall to the last step (on one worker the Fréchet distance is best at 8 of 16).
+BEST = ("eval.every=4", "optim.lr_g=0.05", "optim.lr_d=0.05")
 
 
 @pytest.fixture(scope="module")
@@ -106,12 +114,12 @@ def reference(ray_local, tmp_path_factory, classifier_cache):
     home = tmp_path_factory.mktemp("reference-home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GANFLOW_HOME", str(home))
-        cfg = _cfg("gan", STEPS, 8, 1)
+        cfg = _cfg("gan", STEPS, 8, 1, *BEST)
         out = run_training(_req(cfg, 2, classifier_cache, check_replicas=True, checkpoint_every=5))
         out["uri"] = uri = tracking.tracking_uri()
         out["history"] = {
             k: _history(out["run_id"], k, uri)
-            for k in ("loss_D", "loss_G", "replica_max_abs_diff", "steps_per_s")
+            for k in ("loss_D", "loss_G", "replica_max_abs_diff", "steps_per_s", "eval.val_fd")
         }
         return out
 
@@ -158,11 +166,58 @@ def test_run_is_tracked_in_mlflow(reference):
     assert out.shape == (7, 1, size, size) and out.min() >= -1 and out.max() <= 1
 
 
+def _best_step(curve: dict[int, float]) -> int:
+    """The step with the lowest val figure in the MLflow history (a tie: the earlier)."""
+    return min(curve, key=lambda s: (curve[s], s))
+
+
+def test_registered_generator_is_the_best_step_on_val(reference):
+    """The val curve is in MLflow at every eval.every; the run's figures, its logged model
+    and the version the registry stage registers are all the best step's, and the weights
+    served are the ones best.pt holds."""
+    from flows import registry
+    from flows.train.checkpoints import load_trained
+
+    curve = reference["history"]["eval.val_fd"]
+    print("val fd:", curve)
+    assert sorted(curve) == [4, 8, 12, STEPS]
+    best = _best_step(curve)
+    metrics = reference["metrics"]
+    assert metrics["best_step"] == best and metrics["val_fd"] == curve[best]
+    c = tracking.client(reference["uri"])
+    run = c.get_run(reference["run_id"])
+    assert run.data.tags["ganflow.best_step"] == str(best)
+    assert run.data.tags["ganflow.best_metric"] == "val_fd"
+    saved = _best(reference["checkpoint"])
+    assert saved["step"] == best and saved["metric"] == "fd" and saved["mode"] == "min"
+    # What the retraining flow's register stage does with the run's final checkpoint.
+    cfg, models = load_trained(reference["checkpoint"])
+    name = f"ray-best-{reference['run_name']}"
+    version = registry.register(
+        reference["run_id"],
+        cfg,
+        models,
+        name,
+        metrics,
+        reference["snapshot_id"],
+        tracking_uri=reference["uri"],
+    )
+    mv = c.get_model_version(name, version)
+    assert mv.tags["train_metric.best_step"] == str(best)
+    logged = c.get_logged_model(mv.tags["ganflow.model_id"])
+    assert logged.tags["ganflow.best_step"] == str(best)
+    _, served, meta = registry.load_registered(f"{name}/{version}", tracking_uri=reference["uri"])
+    assert meta["best_step"] == best
+    for nets in (served, models):
+        got = {k: v.detach().cpu() for k, v in nets["G"].state_dict().items()}
+        torch.testing.assert_close(got, saved["weights"]["G"], rtol=0, atol=0)
+
+
 def test_killed_worker_resumes_from_its_checkpoint(reference, tmp_path, classifier_cache):
     """Rank 1 is SIGKILLed at iteration 13; checkpoints every 5: the group restarts from 10
     and ends bit-identical to the uninterrupted reference (losses and weights)."""
     marker = tmp_path / "killed"
-    cfg = _cfg("gan", STEPS, 8, 1)
+    cfg = _cfg("gan", STEPS, 8, 1, *BEST)
     out = run_training(
         _req(
             cfg,
@@ -189,12 +244,18 @@ def test_killed_worker_resumes_from_its_checkpoint(reference, tmp_path, classifi
         for s in range(resumed_at + 1, STEPS + 1):
             assert after[s] == reference["history"][key][s], (key, s)
     _assert_same_models(_models(out["checkpoint"]), _models(reference["checkpoint"]))
+    # The best so far came back from best.pt: the same val curve, best step and weights.
+    assert _history(out["run_id"], "eval.val_fd") == reference["history"]["eval.val_fd"]
+    best, ref_best = _best(out["checkpoint"]), _best(reference["checkpoint"])
+    assert out["metrics"]["best_step"] == reference["metrics"]["best_step"] == ref_best["step"]
+    assert best["step"] == ref_best["step"] and best["figures"] == ref_best["figures"]
+    _assert_same_models(best["weights"], ref_best["weights"])
 
 
 def test_rerun_of_a_run_name_resumes_after_the_driver_gave_up(
     reference, tmp_path, classifier_cache
 ):
-    cfg = _cfg("gan", STEPS, 8, 1)
+    cfg = _cfg("gan", STEPS, 8, 1, *BEST)
     name = f"resume-{tmp_path.name}"
     first = _req(
         cfg,
@@ -213,6 +274,10 @@ def test_rerun_of_a_run_name_resumes_after_the_driver_gave_up(
     assert all(counts[s] == 1 for s in range(1, 6)), counts
     assert counts[12] == 2, counts
     _assert_same_models(_models(out["checkpoint"]), _models(reference["checkpoint"]))
+    assert out["metrics"]["best_step"] == reference["metrics"]["best_step"]
+    _assert_same_models(
+        _best(out["checkpoint"])["weights"], _best(reference["checkpoint"])["weights"]
+    )
 
 
 def test_two_workers_match_one_worker_at_the_same_global_batch(ray_local, classifier_cache):
