@@ -51,6 +51,17 @@ def test_picks_the_best_by_the_metric_direction(mode, values, step):
     assert torch.all(best.weights["G"]["weight"] == step // 10)
 
 
+def test_a_step_failing_the_class_gate_is_never_best():
+    """A cGAN step whose samples do not carry their labels (class accuracy below the gate
+    promotion and search enforce) is not chosen, however low its intra-class distance."""
+    best = BestSoFar("intra_fd", "min")
+    floor = {"class_accuracy_floor": 0.5}
+    best.offer(10, {"intra_fd": 9.0, "class_accuracy": 0.9, **floor}, _net(1))
+    assert not best.offer(20, {"intra_fd": 1.0, "class_accuracy": 0.2, **floor}, _net(2))
+    assert best.offer(30, {"intra_fd": 5.0, "class_accuracy": 0.6, **floor}, _net(3))
+    assert best.step == 30
+
+
 def test_nothing_finite_is_no_best():
     best = BestSoFar("fd", "min")
     _offer_all(best, [float("nan"), float("nan")])
@@ -134,10 +145,14 @@ def test_checkpoint_folder_keeps_the_best_and_the_registry_reads_it(family, tmp_
     assert any(not torch.equal(last[n], t) for n, t in models["G"].state_dict().items())
 
 
-def test_checkpoint_without_a_best_gives_the_judged_generator(tmp_path):
+@pytest.mark.parametrize("half_life", [0, 50])
+def test_checkpoint_without_a_best_gives_the_judged_generator(half_life, tmp_path):
     """Before any val evaluation (or a checkpoint from before best.pt existed) the registry
     still gets what evaluation would judge: the EMA copy when kept, else the live G."""
-    cfg = apply_overrides(preset("gan", "tiny"), {"train.steps": 2, "train.log_every": 1})
+    cfg = apply_overrides(
+        preset("gan", "tiny"),
+        {"train.steps": 3, "train.log_every": 1, "train.ema_half_life": half_life},
+    )
     data = load_builtin(cfg.data.dataset, cfg.data.image_size)
     state = init_state(cfg, data, "cpu")
     train(state, data)
@@ -147,3 +162,6 @@ def test_checkpoint_without_a_best_gives_the_judged_generator(tmp_path):
     assert step is None
     want = copy.deepcopy(judged_generators(state))
     torch.testing.assert_close(models["G"].state_dict(), want["G"].state_dict(), rtol=0, atol=0)
+    live = state.models["G"].state_dict()
+    same_as_live = all(torch.equal(t, live[n]) for n, t in models["G"].state_dict().items())
+    assert same_as_live == (half_life == 0)  # with EMA on, never the raw last-step weights

@@ -10,7 +10,6 @@ the same step as an uninterrupted one. No Ray or MLflow here.
 from __future__ import annotations
 
 import copy
-import math
 
 from torch import Tensor, nn
 
@@ -26,34 +25,23 @@ def evaluation_due(step: int, every: int, log_every: int, end: int) -> bool:
     return step // every > max(step - log_every, 0) // every
 
 
-def eval_models(state) -> dict[str, nn.Module]:  # TEMPORARY until gan_core.train has it
-    try:
-        from gan_core.train import eval_models as core
-    except ImportError:
-        return state.models
-    return core(state)
-
-
 def judged_generators(state) -> dict[str, nn.Module]:
     """CPU copies of the generator(s) evaluation judges (``gan_core.train.eval_models``: the
     EMA copies when the config keeps them): the judge lives on the CPU, and the run's own
     networks are never touched."""
     from flows.tracking import generator_keys
-    from gan_core.train import plain
+    from gan_core.train import eval_models, plain
 
     nets = eval_models(state)
     return {k: copy.deepcopy(plain(nets[k])).cpu() for k in generator_keys(state.cfg.family)}
 
 
-def _figure(figures: dict[str, float], metric: str) -> float:
-    value = figures.get(metric)
-    return float("nan") if value is None else float(value)
-
-
 class BestSoFar:
-    """The best step offered so far for ``metric`` ('min' or 'max' is better). A NaN figure
-    (or a missing one) is never best; on a tie the earlier step stays, so the choice does not
-    depend on how often a run was evaluated after reaching its best."""
+    """The best step offered so far for ``metric`` ('min' or 'max' is better). Figures that
+    fail gan_core's gate never are (a NaN, infinite or missing figure; a cGAN whose samples
+    do not carry their labels), as promotion and search refuse them; on a tie the earlier
+    step stays, so the choice does not depend on how often a run was evaluated after
+    reaching its best."""
 
     def __init__(self, metric: str, mode: str):
         if mode not in ("min", "max"):
@@ -68,20 +56,22 @@ class BestSoFar:
     def found(self) -> bool:
         return self.step is not None
 
-    def better(self, value: float) -> bool:
-        if math.isnan(value):
+    def better(self, figures: dict[str, float]) -> bool:
+        from gan_core.evaluate import gate_failure
+
+        if gate_failure(figures, self.metric) is not None:
             return False
+        value = float(figures[self.metric])
         if not self.found:
             return True
         return value < self.value if self.mode == "min" else value > self.value
 
     def offer(self, step: int, figures: dict[str, float], models: dict[str, nn.Module]) -> bool:
         """Keep step (figures: its val figures, by name without prefix) and a CPU copy of
-        the models' weights when its figure is better. Returns whether it was."""
-        value = _figure(figures, self.metric)
-        if not self.better(value):
+        the models' weights when its figures are better. Returns whether they were."""
+        if not self.better(figures):
             return False
-        self.step, self.value = int(step), value
+        self.step, self.value = int(step), float(figures[self.metric])
         self.figures = {k: float(v) for k, v in figures.items()}
         self.weights = {
             name: {k: t.detach().cpu().clone() for k, t in net.state_dict().items()}

@@ -16,13 +16,9 @@ from pathlib import Path
 import torch
 
 from flows.train.spec import STATE_FILE
+from gan_core.train import PER_RANK_KEYS
 
 BEST_FILE = "best.pt"
-
-try:
-    from gan_core.train import PER_RANK_KEYS
-except ImportError:  # TEMPORARY until gan_core.train exports it
-    PER_RANK_KEYS = ("samplers", "noise", "pools")
 
 # --- checkpoints ----------------------------------------------------------------------------
 
@@ -116,10 +112,7 @@ def _judged_weights(sd: dict) -> dict:
     """The networks' weights as evaluation sees them: the EMA copies where the checkpoint
     holds them, the live weights for the rest (and for checkpoints without EMA)."""
     ema = sd.get("ema") or {}
-    held = ema.get("models", ema) if isinstance(ema, dict) else {}
-    return {
-        k: held.get(k, v) if isinstance(held.get(k), dict) else v for k, v in sd["models"].items()
-    }
+    return {k: ema.get(k, v) for k, v in sd["models"].items()}
 
 
 def load_trained(checkpoint: str):

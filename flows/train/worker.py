@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flows.train.best import eval_models, evaluation_due, judged_generators
+from flows.train.best import evaluation_due, judged_generators
 from flows.train.checkpoints import read_best, report_checkpoint, restore_checkpoint
 from flows.train.spec import WorkerJob, WorkerUserError
 from gan_core.config import GanConfig
@@ -204,6 +204,7 @@ class RayCallback:
     def _track(self, state, metrics: dict[str, float]) -> None:
         from flows import tracking
         from gan_core.evaluate import sample_grid
+        from gan_core.train import eval_models
 
         tracking.log_metrics(
             self.job.tracking_uri, self.job.run_id, {k: v for k, v in metrics.items()}, state.step
