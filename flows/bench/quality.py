@@ -1,0 +1,614 @@
+"""What ganflow's training choices buy in sample quality: `python -m flows.bench.quality`.
+
+A CPU-sized benchmark (the default run is about half an hour on 2 free cores, ``--quick``
+one to two minutes). Everything is drawn here (:mod:`flows.bench.quality_data`), nothing is
+downloaded:
+
+- ``shapes``, ``shapes-25``, ``shapes-10``: the conditional GAN on 32x32 RGB circles,
+  squares and triangles (random colours, sizes and positions), 200 training images per
+  class, and the same set cut to 25% and 10% (nested, stratified). ``shapes-gan``: the
+  unconditional GAN on the full set (labels only for evaluation).
+- ``colours``: CycleGAN on an unpaired day/night colour-scheme pair whose truth T(x) is
+  known for every held-out x.
+
+Rows: ``anchor`` is a plain DCGAN written in :mod:`flows.bench.quality_data` (the tutorials'
+recipe: Radford et al.'s layout, one-hot labels, BCE, Adam 2e-4 / 0.5) with the same width,
+batch, data order and evaluation as ganflow's runs; for CycleGAN it is ganflow's CycleGAN
+with every stabiliser off (the paper's recipe). ``defaults`` is what gan_core's presets give
+for 32 px; the GAN rows after it undo one choice each (``no-aug``, ``fixed-p``, ``no-ema``,
+``no-sn``, ``concat``, a loss swapped, R1 on or off); ``old`` is the configuration before
+the modern defaults (wide G, no spectral norm, concatenated labels, no augmentation, no
+EMA, minimax, no R1). CycleGAN's rows add one of the GANs' stabilisers each (``sn``,
+``augment``, ``ema``, ``r1``). A row whose config equals the defaults is skipped, and said so.
+
+Figures on held-out test images, under identical conditions for every run (training seed,
+evaluation seed and sample count; one judge per image source, trained once on its full
+train split, so the subsets are judged alike): gan_core's evaluate() in the judge's
+features (``fd``, ``intra_fd``, coverage, class accuracy, its memorisation ratio), and
+judge-free figures that no training choice can fit: Fréchet distance between 8x8 colour
+thumbnails (192-dim vectors), overall (``fd_thumb``) and within each class
+(``intra_fd_thumb``), and ``memo_px``: the mean pixel distance from a sample to its nearest
+training image over the same for held-out real images (about 1: new images; well below 1:
+copies). Budgets: every run gets ``--steps`` (equal steps); ``@time`` rows run for the wall
+time the defaults took (or ``--seconds``), a faster configuration taking more steps.
+
+Writes ``results.md``, ``results.json`` (every figure and every config) and a sample grid
+per run (``grids/<dataset>/<run>.png``, one row per class) to ``--out`` after every run, so
+an interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flows.bench import quality_data as qd
+from gan_core.config import GanConfig
+from gan_core.data import ImageSet, UnpairedSet
+from gan_core.evaluate import evaluate, sample, sample_grid
+from gan_core.judge import Judge, judge_accuracy, train_judge
+from gan_core.overrides import apply_overrides
+from gan_core.presets import DataFacts, config_for_data, preset
+from gan_core.train import eval_models, init_state, train
+from gan_core.viz import save_grid
+
+EVAL_SEED = 2024  # the z of every evaluation, apart from any training seed
+R1_GAMMA = 0.1  # the "r1" row's γ where the defaults have none: small images, small data
+SHAPES_PER_CLASS = {"train": 200, "val": 60, "test": 100}
+COLOURS_PER_CLASS = {"train": 100, "test": 60}
+
+DATASETS = {
+    # name: (family, image source, fraction of the source's train split)
+    "shapes": ("cgan", "shapes", 1.0),
+    "shapes-25": ("cgan", "shapes", 0.25),
+    "shapes-10": ("cgan", "shapes", 0.10),
+    "shapes-gan": ("gan", "shapes", 1.0),
+    "colours": ("cyclegan", "colours", 1.0),
+}
+
+_OLD = {
+    "model.g_layout": "wide",
+    "model.spectral_norm": False,
+    "model.conditioning": "concat",
+    "augment.policy": "none",
+    "train.ema_half_life": 0,
+    "loss.gan_loss": "minimax",
+    "loss.r1_gamma": 0.0,
+}
+# CycleGAN as the paper trains it: LSGAN, and none of the GANs' stabilisers.
+_PAPER_CYCLEGAN = {
+    "model.spectral_norm": False,
+    "augment.policy": "none",
+    "train.ema_half_life": 0,
+    "loss.gan_loss": "lsgan",
+    "loss.r1_gamma": 0.0,
+}
+GANS = ("gan", "cgan")
+ALL = ("gan", "cgan", "cyclegan")
+# name: (families it applies to, overrides of the defaults). The anchor's None: the plain
+# DCGAN (CycleGAN: _PAPER_CYCLEGAN); a string names a stabiliser of the GANs' defaults.
+VARIANTS: dict[str, tuple[tuple[str, ...], dict | str | None]] = {
+    "anchor": (ALL, None),
+    "defaults": (ALL, {}),
+    "no-aug": (GANS, {"augment.policy": "none"}),
+    "fixed-p": (GANS, {"augment.ada": False}),
+    "no-ema": (GANS, {"train.ema_half_life": 0}),
+    "no-sn": (GANS, {"model.spectral_norm": False}),
+    "concat": (("cgan",), {"model.conditioning": "concat"}),
+    "minimax": (GANS, {"loss.gan_loss": "minimax"}),
+    "hinge": (GANS, {"loss.gan_loss": "hinge"}),
+    "r1": (ALL, {"loss.r1_gamma": R1_GAMMA}),
+    "no-r1": (ALL, {"loss.r1_gamma": 0.0}),
+    "old": (GANS, _OLD),
+    "sn": (("cyclegan",), {"model.spectral_norm": True}),
+    "augment": (("cyclegan",), "augment"),
+    "ema": (("cyclegan",), "ema"),
+}
+PLAN = {
+    "shapes": tuple(v for v, (families, _) in VARIANTS.items() if "cgan" in families),
+    "shapes-25": ("anchor", "defaults", "no-aug", "old"),
+    "shapes-10": ("anchor", "defaults", "no-aug", "old"),
+    "shapes-gan": ("anchor", "defaults", "old"),
+    "colours": ("anchor", "defaults", "sn", "augment", "ema", "r1"),
+}
+# Equal-time rows where the cost of a step differs most from the defaults'.
+TIME_PLAN = {"shapes": ("anchor", "old")}
+
+
+def _gans_stabiliser(name: str) -> dict:
+    m = preset("cgan", "default", 32)
+    if name == "augment":
+        return {"augment.policy": m.augment.policy, "augment.ada": m.augment.ada}
+    return {"train.ema_half_life": m.train.ema_half_life}
+
+
+# --- data and judges ----------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    name: str
+    family: str
+    train: ImageSet | UnpairedSet
+    test: ImageSet | UnpairedSet
+    judge: Judge
+    facts: DataFacts
+
+
+def load_source(source: str, seed: int = 0) -> dict:
+    if source == "shapes":
+        n = SHAPES_PER_CLASS
+        return {s: qd.make_shapes(s, n[s], seed) for s in ("train", "val", "test")}
+    n = COLOURS_PER_CLASS
+    return {s: qd.make_colours(s, n[s], seed) for s in ("train", "test")}
+
+
+def make_judge(splits: dict, seed: int = 0) -> Judge:
+    judge = train_judge(splits["train"], seed)
+    judge.heldout_accuracy = judge_accuracy(judge, splits["test"], seed)
+    return judge
+
+
+def make_bench(name: str, splits: dict, judge: Judge) -> Bench:
+    family, _, fraction = DATASETS[name]
+    train_set = splits["train"] if fraction == 1.0 else qd.subset(splits["train"], fraction)
+    images = train_set.x.images if family == "cyclegan" else train_set.images
+    facts = DataFacts(
+        kind="unpaired" if family == "cyclegan" else "labelled",
+        image_size=images.shape[-1],
+        channels=images.shape[1],
+        classes=qd.SHAPES,
+        has_truth=family == "cyclegan",
+        name=name,
+    )
+    return Bench(name, family, train_set, splits["test"], judge, facts)
+
+
+# --- configs ------------------------------------------------------------------------------
+
+
+def base_config(b: Bench, args: argparse.Namespace, steps: int, seed: int) -> GanConfig:
+    """The defaults for this dataset, sized for this benchmark (width, batch, steps)."""
+    cfg = config_for_data(b.family, b.facts)
+    n = len(b.train.x) if b.family == "cyclegan" else len(b.train)
+    sized: dict[str, object] = {
+        "train.steps": steps,
+        "train.log_every": max(1, steps // 10),
+        "train.seed": seed,
+        "train.device": "cpu",
+        "train.precision": "fp32",
+        "train.compile": False,
+        "eval.samples": args.samples,
+        "train.batch_size": min(cfg.train.batch_size, n),
+    }
+    if b.family != "cyclegan":
+        # CycleGAN's 32 px preset is CPU-sized already; the conv GANs' (ngf 64) is not.
+        sized.update({"model.ngf": args.ngf, "model.ndf": args.ngf})
+        sized["train.batch_size"] = min(args.batch, n)
+    return apply_overrides(cfg, sized)
+
+
+def variant_config(base: GanConfig, family: str, variant: str) -> tuple[GanConfig | None, str]:
+    """(the variant's config, or None with the reason it is skipped)."""
+    families, overrides = VARIANTS[variant]
+    if family not in families:
+        return None, f"not for {family}"
+    if variant == "anchor":
+        if family != "cyclegan":
+            return base, ""  # the plain DCGAN borrows the sizes and the seed
+        overrides = _PAPER_CYCLEGAN
+    if isinstance(overrides, str):
+        overrides = _gans_stabiliser(overrides)
+    cfg = apply_overrides(base, overrides)
+    if variant != "defaults" and cfg == base:
+        return None, "same as defaults"
+    return cfg, ""
+
+
+# --- one run ------------------------------------------------------------------------------
+
+
+def _train_ganflow(cfg: GanConfig, b: Bench, seconds: float | None, progress) -> dict:
+    state = init_state(cfg, b.train, "cpu")
+    last: dict = {}
+
+    def keep(_state, report: dict) -> None:
+        last.clear()
+        last.update(report)
+
+    spent = 0.0
+    while state.step < cfg.train.steps:
+        t0 = time.perf_counter()
+        train(state, b.train, callbacks=[keep], until=state.step + cfg.train.log_every)
+        spent += time.perf_counter() - t0
+        progress(state.step, cfg.train.steps, spent, last)
+        if seconds is not None and spent >= seconds:
+            break
+    return {"models": eval_models(state), "steps": state.step, "seconds": spent, "last": last}
+
+
+def _train_anchor(cfg: GanConfig, b: Bench, seconds: float | None, progress) -> dict:
+    m, t = cfg.model, cfg.train
+    anchor = qd.Anchor(b.train, m.z_dim, m.ngf, t.batch_size, t.seed, cfg.family == "cgan")
+    spent, last = 0.0, {}
+    while anchor.step < t.steps:
+        t0 = time.perf_counter()
+        last = anchor.train(min(anchor.step + t.log_every, t.steps))
+        spent += time.perf_counter() - t0
+        progress(anchor.step, t.steps, spent, last)
+        if seconds is not None and spent >= seconds:
+            break
+    return {"models": {"G": anchor.G}, "steps": anchor.step, "seconds": spent, "last": last}
+
+
+def _translations(models: dict, test: UnpairedSet) -> tuple[torch.Tensor, torch.Tensor]:
+    G, F = models["G"], models["F"]
+    was = G.training, F.training
+    G.eval()
+    F.eval()
+    try:
+        with torch.no_grad():
+            return G(test.x.images), F(test.y.images)
+    finally:
+        G.train(was[0])
+        F.train(was[1])
+
+
+def measure(cfg: GanConfig, models: dict, b: Bench) -> dict:
+    """Every figure of one trained run, on the held-out test split."""
+    if cfg.family == "cyclegan":
+        out: dict = {"judge": evaluate(cfg, models, b.test, b.judge, EVAL_SEED)}
+        g_x, f_y = _translations(models, b.test)
+        x, y = b.test.x, b.test.y
+        out["fd_thumb"] = (qd.thumb_fd(y.images, g_x) + qd.thumb_fd(x.images, f_y)) / 2
+        out["intra_fd_thumb"] = (
+            qd.intra_thumb_fd(y.images, y.labels, g_x, x.labels)
+            + qd.intra_thumb_fd(x.images, x.labels, f_y, y.labels)
+        ) / 2
+        return out
+    out = {"judge": evaluate(cfg, models, b.test, b.judge, EVAL_SEED, train=b.train)}
+    # The same z and labels evaluate() drew, so both kinds of figure judge the same images.
+    n = cfg.eval.samples
+    labels = None
+    if cfg.family == "cgan":
+        n = max(n, 2 * cfg.model.num_classes)
+        labels = torch.arange(n) % cfg.model.num_classes
+    fake = sample(cfg, models["G"], n, EVAL_SEED, labels)
+    out["fd_thumb"] = qd.thumb_fd(b.test.images, fake)
+    if labels is not None:
+        out["intra_fd_thumb"] = qd.intra_thumb_fd(b.test.images, b.test.labels, fake, labels)
+    out["memorisation"] = qd.memorisation(b.train.images, b.test.images, fake)
+    return out
+
+
+def run_one(
+    b: Bench, variant: str, cfg: GanConfig, budget: str, seconds: float | None, out: Path, log
+) -> dict:
+    def progress(step: int, total: int, spent: float, last: dict) -> None:
+        losses = " ".join(f"{k} {v:.3g}" for k, v in last.items() if k.startswith("loss_"))
+        log(f"    step {step}/{total}  {spent:.0f} s  {step / max(spent, 1e-9):.1f} it/s  {losses}")
+
+    anchor = variant == "anchor" and b.family != "cyclegan"
+    trained = (_train_anchor if anchor else _train_ganflow)(cfg, b, seconds, progress)
+    figures = measure(cfg, trained["models"], b)
+    tag = variant if budget == "steps" else f"{variant}@time"
+    grid = out / "grids" / b.name / f"{tag}-seed{cfg.train.seed}.png"
+    images, nrow, caption = sample_grid(cfg, trained["models"], b.test, EVAL_SEED)
+    save_grid(images.clamp(-1, 1), grid, nrow=nrow, scale=3)
+    config = cfg.to_flat_dict()
+    if anchor:
+        # Of the config only the sizes, seed and evaluation apply: the rest is the anchor's.
+        config = {"anchor": "flows.bench.quality_data.Anchor (plain DCGAN)", **config}
+    return {
+        "run": tag,
+        "variant": variant,
+        "budget": budget,
+        "seed": cfg.train.seed,
+        "steps": trained["steps"],
+        "seconds": trained["seconds"],
+        "steps_per_s": trained["steps"] / max(trained["seconds"], 1e-9),
+        "figures": figures,
+        "last_log": trained["last"],
+        "grid": str(grid.relative_to(out)),
+        "grid_caption": caption,
+        "config": config,
+    }
+
+
+def probe_rate(b: Bench, variant: str, cfg: GanConfig, steps: int = 10) -> float:
+    """Steps per second of a config, from a few steps after a warm-up one (the equal-time
+    budget's step count when no equal-steps run measured it)."""
+    short = apply_overrides(cfg, {"train.steps": steps + 1, "train.log_every": 1})
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def tick(*_):
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    trainer = _train_anchor if variant == "anchor" and b.family != "cyclegan" else _train_ganflow
+    trainer(short, b, None, lambda *a: tick())
+    return steps / max(sum(times[1:]), 1e-9)
+
+
+# --- the tables ---------------------------------------------------------------------------
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def row_values(family: str, r: dict) -> dict[str, object]:
+    j, f = r["figures"]["judge"], r["figures"]
+    vals: dict[str, object] = {
+        "run": r["run"],
+        "seed": r["seed"],
+        "steps": r["steps"],
+        "seconds": round(r["seconds"], 1),
+        "it/s": r["steps_per_s"],
+        "fd_thumb": f.get("fd_thumb"),
+        "intra_fd_thumb": f.get("intra_fd_thumb"),
+    }
+    if family == "cyclegan":
+        vals.update(
+            {
+                "truth_err_ratio": j.get("truth_error_ratio"),
+                "label_pres": j.get("label_preservation"),
+                "fd_translation": j.get("fd_translation"),
+                "cycle_err": j.get("cycle_error"),
+            }
+        )
+        return vals
+    covered = j.get("classes_covered")
+    vals.update(
+        {
+            "fd": j.get("fd"),
+            "intra_fd": j.get("intra_fd"),
+            "coverage": j.get("coverage"),
+            "class_cov": j.get(
+                "class_coverage", None if covered is None else f"{covered}/{len(qd.SHAPES)}"
+            ),
+            "class_acc": j.get("class_accuracy"),
+            "memo_px": f.get("memorisation"),
+            "memo_judge": j.get("memorisation_ratio"),
+        }
+    )
+    if family == "gan":
+        vals["class_cov"] = None if covered is None else f"{covered}/{len(qd.SHAPES)}"
+    return vals
+
+
+def table(family: str, rows: list[dict]) -> str:
+    if not rows:
+        return "(no runs)\n"
+    values = [row_values(family, r) for r in rows]
+    if len({r["seed"] for r in rows}) == 1:
+        for v in values:
+            v.pop("seed")
+    cols = [c for c in values[0] if any(v[c] is not None for v in values)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(v[c]) for c in cols) + " |" for v in values]
+    return "\n".join(lines) + "\n"
+
+
+_NOTES = """\
+Lower is better for the distances, truth_err_ratio and cycle_err; higher for coverage,
+class_cov, class_acc and label_pres; memo_px and memo_judge should stay near 1 (well below
+1: copies of training images). fd_thumb / intra_fd_thumb: Fréchet distance between 8x8
+colour thumbnails of samples and held-out images (no learned features), overall / mean
+within each class; for CycleGAN of G(x) against held-out y and F(y) against x, averaged.
+fd, intra_fd, coverage (Naeem et al.), class_cov, class_acc, memo_judge: gan_core's
+evaluate() in the dataset's judge features. memo_px: nearest-training-image pixel distance
+of samples over that of held-out images. `@time` rows ran for the wall time the defaults
+took; it/s is measured on a shared machine, so equal-time rows are as fair as its load was
+steady.
+"""
+
+
+def write_report(out: Path, result: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    s = result["settings"]
+    md = [
+        "# ganflow quality benchmark\n\n",
+        f"{s['threads']} thread(s); gan/cgan: ngf = ndf = {s['ngf']}, batch {s['batch']}, "
+        f"{s['steps']} steps; CycleGAN: its 32 px preset, {s['cycle_steps']} steps; seeds "
+        f"{s['seeds']}; {s['samples']} samples per evaluation; torch {s['torch']}.\n\n",
+        _NOTES,
+    ]
+    for name, d in result["datasets"].items():
+        md.append(
+            f"\n## {name}: {d['family']}, {d['train_images']} training images "
+            f"(judge accuracy on test {_fmt(d['judge_accuracy'])})\n\n"
+        )
+        md.append(table(d["family"], d["runs"]))
+        if d["skipped"]:
+            skipped = "; ".join(f"{k} ({v})" for k, v in d["skipped"].items())
+            md.append(f"\nNot run: {skipped}.\n")
+        if d["runs"]:
+            grids = ", ".join(f"[{r['run']}]({r['grid']})" for r in d["runs"])
+            md.append(f"\nGrids ({d['runs'][0]['grid_caption']}): {grids}\n")
+    (out / "results.md").write_text("".join(md))
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+
+
+# --- the command --------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m flows.bench.quality", description=__doc__.splitlines()[0]
+    )
+    p.add_argument("--out", default="bench-quality-out", help="folder for tables and grids")
+    p.add_argument("--datasets", help=f"comma list of {', '.join(DATASETS)} (default: all)")
+    p.add_argument(
+        "--variants",
+        help=f"comma list of {', '.join(VARIANTS)} for every dataset (default: a plan per "
+        "dataset; rows that do not apply to a family are skipped)",
+    )
+    p.add_argument("--steps", type=int, default=1000, help="steps of each gan/cgan run")
+    p.add_argument("--cycle-steps", type=int, default=400, help="steps of each CycleGAN run")
+    p.add_argument(
+        "--budget",
+        choices=("steps", "time", "both"),
+        default="both",
+        help="equal steps for every row, equal wall time for every row, or both: equal "
+        "steps plus equal-time rows for --time-variants",
+    )
+    p.add_argument(
+        "--time-variants",
+        help="equal-time rows under --budget both (default: anchor and old on shapes)",
+    )
+    p.add_argument("--seconds", type=float, help="equal-time budget (default: what defaults took)")
+    p.add_argument("--ngf", type=int, default=32, help="ngf = ndf of the gan/cgan runs")
+    p.add_argument("--batch", type=int, default=32, help="minibatch of the gan/cgan runs")
+    p.add_argument("--samples", type=int, default=900, help="generated samples per evaluation")
+    p.add_argument("--seeds", default="0", help="training seeds, comma list")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test (a minute or two): shapes-10 and colours, anchor and defaults, "
+        "40 steps (CycleGAN 10), 150 samples",
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.datasets = args.datasets or "shapes-10,colours"
+        args.variants = args.variants or "anchor,defaults"
+        args.steps = min(args.steps, 40)
+        args.cycle_steps = min(args.cycle_steps, 10)
+        args.samples = min(args.samples, 150)
+        args.time_variants = args.time_variants or "anchor"
+    return args
+
+
+def _names(text: str | None, known, what: str) -> list[str] | None:
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise SystemExit(f"unknown {what}: {', '.join(bad)} (known: {', '.join(known)})")
+    return names
+
+
+def plan_runs(name: str, family: str, base: GanConfig, args, skipped: dict) -> list[tuple]:
+    """(variant, config, budget) in running order: defaults first (its wall time is the
+    others' equal-time budget), every equal-steps run before any equal-time one."""
+    chosen = _names(args.variants, VARIANTS, "variant") or list(PLAN[name])
+    timed = _names(args.time_variants, VARIANTS, "variant")
+    if timed is None:
+        timed = list(TIME_PLAN.get(name, ()))
+    if args.budget != "steps" and args.seconds is None and "defaults" not in chosen:
+        chosen = ["defaults", *chosen]
+    chosen.sort(key=lambda v: v != "defaults")
+    runs = []
+    for v in chosen:
+        cfg, why = variant_config(base, family, v)
+        if cfg is None:
+            skipped[v] = why
+            continue
+        if args.budget in ("steps", "both") or (v == "defaults" and args.seconds is None):
+            runs.append((v, cfg, "steps"))
+        wants_time = args.budget == "time" or (args.budget == "both" and v in timed)
+        if wants_time and not (v == "defaults" and args.seconds is None):
+            runs.append((v, cfg, "time"))
+    runs.sort(key=lambda r: r[2] == "time")
+    return runs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    datasets = _names(args.datasets, DATASETS, "dataset") or list(DATASETS)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {msg}", flush=True)
+
+    result: dict = {
+        "settings": {
+            **vars(args),
+            "seeds": seeds,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "eval_seed": EVAL_SEED,
+            "per_class": {"shapes": SHAPES_PER_CLASS, "colours": COLOURS_PER_CLASS},
+        },
+        "datasets": {},
+    }
+    sources: dict[str, tuple[dict, Judge]] = {}
+    for name in datasets:
+        family, source, _ = DATASETS[name]
+        if source not in sources:
+            splits = load_source(source)
+            log(f"{source}: training the judge on its train split")
+            judge = make_judge(splits)
+            log(f"{source}: judge accuracy on test {judge.heldout_accuracy:.3f}")
+            sources[source] = (splits, judge)
+        b = make_bench(name, *sources[source])
+        n_train = len(b.train.x) + len(b.train.y) if family == "cyclegan" else len(b.train)
+        entry: dict = {
+            "family": family,
+            "train_images": n_train,
+            "judge_accuracy": b.judge.heldout_accuracy,
+            "runs": [],
+            "skipped": {},
+        }
+        result["datasets"][name] = entry
+        steps = args.cycle_steps if family == "cyclegan" else args.steps
+        for seed in seeds:
+            runs = plan_runs(
+                name, family, base_config(b, args, steps, seed), args, entry["skipped"]
+            )
+            budget_s, rate = args.seconds, {}
+            for i, (v, cfg, budget) in enumerate(runs):
+                seconds = None
+                if budget == "time":
+                    if v not in rate:
+                        rate[v] = probe_rate(b, v, cfg)
+                    # Steps planned from the measured rate, so the schedule ends where the
+                    # clock does; the clock still stops a run that slows down.
+                    planned = max(1, round(budget_s * rate[v]))
+                    cfg = apply_overrides(
+                        cfg, {"train.steps": planned, "train.log_every": max(1, planned // 10)}
+                    )
+                    seconds = budget_s
+                log(f"{name} [{i + 1}/{len(runs)}] {v} ({budget}), seed {seed}")
+                r = run_one(b, v, cfg, budget, seconds, out, log)
+                if budget == "steps":
+                    rate[v] = r["steps_per_s"]
+                    if v == "defaults" and args.seconds is None:
+                        budget_s = r["seconds"]
+                f, j = r["figures"], r["figures"]["judge"]
+                shown = {
+                    "fd_thumb": f.get("fd_thumb"),
+                    "fd": j.get("fd"),
+                    "class_acc": j.get("class_accuracy"),
+                    "truth_err_ratio": j.get("truth_error_ratio"),
+                }
+                figures = ", ".join(f"{k} {_fmt(x)}" for k, x in shown.items() if x is not None)
+                log(f"  -> {r['steps']} steps in {r['seconds']:.0f} s: {figures}")
+                entry["runs"].append(r)
+                write_report(out, result)
+        print(f"\n{name}\n{table(family, entry['runs'])}", flush=True)
+    write_report(out, result)
+    log(f"done: {out / 'results.md'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
