@@ -208,6 +208,8 @@ def variant_config(base: GanConfig, family: str, variant: str) -> tuple[GanConfi
         overrides = _gans_stabiliser(overrides)
     cfg = apply_overrides(base, overrides)
     if variant != "defaults" and cfg == base:
+        if variant == "anchor":
+            return None, "same as defaults: they are the paper's recipe"
         return None, "same as defaults"
     return cfg, ""
 
