@@ -88,7 +88,9 @@ def _counts(run_id: str, key: str, uri: str | None = None) -> dict[int, int]:
 
 
 def _models(checkpoint_dir: str) -> dict:
-    return read_checkpoint(f"{checkpoint_dir}/state.pt")["models"]
+    """The networks and their moving averages (EMA) in a checkpoint."""
+    sd = read_checkpoint(f"{checkpoint_dir}/state.pt")
+    return {**sd["models"], **{f"ema.{k}": v for k, v in sd["ema"].items()}}
 
 
 def _best(checkpoint_dir: str) -> dict:
@@ -103,9 +105,16 @@ def _assert_same_models(a: dict, b: dict) -> None:
 
 
 STEPS = 16
-# Val evaluations at 4, 8, 12 and the end; a learning rate high enough that the figures do
-# not just fall to the last step (on one worker the Fréchet distance is best at 8 of 16).
-BEST = ("eval.every=4", "optim.lr_g=0.05", "optim.lr_d=0.05")
+# Val evaluations at 4, 8, 12 and the end, of an EMA generator (a half-life of one iteration's
+# images, no ramp-up: it differs from the live G at every step); a learning rate high enough
+# that the figures do not just fall to the last step (the Fréchet distance is best at 8).
+BEST = (
+    "eval.every=4",
+    "optim.lr_g=0.05",
+    "optim.lr_d=0.05",
+    "train.ema_half_life=16",
+    "train.ema_rampup=0",
+)
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +199,8 @@ def test_registered_generator_is_the_best_step_on_val(reference):
     assert run.data.tags["ganflow.best_metric"] == "val_fd"
     saved = _best(reference["checkpoint"])
     assert saved["step"] == best and saved["metric"] == "fd" and saved["mode"] == "min"
+    last = _models(reference["checkpoint"])  # EMA is on: the average is not the live G
+    assert any(not torch.equal(t, last["G"][n]) for n, t in last["ema.G"].items())
     # What the retraining flow's register stage does with the run's final checkpoint.
     cfg, models = load_trained(reference["checkpoint"])
     name = f"ray-best-{reference['run_name']}"
