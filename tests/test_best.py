@@ -165,3 +165,33 @@ def test_checkpoint_without_a_best_gives_the_judged_generator(half_life, tmp_pat
     live = state.models["G"].state_dict()
     same_as_live = all(torch.equal(t, live[n]) for n, t in models["G"].state_dict().items())
     assert same_as_live == (half_life == 0)  # with EMA on, never the raw last-step weights
+
+
+def test_local_job_keeps_the_best_step_on_val(tmp_path):
+    """`ganflow local`: the result, best.pt and the grid are the best val step's."""
+    import json
+
+    from flows.train.local import train_and_evaluate
+
+    cfg = apply_overrides(
+        preset("gan", "tiny"),
+        {
+            "train.steps": 16,
+            "train.batch_size": 16,
+            "train.log_every": 2,
+            "eval.every": 4,
+            "optim.lr_g": 0.05,
+            "optim.lr_d": 0.05,
+        },
+    )
+    out = train_and_evaluate(cfg, tmp_path / "run", progress=False)
+    curve = {
+        int(k): v
+        for k, v in json.loads((tmp_path / "run" / "val_curve.json").read_text())["by_step"].items()
+    }
+    print("val fd:", curve)
+    assert sorted(curve) == [4, 8, 12, 16]
+    best = min(curve, key=lambda s: (curve[s], s))
+    assert out.metrics["best_step"] == best and out.metrics["val_fd"] == curve[best]
+    assert read_checkpoint(tmp_path / "run" / "best.pt")["step"] == best
+    assert (tmp_path / "run" / "samples.png").exists()

@@ -2,7 +2,10 @@
 held-out digits, and write what a person looks at (sample grid, loss curves, metrics).
 
 This is the single-process path; distributed training, tracking and orchestration wrap the
-same gan_core loop at the edges.
+same gan_core loop at the edges. As on Ray, the generator kept is the best step's on the val
+split (every ``eval.every`` iterations and the last), as evaluation sees it (the EMA copy
+when the config keeps one): its test figures are the result, its samples the grid, and its
+weights ``best.pt``; ``checkpoint.pt`` is the full last-step state (to resume from).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 
 from flows.settings import cache_dir, runs_dir
+from flows.train.best import BestSoFar, evaluation_due, judged_generators
 from gan_core.config import GanConfig
 from gan_core.data import load_builtin
 from gan_core.evaluate import evaluate, primary_metric, sample_grid
@@ -75,34 +79,56 @@ def plot_losses(history: list[tuple[int, dict[str, float]]], path: Path, title: 
 def train_and_evaluate(cfg: GanConfig, out_dir: Path, progress: bool = True) -> FamilyResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_builtin(cfg.data.dataset, cfg.data.image_size, "train")
+    val = load_builtin(cfg.data.dataset, cfg.data.image_size, "val")
     heldout = load_builtin(cfg.data.dataset, cfg.data.image_size, "test")
     judge = load_or_train_judge(
         f"{cfg.data.dataset}-{cfg.data.image_size}px", data, cache_dir(), heldout=heldout
     )
+    primary, mode = primary_metric(cfg, getattr(heldout, "x_truth", None) is not None)
+    best = BestSoFar(primary, mode)
+    curve: dict[int, float] = {}
+
+    def validate(s) -> None:
+        generators = judged_generators(s)
+        figures = evaluate(cfg, generators, val, judge)
+        curve[s.step] = figures.get(primary, float("nan"))
+        best.offer(s.step, figures, generators)
+
     state = init_state(cfg, data)
     history: list[tuple[int, dict[str, float]]] = []
-    callbacks = [lambda s, m: history.append((s.step, m))]
+    end, log_every = cfg.train.steps, cfg.train.log_every
+
+    def periodic(s, _metrics) -> None:
+        if evaluation_due(s.step, cfg.eval.every, log_every, end):
+            validate(s)
+
+    callbacks = [lambda s, m: history.append((s.step, m)), periodic]
     if progress:
         callbacks.append(_progress(cfg.family, cfg.train.steps))
     t0 = time.perf_counter()
     train(state, data, callbacks=callbacks)
     seconds = time.perf_counter() - t0
-    metrics = evaluate(cfg, state.models, heldout, judge)
+    validate(state)  # the last step is a candidate too
+    generators = judged_generators(state)
+    if best.found:
+        best.load_into(generators)
+    metrics = evaluate(cfg, generators, heldout, judge)
     metrics["judge_heldout_accuracy"] = judge.heldout_accuracy
-    images, nrow, _ = sample_grid(cfg, state.models, heldout)
+    # Without a step that passed the gate, the last one is what there is.
+    metrics["best_step"] = best.step if best.found else state.step
+    metrics.update({f"val_{k}": v for k, v in best.figures.items()})
+    images, nrow, _ = sample_grid(cfg, generators, heldout)
     save_grid(images, out_dir / "samples.png", nrow=nrow, scale=4)
     plot_losses(history, out_dir / "losses.png", f"{cfg.family}: losses")
     save_checkpoint(state, out_dir / "checkpoint.pt")
+    if best.found:
+        torch.save(best.state_dict(), out_dir / "best.pt")
     (out_dir / "config.json").write_text(json.dumps(cfg.to_flat_dict(), indent=2))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return FamilyResult(
-        cfg.family,
-        cfg.train.steps,
-        seconds,
-        metrics,
-        primary_metric(cfg, getattr(heldout, "x_truth", None) is not None)[0],
-        str(out_dir),
+    (out_dir / "val_curve.json").write_text(
+        json.dumps({"metric": f"val_{primary}", "mode": mode, "by_step": curve}, indent=2)
     )
+    return FamilyResult(cfg.family, cfg.train.steps, seconds, metrics, primary, str(out_dir))
 
 
 def run_all(configs: list[GanConfig], progress: bool = True) -> list[FamilyResult]:
