@@ -134,14 +134,16 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
     c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
-def log_grid(uri: str, run_id: str, images: torch.Tensor, nrow: int, step: int) -> None:
-    """Sample grid as an MLflow image series ('samples'), so the UI shows it step by step."""
+def log_grid(
+    uri: str, run_id: str, images: torch.Tensor, nrow: int, step: int, key: str = "samples"
+) -> None:
+    """Sample grid as an MLflow image series (``key``), so the UI shows it step by step."""
     pixels = grid_array(images, nrow=nrow)
     # Small images upscaled (nearest) to about 64 px a tile so they are readable in the UI
     # (16-px digits 4x); 64 px and larger are logged as they are.
     k = max(1, 64 // images.shape[-1])
     pixels = np.kron(pixels, np.ones((k, k) + (1,) * (pixels.ndim - 2), dtype=np.uint8))
-    client(uri).log_image(run_id, pixels, key="samples", step=step)
+    client(uri).log_image(run_id, pixels, key=key, step=step)
 
 
 def log_dataset_input(uri: str, run_id: str, manifest: dict, storage_url: str) -> None:

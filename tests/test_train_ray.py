@@ -159,6 +159,7 @@ def test_run_is_tracked_in_mlflow(reference):
     assert {"images", "losses.png"} <= artifacts
     images = {a.path for a in c.list_artifacts(run.info.run_id, "images")}
     assert any("samples" in p for p in images), images
+    assert any("best_samples" in p for p in images), images  # the registered generator's
     import mlflow
 
     mlflow.set_tracking_uri(reference["uri"])

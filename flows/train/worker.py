@@ -385,7 +385,8 @@ class Evaluator:
 
     def validate(self, state) -> dict[str, float]:
         """The val figures at this step (``val_<metric>``), logged as ``eval.val_<metric>``
-        (the curve); the step becomes the best so far when its primary figure is better."""
+        (the curve); the step becomes the best so far when its figures pass gan_core's gate
+        and its primary figure is better."""
         generators = judged_generators(state)
         figures = self._measure(generators, "val")
         self.best.offer(state.step, figures, generators)
@@ -396,8 +397,8 @@ class Evaluator:
     def finish(self, state) -> dict[str, float]:
         """The end: the last step is evaluated on val as a candidate, then the best step's
         generator is measured on test and registered. Returns the best step's figures: val
-        ones as ``val_<metric>``, test ones by name, and ``best_step``. When no step had a
-        finite primary figure (a diverged run), the last step's generator is the one kept."""
+        ones as ``val_<metric>``, test ones by name, and ``best_step``. When no step passed
+        the gate (a diverged run: no finite figure), the last step's generator is kept."""
         last_val = self.validate(state)
         generators = judged_generators(state)
         if self.best.found:
@@ -434,6 +435,11 @@ class Evaluator:
             for k, v in tags.items():
                 client.set_tag(job.run_id, k, v)
             _log_loss_plot(job, self.cfg)
+            # The registered generator's own samples, beside the series of the EMA/live ones.
+            from gan_core.evaluate import sample_grid
+
+            images, nrow, _ = sample_grid(self.cfg, generators, self.heldout["test"])
+            tracking.log_grid(job.tracking_uri, job.run_id, images, nrow, step, "best_samples")
             tracking.log_generator(
                 job.tracking_uri,
                 job.run_id,
