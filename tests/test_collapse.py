@@ -279,3 +279,23 @@ def test_intra_fd_is_finite_for_tiny_classes(judge, digits):
     fd = metrics.intra_class_frechet(feats[keep], test.labels[keep], feats, test.labels)
     assert sorted(fd) == list(range(1, 10))
     assert all(math.isfinite(v) and v >= 0 for v in fd.values())
+
+
+def test_search_does_not_pick_a_trial_that_fails_the_gate():
+    """The lowest val_intra_fd belongs to a trial whose samples ignore their labels: the best
+    is the next one, which passes the gate."""
+    from types import SimpleNamespace
+
+    from flows.tune.summary import _summarise
+
+    def trial(tid, fd, accuracy):
+        figures = {"val_intra_fd": fd, "val_class_accuracy": accuracy}
+        figures.update(val_class_accuracy_floor=0.55, step=10, trial_id=tid)
+        return SimpleNamespace(config={"k": tid}, metrics=figures, error=None, checkpoint=None)
+
+    grid = [trial("a", 50.0, 0.2), trial("b", 80.0, 0.9), trial("c", 120.0, 0.95)]
+    req = SimpleNamespace()
+    result = _summarise(req, "s", grid, "val_intra_fd", "min", 10, None, None, "path")
+    assert result["best"]["trial_id"] == "b"
+    gates = {t["trial_id"]: t["gate"] for t in result["trials"]}
+    assert gates["b"] is None and "below the gate" in gates["a"]
