@@ -131,7 +131,8 @@ def default_run_name(cfg: GanConfig) -> str:
 
 def run_training(req: TrainRequest) -> dict:
     """Validate, check the tracking server, resolve the snapshot, then fit on Ray.
-    Returns run_id, run_name, metrics (held-out evaluation), checkpoint, snapshot_id."""
+    Returns run_id, run_name, metrics (the best val step's figures: test ones by name, val ones
+    as val_<metric>, and best_step), checkpoint, snapshot_id."""
     from flows import tracking
 
     req.check()  # numbers and names, before any I/O
