@@ -5,13 +5,14 @@ It works offline on any snapshot (any channels, classes and side >= 8). What it 
 depends on what the data carries:
 
 - ``classes``: labelled images (and two-domain sets whose domains both carry labels, such as
-  the built-in digits pair): predict the class. Gives Fréchet and kernel distances in its
-  features, cGAN class accuracy, GAN mode coverage, CycleGAN label preservation.
+  the built-in digits pair): predict the class. Gives Fréchet and kernel distances and the
+  neighbour figures (coverage, recall) in its features, the cGAN's intra-class distance and
+  class accuracy (its gate), GAN mode coverage, CycleGAN label preservation.
 - ``domain_rotation``: two unlabelled domains: predict the domain and which of four
   rotations was applied (self-supervised rotation prediction, Gidaris et al. 2018), so its
-  features tell X's look from Y's. Gives distances only.
-- ``rotation``: unlabelled images: predict the rotation. Gives distances only: an
-  unlabelled snapshot gets no class-based figure offline; with the standard FID weights
+  features tell X's look from Y's. Gives distances and neighbour figures only.
+- ``rotation``: unlabelled images: predict the rotation. Gives distances and neighbour
+  figures only: an unlabelled snapshot gets no class-based figure offline; with the standard FID weights
   configured (``eval.inception``) it also gets FID and KID.
 
 Figures are comparable only under the same judge: it is cached by the caller's key (the
