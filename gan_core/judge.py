@@ -12,8 +12,8 @@ depends on what the data carries:
   rotations was applied (self-supervised rotation prediction, Gidaris et al. 2018), so its
   features tell X's look from Y's. Gives distances and neighbour figures only.
 - ``rotation``: unlabelled images: predict the rotation. Gives distances and neighbour
-  figures only: an unlabelled snapshot gets no class-based figure offline; with the standard FID weights
-  configured (``eval.inception``) it also gets FID and KID.
+  figures only: an unlabelled snapshot gets no class-based figure offline; with the
+  standard FID weights configured (``eval.inception``) it also gets FID and KID.
 
 Figures are comparable only under the same judge: it is cached by the caller's key (the
 snapshot id), and promotion evaluates the candidate and the champion with the same one.
