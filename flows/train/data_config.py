@@ -123,7 +123,7 @@ def dry_run(cfg: GanConfig, train, heldout) -> None:
     from gan_core.data import ImageSet, UnpairedSet
     from gan_core.evaluate import evaluate, sample_grid
     from gan_core.judge import Judge
-    from gan_core.train import init_state
+    from gan_core.train import eval_models, init_state
     from gan_core.train import train as run
 
     def few(d, n):
@@ -159,8 +159,9 @@ def dry_run(cfg: GanConfig, train, heldout) -> None:
                 DigitClassifier(num_classes=ncls, channels=channels).eval(), "rotation", ncls
             )
             if len(probe.x if isinstance(probe, UnpairedSet) else probe) >= 2:
-                evaluate(trial, state.models, probe, judge)
-                sample_grid(trial, state.models, probe)
+                # What evaluation judges (the moving averages when kept), as training will.
+                evaluate(trial, eval_models(state), probe, judge)
+                sample_grid(trial, eval_models(state), probe)
     except (RuntimeError, ValueError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
