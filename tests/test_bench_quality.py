@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from flows.bench import quality
+from flows.bench import quality, quality_plan
 from flows.bench import quality_data as qd
 
 
@@ -104,13 +104,13 @@ def _args(**kw):
 
 
 def test_plan_runs_defaults_first_time_rows_last_and_skips_said():
-    splits = quality.load_source("shapes")
+    splits = quality_plan.load_source("shapes")
     splits = {k: qd.subset(v, 0.01) for k, v in splits.items()}
-    b = quality.make_bench("shapes", splits, judge=None)
+    b = quality_plan.make_bench("shapes", splits, judge=None)
     args = _args(variants="old,anchor,hinge,no-r1,concat,sn", time_variants="anchor,old")
-    base = quality.base_config(b, args, 10, 0)
+    base = quality_plan.base_config(b, args, 10, 0)
     skipped: dict = {}
-    runs = quality.plan_runs("shapes", "cgan", base, args, skipped)
+    runs = quality_plan.plan_runs("shapes", "cgan", base, args, skipped)
     names = [(v, budget) for v, _, budget in runs]
     assert names[0] == ("defaults", "steps")
     assert names[-2:] == [("old", "time"), ("anchor", "time")]

@@ -41,179 +41,35 @@ an interrupted run keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from flows.bench import quality_data as qd
+from flows.bench.quality_plan import (
+    COLOURS_PER_CLASS,
+    DATASETS,
+    EVAL_SEED,
+    SHAPES_PER_CLASS,
+    VARIANTS,
+    Bench,
+    base_config,
+    load_source,
+    make_bench,
+    make_judge,
+    names,
+    plan_runs,
+)
+from flows.bench.quality_report import fmt, table, write_report
 from gan_core.config import GanConfig
-from gan_core.data import ImageSet, UnpairedSet
+from gan_core.data import UnpairedSet
 from gan_core.evaluate import evaluate, sample, sample_grid
-from gan_core.judge import Judge, judge_accuracy, train_judge
+from gan_core.judge import Judge
 from gan_core.overrides import apply_overrides
-from gan_core.presets import DataFacts, config_for_data, preset
 from gan_core.train import eval_models, init_state, train
 from gan_core.viz import save_grid
-
-EVAL_SEED = 2024  # the z of every evaluation, apart from any training seed
-R1_GAMMA = 0.1  # the "r1" row's γ where the defaults have none: small images, small data
-SHAPES_PER_CLASS = {"train": 200, "val": 60, "test": 100}
-COLOURS_PER_CLASS = {"train": 100, "test": 60}
-
-DATASETS = {
-    # name: (family, image source, fraction of the source's train split)
-    "shapes": ("cgan", "shapes", 1.0),
-    "shapes-25": ("cgan", "shapes", 0.25),
-    "shapes-10": ("cgan", "shapes", 0.10),
-    "shapes-gan": ("gan", "shapes", 1.0),
-    "colours": ("cyclegan", "colours", 1.0),
-}
-
-_OLD = {
-    "model.g_layout": "wide",
-    "model.spectral_norm": False,
-    "model.conditioning": "concat",
-    "augment.policy": "none",
-    "train.ema_half_life": 0,
-    "loss.gan_loss": "minimax",
-    "loss.r1_gamma": 0.0,
-}
-# CycleGAN as the paper trains it: LSGAN, and none of the GANs' stabilisers.
-_PAPER_CYCLEGAN = {
-    "model.spectral_norm": False,
-    "augment.policy": "none",
-    "train.ema_half_life": 0,
-    "loss.gan_loss": "lsgan",
-    "loss.r1_gamma": 0.0,
-}
-GANS = ("gan", "cgan")
-ALL = ("gan", "cgan", "cyclegan")
-# name: (families it applies to, overrides of the defaults). The anchor's None: the plain
-# DCGAN (CycleGAN: _PAPER_CYCLEGAN); a string names a stabiliser of the GANs' defaults.
-VARIANTS: dict[str, tuple[tuple[str, ...], dict | str | None]] = {
-    "anchor": (ALL, None),
-    "defaults": (ALL, {}),
-    "no-aug": (GANS, {"augment.policy": "none"}),
-    "fixed-p": (GANS, {"augment.ada": False}),
-    "no-ema": (GANS, {"train.ema_half_life": 0}),
-    "no-sn": (GANS, {"model.spectral_norm": False}),
-    "concat": (("cgan",), {"model.conditioning": "concat"}),
-    "minimax": (GANS, {"loss.gan_loss": "minimax"}),
-    "hinge": (GANS, {"loss.gan_loss": "hinge"}),
-    "r1": (ALL, {"loss.r1_gamma": R1_GAMMA}),
-    "no-r1": (ALL, {"loss.r1_gamma": 0.0}),
-    "old": (GANS, _OLD),
-    "sn": (("cyclegan",), {"model.spectral_norm": True}),
-    "augment": (("cyclegan",), "augment"),
-    "ema": (("cyclegan",), "ema"),
-}
-PLAN = {
-    "shapes": tuple(v for v, (families, _) in VARIANTS.items() if "cgan" in families),
-    "shapes-25": ("anchor", "defaults", "no-aug", "old"),
-    "shapes-10": ("anchor", "defaults", "no-aug", "old"),
-    "shapes-gan": ("anchor", "defaults", "old"),
-    "colours": ("anchor", "defaults", "sn", "augment"),
-}
-# Equal-time rows where the cost of a step differs most from the defaults'.
-TIME_PLAN = {"shapes": ("anchor", "old")}
-
-
-def _gans_stabiliser(name: str) -> dict:
-    m = preset("cgan", "default", 32)
-    if name == "augment":
-        return {"augment.policy": m.augment.policy, "augment.ada": m.augment.ada}
-    return {"train.ema_half_life": m.train.ema_half_life}
-
-
-# --- data and judges ----------------------------------------------------------------------
-
-
-@dataclass
-class Bench:
-    name: str
-    family: str
-    train: ImageSet | UnpairedSet
-    test: ImageSet | UnpairedSet
-    judge: Judge
-    facts: DataFacts
-
-
-def load_source(source: str, seed: int = 0) -> dict:
-    if source == "shapes":
-        n = SHAPES_PER_CLASS
-        return {s: qd.make_shapes(s, n[s], seed) for s in ("train", "val", "test")}
-    n = COLOURS_PER_CLASS
-    return {s: qd.make_colours(s, n[s], seed) for s in ("train", "test")}
-
-
-def make_judge(splits: dict, seed: int = 0) -> Judge:
-    judge = train_judge(splits["train"], seed)
-    judge.heldout_accuracy = judge_accuracy(judge, splits["test"], seed)
-    return judge
-
-
-def make_bench(name: str, splits: dict, judge: Judge) -> Bench:
-    family, _, fraction = DATASETS[name]
-    train_set = splits["train"] if fraction == 1.0 else qd.subset(splits["train"], fraction)
-    images = train_set.x.images if family == "cyclegan" else train_set.images
-    facts = DataFacts(
-        kind="unpaired" if family == "cyclegan" else "labelled",
-        image_size=images.shape[-1],
-        channels=images.shape[1],
-        classes=qd.SHAPES,
-        has_truth=family == "cyclegan",
-        name=name,
-    )
-    return Bench(name, family, train_set, splits["test"], judge, facts)
-
-
-# --- configs ------------------------------------------------------------------------------
-
-
-def base_config(b: Bench, args: argparse.Namespace, steps: int, seed: int) -> GanConfig:
-    """The defaults for this dataset, sized for this benchmark (width, batch, steps)."""
-    cfg = config_for_data(b.family, b.facts)
-    n = len(b.train.x) if b.family == "cyclegan" else len(b.train)
-    sized: dict[str, object] = {
-        "train.steps": steps,
-        "train.log_every": max(1, steps // 10),
-        "train.seed": seed,
-        "train.device": "cpu",
-        "train.precision": "fp32",
-        "train.compile": False,
-        "eval.samples": args.samples,
-        "train.batch_size": min(cfg.train.batch_size, n),
-    }
-    if b.family != "cyclegan":
-        # CycleGAN's 32 px preset is CPU-sized already; the conv GANs' (ngf 64) is not.
-        sized.update({"model.ngf": args.ngf, "model.ndf": args.ngf})
-        sized["train.batch_size"] = min(args.batch, n)
-    return apply_overrides(cfg, sized)
-
-
-def variant_config(base: GanConfig, family: str, variant: str) -> tuple[GanConfig | None, str]:
-    """(the variant's config, or None with the reason it is skipped)."""
-    families, overrides = VARIANTS[variant]
-    if family not in families:
-        return None, f"not for {family}"
-    if variant == "anchor":
-        if family != "cyclegan":
-            return base, ""  # the plain DCGAN borrows the sizes and the seed
-        overrides = _PAPER_CYCLEGAN
-    if isinstance(overrides, str):
-        overrides = _gans_stabiliser(overrides)
-    cfg = apply_overrides(base, overrides)
-    if variant != "defaults" and cfg == base:
-        if variant == "anchor":
-            return None, "same as defaults: they are the paper's recipe"
-        return None, "same as defaults"
-    return cfg, ""
-
 
 # --- one run ------------------------------------------------------------------------------
 
@@ -351,112 +207,6 @@ def probe_rate(b: Bench, variant: str, cfg: GanConfig, steps: int = 10) -> float
     return steps / max(sum(times[1:]), 1e-9)
 
 
-# --- the tables ---------------------------------------------------------------------------
-
-
-def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-    return str(v)
-
-
-def row_values(family: str, r: dict) -> dict[str, object]:
-    j, f = r["figures"]["judge"], r["figures"]
-    vals: dict[str, object] = {
-        "run": r["run"],
-        "seed": r["seed"],
-        "steps": r["steps"],
-        "seconds": round(r["seconds"], 1),
-        "it/s": r["steps_per_s"],
-        "aug_p": r.get("aug_p"),
-        "fd_thumb": f.get("fd_thumb"),
-        "intra_fd_thumb": f.get("intra_fd_thumb"),
-    }
-    if family == "cyclegan":
-        vals.update(
-            {
-                "truth_err_ratio": j.get("truth_error_ratio"),
-                "label_pres": j.get("label_preservation"),
-                "fd_translation": j.get("fd_translation"),
-                "cycle_err": j.get("cycle_error"),
-            }
-        )
-        return vals
-    covered = j.get("classes_covered")
-    vals.update(
-        {
-            "fd": j.get("fd"),
-            "intra_fd": j.get("intra_fd"),
-            "coverage": j.get("coverage"),
-            "class_cov": j.get(
-                "class_coverage", None if covered is None else f"{covered}/{len(qd.SHAPES)}"
-            ),
-            "class_acc": j.get("class_accuracy"),
-            "memo_px": f.get("memorisation"),
-            "memo_judge": j.get("memorisation_ratio"),
-        }
-    )
-    if family == "gan":
-        vals["class_cov"] = None if covered is None else f"{covered}/{len(qd.SHAPES)}"
-    return vals
-
-
-def table(family: str, rows: list[dict]) -> str:
-    if not rows:
-        return "(no runs)\n"
-    values = [row_values(family, r) for r in rows]
-    if len({r["seed"] for r in rows}) == 1:
-        for v in values:
-            v.pop("seed")
-    cols = [c for c in values[0] if any(v[c] is not None for v in values)]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(v[c]) for c in cols) + " |" for v in values]
-    return "\n".join(lines) + "\n"
-
-
-_NOTES = """\
-Lower is better for the distances, truth_err_ratio and cycle_err; higher for coverage,
-class_cov, class_acc and label_pres; memo_px and memo_judge should stay near 1 (well below
-1: copies of training images). fd_thumb / intra_fd_thumb: Fréchet distance between 8x8
-colour thumbnails of samples and held-out images (no learned features), overall / mean
-within each class; for CycleGAN of G(x) against held-out y and F(y) against x, averaged.
-fd, intra_fd, coverage (Naeem et al.), class_cov, class_acc, memo_judge: gan_core's
-evaluate() in the dataset's judge features. aug_p: the augmentation probability at the end
-(ADA's adapted p, which starts at 0; empty without augmentation). memo_px: nearest-training-image pixel distance
-of samples over that of held-out images. `@time` rows ran for the wall time the defaults
-took; it/s is measured on a shared machine, so equal-time rows are as fair as its load was
-steady.
-"""
-
-
-def write_report(out: Path, result: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    s = result["settings"]
-    md = [
-        "# ganflow quality benchmark\n\n",
-        f"{s['threads']} thread(s); gan/cgan: ngf = ndf = {s['ngf']}, batch {s['batch']}, "
-        f"{s['steps']} steps; CycleGAN: its 32 px preset, {s['cycle_steps']} steps; seeds "
-        f"{s['seeds']}; {s['samples']} samples per evaluation; torch {s['torch']}.\n\n",
-        _NOTES,
-    ]
-    for name, d in result["datasets"].items():
-        md.append(
-            f"\n## {name}: {d['family']}, {d['train_images']} training images "
-            f"(judge accuracy on test {_fmt(d['judge_accuracy'])})\n\n"
-        )
-        md.append(table(d["family"], d["runs"]))
-        if d["skipped"]:
-            skipped = "; ".join(f"{k} ({v})" for k, v in d["skipped"].items())
-            md.append(f"\nNot run: {skipped}.\n")
-        if d["runs"]:
-            grids = ", ".join(f"[{r['run']}]({r['grid']})" for r in d["runs"])
-            md.append(f"\nGrids ({d['runs'][0]['grid_caption']}): {grids}\n")
-    (out / "results.md").write_text("".join(md))
-    (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
-
-
 # --- the command --------------------------------------------------------------------------
 
 
@@ -507,44 +257,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _names(text: str | None, known, what: str) -> list[str] | None:
-    if text is None:
-        return None
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in known]
-    if bad:
-        raise SystemExit(f"unknown {what}: {', '.join(bad)} (known: {', '.join(known)})")
-    return names
-
-
-def plan_runs(name: str, family: str, base: GanConfig, args, skipped: dict) -> list[tuple]:
-    """(variant, config, budget) in running order: defaults first (its wall time is the
-    others' equal-time budget), every equal-steps run before any equal-time one."""
-    chosen = _names(args.variants, VARIANTS, "variant") or list(PLAN[name])
-    timed = _names(args.time_variants, VARIANTS, "variant")
-    if timed is None:
-        timed = list(TIME_PLAN.get(name, ()))
-    if args.budget != "steps" and args.seconds is None and "defaults" not in chosen:
-        chosen = ["defaults", *chosen]
-    chosen.sort(key=lambda v: v != "defaults")
-    runs = []
-    for v in chosen:
-        cfg, why = variant_config(base, family, v)
-        if cfg is None:
-            skipped[v] = why
-            continue
-        if args.budget in ("steps", "both") or (v == "defaults" and args.seconds is None):
-            runs.append((v, cfg, "steps"))
-        wants_time = args.budget == "time" or (args.budget == "both" and v in timed)
-        if wants_time and not (v == "defaults" and args.seconds is None):
-            runs.append((v, cfg, "time"))
-    runs.sort(key=lambda r: r[2] == "time")
-    return runs
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    datasets = _names(args.datasets, DATASETS, "dataset") or list(DATASETS)
+    datasets = names(args.datasets, DATASETS, "dataset") or list(DATASETS)
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -614,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "class_acc": j.get("class_accuracy"),
                     "truth_err_ratio": j.get("truth_error_ratio"),
                 }
-                figures = ", ".join(f"{k} {_fmt(x)}" for k, x in shown.items() if x is not None)
+                figures = ", ".join(f"{k} {fmt(x)}" for k, x in shown.items() if x is not None)
                 log(f"  -> {r['steps']} steps in {r['seconds']:.0f} s: {figures}")
                 entry["runs"].append(r)
                 write_report(out, result)
