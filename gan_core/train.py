@@ -152,10 +152,34 @@ def init_state(
     )
 
 
+# Batches of m = 64 that the averages' batch-norm statistics are recomputed from.
+STANDING_BATCHES = 16
+
+
+def recalibrate(cfg: GanConfig, net: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+    """An averaged generator's batch-norm statistics recomputed for its weights (see
+    :func:`gan_core.ema.standing_statistics`), from fixed noise (and labels cycling through
+    the classes): deterministic. Generators without batch norm are returned as they are."""
+    if cfg.family == "cyclegan" or not ema.has_batchnorm(net):
+        return net
+    g = torch.Generator().manual_seed(cfg.train.seed * 977 + 1)
+    m, k = 64, cfg.model.num_classes if cfg.family == "cgan" else 0
+    batches = (
+        (torch.randn(m, cfg.model.z_dim, generator=g).to(device),)
+        + ((torch.arange(m, device=device) % k,) if k else ())
+        for _ in range(STANDING_BATCHES)
+    )
+    ema.standing_statistics(net, batches)
+    return net
+
+
 def eval_models(state: TrainState) -> dict[str, nn.Module]:
     """The plain networks to evaluate, sample from and register: the moving averages of the
-    generators when train.ema_half_life > 0, else the live ones; the discriminators as they
-    are. Shared with training, not copies: copy before changing them."""
+    generators when train.ema_half_life > 0 (their batch-norm statistics recomputed:
+    :func:`recalibrate`), else the live ones; the discriminators as they are. Shared with
+    training, not copies: copy before changing them."""
+    for avg in state.ema.values():
+        recalibrate(state.cfg, avg, state.device)
     return {k: state.ema.get(k, plain(v)) for k, v in state.models.items()}
 
 

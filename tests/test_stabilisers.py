@@ -293,3 +293,14 @@ def test_eval_models_are_the_averages():
     state = init_state(off, data, "cpu")
     assert eval_models(state)["G"] is state.models["G"] and not state.ema
     assert math.isfinite(diff)
+
+
+def test_standing_statistics_are_recomputed_for_the_weights():
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    net.eval()
+    xs = [torch.randn(8, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    ema.standing_statistics(net, [(x,) for x in xs])
+    with torch.no_grad():
+        h = torch.cat([net[0](x) for x in xs])
+    torch.testing.assert_close(net[1].running_mean, h.mean(0))
+    assert net[1].momentum == 0.1 and not net.training  # restored

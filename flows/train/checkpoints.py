@@ -90,7 +90,7 @@ def trained_generators(directory: Path) -> tuple:
     from flows.tracking import generator_keys
     from gan_core.models import build_models
     from gan_core.overrides import from_flat_dict
-    from gan_core.train import read_checkpoint
+    from gan_core.train import read_checkpoint, recalibrate
 
     sd = read_checkpoint(directory / STATE_FILE)
     cfg = from_flat_dict(sd["config"])
@@ -104,6 +104,8 @@ def trained_generators(directory: Path) -> tuple:
     models = {}
     for k in keys:
         built[k].load_state_dict(weights[k])
+        if step is None and k in (sd.get("ema") or {}):
+            recalibrate(cfg, built[k])  # as evaluation did (best.pt holds recalibrated ones)
         models[k] = built[k].eval()
     return cfg, models, step
 
