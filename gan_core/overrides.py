@@ -57,6 +57,11 @@ def replace_fields(cfg: GanConfig, values: dict[str, object]) -> GanConfig:
     for key, value in values.items():
         if key == "family":
             continue
+        if key == "preset":
+            raise ConfigError(
+                "preset: chosen when the config is built for a dataset (ganflow train, tune, "
+                "run: --set preset=NAME); set the preset's fields here instead"
+            )
         section, _, name = key.partition(".")
         known = section in _SECTIONS and name in {
             f.name for f in dataclasses.fields(_field_type_owner(section))
@@ -113,12 +118,17 @@ def parse_pairs(items: list[str]) -> dict[str, object]:
 
 def normalise_overrides(overrides: dict[str, object] | list[str]) -> dict[str, object]:
     """key=value list or dict -> {'section.name': value} with leaf names resolved (unknown or
-    ambiguous keys fail here); 'family' is dropped (the family is chosen elsewhere)."""
+    ambiguous keys fail here); 'family' is dropped (the family is chosen elsewhere);
+    'preset' is kept as it is: the config built for a dataset starts from that preset
+    (:func:`gan_core.presets.config_for_data`)."""
     if isinstance(overrides, list):
         overrides = parse_pairs(overrides)
     out: dict[str, object] = {}
     for key, value in overrides.items():
         if key == "family":
+            continue
+        if key == "preset":
+            out[key] = value
             continue
         section, name = resolve_key(key)
         out[f"{section}.{name}"] = value

@@ -208,9 +208,11 @@ def config_for_data(
     dataset's facts (image size, channels, class count), then the user's overrides.
 
     An override of a fact that differs from the dataset is refused in one line: the data
-    would not fit the networks (or would silently be re-interpreted)."""
+    would not fit the networks (or would silently be re-interpreted). A 'preset' key among
+    the overrides (``--set preset=cpu``) names the preset instead of ``preset_name``."""
     check_family_data(family, facts)
     user = normalise_overrides(overrides or {})
+    preset_name = str(user.pop("preset", preset_name))
     cfg = preset(family, preset_name, image_size=facts.image_size)
     num_classes = facts.num_classes if family == "cgan" else cfg.model.num_classes
     wanted = {

@@ -60,3 +60,16 @@ def test_paper_preset_is_the_paper_sized_mlp():
     assert (cfg.model.arch, cfg.data.image_size, cfg.train.batch_size) == ("mlp", 28, 64)
     with pytest.raises(ConfigError, match="^preset:"):
         preset("cgan", "paper")
+
+
+def test_a_preset_is_chosen_with_the_overrides_when_fitting_a_dataset():
+    from gan_core.presets import DataFacts, config_for_data
+
+    facts = DataFacts("labelled", 32, 3, ("a", "b", "c"))
+    cpu = config_for_data("cgan", facts, ["preset=cpu", "train.steps=900"])
+    assert (cpu.model.ngf, cpu.train.steps, cpu.eval.every) == (32, 900, 150)
+    assert config_for_data("cgan", facts).model.ngf == 64
+    with pytest.raises(ConfigError, match="preset: unknown preset 'huge'"):
+        config_for_data("cgan", facts, {"preset": "huge"})
+    with pytest.raises(ConfigError, match="preset: chosen when the config is built"):
+        apply_overrides(cpu, ["preset=cpu"])
