@@ -122,6 +122,30 @@ def test_registered_generator_round_trips_weights_only(mlflow_uri, models):
         registry.load_registered("ganflow-missing")
 
 
+def test_version_carries_the_runs_best_step(mlflow_uri):
+    """The best-step tags training puts on the logged model (and the run) are on the version;
+    a run from before has none, and its version none either."""
+    from flows.tracking import log_generator
+
+    uri, client, exp = mlflow_uri
+    cfg = preset("gan")
+    nets = init_state(cfg, load_builtin(cfg.data.dataset, cfg.data.image_size), "cpu").models
+    lineage = {
+        "ganflow.best_step": "300",
+        "ganflow.best_metric": "val_fd",
+        "ganflow.best_value": "12.5",
+    }
+    name = "ganflow-gan-lineage"
+    logged = client.create_run(exp).info.run_id  # the tags on its logged model only
+    log_generator(uri, logged, cfg, nets, tags=lineage)
+    tagged = client.create_run(exp, tags=lineage).info.run_id  # on the run only
+    older = client.create_run(exp).info.run_id
+    for run_id, want in ((logged, lineage), (tagged, lineage), (older, {})):
+        v = registry.register(run_id, cfg, nets, name, {"fd": 1.0}, "snap-123", "test")
+        tags = client.get_model_version(name, v).tags
+        assert {k: tags[k] for k in lineage if k in tags} == want
+
+
 def test_concurrent_promotions_end_consistent(mlflow_uri, models, medium, judge, monkeypatch):
     """Both candidates beat the champion; the better one must win whatever the timing.
     The worse one is made slow to evaluate, so without the lock it would read the old

@@ -103,6 +103,23 @@ def _find_logged_model(client, run_id: str):
     return None
 
 
+# Which step of the run the registered generator is, and the val figure that chose it:
+# training tags the logged model and the run with these (runs from before have neither).
+LINEAGE_TAGS = ("ganflow.best_step", "ganflow.best_metric", "ganflow.best_value")
+
+
+def _lineage(client, run_id: str, logged) -> dict[str, str]:
+    """The best-step tags for the version: the logged model's, as they describe the weights
+    registered; the run's where the model has none (one that register logged itself)."""
+    run_tags = client.get_run(run_id).data.tags
+    model_tags = logged.tags or {}
+    return {
+        k: model_tags.get(k) or run_tags[k]
+        for k in LINEAGE_TAGS
+        if model_tags.get(k) or run_tags.get(k)
+    }
+
+
 def register(
     run_id: str,
     cfg: GanConfig,
@@ -115,8 +132,9 @@ def register(
     tags: dict[str, str] | None = None,
 ) -> str:
     """Register run_id's logged generator as a new version of name (logging it first if the
-    run has none, e.g. a run from before models were logged this way). Returns the version
-    number (as a string, MLflow's type)."""
+    run has none, e.g. a run from before models were logged this way). The version carries
+    the run's best step (:data:`LINEAGE_TAGS`) when training recorded one. Returns the
+    version number (as a string, MLflow's type)."""
     from mlflow.exceptions import MlflowException
 
     from flows.tracking import log_generator
@@ -142,6 +160,7 @@ def register(
         "ganflow.primary_metric": primary,
         "ganflow.model_id": logged.model_id,
         **{f"train_metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
+        **_lineage(client, run_id, logged),
         **(tags or {}),
     }
     # The source is models:/<model_id>, as MLflow's register_model writes it: that is how the
