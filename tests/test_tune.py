@@ -41,6 +41,20 @@ def test_space_validation_names_the_problem():
     assert count_trials(default_space("gan"), 2) == 8
 
 
+def test_search_shows_the_best_trials_best_step_grid():
+    from flows.tune.summary import _pick_grid
+
+    def img(key, step, ts, ext=".png"):
+        return f"images/{key}+step+{step}+timestamp+{ts}+u{step}{ext}"
+
+    samples = [img("samples", 900, 1), img("samples", 1000, 2), img("samples", 1000, 2, ".webp")]
+    best = [img("best_samples", 300, 3), img("best_samples", 300, 3, "+compressed.webp")]
+    assert _pick_grid(samples + best) == best[0]
+    # A trial from before best steps were kept: its last step's grid, step 1000 after 900.
+    assert _pick_grid(samples) == samples[1]
+    assert _pick_grid([]) is None
+
+
 def _env(home, mp):
     for k, v in {
         "GANFLOW_HOME": str(home),

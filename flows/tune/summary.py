@@ -4,6 +4,7 @@ metric-vs-(λ, k) picture, and result files under GANFLOW_HOME/searches."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from flows.settings import ganflow_home
@@ -163,12 +164,31 @@ def _plot_metric(trials: list[dict], metric: str, path: Path) -> Path | None:
     return path
 
 
+def _grid_order(path: str) -> tuple[int, int, str]:
+    """(step, timestamp, path) from MLflow's image file name
+    (``images/<key>+step+<n>+timestamp+<ms>+<uuid>.png``), as numbers: as text, step 900
+    sorts after step 1000."""
+    m = re.search(r"\+step\+(\d+)\+timestamp\+(\d+)", path)
+    return (int(m[1]), int(m[2]), path) if m else (-1, -1, path)
+
+
+def _pick_grid(paths: list[str]) -> str | None:
+    """The grid that shows the trial's chosen generator: its best step's ``best_samples``
+    (the latest logged), else the last step's sample grid, for a trial from before best
+    steps were kept. The full-size PNG, not MLflow's compressed preview of it."""
+    pngs = [p for p in paths if p.endswith(".png")] or paths
+    best = [p for p in pngs if Path(p).name.startswith("best_samples+")]
+    if best:
+        return max(best, key=lambda p: _grid_order(p)[1:])
+    return max(pngs, key=_grid_order, default=None)
+
+
 def _copy_best_grid(c, best_run: str, parent: str, tmp: Path) -> None:
-    """The best trial's last sample grid onto the parent run."""
+    """The best trial's grid (:func:`_pick_grid`) onto the parent run."""
     import contextlib
 
     with contextlib.suppress(Exception):  # a trial without images simply has none to copy
-        imgs = [f.path for f in c.list_artifacts(best_run, "images")]
-        if imgs:
-            local = c.download_artifacts(best_run, sorted(imgs)[-1], str(tmp))
+        grid = _pick_grid([f.path for f in c.list_artifacts(best_run, "images")])
+        if grid:
+            local = c.download_artifacts(best_run, grid, str(tmp))
             c.log_artifact(parent, local, "best_samples")
