@@ -55,6 +55,26 @@ def test_search_shows_the_best_trials_best_step_grid():
     assert _pick_grid([]) is None
 
 
+def test_search_table_shows_trials_that_fail_the_gate():
+    from flows.orchestration.reports import search_markdown
+
+    def trial(tid, fd, gate):
+        return {"trial_id": tid, "config": {"loss.k": 1}, "metric": fd, "step": 10}, gate
+
+    reason = "class_accuracy 0.2 is below the gate 0.55 (...): the samples do not carry labels"
+    rows = [trial("a", 50.0, reason), trial("b", 80.0, None)]
+    trials = [{**t, "gate": g, "error": None, "stopped_early": False} for t, g in rows]
+    result = {"name": "s", "metric": "val_intra_fd", "mode": "min", "trials": trials}
+    best = {"config": {"loss.k": 1}, "metric": 80.0, "metric_name": "val_intra_fd"}
+    md = search_markdown({**result, "best": {**best, "run_id": "r", "checkpoint": "c"}})
+    lines = md.splitlines()
+    assert lines[4].endswith("| 50 | 10 | completed, fails gate |")
+    assert lines[5].endswith("| 80 | 10 | completed |")
+    assert f"- a: {reason}" in lines and lines[-1].startswith("Best: loss.k=1")
+    md = search_markdown({**result, "trials": trials[:1], "best": None})
+    assert md.splitlines()[-1] == "Best: none; no completed trial passed the gate."
+
+
 def _env(home, mp):
     for k, v in {
         "GANFLOW_HOME": str(home),

@@ -76,15 +76,26 @@ def search_markdown(r: dict) -> str:
         "| trial | " + " | ".join(short) + f" | {r['metric']} | iterations | status |",
         "|---|" + "---|" * len(keys) + "---|---|---|",
     ]
+    # The gate's reasons are a sentence each: listed under the table, so its rows stay short.
+    failed = []
     for t in r["trials"]:
         status = "error" if t["error"] else "stopped early" if t["stopped_early"] else "completed"
+        if t.get("gate") and not t["error"]:
+            status += ", fails gate"
+            failed.append(t)
         cells = [_cell(t["config"].get(k, "")) for k in keys]
         metric = "-" if t["metric"] is None else _cell(t["metric"])
         lines.append(
             f"| {t['trial_id']} | " + " | ".join(cells) + f" | {metric} | {t['step']} | {status} |"
         )
+    if failed:
+        lines += ["", "Failing the gate (never the best, whatever their metric):", ""]
+        lines += [f"- {t['trial_id']}: {t['gate']}" for t in failed]
     b = r["best"]
-    if b is None:
+    done = [t for t in r["trials"] if not t["error"] and not t["stopped_early"]]
+    if b is None and done and all(t.get("gate") for t in done):
+        lines += ["", "Best: none; no completed trial passed the gate."]
+    elif b is None:
         lines += ["", "Best: no trial completed."]
     else:
         cfg = ", ".join(f"{k}={_fmt(v)}" for k, v in b["config"].items())
