@@ -112,10 +112,13 @@ class ModelConfig:
     """Spectral normalisation (Miyato et al. 2018) of every layer of the conv D and the
     PatchGAN: bounds D's Lipschitz constant, per weight (no batch statistics, so D may see
     real and fake minibatches separately)."""
-    conditioning: str = "projection"
-    """How the conv cGAN sees y: 'projection' (D: Miyato & Koyama 2018's inner product of a
-    class embedding with D's features; G: class-conditional batch norm) or 'concat' (a label
-    embedding concatenated to z and as an extra image plane to D)."""
+    d_batchnorm: bool = True
+    """Batch norm in the conv D after every convolution but the first (Radford et al.)."""
+    conditioning: str = "planes"
+    """How the conv cGAN sees y. G: class-conditional batch norm for 'planes' and
+    'projection'. D: 'planes', y as one-hot input planes; 'projection', Miyato & Koyama
+    2018's inner product of a class embedding with D's features. 'concat' (before 0.9): a
+    label embedding concatenated to z, and a learned label plane for D."""
     n_res_blocks: int = 3
     """ResNet blocks in CycleGAN's generators (the paper: 6 at 128px, 9 at 256px)."""
     g_downsample: int = 2
@@ -135,9 +138,9 @@ class ModelConfig:
         names = ("z_dim", "hidden", "mlp_layers", "ngf", "ndf", "num_classes", "embed_dim")
         _ints(self, "model", 1, *names, "patch_layers")
         _ints(self, "model", 0, "n_res_blocks", "g_downsample")
-        _bools(self, "model", "sync_batchnorm", "spectral_norm")
+        _bools(self, "model", "sync_batchnorm", "spectral_norm", "d_batchnorm")
         _one_of(self, "model", "g_layout", ("dcgan", "wide"))
-        _one_of(self, "model", "conditioning", ("projection", "concat"))
+        _one_of(self, "model", "conditioning", ("planes", "projection", "concat"))
 
 
 @dataclass(frozen=True)

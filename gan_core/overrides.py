@@ -16,6 +16,7 @@ _BEFORE_0_9 = {
     "model.g_layout": "wide",
     "model.spectral_norm": False,
     "model.conditioning": "concat",
+    "model.d_batchnorm": False,
 }
 
 

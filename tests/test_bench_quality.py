@@ -107,7 +107,7 @@ def test_plan_runs_defaults_first_time_rows_last_and_skips_said():
     splits = quality_plan.load_source("shapes")
     splits = {k: qd.subset(v, 0.01) for k, v in splits.items()}
     b = quality_plan.make_bench("shapes", splits, judge=None)
-    args = _args(variants="old,anchor,hinge,no-r1,concat,sn", time_variants="anchor,old")
+    args = _args(variants="old,anchor,hinge,no-r1,concat,no-sn,ema", time_variants="anchor,old")
     base = quality_plan.base_config(b, args, 10, 0)
     skipped: dict = {}
     runs = quality_plan.plan_runs("shapes", "cgan", base, args, skipped)
@@ -120,14 +120,15 @@ def test_plan_runs_defaults_first_time_rows_last_and_skips_said():
         "anchor",
         "concat",
     }
-    # The defaults' loss is hinge and they have no R1; CycleGAN's sn is not for the cGAN.
+    # The defaults' loss is hinge, with no R1 and no spectral norm; the ema row is CycleGAN's.
     assert skipped == {
         "hinge": "same as defaults",
         "no-r1": "same as defaults",
-        "sn": "not for cgan",
+        "no-sn": "same as defaults",
+        "ema": "not for cgan",
     }
     old = next(c for v, c, _ in runs if v == "old")
-    assert old.model.g_layout == "wide" and not old.model.spectral_norm
+    assert old.model.g_layout == "wide" and not old.model.d_batchnorm
     assert base.model.ngf == 32 and base.train.batch_size == 6  # cut to the 6 images here
 
 

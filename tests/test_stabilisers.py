@@ -187,7 +187,8 @@ def test_models_registered_before_the_stabilisers_still_load():
     flat = {
         k: v
         for k, v in cfg.to_flat_dict().items()
-        if k not in ("model.g_layout", "model.spectral_norm", "model.conditioning")
+        if k
+        not in ("model.g_layout", "model.spectral_norm", "model.conditioning", "model.d_batchnorm")
         and not k.startswith("augment.")
     }
     old = from_flat_dict(flat)
@@ -226,8 +227,11 @@ def _stabilised(family="cgan", **extra):
         "train.steps": 12,
         "train.log_every": 3,
         "train.ema_half_life": 200,
+        "augment.policy": "color,translation,cutout",
+        "augment.ada": True,
         "augment.ada_images": 500,
         "augment.ada_interval": 2,
+        "augment.ada_target": 0.0,  # any lean towards "real" raises p: the state moves
         "loss.r1_gamma": 1.0,
         "loss.r1_every": 4,
         "train.device": "cpu",
@@ -304,3 +308,17 @@ def test_standing_statistics_are_recomputed_for_the_weights():
         h = torch.cat([net[0](x) for x in xs])
     torch.testing.assert_close(net[1].running_mean, h.mean(0))
     assert net[1].momentum == 0.1 and not net.training  # restored
+
+
+def test_small_training_sets_augment_what_d_sees():
+    from gan_core.presets import SMALL_TRAIN, DataFacts, config_for_data
+
+    def fit(n, *over):
+        facts = DataFacts("labelled", 32, 3, ("a", "b", "c"), train_size=n)
+        return config_for_data("cgan", facts, list(over))
+
+    assert fit(SMALL_TRAIN - 1).augment.ops == ("color", "translation", "cutout")
+    assert fit(SMALL_TRAIN).augment.ops == () and fit(0).augment.ops == ()  # 0: unknown
+    assert fit(60, "augment.policy=none").augment.ops == ()  # the user's word wins
+    digits = DataFacts("labelled", 16, 1, tuple("0123456789"), train_size=100)
+    assert config_for_data("cgan", digits).augment.ops == ()  # the paper's MLPs: never

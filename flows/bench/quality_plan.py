@@ -30,6 +30,7 @@ DATASETS = {
 _OLD = {
     "model.g_layout": "wide",
     "model.spectral_norm": False,
+    "model.d_batchnorm": False,
     "model.conditioning": "concat",
     "augment.policy": "none",
     "train.ema_half_life": 0,
@@ -55,20 +56,34 @@ VARIANTS: dict[str, tuple[tuple[str, ...], dict | str | None]] = {
     "fixed-p": (GANS, {"augment.ada": False}),
     "no-ema": (GANS, {"train.ema_half_life": 0}),
     "no-sn": (GANS, {"model.spectral_norm": False}),
+    "no-bn-d": (GANS, {"model.d_batchnorm": False}),
+    "projection": (("cgan",), {"model.conditioning": "projection"}),
     "concat": (("cgan",), {"model.conditioning": "concat"}),
     "minimax": (GANS, {"loss.gan_loss": "minimax"}),
     "hinge": (GANS, {"loss.gan_loss": "hinge"}),
     "r1": (ALL, {"loss.r1_gamma": R1_GAMMA}),
     "no-r1": (ALL, {"loss.r1_gamma": 0.0}),
     "old": (GANS, _OLD),
-    "sn": (("cyclegan",), {"model.spectral_norm": True}),
-    "augment": (("cyclegan",), "augment"),
+    "sn": (ALL, {"model.spectral_norm": True}),
+    "augment": (ALL, "augment"),
     "ema": (("cyclegan",), "ema"),
 }
 PLAN = {
-    "shapes": tuple(v for v, (families, _) in VARIANTS.items() if "cgan" in families),
-    "shapes-25": ("anchor", "defaults", "no-aug", "old"),
-    "shapes-10": ("anchor", "defaults", "no-aug", "old"),
+    # One row per stabiliser the defaults differ by (a row equal to the defaults is skipped);
+    # the rest (minimax, hinge, r1, concat, fixed-p) with --variants.
+    "shapes": (
+        "anchor",
+        "defaults",
+        "no-aug",
+        "augment",
+        "no-ema",
+        "no-bn-d",
+        "sn",
+        "projection",
+        "old",
+    ),
+    "shapes-25": ("anchor", "defaults", "no-aug", "augment", "old"),
+    "shapes-10": ("anchor", "defaults", "no-aug", "augment", "old"),
     "shapes-gan": ("anchor", "defaults", "old"),
     "colours": ("anchor", "defaults", "sn", "augment"),
 }
@@ -77,10 +92,9 @@ TIME_PLAN = {"shapes": ("anchor", "old")}
 
 
 def _gans_stabiliser(name: str) -> dict:
-    m = preset("cgan", "default", 32)
-    if name == "augment":
-        return {"augment.policy": m.augment.policy, "augment.ada": m.augment.ada}
-    return {"train.ema_half_life": m.train.ema_half_life}
+    if name == "augment":  # DiffAugment's three ops with ADA's p, as the small-set presets
+        return {"augment.policy": "color,translation,cutout", "augment.ada": True}
+    return {"train.ema_half_life": preset("cgan", "default", 32).train.ema_half_life}
 
 
 # --- data and judges ----------------------------------------------------------------------
@@ -121,6 +135,7 @@ def make_bench(name: str, splits: dict, judge: Judge) -> Bench:
         classes=qd.SHAPES,
         has_truth=family == "cyclegan",
         name=name,
+        train_size=len(images),
     )
     return Bench(name, family, train_set, splits["test"], judge, facts)
 
