@@ -82,7 +82,7 @@ PLAN = {
         "projection",
         "old",
     ),
-    "shapes-25": ("anchor", "defaults", "no-aug", "augment", "old"),
+    "shapes-25": ("anchor", "defaults", "no-aug"),
     "shapes-10": ("anchor", "defaults", "no-aug", "augment", "old"),
     "shapes-gan": ("anchor", "defaults", "old"),
     "colours": ("anchor", "defaults", "sn", "augment"),
