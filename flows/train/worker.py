@@ -100,6 +100,13 @@ def ddp_wrap(module: nn.Module, sync_bn: bool = False) -> nn.Module:
     )
 
 
+def _all_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    dist.all_reduce(t)
+    return t
+
+
 def _all_mean(values: list[float], device: torch.device) -> list[float]:
     """Mean over ranks of a list of floats (one all-reduce; a host sync, at log points only)."""
     import torch.distributed as dist
@@ -272,6 +279,10 @@ def _train_worker(job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, de
     state = init_state(
         cfg, data, device, rank, world_size, wrap=lambda m: ddp_wrap(m, sync_bn=sync_bn)
     )
+    if world_size > 1:
+        # ADA's r_t over every rank's reals, so all replicas move p alike (one small
+        # all-reduce every augment.ada_interval D updates, at the same update on every rank).
+        state.augment.reduce = _all_sum
     checkpoint = ray.train.get_checkpoint()
     best = None
     if checkpoint is not None:
