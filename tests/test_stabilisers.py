@@ -308,17 +308,3 @@ def test_standing_statistics_are_recomputed_for_the_weights():
         h = torch.cat([net[0](x) for x in xs])
     torch.testing.assert_close(net[1].running_mean, h.mean(0))
     assert net[1].momentum == 0.1 and not net.training  # restored
-
-
-def test_small_training_sets_augment_what_d_sees():
-    from gan_core.presets import SMALL_TRAIN, DataFacts, config_for_data
-
-    def fit(n, *over):
-        facts = DataFacts("labelled", 32, 3, ("a", "b", "c"), train_size=n)
-        return config_for_data("cgan", facts, list(over))
-
-    assert fit(SMALL_TRAIN - 1).augment.ops == ("color", "translation", "cutout")
-    assert fit(SMALL_TRAIN).augment.ops == () and fit(0).augment.ops == ()  # 0: unknown
-    assert fit(60, "augment.policy=none").augment.ops == ()  # the user's word wins
-    digits = DataFacts("labelled", 16, 1, tuple("0123456789"), train_size=100)
-    assert config_for_data("cgan", digits).augment.ops == ()  # the paper's MLPs: never
