@@ -160,7 +160,7 @@ def preset(family: str, name: str = "default", image_size: int = 16) -> GanConfi
         return apply_overrides(cfg, small)
     if name == "cpu":
         # For trying ganflow on a laptop: the conv recipe at half width and a third of the
-        # steps (about 15 min on 2 cores at 32 px); other presets are already CPU-sized.
+        # steps (about 3 min of one core at 32 px, evaluations aside); the others already are.
         if cfg.model.arch != "conv":
             return cfg
         small = {"model.ngf": 32, "model.ndf": 32, "train.steps": 1500, "eval.every": 150}
