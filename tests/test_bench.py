@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import gan_core.families as families_mod
 import gan_core.train as train_mod
 from gan_core import bench
 from gan_core.data import load_builtin
@@ -74,7 +75,7 @@ def test_mlp_gan_flops_match_layer_arithmetic(digits16, k):
 def test_flop_count_sees_d_weight_grads_in_g_step(digits16, monkeypatch):
     # If D were not frozen in G's update, its weight gradients would be computed and thrown
     # away; the counter must see that (so the test above guards against it).
-    monkeypatch.setattr(train_mod, "frozen", lambda *modules: contextlib.nullcontext())
+    monkeypatch.setattr(families_mod, "frozen", lambda *modules: contextlib.nullcontext())
     cfg = preset("gan", "tiny")
     state = init_state(cfg, digits16, "cpu")
     got = bench.count_flops_per_step(state, digits16)
