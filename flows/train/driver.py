@@ -252,6 +252,10 @@ def _fit(job: WorkerJob, cluster: ClusterSpec, req: TrainRequest, run_name: str,
         resources["GPU"] = cluster.gpus_per_worker
     env = forwarded_env()
     env.setdefault("GANFLOW_HOME", str(ganflow_home()))
+    from flows import console
+
+    if console.quiet():
+        env["GANFLOW_QUIET_WORKERS"] = "1"  # see worker.quiet_train_reports
     trainer = _Trainer(
         train_loop_per_worker,
         train_loop_config=asdict(job),

@@ -228,11 +228,24 @@ class RayCallback:
             )
 
 
+def quiet_train_reports() -> None:
+    """On a quiet console, Ray Train's per-report INFO line (``Reporting training result N:
+    TrainingReport(...)``, every figure of every evaluation) stays off the terminal. Its
+    logger is named by its file's path, outside the ``ray`` tree that LoggingConfig sets."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The single boundary between Ray and gan_core (runs on every worker)."""
     import ray.train
     import ray.train.torch
 
+    if os.environ.get("GANFLOW_QUIET_WORKERS") == "1":
+        quiet_train_reports()
     job = WorkerJob(**config)
     # One intra-op thread per worker by default: several workers share a node's cores, and
     # OpenMP oversubscription slowed training 10-30x on a 2-core machine (measured).
