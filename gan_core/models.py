@@ -134,7 +134,6 @@ class ConvGenerator(nn.Module):
         concat = bool(num_classes) and not self.cbn
         self.embed = nn.Embedding(num_classes, embed_dim) if concat else None
         in_dim = z_dim + (embed_dim if concat else 0)
-        self.layout = layout
         if layout == "wide":
             c0 = ngf * 2**n_up
             self.project = nn.Sequential(

@@ -40,8 +40,7 @@ class DataFacts:
 
     kind: 'labelled' (class labels), 'unlabelled' (images only) or 'unpaired' (two domains X
     and Y); classes: label names in label order (labelled sets, and two-domain sets whose
-    domains both carry labels); has_truth: ground truth T(x) is known (built-in pairs only);
-    train_size: images in the train split (0: unknown).
+    domains both carry labels); has_truth: ground truth T(x) is known (built-in pairs only).
     """
 
     kind: str
@@ -50,7 +49,6 @@ class DataFacts:
     classes: tuple[str, ...] = ()
     has_truth: bool = False
     name: str = "dataset"
-    train_size: int = 0
 
     def __post_init__(self) -> None:
         _check(self.kind in DATA_KINDS, "dataset kind", f"must be one of {DATA_KINDS}", self.kind)

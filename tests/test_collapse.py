@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from test_metrics import _Fn
 from torch import nn
 
 from gan_core import metrics
@@ -200,15 +201,6 @@ def test_a_collapsed_cgan_loses_to_a_trained_one_on_the_primary_metric(judge, di
 
 
 # --- cyclegan -------------------------------------------------------------------------------
-
-
-class _Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
 
 
 @pytest.mark.parametrize("has_truth", [True, False])

@@ -308,3 +308,9 @@ def test_standing_statistics_are_recomputed_for_the_weights():
         h = torch.cat([net[0](x) for x in xs])
     torch.testing.assert_close(net[1].running_mean, h.mean(0))
     assert net[1].momentum == 0.1 and not net.training  # restored
+
+
+def test_the_config_names_every_augmentation_op_there_is():
+    from gan_core.config import DIFFAUG_OPS
+
+    assert set(DIFFAUG_OPS) == set(diffaug.OPS)  # the config validates what diffaug runs

@@ -135,7 +135,6 @@ def make_bench(name: str, splits: dict, judge: Judge) -> Bench:
         classes=qd.SHAPES,
         has_truth=family == "cyclegan",
         name=name,
-        train_size=len(images),
     )
     return Bench(name, family, train_set, splits["test"], judge, facts)
 

@@ -28,16 +28,7 @@ def facts(manifest: dict) -> DataFacts:
         classes=classes,
         has_truth=bool(manifest.get("has_truth")),
         name=str(manifest.get("name") or manifest["id"]),
-        train_size=_train_size(manifest),
     )
-
-
-def _train_size(manifest: dict) -> int:
-    """Images in the train split (the smaller domain for two domains); 0 when not recorded."""
-    counts = (manifest.get("split_counts") or {}).get("train") or {}
-    if manifest.get("kind") == "unpaired":
-        return min(counts.values(), default=0)
-    return sum(counts.values())
 
 
 def config_for_snapshot(
