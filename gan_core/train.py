@@ -65,6 +65,7 @@ __all__ = [
     "save_checkpoint",
     "state_dict",
     "train",
+    "warm_start",
 ]
 
 # state_dict keys that are each rank's own random streams (the rest is the same on every
@@ -308,6 +309,27 @@ def load_state_dict(state: TrainState, sd: dict) -> TrainState:
         state.augment.load_state_dict(sd["augment"], sd.get("augment_rng"))
     state.step = int(sd["step"])
     state.d_updates = int(sd.get("d_updates", state.step * state.cfg.train.d_steps))
+    return state
+
+
+def warm_start(state: TrainState, sd: dict) -> TrainState:
+    """Start a fresh run from another run's networks: G and D, the optimisers' moments and
+    the moving averages come from ``sd`` (a checkpoint's state dict); the step, the learning
+    rate schedule, the data and noise streams and D's augmentation stay this run's own, so
+    fine-tuning on new data runs its own ``train.steps`` at its own learning rates.
+    Shapes must match (a load_state_dict error names the first that does not)."""
+    for k, net in state.models.items():
+        plain(net).load_state_dict(sd["models"][k])
+    for opt, key in ((state.opt_g, "opt_g"), (state.opt_d, "opt_d")):
+        # Adam's per-parameter moments only: the saved param_groups carry the old run's
+        # (possibly decayed) learning rates, which must not replace this run's.
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        opt.load_state_dict(sd[key])
+        for g, own in zip(opt.param_groups, groups):
+            g.update(own)
+    saved = sd.get("ema") or {}
+    for k, avg in state.ema.items():
+        avg.load_state_dict(saved.get(k) or plain(state.models[k]).state_dict())
     return state
 
 

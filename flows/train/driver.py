@@ -238,6 +238,7 @@ def _track_and_fit(req, cfg, manifest, root, uri, run_id, run_name, use_gpu) -> 
         threads=cluster.threads,
         check_replicas=req.check_replicas,
         fault=asdict(req.fault) if req.fault else None,
+        warm_start=req.warm_start,
     )
     return _fit(job, cluster, req, run_name, use_gpu)
 

@@ -43,6 +43,9 @@ class WorkerJob:
     threads: int = 1
     check_replicas: bool = False
     fault: dict | None = None
+    warm_start: str | None = None
+    """A checkpoint (path in the Ray storage) whose networks, optimiser moments and averages
+    a fresh run starts from (gan_core.train.warm_start); a resumed run ignores it."""
 
 
 class WorkerUserError(RuntimeError):
@@ -144,6 +147,8 @@ class TrainRequest:
     """MLflow parent run (a search), recorded as mlflow.parentRunId."""
     trainer_callbacks: list = field(default_factory=list)
     """Ray Train UserCallbacks (e.g. Tune's TuneReportCallback)."""
+    warm_start: str | None = None
+    """Start from this checkpoint's networks (a champion's run), not from random weights."""
 
     def check(self) -> TrainRequest:
         """Everything checkable without I/O, in one line each: the cluster's numbers, the

@@ -298,6 +298,13 @@ def _train_worker(job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, de
         state.augment.reduce = _all_sum
     checkpoint = ray.train.get_checkpoint()
     best = None
+    if checkpoint is None and job.warm_start:
+        from flows.train.checkpoints import read_warm_start
+        from gan_core.train import warm_start
+
+        warm_start(state, read_warm_start(job.warm_start, map_location=device))
+        if rank == 0:
+            print(f"[ganflow] warm start from {job.warm_start}", file=sys.__stderr__, flush=True)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             exact = restore_checkpoint(state, Path(d), rank, world_size)
