@@ -334,3 +334,52 @@ def log_generator(
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(uri).set_terminated(run_id, status=status)
+
+
+# --- the retraining's own run ------------------------------------------------------------------
+
+RETRAINING_EXPERIMENT = "ganflow-retraining"
+
+
+def log_retraining(uri: str, rows: list[dict]) -> str:
+    """One MLflow run per retraining (experiment ``ganflow-retraining``): per family what was
+    decided (tags ``<family>.decision``, ``<family>.snapshot_id``, ``<family>.start``) and,
+    where the data changed, the champion's figures on the new snapshot's val split as
+    ``<family>.champion.val_<metric>`` (with the candidate's as ``<family>.candidate.*``).
+    The step is the retraining's sequence number in the experiment, so the experiment's
+    chart view over step (or over time) shows the champion's figure snapshot after
+    snapshot: a drop is a drift of the data away from the model in use. Returns the run id."""
+    from mlflow.entities import Metric
+
+    c = client(uri)
+    exp = ensure_experiment(uri, RETRAINING_EXPERIMENT)
+    # Sequence number: runs before this one (a few hundred a year on a weekly schedule).
+    step = len(c.search_runs([exp], max_results=50_000))
+    run = c.create_run(exp, run_name=f"retraining-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    metrics: list[Metric] = []
+    for r in rows:
+        fam = r["family"]
+        tags = {
+            f"{fam}.decision": r["decision"],
+            f"{fam}.model": r["name"],
+            f"{fam}.snapshot_id": r["snapshot_id"],
+            f"{fam}.start": r.get("start") or "-",
+            f"{fam}.why": (r.get("why") or "")[:500],
+        }
+        for k, v in tags.items():
+            c.set_tag(run_id, k, v)
+        measured = r.get("champion_on_snapshot")
+        if measured:
+            c.set_tag(run_id, f"{fam}.champion_version", measured["version"])
+            for k, v in measured["figures"].items():
+                metrics.append(Metric(f"{fam}.champion.val_{k}", float(v), now, step))
+        promotion = r.get("promotion") or {}
+        if promotion.get("candidate") is not None:
+            name = f"{fam}.candidate.val_{promotion['metric']}"
+            metrics.append(Metric(name, float(promotion["candidate"]), now, step))
+    for i in range(0, len(metrics), 500):
+        c.log_batch(run_id, metrics=metrics[i : i + 500])
+    c.set_terminated(run_id, "FINISHED")
+    return run_id

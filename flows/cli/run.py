@@ -17,7 +17,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
     pc = PipelineConfig.load(args.config)  # validate before Ray or MLflow start
     check_datasets(pc)
     check_services()  # every configured remote service answers, before any work
-    result = retraining_flow(args.config)
+    result = retraining_flow(args.config, force=args.force)
     if not args.json:
         print(result["summary"])
         print("\nSample from a champion: ganflow generate NAME --out samples.png")
@@ -84,7 +84,12 @@ def add_commands(sub, add_common) -> None:
         "--config",
         default=None,
         metavar="FILE",
-        help="pipeline YAML (families, datasets, overrides, search, workers, margin); default: embedded defaults",
+        help="pipeline YAML (families, datasets, overrides, search, workers, margin, retrain); default: embedded defaults",
+    )
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="train every family even when its champion was already trained on this snapshot with this config",
     )
     add_common(run)
     run.set_defaults(func=cmd_run)

@@ -6,10 +6,16 @@ under GANFLOW_HOME, local snapshot storage, the built-in digits); the same code 
 Ray cluster, an MLflow server, a Prefect server and S3 through RAY_ADDRESS,
 MLFLOW_TRACKING_URI, PREFECT_API_URL and GANFLOW_STORAGE_ROOT / GANFLOW_RAY_STORAGE.
 
-Reruns pick up earlier stages' results: ingestion is content-addressed (same data, same
-snapshot, no decoding), a training run's name is fixed per (family, snapshot, config, day)
-so a rerun resumes it from its last checkpoint, and a run that already registered a
-version reuses it instead of registering a duplicate.
+Nothing changed, nothing trained: ingestion is content-addressed (an unchanged source costs
+one listing, no decoding), and a family whose champion (or latest losing candidate) was
+trained on the same snapshot with the same config by the same gan_core code is kept
+without a Ray job (flows.orchestration.lineage). When the data changed, the champion is
+measured on the new snapshot's val split first, and the candidate starts from its
+checkpoint when the networks fit (``retrain.mode``). ``--force`` trains anyway.
+
+Reruns pick up earlier stages' results: a training run's name is fixed per (family,
+snapshot, config, start, day) so a rerun resumes it from its last checkpoint, and a run that
+already registered a version reuses it instead of registering a duplicate.
 """
 
 from __future__ import annotations
@@ -22,6 +28,16 @@ from dataclasses import dataclass, field
 
 from prefect import flow, task
 
+from flows.orchestration.lineage import (
+    CHECKPOINT_TAG,
+    CODE_DIGEST_TAG,
+    CONFIG_DIGEST_TAG,
+    WARM_FROM_RUN_TAG,
+    WARM_FROM_TAG,
+    Plan,
+    RetrainConfig,
+    RetrainError,
+)
 from flows.settings import read_yaml_mapping
 from gan_core.config import DEFAULT_DATASET, FAMILIES, ConfigError
 from gan_core.overrides import apply_overrides
@@ -51,8 +67,15 @@ class PipelineConfig:
     """The candidate must beat the champion's primary metric by more than this."""
     model_names: dict = field(default_factory=dict)
     """family -> registered model name (default: ganflow-<family>-<dataset name>)."""
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    """mode (auto | warm | scratch) and finetune_steps: where a candidate starts when the
+    data or config changed (flows.orchestration.lineage)."""
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "retrain", RetrainConfig.from_mapping(self.retrain))
+        except RetrainError as exc:
+            raise PipelineError(str(exc)) from None
         _check_types(self)
         bad = [f for f in self.families if f not in FAMILIES]
         if bad or not self.families:
@@ -170,25 +193,97 @@ def stage_search(family: str, snapshot_id: str, cfg, samples: int, steps: int | 
     return result
 
 
-def _run_name(family: str, snapshot_id: str, cfg) -> str:
+def _run_name(family: str, snapshot_id: str, cfg, plan: Plan | None = None) -> str:
+    """Fixed per (family, snapshot, config, start, day), so a rerun resumes the run; a
+    forced one gets the time too (the same name would resume the finished run instead)."""
     digest = hashlib.sha256(json.dumps(cfg.to_flat_dict(), sort_keys=True).encode()).hexdigest()[:8]
-    return f"retrain-{family}-{snapshot_id[:12]}-{digest}-{time.strftime('%Y%m%d')}"
+    name = f"retrain-{family}-{snapshot_id[:12]}-{digest}-{time.strftime('%Y%m%d')}"
+    if plan is not None and plan.start == "warm":
+        name += f"-warm-v{plan.warm_from.version}"
+    if plan is not None and plan.why == "--force":
+        name += f"-forced-{time.strftime('%H%M%S')}"
+    return name
 
 
-def stage_train(family: str, snapshot_id: str, cfg, workers: int, gpus: float) -> dict:
+def stage_plan(name: str, snapshot_id: str, cfg_digest: str, force: bool) -> dict:
+    """Keep or train, from the registered champion's and challenger's lineage (MLflow only:
+    no Ray, no data)."""
+    from flows.orchestration.lineage import plan_family, read_lineage
+    from flows.tracking import client, tracking_uri
+
+    c = client(tracking_uri())
+    champion = read_lineage(c, name, "champion")
+    challenger = read_lineage(c, name, "challenger")
+    return {
+        "plan": plan_family(champion, challenger, snapshot_id, cfg_digest, force),
+        "champion": champion,
+    }
+
+
+def stage_start(plan: Plan, champion, cfg, mode: str) -> Plan:
+    """Warm or scratch for a candidate about to be trained with cfg (the final config,
+    after a search): warm needs the champion's checkpoint and networks of cfg's shapes."""
+    from flows.orchestration.lineage import choose_start, warm_fit
+
+    def fits(champ) -> str | None:
+        if not champ.checkpoint:
+            return f"champion v{champ.version} has no recorded checkpoint"
+        from flows.train.checkpoints import read_warm_start
+
+        try:
+            sd = read_warm_start(champ.checkpoint)
+        except Exception as exc:  # gone from storage, unreadable: train from scratch, say why
+            what = f"{type(exc).__name__}: {str(exc)[:200]}"
+            return f"champion v{champ.version}'s checkpoint cannot be read ({what})"
+        return warm_fit(cfg, sd)
+
+    try:
+        return choose_start(plan, champion, mode, fits)
+    except RetrainError as exc:
+        raise PipelineError(str(exc)) from None
+
+
+def _selection_data(snapshot_id: str, cfg):
+    """The snapshot's val split (selection never reads test), its judge and the FID network
+    when the config asks for it: the conditions of every comparison between models."""
+    from flows.settings import cache_dir, snapshot_root
+    from flows.train.data_config import judge_data, load_heldout, load_inception, load_judge
+
+    root = snapshot_root()
+    splits = load_heldout(snapshot_id, root, cfg)
+    judge = load_judge(snapshot_id, cache_dir(), judge_data(snapshot_id, root, splits["test"]))
+    return splits["val"], judge, load_inception(cfg)
+
+
+def stage_measure_champion(name: str, snapshot_id: str, cfg) -> dict | None:
+    """The champion on the new snapshot's val split, as promotion will judge it (None: no
+    champion)."""
+    from flows.registry.promote import measure_champion
+
+    val, judge, inception = _selection_data(snapshot_id, cfg)
+    return measure_champion(name, val, judge, inception=inception)
+
+
+def stage_train(
+    family: str, snapshot_id: str, cfg, workers: int, gpus: float, plan: Plan | None = None
+) -> dict:
     from flows.train.driver import run_training
     from flows.train.spec import ClusterSpec, TrainRequest
 
+    warm = plan is not None and plan.start == "warm"
     req = TrainRequest(
         cfg=cfg,
         dataset=snapshot_id,
         cluster=ClusterSpec(workers=workers, gpus_per_worker=gpus),
-        run_name=_run_name(family, snapshot_id, cfg),
+        run_name=_run_name(family, snapshot_id, cfg, plan),
+        warm_start=plan.warm_from.checkpoint if warm else None,
     )
     return run_training(req)
 
 
-def stage_register(result: dict, name: str, manifest: dict | None = None) -> str:
+def stage_register(
+    result: dict, name: str, manifest: dict | None = None, lineage: dict | None = None
+) -> str:
     """Register the run's generator; a rerun of the same training run (same run name, e.g.
     after a failed promotion) reuses the version it registered instead of duplicating it."""
     from flows import registry
@@ -202,7 +297,9 @@ def stage_register(result: dict, name: str, manifest: dict | None = None) -> str
     from flows.train.checkpoints import load_trained
 
     cfg, models = load_trained(result["checkpoint"])
-    tags = {"ganflow.run_name": result["run_name"]}
+    tags = {"ganflow.run_name": result["run_name"], **(lineage or {})}
+    if result.get("checkpoint"):
+        tags[CHECKPOINT_TAG] = str(result["checkpoint"])
     classes = (manifest or {}).get("classes") or []
     if cfg.family == "cgan" and classes:
         tags["ganflow.classes"] = json.dumps(classes)[:5000]
@@ -222,15 +319,9 @@ def stage_promote(name: str, version: str, snapshot_id: str, cfg, margin: float)
     """Candidate against champion on the snapshot's validation split (selection never reads
     test), judged by the snapshot's judge, with FID/KID when the config asks for them."""
     from flows import registry
-    from flows.settings import cache_dir, snapshot_root
-    from flows.train.data_config import judge_data, load_heldout, load_inception, load_judge
 
-    root = snapshot_root()
-    splits = load_heldout(snapshot_id, root, cfg)
-    judge = load_judge(snapshot_id, cache_dir(), judge_data(snapshot_id, root, splits["test"]))
-    decision = registry.promote(
-        name, version, splits["val"], judge, margin=margin, inception=load_inception(cfg)
-    )
+    val, judge, inception = _selection_data(snapshot_id, cfg)
+    decision = registry.promote(name, version, val, judge, margin=margin, inception=inception)
     return decision.to_dict()
 
 
@@ -241,9 +332,10 @@ def _say(msg: str) -> None:
     print(f"[ganflow run] {msg}", file=sys.stderr, flush=True)
 
 
-def retrain_family(pc: PipelineConfig, family: str, task) -> dict:
+def retrain_family(pc: PipelineConfig, family: str, task, force: bool = False) -> dict:
     """One family through every stage. ``task(name, fn, *args)`` runs a stage (as a Prefect
     task inside the flow, directly in tests)."""
+    from flows.orchestration.lineage import code_digest, config_digest, finetune_config
     from flows.registry.package import model_name
     from flows.train.data_config import config_for_snapshot
 
@@ -255,62 +347,161 @@ def retrain_family(pc: PipelineConfig, family: str, task) -> dict:
         cfg = config_for_snapshot(family, manifest, overrides)
     except ConfigError as exc:
         raise PipelineError(f"overrides.{family}: {exc}") from None
+    snapshot = manifest["id"]
     _say(
-        f"{family}: snapshot {manifest['id'][:12]} ({manifest.get('name')}, {manifest.get('num_images')} images)"
+        f"{family}: snapshot {snapshot[:12]} ({manifest.get('name')}, {manifest.get('num_images')} images)"
     )
+    name = pc.model_names.get(family) or model_name(
+        family, manifest.get("name") or pc.dataset(family)
+    )
+    # The requested config (before a search or a warm start changes it) and what the
+    # pipeline adds to it: what a champion's lineage is compared with.
+    digest = config_digest(
+        cfg,
+        workers=pc.workers,
+        gpus_per_worker=pc.gpus_per_worker,
+        search=[pc.search, pc.search_samples, pc.search_steps],
+    )
+    planned = task("plan", stage_plan, name, snapshot, digest, force)
+    plan, champion = planned["plan"], planned["champion"]
+    row = {
+        "family": family,
+        "snapshot_id": snapshot,
+        "name": name,
+        "why": plan.why,
+        "champion_on_snapshot": None,
+        "search": None,
+    }
+    if plan.action == "keep":
+        _say(f"{family}: {name} kept ({plan.why})")
+        return {
+            **row,
+            "decision": "kept",
+            "start": None,
+            "start_why": "",
+            "version": plan.kept.version,
+            "run_id": None,
+            "run_name": None,
+            "metrics": {},
+            "promotion": None,
+            "warm_from": None,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    measured = None
+    if champion is not None and champion.snapshot_id != snapshot:
+        # The model in use on the data users have now, before any training: a drift shows
+        # here (and in the ganflow-retraining experiment) whatever the candidate does.
+        measured = task("measure-champion", stage_measure_champion, name, snapshot, cfg)
+        if measured is not None:
+            was = measured["at_promotion"]
+            _say(
+                f"{family}: champion v{measured['version']} on snapshot {snapshot[:12]}: "
+                f"{measured['metric']} {measured['value']:.4g}"
+                + ("" if was is None else f" (at its promotion: {was:.4g})")
+            )
     search = None
     if pc.search:
         search = task(
-            "search", stage_search, family, manifest["id"], cfg, pc.search_samples, pc.search_steps
+            "search", stage_search, family, snapshot, cfg, pc.search_samples, pc.search_steps
         )
         cfg = apply_overrides(cfg, search["best"]["overrides"])
         _say(
             f"{family}: search {search['name']} best {search['best']['overrides']} {search['best']['metric_name']}={search['best']['metric']:.4g}"
         )
-    _say(f"{family}: training {cfg.train.steps} iterations on {pc.workers} worker(s)")
+    plan = task("start", stage_start, plan, champion, cfg, pc.retrain.mode)
+    lineage = {CONFIG_DIGEST_TAG: digest, CODE_DIGEST_TAG: code_digest()}
+    if plan.start == "warm":
+        cfg = finetune_config(cfg, pc.retrain.steps_for(cfg))
+        lineage[WARM_FROM_TAG] = plan.warm_from.version
+        lineage[WARM_FROM_RUN_TAG] = plan.warm_from.run_id
+    _say(
+        f"{family}: training {cfg.train.steps} iterations on {pc.workers} worker(s), "
+        f"{plan.start} ({plan.start_why}; {plan.why})"
+    )
     trained = task(
-        "train", stage_train, family, manifest["id"], cfg, pc.workers, pc.gpus_per_worker
+        "train", stage_train, family, snapshot, cfg, pc.workers, pc.gpus_per_worker, plan
     )
-    name = pc.model_names.get(family) or model_name(
-        family, manifest.get("name") or pc.dataset(family)
-    )
-    version = task("register", stage_register, trained, name, manifest)
-    decision = task("promote", stage_promote, name, version, manifest["id"], cfg, pc.margin)
+    task("lineage", stage_tag_run, trained["run_id"], {**lineage, "ganflow.start": plan.start})
+    version = task("register", stage_register, trained, name, manifest, lineage)
+    decision = task("promote", stage_promote, name, version, snapshot, cfg, pc.margin)
     _say(f"{family}: {name} v{version} -> {decision['decision']} ({decision['reason']})")
     return {
-        "family": family,
-        "snapshot_id": manifest["id"],
+        **row,
+        "decision": decision["decision"],
+        "start": plan.start,
+        "start_why": plan.start_why,
+        "champion_on_snapshot": measured,
         "run_id": trained["run_id"],
         "run_name": trained["run_name"],
         "metrics": trained["metrics"],
-        "name": name,
         "version": version,
         "promotion": decision,
+        "warm_from": plan.warm_from.version if plan.warm_from else None,
         "search": None if search is None else {"name": search["name"], "best": search["best"]},
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
 
-def summary_markdown(results: list[dict], tracking: str) -> str:
+def stage_tag_run(run_id: str, tags: dict) -> None:
+    """The training run's lineage in MLflow: its start (warm/scratch), the champion version
+    and run it started from, the requested config's and gan_core's digests."""
+    from flows.tracking import client, tracking_uri
+
+    c = client(tracking_uri())
+    for k, v in tags.items():
+        c.set_tag(run_id, k, str(v))
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def summary_markdown(results: list[dict], tracking: str, retraining_run: str | None = None) -> str:
     lines = [
         "# ganflow retraining",
         "",
-        "| family | model | version | metric | candidate | champion before | decision |",
-        "|---|---|---|---|---|---|---|",
+        "| family | model | outcome | start | version | metric | candidate | champion before | champion on this snapshot |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         p = r["promotion"]
-        champ = "-" if p["champion"] is None else f"{p['champion']:.4g} (v{p['champion_version']})"
-        lines.append(
-            f"| {r['family']} | {r['name']} | {r['version']} | {p['metric']} | {p['candidate']:.4g} | {champ} | **{p['decision']}** |"
+        m = r.get("champion_on_snapshot")
+        on_new = (
+            "-"
+            if not m
+            else f"{m['value']:.4g} (v{m['version']}; at promotion {_fmt(m['at_promotion'])})"
         )
+        if p is None:
+            lines.append(
+                f"| {r['family']} | {r['name']} | **kept** | - | {r['version']} | - | - | - | - |"
+            )
+            continue
+        champ = "-" if p["champion"] is None else f"{p['champion']:.4g} (v{p['champion_version']})"
+        start = r["start"] + (f" from v{r['warm_from']}" if r.get("warm_from") else "")
+        lines.append(
+            f"| {r['family']} | {r['name']} | **{p['decision']}** | {start} | {r['version']} | {p['metric']} | {p['candidate']:.4g} | {champ} | {on_new} |"
+        )
+    runs = [r["run_id"] for r in results if r.get("run_id")]
     lines += [
         "",
-        f"MLflow: `{tracking}` (runs: {', '.join(r['run_id'] for r in results)}).",
+        f"MLflow: `{tracking}`"
+        + (f" (training runs: {', '.join(runs)})" if runs else " (nothing trained)")
+        + (
+            f"; this retraining: run {retraining_run} in ganflow-retraining."
+            if retraining_run
+            else "."
+        ),
         "",
         "Reasons:",
     ]
-    lines += [f"- {r['family']}: {r['promotion']['reason']}" for r in results]
+    for r in results:
+        if r["promotion"] is None:
+            lines.append(f"- {r['family']}: kept: {r['why']}")
+        else:
+            lines.append(
+                f"- {r['family']}: trained ({r['why']}), {r['start']} ({r['start_why']}); "
+                f"{r['promotion']['reason']}"
+            )
     return "\n".join(lines)
 
 
@@ -319,18 +510,21 @@ def _as_task(stage: str, fn, *args):
 
 
 @flow(name="ganflow-retraining", persist_result=False, log_prints=False)
-def retraining_flow(config_path: str | None = None) -> dict:
-    """ingest -> optional search -> train -> evaluate -> register -> promote, per family."""
+def retraining_flow(config_path: str | None = None, force: bool = False) -> dict:
+    """ingest -> keep, or (measure the champion on new data) -> optional search -> train
+    (warm or scratch) -> evaluate -> register -> promote, per family. ``force``: train every
+    family even when nothing changed."""
     from prefect.artifacts import create_markdown_artifact
 
-    from flows.tracking import redact, tracking_uri
+    from flows.tracking import log_retraining, redact, tracking_uri
 
     pc = PipelineConfig.load(config_path)
-    results = [retrain_family(pc, fam, _as_task) for fam in pc.families]
-    md = summary_markdown(results, redact(tracking_uri()))
+    results = [retrain_family(pc, fam, _as_task, force) for fam in pc.families]
+    run_id = log_retraining(tracking_uri(), results)
+    md = summary_markdown(results, redact(tracking_uri()), run_id)
     create_markdown_artifact(
         md,
         key="ganflow-retraining-summary",
-        description="what was trained and the promotion decisions",
+        description="what was kept or trained, and the promotion decisions",
     )
-    return {"results": results, "summary": md}
+    return {"results": results, "summary": md, "retraining_run": run_id}

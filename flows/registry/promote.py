@@ -244,6 +244,31 @@ def evaluate_version(
     return cfg, evaluate(cfg, models, heldout, judge, seed=seed, inception=inception)
 
 
+def measure_champion(
+    name: str, heldout, judge, seed: int = 0, inception=None, tracking_uri: str | None = None
+) -> dict | None:
+    """The champion under the conditions promotion uses (the given held-out data, judge,
+    seed), without the lock (nothing is written): how the model in use does on data it was
+    not trained on. Also returns the figure tagged at its own promotion (``eval.<metric>``,
+    measured on its own snapshot) for comparison. None when the model has no champion."""
+    client = _client(tracking_uri)
+    try:
+        version = _resolve(client, name, "champion")
+    except RegistryError:
+        return None
+    cfg, figures = evaluate_version(client, name, version, heldout, judge, seed, inception)
+    metric, mode = primary_metric(cfg, getattr(heldout, "x_truth", None) is not None)
+    before = client.get_model_version(name, version).tags.get(f"eval.{metric}")
+    return {
+        "version": str(version),
+        "metric": metric,
+        "mode": mode,
+        "value": figures[metric],
+        "at_promotion": float(before) if before else None,
+        "figures": figures,
+    }
+
+
 def promote(
     name: str,
     version: str,
