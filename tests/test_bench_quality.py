@@ -140,6 +140,10 @@ def test_quick_writes_tables_grids_and_json(tmp_path, capsys):
     result = json.loads((out / "results.json").read_text())
     runs = result["datasets"]["shapes-10"]["runs"]
     assert [r["run"] for r in runs] == ["defaults", "anchor", "anchor@time"]
+    # The equal-time row: the defaults' steps scaled by the speed ratio probed beside them.
+    timed = runs[2]
+    assert timed["speed_ratio"] > 0
+    assert timed["steps"] == max(1, round(runs[0]["steps"] * timed["speed_ratio"]))
     for r in runs:
         assert (out / r["grid"]).is_file()
         assert r["figures"]["fd_thumb"] > 0 and "fd" in r["figures"]["judge"]

@@ -30,8 +30,10 @@ judge-free figures that no training choice can fit: Fréchet distance between 8x
 thumbnails (192-dim vectors), overall (``fd_thumb``) and within each class
 (``intra_fd_thumb``), and ``memo_px``: the mean pixel distance from a sample to its nearest
 training image over the same for held-out real images (about 1: new images; well below 1:
-copies). Budgets: every run gets ``--steps`` (equal steps); ``@time`` rows run for the wall
-time the defaults took (or ``--seconds``), a faster configuration taking more steps.
+copies). Budgets: every run gets ``--steps`` (equal steps); an ``@time`` row gets the
+defaults' steps times the ratio of its speed to theirs, measured in alternating short probes
+just before it (so a shared machine's load does not pick the budget), or ``--seconds`` of
+its own measured speed.
 
 Writes ``results.md``, ``results.json`` (every figure and every config) and a sample grid
 per run (``grids/<dataset>/<run>.png``, one row per class) to ``--out`` after every run, so
@@ -155,15 +157,13 @@ def measure(cfg: GanConfig, models: dict, b: Bench) -> dict:
     return out
 
 
-def run_one(
-    b: Bench, variant: str, cfg: GanConfig, budget: str, seconds: float | None, out: Path, log
-) -> dict:
+def run_one(b: Bench, variant: str, cfg: GanConfig, budget: str, out: Path, log) -> dict:
     def progress(step: int, total: int, spent: float, last: dict) -> None:
         losses = " ".join(f"{k} {v:.3g}" for k, v in last.items() if k.startswith("loss_"))
         log(f"    step {step}/{total}  {spent:.0f} s  {step / max(spent, 1e-9):.1f} it/s  {losses}")
 
     anchor = variant == "anchor" and b.family != "cyclegan"
-    trained = (_train_anchor if anchor else _train_ganflow)(cfg, b, seconds, progress)
+    trained = (_train_anchor if anchor else _train_ganflow)(cfg, b, None, progress)
     figures = measure(cfg, trained["models"], b)
     tag = variant if budget == "steps" else f"{variant}@time"
     grid = out / "grids" / b.name / f"{tag}-seed{cfg.train.seed}.png"
@@ -191,8 +191,7 @@ def run_one(
 
 
 def probe_rate(b: Bench, variant: str, cfg: GanConfig, steps: int = 10) -> float:
-    """Steps per second of a config, from a few steps after a warm-up one (the equal-time
-    budget's step count when no equal-steps run measured it)."""
+    """Steps per second of a config, from a few steps after a warm-up one."""
     short = apply_overrides(cfg, {"train.steps": steps + 1, "train.log_every": 1})
     times: list[float] = []
     last = [time.perf_counter()]
@@ -205,6 +204,23 @@ def probe_rate(b: Bench, variant: str, cfg: GanConfig, steps: int = 10) -> float
     trainer = _train_anchor if variant == "anchor" and b.family != "cyclegan" else _train_ganflow
     trainer(short, b, None, lambda *a: tick())
     return steps / max(sum(times[1:]), 1e-9)
+
+
+def relative_rate(
+    b: Bench, variant: str, cfg: GanConfig, ref: GanConfig, rounds: int = 3
+) -> tuple[float, float]:
+    """(steps/s of ``variant`` over the defaults', the defaults' steps/s), probed in turns.
+
+    The equal-time budget is a ratio of two speeds. Measured back to back, in alternating
+    short probes with the median of each, it holds on a shared machine whose load drifts
+    over a run: a plain clock budget gave one row the time another job left free."""
+    mine, theirs = [], []
+    for _ in range(rounds):
+        theirs.append(probe_rate(b, "defaults", ref))
+        mine.append(probe_rate(b, variant, cfg))
+    mine.sort()
+    theirs.sort()
+    return mine[rounds // 2] / theirs[rounds // 2], theirs[rounds // 2]
 
 
 # --- the command --------------------------------------------------------------------------
@@ -303,25 +319,27 @@ def main(argv: list[str] | None = None) -> dict:
             runs = plan_runs(
                 name, family, base_config(b, args, steps, seed), args, entry["skipped"]
             )
-            budget_s, rate = args.seconds, {}
+            ref = next((cfg for v, cfg, _ in runs if v == "defaults"), None)
+            ref_steps = steps
             for i, (v, cfg, budget) in enumerate(runs):
-                seconds = None
+                ratio = None
                 if budget == "time":
-                    if v not in rate:
-                        rate[v] = probe_rate(b, v, cfg)
-                    # Steps planned from the measured rate, so the schedule ends where the
-                    # clock does; the clock still stops a run that slows down.
-                    planned = max(1, round(budget_s * rate[v]))
+                    if args.seconds is not None:
+                        planned = max(1, round(args.seconds * probe_rate(b, v, cfg)))
+                    else:
+                        # The defaults' steps scaled by the speed ratio measured just now, so
+                        # the row is reproducible and its budget blind to the machine's load.
+                        ratio, _ = relative_rate(b, v, cfg, ref)
+                        planned = max(1, round(ref_steps * ratio))
+                        log(f"{name}: {v} runs at {ratio:.2f}x the defaults' steps/s")
                     cfg = apply_overrides(
                         cfg, {"train.steps": planned, "train.log_every": max(1, planned // 10)}
                     )
-                    seconds = budget_s
                 log(f"{name} [{i + 1}/{len(runs)}] {v} ({budget}), seed {seed}")
-                r = run_one(b, v, cfg, budget, seconds, out, log)
-                if budget == "steps":
-                    rate[v] = r["steps_per_s"]
-                    if v == "defaults" and args.seconds is None:
-                        budget_s = r["seconds"]
+                r = run_one(b, v, cfg, budget, out, log)
+                r["speed_ratio"] = ratio  # steps/s over the defaults' (equal-time rows)
+                if budget == "steps" and v == "defaults":
+                    ref_steps = r["steps"]
                 f, j = r["figures"], r["figures"]["judge"]
                 shown = {
                     "fd_thumb": f.get("fd_thumb"),
