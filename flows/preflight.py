@@ -15,7 +15,8 @@ failure after ingestion or an hour of training. Only what is configured is check
 - Ray: ``RAY_ADDRESS`` when set and not ``auto``/``local``: a TCP connection to host:port.
 
 :func:`ensure_ray` is the one way ganflow connects to Ray (training, search, and ingest on the
-cluster): RAY_ADDRESS when set, else a local Ray started for the process.
+cluster): RAY_ADDRESS when set, else a local Ray started for the process, whose processes are
+all given its address (so two ganflow jobs on one machine never mistake each other's).
 
 Each check has a timeout of ``GANFLOW_PREFLIGHT_TIMEOUT_S`` seconds (default 5) and no retries.
 Messages name the service and never carry secrets (URL userinfo and AWS keys are masked).
@@ -24,13 +25,14 @@ Messages name the service and never carry secrets (URL userinfo and AWS keys are
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import socket
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TypeVar
 
 from flows.settings import redact
@@ -340,26 +342,87 @@ def check_ray(address: str, timeout_s: float) -> None:
 
 
 def ensure_ray(log_to_driver: bool = True) -> None:
-    """Connect to RAY_ADDRESS when set, else start a local cluster. Never ray.init()'s own
-    fallback, which joins whatever cluster `ray start` last left on this machine. Here, not in
-    flows.train, because ingest (a lower layer) runs on the cluster too."""
+    """Connect to RAY_ADDRESS when set, else start a local Ray instance for this process
+    (:func:`_start_local_ray`). Never ray.init()'s own fallback, which joins whatever cluster
+    `ray start` last left on this machine. Here, not in flows.train, because ingest (a lower
+    layer) runs on the cluster too."""
+    import ray  # noqa: F401 (importing it configures its loggers, which reapply then routes)
+
+    from flows import console
+
+    console.reapply()
+    with _RAY_INIT_LOCK:  # flow tasks run in threads; os.environ changes during the start
+        _init_ray(log_to_driver)
+    console.reapply()
+
+
+_RAY_INIT_LOCK = threading.Lock()
+
+
+def _init_ray(log_to_driver: bool) -> None:
     import ray
 
     from flows import console
 
-    console.reapply()  # importing ray configured its loggers
     if not ray.is_initialized():
         kwargs = {}
         if console.quiet():
             # Workers' and the Train controller's INFO chatter stays in Ray's session logs;
             # ganflow's own progress lines (plain prints on rank 0) still reach the console.
             kwargs["logging_config"] = ray.LoggingConfig(log_level="WARNING")
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS") or "local",
-            log_to_driver=log_to_driver,
-            **kwargs,
-        )
-        console.reapply()
+        address = os.environ.get("RAY_ADDRESS", "").strip()
+        if address and address.lower() != "local":
+            ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
+        else:
+            _start_local_ray(log_to_driver=log_to_driver, **kwargs)
+
+
+def _start_local_ray(**init_kwargs) -> str:
+    """Start a Ray instance owned by this process (it stops when the process ends) whose every
+    process is told its address; returns that address.
+
+    Ray's state API (Ray Train's PlacementGroupCleaner and TrainStateActor, ganflow's search
+    reaper) finds "the" local cluster by looking at the machine when it is given no address.
+    With a second Ray instance on the machine (another ganflow job) it raised "Found multiple
+    active Ray instances", or, with a `ray start` cluster there, queried that one; the cleaner
+    stopped watching and placement groups could stay reserved. So the GCS port is chosen
+    here (RAY_GCS_SERVER_PORT, which Ray's head node reads) and RAY_ADDRESS is in the
+    environment while ray.init spawns the raylet, whose environment every worker, actor and
+    Tune trial inherits. The driver's own environment is left as it was: a RAY_ADDRESS there
+    means "a cluster the user configured" (ingest's auto mode reads it), and this process is
+    connected by ray.init anyway."""
+    import ray
+
+    for _ in range(3):
+        with socket.socket() as s:  # a free port; the GCS binds it a second or two later
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        # The host Ray's node uses for its GCS address (the same lookup ray.init makes).
+        host = ray.util.get_node_ip_address()
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        with _environ({"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": address}):
+            ray.init(address="local", **init_kwargs)
+        if ray.get_runtime_context().gcs_address == address:
+            return address
+        # Another process took the port first, or Ray chose another host: the raylet's
+        # RAY_ADDRESS would name something else. Start again.
+        ray.shutdown()
+    raise RuntimeError("could not start a local Ray instance on the port chosen for it")
+
+
+@contextlib.contextmanager
+def _environ(values: Mapping[str, str]) -> Iterator[None]:
+    """os.environ with ``values`` set inside the block, as it was after."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # --- the entry point -------------------------------------------------------------------------

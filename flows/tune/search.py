@@ -38,10 +38,9 @@ class _ReapOrphanedPlacementGroups:
     Tune stops a trial by killing its actor while the TorchTrainer inside may still hold its
     workers' placement group. Ray's own PlacementGroupCleaner is meant to free it, but on a
     loaded 2-core machine it did not within 10 minutes (seen: 1.8 of 2 CPUs reserved by
-    finished trials, every later trial pending; the cleaner's state-API query fails when a
-    machine runs two Ray instances). A placement group of this job with real resources, no
-    live actor in it and older than ``min_age_s`` (well past any worker start) is orphaned:
-    remove it."""
+    finished trials, every later trial pending). A placement group of this job with real
+    resources, no live actor in it and older than ``min_age_s`` (well past any worker start)
+    is orphaned: remove it."""
 
     def __init__(self, min_age_s: float = 120.0, every_s: float = 15.0):
         self.min_age_s, self.every_s, self._last = min_age_s, every_s, 0.0
@@ -51,12 +50,17 @@ class _ReapOrphanedPlacementGroups:
         from ray.util.placement_group import PlacementGroup, remove_placement_group
         from ray.util.state import list_actors, list_placement_groups
 
-        job = ray.get_runtime_context().get_job_id()
+        ctx = ray.get_runtime_context()
+        # This job's cluster by its address: without one, the state API looks for "the" Ray
+        # instance on the machine, and a second one (another ganflow job) makes that fail.
+        job, address = ctx.get_job_id(), ctx.gcs_address
         try:
-            alive = list_actors(detail=True, filters=[("state", "=", "ALIVE")], limit=10000)
+            alive = list_actors(
+                address=address, detail=True, filters=[("state", "=", "ALIVE")], limit=10000
+            )
             in_use = {a.placement_group_id for a in alive if a.placement_group_id}
             pgs = list_placement_groups(
-                detail=True, filters=[("state", "=", "CREATED")], limit=10000
+                address=address, detail=True, filters=[("state", "=", "CREATED")], limit=10000
             )
         except Exception:  # the state API is best effort here; try again at the next event
             return 0
