@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from flows.bench import quality, quality_plan
+from flows.bench import quality, quality_plan, quality_report
 from flows.bench import quality_data as qd
 
 
@@ -150,3 +150,29 @@ def test_quick_writes_tables_grids_and_json(tmp_path, capsys):
         assert r["config"]["train.steps"] >= 1
     assert "truth_error_ratio" in result["datasets"]["colours"]["runs"][0]["figures"]["judge"]
     assert "| defaults |" in capsys.readouterr().out
+
+
+def test_summary_averages_each_run_over_seeds():
+    def run(name, seed, fd):
+        judge = {"fd": fd, "intra_fd": fd * 2, "coverage": 0.5, "class_accuracy": 0.9}
+        figures = {"judge": judge, "fd_thumb": 1.0, "intra_fd_thumb": 2.0}
+        return {
+            "run": name,
+            "seed": seed,
+            "steps": 10,
+            "seconds": 1.0,
+            "steps_per_s": 10.0,
+            "figures": figures,
+        }
+
+    rows = [
+        run("defaults", 0, 10.0),
+        run("anchor", 0, 30.0),
+        run("defaults", 1, 20.0),
+        run("anchor", 1, 50.0),
+    ]
+    out = quality_report.summary("cgan", rows)
+    lines = {ln.split(" | ")[0].strip("| "): ln for ln in out.splitlines()[2:]}
+    assert "| 15 ± 7.07 | 30 ± 14.1 |" in lines["defaults"]
+    assert "| 40 ± 14.1 | 80 ± 28.3 |" in lines["anchor"]
+    assert quality_report.summary("cgan", rows[:2]) == ""  # one seed: the table says it all

@@ -64,7 +64,7 @@ from flows.bench.quality_plan import (
     names,
     plan_runs,
 )
-from flows.bench.quality_report import fmt, table, write_report
+from flows.bench.quality_report import fmt, summary, table, write_report
 from gan_core.config import GanConfig
 from gan_core.data import UnpairedSet
 from gan_core.evaluate import evaluate, sample, sample_grid
@@ -351,7 +351,9 @@ def main(argv: list[str] | None = None) -> dict:
                 log(f"  -> {r['steps']} steps in {r['seconds']:.0f} s: {figures}")
                 entry["runs"].append(r)
                 write_report(out, result)
-        print(f"\n{name}\n{table(family, entry['runs'])}", flush=True)
+        print(
+            f"\n{name}\n{table(family, entry['runs'])}{summary(family, entry['runs'])}", flush=True
+        )
     write_report(out, result)
     log(f"done: {out / 'results.md'}")
     return result

@@ -72,6 +72,38 @@ def table(family: str, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_SUMMARY = {
+    "cyclegan": ("truth_err_ratio", "label_pres", "fd_thumb", "intra_fd_thumb"),
+    "cgan": ("fd", "intra_fd", "coverage", "class_acc", "fd_thumb", "intra_fd_thumb"),
+    "gan": ("fd", "coverage", "fd_thumb"),
+}
+
+
+def summary(family: str, rows: list[dict]) -> str:
+    """Mean ± standard deviation over seeds per run (only with more than one seed): one
+    seed's ranking of two GAN recipes is often the seed's, not the recipe's."""
+    if len({r["seed"] for r in rows}) < 2:
+        return ""
+    by_run: dict[str, list[dict]] = {}
+    for r in rows:
+        by_run.setdefault(r["run"], []).append(row_values(family, r))
+    cols = _SUMMARY[family]
+    lines = ["| run | seeds | steps | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
+    for run, vals in by_run.items():
+        cells = []
+        for c in cols:
+            xs = [float(v[c]) for v in vals if isinstance(v[c], (int, float))]
+            if not xs:
+                cells.append("-")
+                continue
+            mean = sum(xs) / len(xs)
+            sd = (sum((x - mean) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5
+            cells.append(f"{fmt(mean)} ± {fmt(sd)}" if len(xs) > 1 else fmt(mean))
+        steps = "/".join(sorted({str(v["steps"]) for v in vals}))
+        lines.append(f"| {run} | {len(vals)} | {steps} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 _NOTES = """\
 Lower is better for the distances, truth_err_ratio and cycle_err; higher for coverage,
 class_cov, class_acc and label_pres; memo_px and memo_judge should stay near 1 (well below
@@ -81,9 +113,9 @@ within each class; for CycleGAN of G(x) against held-out y and F(y) against x, a
 fd, intra_fd, coverage (Naeem et al.), class_cov, class_acc, memo_judge: gan_core's
 evaluate() in the dataset's judge features. aug_p: the augmentation probability at the end
 (ADA's adapted p, which starts at 0; empty without augmentation). memo_px: nearest-training-image pixel distance
-of samples over that of held-out images. `@time` rows ran for the wall time the defaults
-took; it/s is measured on a shared machine, so equal-time rows are as fair as its load was
-steady.
+of samples over that of held-out images. `@time` rows ran the defaults' steps times the
+ratio of their speed to the defaults' (`speed_ratio` in the JSON), probed in alternating turns
+just before the row; the seconds and it/s columns are as the (possibly shared) machine gave.
 """
 
 
@@ -103,6 +135,9 @@ def write_report(out: Path, result: dict) -> None:
             f"(judge accuracy on test {fmt(d['judge_accuracy'])})\n\n"
         )
         md.append(table(d["family"], d["runs"]))
+        means = summary(d["family"], d["runs"])
+        if means:
+            md.append(f"\nOver seeds (mean ± sd):\n\n{means}")
         if d["skipped"]:
             skipped = "; ".join(f"{k} ({v})" for k, v in d["skipped"].items())
             md.append(f"\nNot run: {skipped}.\n")
