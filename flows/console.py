@@ -82,6 +82,8 @@ def reapply() -> None:
 
 
 def ray_session_logs() -> str | None:
+    if "ray" not in sys.modules:  # never imported, so never started: no import (seconds) for it
+        return None
     try:
         import ray
 

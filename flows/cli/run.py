@@ -11,13 +11,26 @@ import argparse
 
 
 def cmd_run(args: argparse.Namespace) -> dict:
-    from flows.orchestration.retraining import PipelineConfig, retraining_flow
+    from flows.orchestration.retraining import PipelineConfig, all_kept, retraining_flow
     from flows.preflight import check_services
 
     pc = PipelineConfig.load(args.config)  # validate before Ray or MLflow start
     check_datasets(pc)
     check_services()  # every configured remote service answers, before any work
-    result = retraining_flow(args.config, force=args.force)
+    kept = all_kept(pc, args.force)
+    if kept is not None:
+        # Nothing to ingest or train anywhere: the decision took a listing per source and a
+        # few registry reads; no Prefect server, no Ray (the flow would decide the same).
+        from flows.orchestration.retraining import summary_markdown
+        from flows.tracking import log_retraining, redact, tracking_uri
+
+        run_id = log_retraining(tracking_uri(), kept)
+        result = {
+            "results": kept,
+            "summary": summary_markdown(kept, redact(tracking_uri()), run_id),
+        }
+    else:
+        result = retraining_flow(args.config, force=args.force)
     if not args.json:
         print(result["summary"])
         print("\nSample from a champion: ganflow generate NAME --out samples.png")

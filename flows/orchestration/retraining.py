@@ -332,61 +332,120 @@ def _say(msg: str) -> None:
     print(f"[ganflow run] {msg}", file=sys.stderr, flush=True)
 
 
-def retrain_family(pc: PipelineConfig, family: str, task, force: bool = False) -> dict:
-    """One family through every stage. ``task(name, fn, *args)`` runs a stage (as a Prefect
-    task inside the flow, directly in tests)."""
-    from flows.orchestration.lineage import code_digest, config_digest, finetune_config
+def _image_size(pc: PipelineConfig, family: str) -> int | None:
+    overrides = pc.overrides.get(family, {})
+    size = next((v for k, v in overrides.items() if k in ("image_size", "data.image_size")), None)
+    return int(size) if size else None
+
+
+def _family_setup(pc: PipelineConfig, family: str, manifest: dict):
+    """(config for the snapshot, registered model name, digest of the requested config and
+    the pipeline settings that change training: what a champion's lineage is compared with,
+    before a search or a warm start changes the config)."""
+    from flows.orchestration.lineage import config_digest
     from flows.registry.package import model_name
     from flows.train.data_config import config_for_snapshot
 
-    overrides = dict(pc.overrides.get(family, {}))
-    t0 = time.perf_counter()
-    size = next((v for k, v in overrides.items() if k in ("image_size", "data.image_size")), None)
-    manifest = task("ingest", stage_ingest, pc.dataset(family), int(size) if size else None)
     try:
-        cfg = config_for_snapshot(family, manifest, overrides)
+        cfg = config_for_snapshot(family, manifest, dict(pc.overrides.get(family, {})))
     except ConfigError as exc:
         raise PipelineError(f"overrides.{family}: {exc}") from None
-    snapshot = manifest["id"]
-    _say(
-        f"{family}: snapshot {snapshot[:12]} ({manifest.get('name')}, {manifest.get('num_images')} images)"
-    )
     name = pc.model_names.get(family) or model_name(
         family, manifest.get("name") or pc.dataset(family)
     )
-    # The requested config (before a search or a warm start changes it) and what the
-    # pipeline adds to it: what a champion's lineage is compared with.
     digest = config_digest(
         cfg,
         workers=pc.workers,
         gpus_per_worker=pc.gpus_per_worker,
         search=[pc.search, pc.search_samples, pc.search_steps],
     )
-    planned = task("plan", stage_plan, name, snapshot, digest, force)
-    plan, champion = planned["plan"], planned["champion"]
-    row = {
+    return cfg, name, digest
+
+
+def _row(family: str, snapshot: str, name: str, plan: Plan) -> dict:
+    """A family's summary row; as it stands for a kept family."""
+    return {
         "family": family,
         "snapshot_id": snapshot,
         "name": name,
         "why": plan.why,
+        "decision": "kept",
+        "start": None,
+        "start_why": "",
+        "version": plan.kept.version if plan.kept else None,
+        "run_id": None,
+        "run_name": None,
+        "metrics": {},
+        "promotion": None,
+        "warm_from": None,
         "champion_on_snapshot": None,
         "search": None,
     }
+
+
+def known_snapshot(ref: str, image_size: int | None = None) -> dict | None:
+    """The manifest ref stands for without ingesting anything new: a snapshot id or name, a
+    built-in (ingested now if missing: seconds), or a source whose listing (paths, sizes,
+    ETags; nothing decoded) was ingested before. None: the source changed."""
+    from flows.ingest.resolve import ensure_snapshot
+    from flows.settings import snapshot_root
+    from flows.snapshots.load import resolve_snapshot
+    from flows.snapshots.store import SnapshotNotFound, Store
+
+    if ref.startswith("builtin:"):
+        return ensure_snapshot(ref, image_size=image_size)
+    root = snapshot_root()
+    try:
+        return resolve_snapshot(ref, root)
+    except SnapshotNotFound:
+        if "/" not in ref and "://" not in ref:
+            raise
+    from flows.ingest.stages import IngestOptions, scan_source
+
+    options = IngestOptions(image_size=image_size) if image_size else IngestOptions()
+    hit = Store(root).source_ref(scan_source(ref, options).fingerprint)
+    return None if hit is None else resolve_snapshot(hit["id"], root)
+
+
+def all_kept(pc: PipelineConfig, force: bool = False) -> list[dict] | None:
+    """Every family's row when none has anything to train (unchanged sources, champions
+    already trained on them with this config and code), found without Prefect, Ray or any
+    decoding: a listing per source and a few registry reads. None as soon as one family
+    has work (the flow then runs as usual)."""
+    if force:
+        return None
+    rows = []
+    for family in pc.families:
+        manifest = known_snapshot(pc.dataset(family), _image_size(pc, family))
+        if manifest is None:
+            return None
+        _, name, digest = _family_setup(pc, family, manifest)
+        plan = stage_plan(name, manifest["id"], digest, False)["plan"]
+        if plan.action != "keep":
+            return None
+        _say(f"{family}: {name} kept ({plan.why})")
+        rows.append(_row(family, manifest["id"], name, plan))
+    return rows
+
+
+def retrain_family(pc: PipelineConfig, family: str, task, force: bool = False) -> dict:
+    """One family through every stage. ``task(name, fn, *args)`` runs a stage (as a Prefect
+    task inside the flow, directly in tests)."""
+    from flows.orchestration.lineage import code_digest, finetune_config
+
+    t0 = time.perf_counter()
+    manifest = task("ingest", stage_ingest, pc.dataset(family), _image_size(pc, family))
+    cfg, name, digest = _family_setup(pc, family, manifest)
+    snapshot = manifest["id"]
+    _say(
+        f"{family}: snapshot {snapshot[:12]} ({manifest.get('name')}, {manifest.get('num_images')} images)"
+    )
+    planned = task("plan", stage_plan, name, snapshot, digest, force)
+    plan, champion = planned["plan"], planned["champion"]
+    row = _row(family, snapshot, name, plan)
     if plan.action == "keep":
         _say(f"{family}: {name} kept ({plan.why})")
-        return {
-            **row,
-            "decision": "kept",
-            "start": None,
-            "start_why": "",
-            "version": plan.kept.version,
-            "run_id": None,
-            "run_name": None,
-            "metrics": {},
-            "promotion": None,
-            "warm_from": None,
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
+        return {**row, "seconds": round(time.perf_counter() - t0, 1)}
     measured = None
     if champion is not None and champion.snapshot_id != snapshot:
         # The model in use on the data users have now, before any training: a drift shows
@@ -428,6 +487,7 @@ def retrain_family(pc: PipelineConfig, family: str, task, force: bool = False) -
     return {
         **row,
         "decision": decision["decision"],
+        "why": plan.why,
         "start": plan.start,
         "start_why": plan.start_why,
         "champion_on_snapshot": measured,
