@@ -16,8 +16,8 @@ The lineage a version carries (tags written at registration by the retraining pi
 start shortens it to ``retrain.finetune_steps``), ``ganflow.code_digest`` (gan_core's source),
 ``ganflow.checkpoint`` (the run's last Ray checkpoint, what a warm start reads) and, for a
 warm-started candidate, ``ganflow.warm_from`` (the champion version and run it started from).
-A version registered without them (by ``ganflow models register``, or an older ganflow) is
-never taken to match: it is retrained, from scratch unless its run's checkpoint is recorded.
+A version registered without them (by an older ganflow) is never taken to match: it is
+retrained, from scratch unless its run's checkpoint is recorded.
 """
 
 from __future__ import annotations
