@@ -371,7 +371,9 @@ def log_retraining(uri: str, rows: list[dict]) -> str:
         for k, v in tags.items():
             c.set_tag(run_id, k, v)
         measured = r.get("champion_on_snapshot")
-        if measured:
+        if measured and "error" in measured:
+            c.set_tag(run_id, f"{fam}.champion_error", measured["error"][:500])
+        elif measured:
             c.set_tag(run_id, f"{fam}.champion_version", measured["version"])
             for k, v in measured["figures"].items():
                 metrics.append(Metric(f"{fam}.champion.val_{k}", float(v), now, step))

@@ -147,3 +147,50 @@ def test_warm_fit_names_what_changed_shape():
     why = warm_fit(_tiny(**{"model.hidden": 48}), sd)
     assert why is not None and "model.hidden 32 -> 48" in why and "other shapes" in why
     assert warm_fit(_tiny("cgan"), sd) == "the champion is a gan model"
+
+
+def test_summary_and_retraining_run_show_kept_trained_and_unmeasured(tmp_path, monkeypatch):
+    from flows.orchestration.retraining import summary_markdown
+    from flows.tracking import RETRAINING_EXPERIMENT, client, log_retraining
+
+    kept = {
+        "family": "gan", "name": "m-gan", "snapshot_id": "s1", "version": "3",
+        "decision": "kept", "why": "champion v3 already trained on snapshot s1 with this config",
+        "start": None, "promotion": None, "champion_on_snapshot": None, "run_id": None,
+    }  # fmt: skip
+    promotion = {
+        "decision": "champion", "metric": "fd", "candidate": 30.0, "champion": 41.0,
+        "champion_version": "3", "reason": "fd 30 beats champion v3 41 by more than 0 (min)",
+    }  # fmt: skip
+    measured = {"version": "3", "metric": "fd", "value": 41.0, "at_promotion": 35.5}
+    warm = {
+        **kept, "family": "cgan", "name": "m-cgan", "snapshot_id": "s2", "version": "4",
+        "decision": "champion", "why": "snapshot s1 -> s2", "start": "warm",
+        "start_why": "from champion v3", "warm_from": "3", "promotion": promotion,
+        "champion_on_snapshot": {**measured, "figures": {"fd": 41.0, "coverage": 0.8}},
+        "run_id": "r4",
+    }  # fmt: skip
+    broken = {
+        **warm,
+        "family": "cyclegan",
+        "champion_on_snapshot": {"error": "E: x", "figures": {}},
+    }
+    md = summary_markdown([kept, warm, broken], "sqlite:///x", "rr")
+    assert "| gan | m-gan | **kept** |" in md and "- gan: kept: champion v3 already" in md
+    assert "| warm from v3 | 4 | fd | 30 | 41 (v3) | 41 (v3; at promotion 35.5) |" in md
+    assert "not measured (E: x)" in md and "run rr in ganflow-retraining" in md
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("GANFLOW_HOME", str(tmp_path))
+    first = log_retraining(uri, [kept, warm, broken])
+    second = log_retraining(uri, [warm])
+    c = client(uri)
+    run = c.get_run(first)
+    assert run.data.tags["gan.decision"] == "kept" and run.data.tags["cgan.start"] == "warm"
+    assert run.data.metrics["cgan.champion.val_fd"] == 41.0
+    assert run.data.metrics["cgan.candidate.val_fd"] == 30.0
+    assert run.data.tags["cyclegan.champion_error"] == "E: x"
+    # One run per retraining, the step its sequence number: a series across runs.
+    assert [m.step for m in c.get_metric_history(second, "cgan.champion.val_fd")] == [1]
+    exp = c.get_experiment_by_name(RETRAINING_EXPERIMENT)
+    assert len(c.search_runs([exp.experiment_id])) == 2

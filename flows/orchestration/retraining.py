@@ -257,11 +257,15 @@ def _selection_data(snapshot_id: str, cfg):
 
 def stage_measure_champion(name: str, snapshot_id: str, cfg) -> dict | None:
     """The champion on the new snapshot's val split, as promotion will judge it (None: no
-    champion)."""
+    champion). A champion that cannot be measured on it (e.g. a cGAN trained on fewer
+    classes) does not stop the retraining: the reason is returned instead of figures."""
     from flows.registry.promote import measure_champion
 
     val, judge, inception = _selection_data(snapshot_id, cfg)
-    return measure_champion(name, val, judge, inception=inception)
+    try:
+        return measure_champion(name, val, judge, inception=inception)
+    except Exception as exc:  # reported in the summary; the candidate still trains
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "figures": {}}
 
 
 def stage_train(
@@ -451,7 +455,9 @@ def retrain_family(pc: PipelineConfig, family: str, task, force: bool = False) -
         # The model in use on the data users have now, before any training: a drift shows
         # here (and in the ganflow-retraining experiment) whatever the candidate does.
         measured = task("measure-champion", stage_measure_champion, name, snapshot, cfg)
-        if measured is not None:
+        if measured is not None and "error" in measured:
+            _say(f"{family}: the champion could not be measured on it ({measured['error']})")
+        elif measured is not None:
             was = measured["at_promotion"]
             _say(
                 f"{family}: champion v{measured['version']} on snapshot {snapshot[:12]}: "
@@ -526,11 +532,11 @@ def summary_markdown(results: list[dict], tracking: str, retraining_run: str | N
     for r in results:
         p = r["promotion"]
         m = r.get("champion_on_snapshot")
-        on_new = (
-            "-"
-            if not m
-            else f"{m['value']:.4g} (v{m['version']}; at promotion {_fmt(m['at_promotion'])})"
-        )
+        on_new = "-"
+        if m and "error" in m:
+            on_new = f"not measured ({m['error'][:80]})"
+        elif m:
+            on_new = f"{m['value']:.4g} (v{m['version']}; at promotion {_fmt(m['at_promotion'])})"
         if p is None:
             lines.append(
                 f"| {r['family']} | {r['name']} | **kept** | - | {r['version']} | - | - | - | - |"
