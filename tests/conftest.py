@@ -3,12 +3,62 @@ working tree; services (Ray, MLflow, S3, Prefect) are started by the tests that 
 
 from __future__ import annotations
 
+import os
+import threading
+
 import pytest
 import torch
 
 # One intra-op thread: with Ray workers or other processes beside on 2 cores, OpenMP
 # oversubscription slowed training 10-30x here (measured), and results stay bit-stable.
 torch.set_num_threads(1)
+
+
+# `make test` runs the suite on two xdist workers, a file at a time (--dist loadfile: a module's
+# Ray cluster, servers and trained models are built once). Each worker takes the next file in
+# collection order, so the longest files go first (measured, minutes each on 2 cores) and the
+# many short ones fill in beside them at the end; a file not named keeps its place after them.
+LONGEST_FIRST = (
+    "test_own_data.py",
+    "test_tune.py",
+    "test_pipeline.py",
+    "test_train_ray.py",
+    "test_retrain_pipeline.py",
+    "test_gpu_check.py",
+    "test_infra_live.py",
+    "test_two_jobs.py",
+    "test_inception.py",
+    "test_ingest_cluster.py",
+    "test_serving.py",
+    "test_deployment_e2e.py",
+    "test_registry.py",
+    "test_console.py",
+    "test_train_ray_flow.py",
+    "test_data_path.py",
+    "test_behaviour.py",
+    "test_stabilisers_ddp.py",
+    "test_bad_input.py",
+    "test_collapse.py",
+    "test_metrics.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # one process: files in their usual order
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prefect_home_per_session(tmp_path_factory):
+    """Prefect's ephemeral server keeps its database under PREFECT_HOME: one per session (per
+    xdist worker), never the user's ~/.prefect, so two workers never share one SQLite file.
+    Modules that want their own set it over this one."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+    yield
+    mp.undo()
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +69,68 @@ def _isolated_home(tmp_path, monkeypatch):
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_schema_once(tmp_path_factory):
+    """MLflow migrates every new SQLite store from scratch (about 5 s on 2 cores, and most
+    tests here start a fresh one). In this process the migrations run once, into a template;
+    each new SQLite store then gets the template's schema copied in (SQLite's backup API) and
+    MLflow goes on as with a migrated database: the same tables and revision, the default
+    experiment created by MLflow itself. Subprocesses (servers, CLI runs) still migrate."""
+    import sqlite3
+
+    import mlflow.store.db.utils as db_utils
+    import mlflow.store.model_registry.sqlalchemy_store as registry_store
+    import sqlalchemy
+
+    real = db_utils._initialize_tables
+    template = tmp_path_factory.mktemp("mlflow-schema") / "schema.db"
+    lock = threading.Lock()  # stores opened from several threads (the promotion races)
+
+    def initialize(engine):
+        path = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+        if not path or path == ":memory:":
+            return real(engine)
+        with lock:
+            if db_utils._all_tables_exist(engine):
+                return None
+            if not template.exists():
+                built = sqlalchemy.create_engine(f"sqlite:///{template}")
+                real(built)
+                built.dispose()
+            src, dst = sqlite3.connect(template), sqlite3.connect(path)
+            try:
+                src.backup(dst)
+            finally:
+                src.close()
+                dst.close()
+        return None
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(db_utils, "_initialize_tables", initialize)
+    mp.setattr(registry_store, "_initialize_tables", initialize)
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def classifier_cache(tmp_path_factory):
     """One trained digits classifier per session (it takes seconds, and is deterministic)."""
     return tmp_path_factory.mktemp("classifier-cache")
+
+
+@pytest.fixture(scope="session")
+def trained_cgan():
+    """preset("cgan") trained 700 steps on the built-in digits, once per session (about 20 s
+    on 2 cores): a cGAN that has learnt its labels (class accuracy about 0.96), for the tests
+    that only read it (collapse, registry gating, serving). Returns (cfg, models); copy the
+    models before changing them."""
+    from gan_core.data import load_builtin
+    from gan_core.overrides import apply_overrides
+    from gan_core.presets import preset
+    from gan_core.train import init_state, train
+
+    cfg = apply_overrides(preset("cgan"), {"train.steps": 700})
+    data = load_builtin(cfg.data.dataset, cfg.data.image_size, "train")
+    with torch.random.fork_rng(devices=[]):
+        models = train(init_state(cfg, data, "cpu"), data).models
+    return cfg, models

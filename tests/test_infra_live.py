@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 BUCKET = "ganflow"
@@ -238,6 +238,7 @@ def live(tmp_path, classifier_cache):
             "ray_client",
             "head_agent",
             "head_metrics",
+            "dashboard",
             "worker_agent",
             "worker_metrics",
         )
@@ -285,6 +286,10 @@ def live(tmp_path, classifier_cache):
                 str(ray_root),
                 "--include-dashboard",
                 "false",
+                # Not Ray's default 8265: without the dashboard Ray still binds it, and another
+                # Ray instance on the machine (a parallel test, another job) may hold it.
+                "--dashboard-port",
+                str(ports["dashboard"]),
                 *common,
             ],
             node_env,

@@ -20,6 +20,8 @@ from gan_core.overrides import apply_overrides
 from gan_core.presets import preset
 from gan_core.train import init_state, train
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def models():
@@ -200,15 +202,13 @@ def test_concurrent_promotions_end_consistent(mlflow_uri, models, medium, judge,
 
 
 @pytest.fixture(scope="module")
-def cgans():
-    """A cGAN that has learnt its labels (700 steps: class accuracy 0.96), its collapsed twin
-    (the noise's inputs zeroed: one image per label, class accuracy 1.00) and an untrained
-    one (about chance)."""
-    cfg = apply_overrides(preset("cgan"), {"train.steps": 700})
+def cgans(trained_cgan):
+    """A cGAN that has learnt its labels (conftest's, 700 steps: class accuracy 0.96), its
+    collapsed twin (the noise's inputs zeroed: one image per label, class accuracy 1.00) and
+    an untrained one (about chance)."""
+    cfg, trained = trained_cgan
     data = load_builtin(cfg.data.dataset, cfg.data.image_size)
     untrained = init_state(cfg, data, "cpu").models
-    with torch.random.fork_rng(devices=[]):
-        trained = train(init_state(cfg, data, "cpu"), data).models
     collapsed = copy.deepcopy(trained)
     first = next(m for m in collapsed["G"].modules() if isinstance(m, torch.nn.Linear))
     with torch.no_grad():

@@ -38,7 +38,7 @@ from gan_core.overrides import apply_overrides
 from gan_core.presets import preset
 from gan_core.train import init_state, train
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,8 +57,9 @@ def judge(classifier_cache):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, judge):
-    """One champion per family in a SQLite MLflow: (uri, {family: (name, cfg, metrics)})."""
+def store(tmp_path_factory, judge, trained_cgan):
+    """One champion per family in a SQLite MLflow: (uri, {family: (name, cfg, metrics)}). The
+    cGAN is conftest's (trained once per session), the others are trained here."""
     tmp = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{tmp}/mlflow.db"
     client = MlflowClient(uri, registry_uri=uri)
@@ -67,23 +68,26 @@ def store(tmp_path_factory, judge):
     out = {}
     configs = {
         "gan": apply_overrides(preset("gan", "tiny"), {"train.steps": 20}),
-        "cgan": apply_overrides(preset("cgan"), {"train.steps": 400}),
+        "cgan": trained_cgan[0],
         "cyclegan": apply_overrides(preset("cyclegan", "tiny"), {"train.steps": 2}),
     }
     for family, cfg in configs.items():
-        data = load_builtin(cfg.data.dataset, cfg.data.image_size)
-        state = train(init_state(cfg, data, "cpu"), data)
+        if family == "cgan":
+            models = trained_cgan[1]
+        else:
+            data = load_builtin(cfg.data.dataset, cfg.data.image_size)
+            models = train(init_state(cfg, data, "cpu"), data).models
         metrics = {"fd": 1.0}
         if family == "cgan":  # what the pipeline reports for a cGAN: the judge's verdict
-            metrics = evaluate(cfg, state.models, heldout, clf, seed=0)
+            metrics = evaluate(cfg, models, heldout, clf, seed=0)
         run = client.create_run(exp, tags={"ganflow.snapshot_id": f"snap-{family}"})
         run_id = run.info.run_id
         tracking.log_metrics(uri, run_id, {f"eval.{k}": v for k, v in metrics.items()}, 0)
         # As the training worker does at the end of a run: the one logged model.
-        tracking.log_generator(uri, run_id, cfg, state.models)
+        tracking.log_generator(uri, run_id, cfg, models)
         name = f"ganflow-{family}-serve"
         version = registry.register(
-            run_id, cfg, state.models, name, metrics, f"snap-{family}", "test", tracking_uri=uri
+            run_id, cfg, models, name, metrics, f"snap-{family}", "test", tracking_uri=uri
         )
         client.set_registered_model_alias(name, "champion", version)
         out[family] = (name, cfg, metrics)
