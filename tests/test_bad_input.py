@@ -298,6 +298,7 @@ def ray_cluster():
 
 
 @pytest.mark.parametrize("argv, phrase", RAY_CASES, ids=[" ".join(c[0]) for c in RAY_CASES])
+@pytest.mark.slow
 def test_resources_checked_against_the_cluster(
     argv, phrase, ray_cluster, tmp_path, monkeypatch, capsys
 ):
@@ -307,6 +308,7 @@ def test_resources_checked_against_the_cluster(
     _check([*argv, "--set", "train.steps=2"], phrase, tmp_path, capsys, before)
 
 
+@pytest.mark.slow
 def test_autoscaling_ceiling_is_named(ray_cluster, monkeypatch):
     """An autoscaling cluster (GANFLOW_RAY_MAX_CPUS) may wait for CPUs up to its ceiling."""
     from flows.train.driver import check_resources

@@ -132,6 +132,7 @@ def test_plan_runs_defaults_first_time_rows_last_and_skips_said():
     assert base.model.ngf == 32 and base.train.batch_size == 6  # cut to the 6 images here
 
 
+@pytest.mark.slow
 def test_quick_writes_tables_grids_and_json(tmp_path, capsys):
     out = tmp_path / "out"
     quality.main(["--quick", "--steps", "4", "--cycle-steps", "2", "--out", str(out)])

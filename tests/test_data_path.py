@@ -189,6 +189,7 @@ def _open_in_child(root: str, sid: str, home: str, log: str, env: dict, go) -> N
         f.write("opened " + os.path.dirname(data.images.paths[0]) + "\n")
 
 
+@pytest.mark.slow
 def test_two_workers_on_a_node_share_one_verified_copy_of_a_remote_snapshot(
     s3, tmp_path, monkeypatch
 ):
@@ -237,6 +238,7 @@ def test_a_corrupt_remote_shard_is_never_cached(s3, tmp_path):
     assert not [f for f in os.listdir(snapshot_cache(sid)) if ".tmp-" in f]
 
 
+@pytest.mark.slow
 def test_memory_benchmark_prints_its_table(capsys):
     from flows.bench.data import main
 

@@ -130,6 +130,7 @@ def _reference_kid(a: np.ndarray, b: np.ndarray) -> float:
     return float(xx + yy - 2 * kxy.mean())
 
 
+@pytest.mark.slow
 def test_parity_with_independent_reference(
     fid_env, extractor, real_images, fake_images, ref_features
 ):
@@ -158,6 +159,7 @@ def test_reference_fid_matches_scipy_sqrtm(ref_features):
     assert _reference_fid(a, b) == pytest.approx(classic, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_self_zero_shift_grows_deterministic(fid_env, extractor, real_images, ref_features):
     real = torch.from_numpy(ref_features[0])
     same = inc.fid_kid_from_features(real, real, kid_subset_size=16)
@@ -180,6 +182,7 @@ def test_self_zero_shift_grows_deterministic(fid_env, extractor, real_images, re
     assert large == again  # seeded KID subsets
 
 
+@pytest.mark.slow
 def test_features_grayscale_and_conversion(extractor):
     gray = _images(5, n=2)[:, :1]
     rgb = gray.expand(-1, 3, -1, -1)
@@ -190,6 +193,7 @@ def test_features_grayscale_and_conversion(extractor):
     assert torch.equal(inc.to_uint8(u8.float() / 127.5 - 1), u8)  # exact round trip
 
 
+@pytest.mark.slow
 def test_bad_images_raise(fid_env, extractor):
     ok = _images(6, n=2)
     for bad in (ok[:, :2], ok[:, :, :7, :7], ok[:1], (ok * 100).to(torch.uint8), ok[0]):
@@ -324,6 +328,7 @@ def test_pinned_hash_matches_torch_fidelity_file_name():
     )
 
 
+@pytest.mark.slow
 def test_evaluation_uses_fid_as_the_primary_metric_when_asked(fid_env, extractor):
     """eval.inception wires FID/KID into every family's evaluation, the GAN's and CycleGAN's
     primary metric follows, and the preflight passes with the configured file."""

@@ -25,7 +25,7 @@ from flows.ingest.stages import IngestOptions
 from flows.snapshots import resolve_snapshot
 
 pytest_plugins = ["s3_server"]  # the moto server fixtures: moto_endpoint, s3
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
@@ -91,6 +92,7 @@ def _fit_discriminator(data: torch.Tensor, fake: torch.Tensor, steps: int = 1500
     return D
 
 
+@pytest.mark.slow
 def test_learned_discriminator_approaches_optimum():
     # p_data = N(0, 1), p_g = N(1.5, 1): D*(x) = p_data / (p_data + p_g) = sigmoid(-1.5 x + 1.125).
     g = torch.Generator().manual_seed(0)

@@ -67,6 +67,7 @@ def _write(tmp_path, **cfg) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end_registers_champions(env, tmp_path, monkeypatch, capsys):
     from flows.cli import main
     from flows.tracking import client, tracking_uri
@@ -118,6 +119,7 @@ def test_pipeline_end_to_end_registers_champions(env, tmp_path, monkeypatch, cap
     assert png.exists()
 
 
+@pytest.mark.slow
 def test_failed_stage_then_rerun_picks_up(env, tmp_path, monkeypatch):
     monkeypatch.setenv("GANFLOW_HOME", str(env))
     config = _write(

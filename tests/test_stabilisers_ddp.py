@@ -18,6 +18,8 @@ from gan_core.data import ImageSet
 from gan_core.overrides import apply_overrides
 from gan_core.presets import preset
 
+pytestmark = pytest.mark.slow
+
 
 def _free_port() -> int:
     with socket.socket() as s:

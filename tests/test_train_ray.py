@@ -27,7 +27,7 @@ from gan_core.overrides import apply_overrides
 from gan_core.presets import preset
 from gan_core.train import read_checkpoint
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 # Dummy credentials for the moto server, in the environment Ray's workers inherit.
 AWS_ENV = {

@@ -12,7 +12,7 @@ from flows.train.spec import ClusterSpec, TrainRequest
 from gan_core.overrides import apply_overrides
 from gan_core.presets import preset
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")

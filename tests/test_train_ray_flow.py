@@ -8,7 +8,7 @@ import json
 import pytest
 from ray_isolated import isolated_cluster, use_test_env
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")

@@ -114,6 +114,7 @@ def home(ray_home, monkeypatch):
     return ray_home
 
 
+@pytest.mark.slow
 def test_small_cyclegan_search_with_mlflow_parent_and_children(home):
     from flows.tracking import client, tracking_uri
 
@@ -172,6 +173,7 @@ def test_small_cyclegan_search_with_mlflow_parent_and_children(home):
     assert md[-1].startswith("Best: ") and best["run_id"] in md[-1]
 
 
+@pytest.mark.slow
 def test_asha_stops_clearly_bad_trials(home):
     base = apply_overrides(
         preset("gan"), {"train.steps": 120, "train.log_every": 20, "model.hidden": 64}
@@ -202,6 +204,7 @@ def test_asha_stops_clearly_bad_trials(home):
     assert all(t["config"]["optim.lr_g"] != 1e-7 or t["step"] <= 120 for t in trials)
 
 
+@pytest.mark.slow
 def test_killed_search_resumes_with_every_trial_once(home, tmp_path):
     ray_home = home
     """The driver is SIGKILLed after the first trial finishes; --resume completes the rest."""
@@ -265,6 +268,7 @@ def test_killed_search_resumes_with_every_trial_once(home, tmp_path):
     assert all(t["error"] is None and t["step"] == 40 for t in trials)
 
 
+@pytest.mark.slow
 def test_gpu_search_on_a_cluster_without_gpus_fails_before_any_run(home):
     """Trials asking for GPUs the cluster can never give would wait forever: the search stops
     first, before its MLflow parent run exists."""
@@ -284,6 +288,7 @@ def test_gpu_search_on_a_cluster_without_gpus_fails_before_any_run(home):
         assert runs == []
 
 
+@pytest.mark.slow
 def test_search_on_s3_storage_resumes_from_there(home, s3):
     """Trials, their checkpoints and the search state live in the bucket (the S3 API of a
     moto server); --resume restores the search from there with every trial once."""
