@@ -27,7 +27,7 @@ import yaml
 
 from flows.orchestration import retraining as pipeline
 
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 MODEL = "ganflow-gan-retrain-test"
 BASE = {"train.steps": 60, "train.log_every": 20, "train.batch_size": 32, "model.hidden": 64}
