@@ -94,6 +94,9 @@ def test_config_digest_follows_config_and_pipeline_settings():
     other = apply_overrides(cfg, {"train.d_steps": 2})
     assert config_digest(cfg, workers=1) != config_digest(other, workers=1)
     assert len(code_digest()) == 12
+    # The snapshot is compared on its own: a new one alone does not change the digest.
+    moved = apply_overrides(cfg, {"data.dataset": "another-snapshot"})
+    assert config_digest(moved, workers=1) == config_digest(cfg, workers=1)
 
 
 def test_finetune_config_keeps_evaluations_inside_the_shorter_run():

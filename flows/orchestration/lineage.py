@@ -92,9 +92,12 @@ def code_digest() -> str:
 
 
 def config_digest(cfg: GanConfig, **pipeline) -> str:
-    """The effective config (every field, the snapshot id among them) and the pipeline's
-    settings that change what is trained (workers: the global batch; the search)."""
-    payload = {"config": cfg.to_flat_dict(), "pipeline": pipeline}
+    """The effective config and the pipeline's settings that change what is trained
+    (workers: the global batch; the search). ``data.dataset`` is left out: it names the
+    snapshot, which is compared on its own (so a new snapshot alone is not "config
+    changed")."""
+    flat = {k: v for k, v in cfg.to_flat_dict().items() if k != "data.dataset"}
+    payload = {"config": flat, "pipeline": pipeline}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
