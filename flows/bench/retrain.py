@@ -223,6 +223,10 @@ def bench(family: str, seed: int, every: int, work: Path, finetune: list[int]) -
     }
 
 
+def _or(value, missing: str):
+    return missing if value is None else value
+
+
 def table(results: list[dict]) -> str:
     lines = []
     for r in results:
@@ -237,8 +241,8 @@ def table(results: list[dict]) -> str:
         ]
         for row in r["rows"]:
             lines.append(
-                f"| {row['candidate']} | {row['steps_to_target'] or 'not reached'} | "
-                f"{row['seconds_to_target'] if row['seconds_to_target'] is not None else '-'} | "
+                f"| {row['candidate']} | {_or(row['steps_to_target'], 'not reached')} | "
+                f"{_or(row['seconds_to_target'], '-')} | "
                 f"{row[f'best_by_{eq}']:.4g} | {row['best']:.4g} | {row['steps']} |"
             )
         lines.append("")
