@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup run test test-fast fmt lint bench gpu-check gpu-check-dry clean
+.PHONY: setup run test test-fast fmt lint bench gpu-check gpu-check-dry gpu-quality clean
 
 # torch is installed first and pinned: its CPU build lies on local disk, and an unpinned
 # torch (or any range admitting newer releases) pulls a multi-GB CUDA build.
@@ -56,6 +56,14 @@ gpu-check: setup
 
 gpu-check-dry: setup
 	$(PY) -m flows.bench.gpu_check --out gpu-check-out --dry
+
+# The quality benchmark (flows/bench/quality.py) on one GPU, sized as the CPU cannot: three
+# seeds, 4,000 steps, the shapes sets and their 10% subset, ganflow's defaults, with and
+# without augmentation, against the plain DCGAN at equal steps and equal time.
+gpu-quality: setup
+	$(PY) -m flows.bench.quality --device cuda --datasets shapes,shapes-10 \
+		--variants anchor,defaults,augment --time-variants anchor --steps 4000 \
+		--batch 64 --seeds 0,1,2 --out gpu-quality-out
 
 clean:
 	rm -rf $(VENV) .ganflow .pytest_cache .ruff_cache

@@ -77,7 +77,7 @@ from gan_core.viz import save_grid
 
 
 def _train_ganflow(cfg: GanConfig, b: Bench, seconds: float | None, progress) -> dict:
-    state = init_state(cfg, b.train, "cpu")
+    state = init_state(cfg, b.train, cfg.train.device)
     last: dict = {}
 
     def keep(_state, report: dict) -> None:
@@ -105,7 +105,9 @@ def _train_ganflow(cfg: GanConfig, b: Bench, seconds: float | None, progress) ->
 
 def _train_anchor(cfg: GanConfig, b: Bench, seconds: float | None, progress) -> dict:
     m, t = cfg.model, cfg.train
-    anchor = qd.Anchor(b.train, m.z_dim, m.ngf, t.batch_size, t.seed, cfg.family == "cgan")
+    anchor = qd.Anchor(
+        b.train, m.z_dim, m.ngf, t.batch_size, t.seed, cfg.family == "cgan", t.device
+    )
     spent, last = 0.0, {}
     while anchor.step < t.steps:
         t0 = time.perf_counter()
@@ -119,12 +121,13 @@ def _train_anchor(cfg: GanConfig, b: Bench, seconds: float | None, progress) -> 
 
 def _translations(models: dict, test: UnpairedSet) -> tuple[torch.Tensor, torch.Tensor]:
     G, F = models["G"], models["F"]
+    dev = next(G.parameters()).device
     was = G.training, F.training
     G.eval()
     F.eval()
     try:
         with torch.no_grad():
-            return G(test.x.images), F(test.y.images)
+            return G(test.x.images.to(dev)).cpu(), F(test.y.images.to(dev)).cpu()
     finally:
         G.train(was[0])
         F.train(was[1])
@@ -256,6 +259,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=900, help="generated samples per evaluation")
     p.add_argument("--seeds", default="0", help="training seeds, comma list")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where every run trains (cpu, cuda, cuda:1): on one GPU the full table with "
+        "several seeds and longer runs takes minutes (`make gpu-quality`)",
+    )
     p.add_argument(
         "--quick",
         action="store_true",

@@ -255,8 +255,18 @@ class Anchor:
     minibatch sampler and noise seeded as gan_core seeds them, so it sees the same data
     order. One iteration: D on a real and a fake minibatch, then G on the same fakes."""
 
-    def __init__(self, data: ImageSet, z_dim: int, ngf: int, batch: int, seed: int, cond: bool):
+    def __init__(
+        self,
+        data: ImageSet,
+        z_dim: int,
+        ngf: int,
+        batch: int,
+        seed: int,
+        cond: bool,
+        device: str = "cpu",
+    ):
         self.data, self.z_dim, self.batch = data, z_dim, batch
+        self.device = torch.device(device)
         k = int(data.labels.max()) + 1 if cond else 0
         channels, size = data.images.shape[1], data.images.shape[-1]
         with torch.random.fork_rng(devices=[]):
@@ -265,6 +275,8 @@ class Anchor:
             self.D = AnchorD(ngf, k, channels, size)
             self.G.apply(_dcgan_init)
             self.D.apply(_dcgan_init)
+        self.G.to(self.device)
+        self.D.to(self.device)
         self.opt_g = torch.optim.Adam(self.G.parameters(), 2e-4, betas=(0.5, 0.999))
         self.opt_d = torch.optim.Adam(self.D.parameters(), 2e-4, betas=(0.5, 0.999))
         self.sampler = MinibatchSampler(len(data), batch, seed * 1_000_003 + 1)
@@ -276,12 +288,13 @@ class Anchor:
         bce = nnf.binary_cross_entropy_with_logits
         self.G.train()
         self.D.train()
-        out: dict[str, float] = {}
+        out: dict[str, torch.Tensor] = {}
         while self.step < until:
             idx = self.sampler.next_indices()
-            real = to_unit(self.data.images[idx])
-            y = self.data.labels[idx] if self.cond else None
-            z = torch.randn(len(idx), self.z_dim, generator=self.noise)
+            real = to_unit(self.data.images[idx]).to(self.device)
+            y = self.data.labels[idx].to(self.device) if self.cond else None
+            # z drawn on the CPU, as gan_core draws it: the same noise on any device.
+            z = torch.randn(len(idx), self.z_dim, generator=self.noise).to(self.device)
             fake = self.G(z, y)
             real_logits, fake_logits = self.D(real, y), self.D(fake.detach(), y)
             loss_d = bce(real_logits, torch.ones_like(real_logits)) + bce(
@@ -296,5 +309,6 @@ class Anchor:
             loss_g.backward()
             self.opt_g.step()
             self.step += 1
-            out = {"loss_D": loss_d.item(), "loss_G": loss_g.item()}
-        return out
+            out = {"loss_D": loss_d.detach(), "loss_G": loss_g.detach()}
+        # Read once per call, not per step: a per-step .item() would sync a GPU every step.
+        return {k: v.item() for k, v in out.items()}

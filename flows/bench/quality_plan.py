@@ -150,7 +150,7 @@ def base_config(b: Bench, args: argparse.Namespace, steps: int, seed: int) -> Ga
         "train.steps": steps,
         "train.log_every": max(1, steps // 10),
         "train.seed": seed,
-        "train.device": "cpu",
+        "train.device": getattr(args, "device", "cpu"),
         "train.precision": "fp32",
         "train.compile": False,
         "eval.samples": args.samples,
