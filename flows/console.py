@@ -53,7 +53,13 @@ def route_library_logs(command: str, verbose: bool) -> Path | None:
     from flows.settings import ganflow_home
 
     path = ganflow_home() / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # checked before (flows.preflight), but the folder may be another's
+        from flows.errors import UserError
+
+        reason = (exc.strerror or type(exc).__name__).lower()
+        raise UserError(f"cannot create the log folder {path.parent} ({reason})") from None
     _handler = logging.FileHandler(path, delay=True)
     _handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     # Prefect and MLflow configure their own console handlers when imported and read their

@@ -28,11 +28,13 @@ import base64
 import contextlib
 import os
 import socket
+import tempfile
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import TypeVar
 
 from flows.settings import redact
@@ -423,6 +425,108 @@ def _environ(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# --- local stores ----------------------------------------------------------------------------
+
+# What each command writes locally beside GANFLOW_HOME itself (its log file, caches, temporary
+# files): "snapshots" (the snapshot root), "ray" (Ray Train and Tune storage), "tracking" (a
+# SQLite or file MLflow store). Remote stores are check_services' business.
+_STORES_BY_COMMAND = {
+    "ingest": ("snapshots",),
+    "train": ("snapshots", "ray", "tracking"),
+    "tune": ("snapshots", "ray", "tracking"),
+    "run": ("snapshots", "ray", "tracking"),
+    "schedule": ("snapshots", "ray", "tracking"),
+    "generate": ("tracking",),
+    "rollback": ("tracking",),
+    "serve": ("tracking",),
+    "models": ("tracking",),
+}
+PROBE_PREFIX = ".ganflow-write-check-"
+
+
+def local_stores(command: str, args: object = None) -> list[tuple[str, Path, str]]:
+    """(what, local path, how to change it) for everything local ``command`` will write:
+    GANFLOW_HOME always, then its stores, with the command's own --root/--storage first."""
+    from flows.settings import ganflow_home, mlflow_tracking_uri, ray_storage, snapshot_root
+
+    home = ganflow_home()
+    stores = [("GANFLOW_HOME", str(home), "set GANFLOW_HOME to a folder you can write")]
+    wanted = _STORES_BY_COMMAND.get(command, ())
+    for key, what, flag, var, default in (
+        ("snapshots", "snapshot root", "root", "GANFLOW_STORAGE_ROOT", snapshot_root),
+        ("ray", "Ray storage", "storage", "GANFLOW_RAY_STORAGE", ray_storage),
+    ):
+        if key in wanted:
+            given = getattr(args, flag, None)
+            stores.append((what, given or default(), f"set {f'--{flag}' if given else var}"))
+    if "tracking" in wanted:
+        path = tracking_path(mlflow_tracking_uri())
+        if path is not None:
+            stores.append(("MLflow tracking store", path, "set MLFLOW_TRACKING_URI"))
+    local = [(w, p.removeprefix("file://"), f) for w, p, f in stores if _is_local(p)]
+    return [(w, Path(p).expanduser().absolute(), f) for w, p, f in local]
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def tracking_path(uri: str) -> str | None:
+    """The database file of a sqlite:/// URI, the folder of a file: (or plain path) store;
+    None for a tracking server or an in-memory database."""
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme == "sqlite":
+        db = uri.split(":///", 1)[1].split("?", 1)[0] if ":///" in uri else ""
+        return None if db in ("", ":memory:") else db
+    if scheme == "file":
+        return urllib.parse.unquote(urllib.parse.urlsplit(uri).path)
+    return uri if uri and not scheme else None
+
+
+def check_writable(what: str, path: Path, fix: str) -> None:
+    """PreflightError in one line naming ``path`` unless this process can write there: by
+    creating (and removing) a file in it, or, when it does not exist yet, in the nearest
+    folder above it that does. Permission bits alone would not say (root ignores them, a
+    read-only mount has them set). Nothing is left behind and no folder is created.
+    A path ending in ``.db`` is a SQLite file: the file must open for writing and its folder
+    must take new files (SQLite writes a journal beside it)."""
+    is_file = path.suffix == ".db"
+    existing = path
+    try:
+        if is_file and path.is_dir():
+            raise _NotWritable("is a folder, not a database file")
+        if is_file and path.exists():
+            with open(path, "r+b"):
+                pass
+        folder = path.parent if is_file else path
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            named = "it" if existing == path else str(existing)
+            raise _NotWritable(f"{named} is a file, not a folder")
+        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except _NotWritable as exc:
+        raise PreflightError(f"{what} {path} cannot be written: {exc}; {fix}") from None
+    except OSError as exc:
+        where = f" to create a file in {existing}" if existing != path else ""
+        reason = (exc.strerror or type(exc).__name__).lower()
+        raise PreflightError(f"{what} {path} cannot be written ({reason}{where}); {fix}") from None
+
+
+class _NotWritable(Exception):
+    pass
+
+
+def check_local_stores(command: str, args: object = None) -> list[Path]:
+    """Check every local folder and file ``command`` writes (:func:`local_stores`) before it
+    starts; returns them. Raises PreflightError (one line) at the first it cannot write."""
+    stores = local_stores(command, args)
+    for what, path, fix in stores:
+        check_writable(what, path, fix)
+    return [p for _, p, _ in stores]
 
 
 # --- the entry point -------------------------------------------------------------------------

@@ -39,7 +39,12 @@ from __future__ import annotations
 
 import io
 import os
+import pwd
+import shutil
 import sqlite3
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -321,6 +326,134 @@ def test_autoscaling_ceiling_is_named(ray_cluster, monkeypatch):
     monkeypatch.setenv("GANFLOW_RAY_MAX_CPUS", "lots")
     with pytest.raises(TrainError, match="GANFLOW_RAY_MAX_CPUS must be a number"):
         check_resources(ClusterSpec(workers=9))
+
+
+# --- homes and stores that cannot be written: one line before any work ---------------------
+
+# (command line, variable, its value, phrase). {file} is a regular file, so a path under it
+# cannot be created even by root (ENOTDIR), whom permission bits do not stop; the real
+# permission case, as an unprivileged user, is test_unwritable_as_another_user below.
+STORE_CASES = [
+    (
+        ["ingest", "builtin:digits"],
+        "GANFLOW_HOME",
+        "{file}/home",
+        "GANFLOW_HOME {file}/home cannot be written: {file} is a file, not a folder",
+    ),
+    (["ingest", "builtin:digits"], "GANFLOW_HOME", "{file}", "{file} cannot be written: it is"),
+    (
+        ["ingest", "builtin:digits"],
+        "GANFLOW_STORAGE_ROOT",
+        "{file}/snaps",
+        "snapshot root {file}/snaps cannot be written: {file} is a file, not a folder; "
+        "set GANFLOW_STORAGE_ROOT",
+    ),
+    (["ingest", "builtin:digits", "--root", "{file}/s"], None, None, "{file}/s cannot be written"),
+    (
+        ["train", "--family", "gan"],
+        "GANFLOW_RAY_STORAGE",
+        "{file}/ray",
+        "Ray storage {file}/ray cannot be written",
+    ),
+    (["train", "--family", "gan", "--storage", "{file}/r"], None, None, "; set --storage"),
+    (["tune", "--family", "gan"], "GANFLOW_STORAGE_ROOT", "{file}/s", "snapshot root {file}/s"),
+    (
+        ["models"],
+        "MLFLOW_TRACKING_URI",
+        "sqlite:///{file}/m.db",
+        "MLflow tracking store {file}/m.db cannot be written",
+    ),
+    (
+        ["generate", "m", "--out", "{d}/x.png"],
+        "MLFLOW_TRACKING_URI",
+        "sqlite:///{d}",  # a folder where the database file should be
+        "is a folder, not a database file; set MLFLOW_TRACKING_URI",
+    ),
+    (["run"], "MLFLOW_TRACKING_URI", "file://{file}/mlruns", "store {file}/mlruns cannot be"),
+]
+
+
+@pytest.mark.parametrize(
+    "argv, var, value, phrase",
+    STORE_CASES,
+    ids=[f"{c[0][0]} {c[1] or c[0][-2]}" for c in STORE_CASES],
+)
+def test_unwritable_store_is_one_line(argv, var, value, phrase, tmp_path, monkeypatch, capsys):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "file").write_text("a file, not a folder")
+    values = {"d": str(inputs / "d.db"), "file": str(inputs / "file")}
+    (inputs / "d.db").mkdir()
+    monkeypatch.chdir(inputs)
+    if var:
+        monkeypatch.setenv(var, value.format(**values))
+    before = _files(tmp_path, tmp_path / HOME)
+    _check([a.format(**values) for a in argv], phrase.format(**values), tmp_path, capsys, before)
+    # Before any work: not even GANFLOW_HOME's log folder was made.
+    assert not (tmp_path / HOME).exists()
+
+
+def _as_nobody(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        + [sys.executable, "-m", "flows.cli", *argv],
+        env={k: v for k, v in os.environ.items() if not k.startswith("GANFLOW_")} | env,
+        cwd="/",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.slow  # four CLI processes: 52 s on this loaded 2-core machine
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to become nobody"
+)
+def test_unwritable_as_another_user():
+    """Real permissions: the commands run as nobody against folders and files root owns (a
+    home that is another user's, a read-only database); one line each, nothing written."""
+    base = Path(tempfile.mkdtemp(prefix="ganflow-perm-", dir="/tmp"))
+    try:
+        base.chmod(0o755)  # nobody may look in, not write
+        theirs = base / "root-owned"
+        theirs.mkdir()
+        mine = base / "nobody-home"
+        mine.mkdir()
+        os.chown(mine, pwd.getpwnam("nobody").pw_uid, -1)
+        (mine / "mlflow.db").write_bytes(b"")  # root's, mode 644: readable, not writable
+        cases = [
+            (
+                ["ingest", "builtin:digits"],
+                {"GANFLOW_HOME": str(theirs)},
+                f"GANFLOW_HOME {theirs} cannot be written (permission denied)",
+            ),
+            (
+                ["ingest", "builtin:digits"],
+                {"GANFLOW_HOME": str(theirs / "new" / "home")},
+                f"(permission denied to create a file in {theirs})",
+            ),
+            (
+                ["train", "--family", "gan"],
+                {"GANFLOW_HOME": str(mine), "GANFLOW_RAY_STORAGE": str(theirs / "ray")},
+                f"Ray storage {theirs / 'ray'} cannot be written",
+            ),
+            (
+                ["models"],
+                {"GANFLOW_HOME": str(mine)},
+                f"MLflow tracking store {mine / 'mlflow.db'} cannot be written (permission denied)",
+            ),
+        ]
+        procs = [(argv, _as_nobody(argv, env), phrase) for argv, env, phrase in cases]
+        for argv, proc, phrase in procs:
+            out, err = proc.communicate(timeout=300)
+            lines = [ln for ln in err.splitlines() if ln.strip()]
+            assert proc.returncode == 2, (argv, err)
+            assert len(lines) == 1 and phrase in lines[0], (argv, lines)
+        left = sorted(str(p) for p in base.rglob("*"))
+        assert left == sorted(map(str, [theirs, mine, mine / "mlflow.db"])), left
+        assert (mine / "mlflow.db").read_bytes() == b""
+    finally:
+        shutil.rmtree(base)
 
 
 # --- a job that fails or is interrupted ends its MLflow run ----------------------------------

@@ -198,9 +198,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from flows import console
+    from flows.preflight import check_local_stores
 
-    log_file = console.route_library_logs(args.command, args.verbose)
+    log_file = None
     try:
+        # Before any work (the log file is the first write): an unwritable home or store is
+        # one line naming it, not a traceback from wherever it is first used.
+        check_local_stores(args.command, args)
+        log_file = console.route_library_logs(args.command, args.verbose)
         func = getattr(args, "func", None) or COMMANDS[args.command]
         result = func(args)
     except (UserError, ConfigError, FileNotFoundError, ValueError) as exc:
