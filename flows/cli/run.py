@@ -1,4 +1,5 @@
-"""`ganflow run` (the retraining pipeline) and `ganflow schedule` (served on a cron).
+"""`ganflow run` (the retraining pipeline), `ganflow schedule` (served on a cron, and with
+--watch on new data) and `ganflow watch` (dataset sources -> ganflow.dataset.changed events).
 
 Kept apart from flows/orchestration/retraining.py so that building the command line never imports Prefect.
 """
@@ -7,11 +8,18 @@ from __future__ import annotations
 
 import argparse
 
+from flows.errors import UserError
+
 # --- command line -----------------------------------------------------------------------------
 
 
 def cmd_run(args: argparse.Namespace) -> dict:
-    from flows.orchestration.retraining import PipelineConfig, all_kept, retraining_flow
+    from flows.orchestration.retraining import (
+        FamiliesFailed,
+        PipelineConfig,
+        all_kept,
+        retraining_flow,
+    )
     from flows.preflight import check_services
 
     pc = PipelineConfig.load(args.config)  # validate before Ray or MLflow start
@@ -30,7 +38,14 @@ def cmd_run(args: argparse.Namespace) -> dict:
             "summary": summary_markdown(kept, redact(tracking_uri()), run_id),
         }
     else:
-        result = retraining_flow(args.config, force=args.force)
+        try:
+            result = retraining_flow(args.config, force=args.force)
+        except FamiliesFailed as exc:
+            # The others finished: their rows first, then one line naming the failed ones
+            # (and a non-zero exit status).
+            if not args.json:
+                print(exc.result["summary"])
+            raise UserError(str(exc)) from None
     if not args.json:
         print(result["summary"])
         print("\nSample from a champion: ganflow generate NAME --out samples.png")
@@ -77,15 +92,99 @@ def check_cron(cron: str) -> None:
 
 
 def cmd_schedule(args: argparse.Namespace) -> dict:
-    """Serve the retraining flow on a cron schedule in this process (no infrastructure)."""
+    """Serve the retraining flow on a cron schedule in this process (no infrastructure);
+    with --watch, also on new data: the dataset watcher every --watch seconds, and a trigger
+    that retrains the families of a source when it sends ganflow.dataset.changed."""
     check_cron(args.cron)
     from flows.orchestration.retraining import PipelineConfig, retraining_flow
 
-    check_datasets(PipelineConfig.load(args.config))
+    pc = PipelineConfig.load(args.config)
+    check_datasets(pc)
+    params = {"config_path": args.config}
+    if not args.watch:
+        if not args.json:
+            print(f"serving ganflow-retraining on cron '{args.cron}' (Ctrl-C to stop)")
+        retraining_flow.serve(name=args.name, cron=args.cron, parameters=params)
+        return {"served": args.name, "cron": args.cron}
+
+    from prefect import serve
+
+    from flows.orchestration.watch import sources_of, watch_flow
+
+    require_server("ganflow schedule --watch")
+    watched = sources_of(None, args.config)
+    deployments = [
+        retraining_flow.to_deployment(
+            name=args.name,
+            cron=args.cron,
+            parameters=params,
+            triggers=[retrain_trigger(f"{args.name}-on-new-data", sorted(watched))],
+        ),
+        watch_flow.to_deployment(
+            name=f"{args.name}-watcher",
+            interval=args.watch,
+            parameters={**params, "quiet_seconds": args.quiet},
+        ),
+    ]
     if not args.json:
-        print(f"serving ganflow-retraining on cron '{args.cron}' (Ctrl-C to stop)")
-    retraining_flow.serve(name=args.name, cron=args.cron, parameters={"config_path": args.config})
-    return {"served": args.name, "cron": args.cron}
+        print(
+            f"serving ganflow-retraining on cron '{args.cron}' and on new data in "
+            f"{len(watched)} source(s), polled every {args.watch:g} s, "
+            f"{args.quiet:g} s of quiet (Ctrl-C to stop)"
+        )
+    serve(*deployments, print_starting_message=not args.json)
+    return {"served": args.name, "cron": args.cron, "watch": sorted(watched)}
+
+
+def retrain_trigger(name: str, sources: list[str]):
+    """Run the retraining deployment for the source a ganflow.dataset.changed event names
+    (the flow retrains only the families whose dataset it is)."""
+    from prefect.events import DeploymentEventTrigger
+
+    from flows.orchestration.watch import EVENT
+
+    return DeploymentEventTrigger(
+        name=name,
+        expect={EVENT},
+        match={"prefect.resource.id": sources},
+        parameters={"source": "{{ event.resource.id }}"},
+    )
+
+
+def require_server(what: str) -> None:
+    """Events and triggers live on a Prefect server: the ephemeral one that serves a plain
+    `ganflow run` runs no automations, so an event sent there would start nothing."""
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            raise UserError(
+                f"{what} sends events to a Prefect server: set PREFECT_API_URL "
+                "(e.g. http://127.0.0.1:4200/api after `prefect server start`)"
+            )
+
+
+def cmd_watch(args: argparse.Namespace) -> dict:
+    """Poll sources every --every seconds (or once) and emit ganflow.dataset.changed for
+    each whose listing changed and then stayed quiet for --quiet seconds."""
+    import time
+
+    from flows.orchestration.watch import flush_events, poll, sources_of
+
+    if args.every <= 0 or args.quiet < 0:
+        raise UserError("--every must be > 0 and --quiet >= 0 (seconds)")
+    require_server("ganflow watch")
+    watched = sources_of(args.sources, args.config)
+    rows = poll(watched, args.quiet)
+    try:
+        while not args.once:
+            time.sleep(args.every)
+            rows = poll(watched, args.quiet)
+    finally:
+        flush_events()
+    return {"sources": rows}
 
 
 def add_commands(sub, add_common) -> None:
@@ -112,5 +211,39 @@ def add_commands(sub, add_common) -> None:
     sch.add_argument("--cron", default="0 3 * * 1", help="cron expression (default: Mondays 03:00)")
     sch.add_argument("--config", default=None, metavar="FILE")
     sch.add_argument("--name", default="ganflow-weekly-retraining", help="deployment name")
+    sch.add_argument(
+        "--watch",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="also retrain on new data: poll the config's dataset sources every SECONDS and "
+        "retrain a source's families when it changed (needs PREFECT_API_URL; default: cron only)",
+    )
+    sch.add_argument(
+        "--quiet",
+        type=float,
+        default=120,
+        metavar="SECONDS",
+        help="with --watch: a source's listing must stay unchanged this long before the event",
+    )
     add_common(sch)
     sch.set_defaults(func=cmd_schedule)
+    watch = sub.add_parser(
+        "watch",
+        help="send ganflow.dataset.changed to Prefect when a dataset source's listing changes",
+    )
+    watch.add_argument("sources", nargs="*", metavar="SOURCE", help="folders or s3:// prefixes")
+    watch.add_argument(
+        "--config", default=None, metavar="FILE", help="also watch this pipeline's sources"
+    )
+    watch.add_argument("--every", type=float, default=30, help="seconds between polls")
+    watch.add_argument(
+        "--quiet",
+        type=float,
+        default=120,
+        help="seconds a changed listing must stay unchanged before the event (a burst of "
+        "uploads is one event)",
+    )
+    watch.add_argument("--once", action="store_true", help="poll once and exit (for cron)")
+    add_common(watch)
+    watch.set_defaults(func=cmd_watch)

@@ -20,9 +20,11 @@ already registered a version reuses it instead of registering a duplicate.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -432,10 +434,16 @@ def all_kept(pc: PipelineConfig, force: bool = False) -> list[dict] | None:
     return rows
 
 
-def retrain_family(pc: PipelineConfig, family: str, task, force: bool = False) -> dict:
+def retrain_family(
+    pc: PipelineConfig, family: str, task, force: bool = False, cluster_slot=None
+) -> dict:
     """One family through every stage. ``task(name, fn, *args)`` runs a stage (as a Prefect
-    task inside the flow, directly in tests)."""
+    task inside the flow, directly in tests); ``cluster_slot()``, a context manager, is held
+    around the stages that run on the Ray cluster (search, train) when families run side by
+    side."""
     from flows.orchestration.lineage import code_digest, finetune_config
+
+    cluster_slot = cluster_slot or contextlib.nullcontext
 
     t0 = time.perf_counter()
     manifest = task("ingest", stage_ingest, pc.dataset(family), _image_size(pc, family))
@@ -466,9 +474,10 @@ def retrain_family(pc: PipelineConfig, family: str, task, force: bool = False) -
             )
     search = None
     if pc.search:
-        search = task(
-            "search", stage_search, family, snapshot, cfg, pc.search_samples, pc.search_steps
-        )
+        with cluster_slot():
+            search = task(
+                "search", stage_search, family, snapshot, cfg, pc.search_samples, pc.search_steps
+            )
         cfg = apply_overrides(cfg, search["best"]["overrides"])
         _say(
             f"{family}: search {search['name']} best {search['best']['overrides']} {search['best']['metric_name']}={search['best']['metric']:.4g}"
@@ -483,9 +492,10 @@ def retrain_family(pc: PipelineConfig, family: str, task, force: bool = False) -
         f"{family}: training {cfg.train.steps} iterations on {pc.workers} worker(s), "
         f"{plan.start} ({plan.start_why}; {plan.why})"
     )
-    trained = task(
-        "train", stage_train, family, snapshot, cfg, pc.workers, pc.gpus_per_worker, plan
-    )
+    with cluster_slot():
+        trained = task(
+            "train", stage_train, family, snapshot, cfg, pc.workers, pc.gpus_per_worker, plan
+        )
     task("lineage", stage_tag_run, trained["run_id"], {**lineage, "ganflow.start": plan.start})
     version = task("register", stage_register, trained, name, manifest, lineage)
     decision = task("promote", stage_promote, name, version, snapshot, cfg, pc.margin)
@@ -537,6 +547,11 @@ def summary_markdown(results: list[dict], tracking: str, retraining_run: str | N
             on_new = f"not measured ({m['error'][:80]})"
         elif m:
             on_new = f"{m['value']:.4g} (v{m['version']}; at promotion {_fmt(m['at_promotion'])})"
+        if r["decision"] == "failed":
+            lines.append(
+                f"| {r['family']} | {r['name']} | **failed** ({r['error_stage']}) | - | - | - | - | - | {on_new} |"
+            )
+            continue
         if p is None:
             lines.append(
                 f"| {r['family']} | {r['name']} | **kept** | - | {r['version']} | - | - | - | - |"
@@ -561,7 +576,9 @@ def summary_markdown(results: list[dict], tracking: str, retraining_run: str | N
         "Reasons:",
     ]
     for r in results:
-        if r["promotion"] is None:
+        if r["decision"] == "failed":
+            lines.append(f"- {r['family']}: failed at {r['why']}")
+        elif r["promotion"] is None:
             lines.append(f"- {r['family']}: kept: {r['why']}")
         else:
             lines.append(
@@ -575,17 +592,163 @@ def _as_task(stage: str, fn, *args):
     return task(fn, name=stage, persist_result=False)(*args)
 
 
+class FamiliesFailed(PipelineError):
+    """Some families failed; the others finished. Carries the flow's result (rows for all)."""
+
+    def __init__(self, result: dict):
+        self.result = result
+        failed = [r for r in result["results"] if r["decision"] == "failed"]
+        done = len(result["results"]) - len(failed)
+        super().__init__(
+            "failed: "
+            + "; ".join(f"{r['family']} ({r['why']})" for r in failed)
+            + f" - {done} other famil{'y' if done == 1 else 'ies'} finished (rows in the summary)"
+        )
+
+
+def _failed_row(family: str, stage: str, exc: BaseException, known: dict) -> dict:
+    from flows.storage import mask_secrets
+
+    why = mask_secrets(f"{stage}: {type(exc).__name__}: {str(exc).strip()[:300]}")
+    return {
+        **_row(family, known.get("snapshot") or "-", known.get("name") or "-", Plan("train", why)),
+        "decision": "failed",
+        "version": None,
+        "error_stage": stage,
+    }
+
+
+def family_or_failure(pc: PipelineConfig, family: str, force: bool, run_stage, slot) -> dict:
+    """retrain_family, or a failed row naming the stage and the error: one family's failure
+    never stops the others."""
+    known: dict = {"stage": "ingest"}
+
+    def tracked(stage, fn, *args):
+        known["stage"] = stage
+        out = run_stage(stage, fn, *args)
+        if stage == "plan":
+            known["name"] = args[0]
+            known["snapshot"] = args[1]
+        return out
+
+    try:
+        return retrain_family(pc, family, tracked, force, slot)
+    except Exception as exc:
+        _say(f"{family}: failed at {known['stage']} ({type(exc).__name__}: {str(exc)[:200]})")
+        return _failed_row(family, known["stage"], exc, known)
+
+
+class ClusterSlots:
+    """How many families may use the Ray cluster at once: as many training jobs as its CPUs
+    (and GPUs) hold side by side, by the sizes the driver's resource check uses
+    (workers x CPUs and GPUs per worker; GANFLOW_RAY_MAX_CPUS/GPUS for a cluster that
+    grows). Ray starts, and the count is taken, when the first family needs the cluster:
+    a run where every family is kept never starts Ray."""
+
+    def __init__(self, workers: int, gpus_per_worker: float, families: int):
+        self.workers, self.gpus, self.families = workers, gpus_per_worker, families
+        self._lock = threading.Lock()
+        self._sem: threading.Semaphore | None = None
+        self.size: int | None = None
+
+    def count(self) -> int:
+        import ray
+
+        from flows.preflight import ensure_ray
+        from flows.train.driver import max_cpus_setting, max_gpus_setting
+        from flows.train.spec import ClusterSpec
+
+        ensure_ray()
+        total = ray.cluster_resources()
+        spec = ClusterSpec(workers=self.workers, gpus_per_worker=self.gpus)
+        cpus = max(total.get("CPU", 0.0), max_cpus_setting() or 0.0)
+        fit = int(cpus // (spec.workers * spec.cpus_per_worker))
+        if self.gpus > 0:
+            gpus = max(total.get("GPU", 0.0), max_gpus_setting() or 0.0)
+            fit = min(fit, int(gpus // (spec.workers * self.gpus)))
+        # Fewer than one: the driver's check says why, in the family's row.
+        return max(1, min(fit, self.families))
+
+    @contextlib.contextmanager
+    def __call__(self):
+        with self._lock:
+            if self._sem is None:
+                self.size = self.count()
+                self._sem = threading.Semaphore(self.size)
+                _say(f"families side by side: {self.size} at a time on the Ray cluster")
+        with self._sem:
+            yield
+
+
+def run_families(pc: PipelineConfig, force: bool, side_by_side: bool = True) -> list[dict]:
+    """Every family's chain (ingest -> ... -> promote), side by side as concurrent Prefect
+    tasks when there are several (their cluster stages bounded by :class:`ClusterSlots`),
+    else one after another. Rows in the order of pc.families; a failed family is a row
+    (a single family's error is raised as it is: there is no other family to finish)."""
+    if len(pc.families) == 1:
+        return [retrain_family(pc, pc.families[0], _as_task, force)]
+    if not side_by_side:
+        return [family_or_failure(pc, f, force, _as_task, None) for f in pc.families]
+    slots = ClusterSlots(pc.workers, pc.gpus_per_worker, len(pc.families))
+    # Two families on one source ingest it once: the second waits, then finds the snapshot.
+    ingest_locks = {pc.dataset(f): threading.Lock() for f in pc.families}
+
+    def run_stage(stage, fn, *args):
+        if stage != "ingest":
+            return _as_task(stage, fn, *args)
+        with ingest_locks[args[0]]:
+            return _as_task(stage, fn, *args)
+
+    chain = task(family_or_failure, persist_result=False)
+    futures = [
+        chain.with_options(name=f"family-{f}").submit(pc, f, force, run_stage, slots)
+        for f in pc.families
+    ]
+    return [fut.result() for fut in futures]
+
+
+def for_source(pc: PipelineConfig, source: str) -> PipelineConfig | None:
+    """The pipeline restricted to the families whose dataset is ``source`` (as the watcher
+    names it); None when none is."""
+    from dataclasses import replace
+
+    from flows.orchestration.watch import is_source, source_id
+
+    sid = source_id(source)
+    fams = tuple(
+        f for f in pc.families if is_source(pc.dataset(f)) and source_id(pc.dataset(f)) == sid
+    )
+    return replace(pc, families=fams) if fams else None
+
+
 @flow(name="ganflow-retraining", persist_result=False, log_prints=False)
-def retraining_flow(config_path: str | None = None, force: bool = False) -> dict:
+def retraining_flow(
+    config_path: str | None = None,
+    force: bool = False,
+    source: str | None = None,
+    side_by_side: bool = True,
+) -> dict:
     """ingest -> keep, or (measure the champion on new data) -> optional search -> train
-    (warm or scratch) -> evaluate -> register -> promote, per family. ``force``: train every
-    family even when nothing changed."""
+    (warm or scratch) -> evaluate -> register -> promote, per family, families side by side.
+    ``force``: train every family even when nothing changed. ``source`` (set by the
+    ganflow.dataset.changed trigger): only the families whose dataset is that source.
+    Fails, after the summary, when a family failed; the message names which."""
     from prefect.artifacts import create_markdown_artifact
 
     from flows.tracking import log_retraining, redact, tracking_uri
 
     pc = PipelineConfig.load(config_path)
-    results = [retrain_family(pc, fam, _as_task, force) for fam in pc.families]
+    if source is not None:
+        from flows.storage import mask_secrets
+
+        only = for_source(pc, source)
+        if only is None:
+            msg = f"no family's dataset is {mask_secrets(source)}: nothing to retrain"
+            _say(msg)
+            return {"results": [], "summary": msg, "retraining_run": None}
+        _say(f"{mask_secrets(source)} changed: retraining {', '.join(only.families)}")
+        pc = only
+    results = run_families(pc, force, side_by_side)
     run_id = log_retraining(tracking_uri(), results)
     md = summary_markdown(results, redact(tracking_uri()), run_id)
     create_markdown_artifact(
@@ -593,4 +756,7 @@ def retraining_flow(config_path: str | None = None, force: bool = False) -> dict
         key="ganflow-retraining-summary",
         description="what was kept or trained, and the promotion decisions",
     )
-    return {"results": results, "summary": md, "retraining_run": run_id}
+    out = {"results": results, "summary": md, "retraining_run": run_id}
+    if any(r["decision"] == "failed" for r in results):
+        raise FamiliesFailed(out)
+    return out

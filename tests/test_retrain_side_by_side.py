@@ -1,0 +1,100 @@
+"""Families side by side (issue 21): on a local Ray cluster of two 1-CPU nodes, the three
+families' chains run concurrently, two training jobs at a time (the cluster's room for
+1-worker jobs); a family whose data is broken fails in its own row while the other two are
+promoted, and the flow's error names it. The same pipeline one family after another in the
+same test gives the wall time to compare (printed; the README quotes it)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import yaml
+
+from flows.orchestration import retraining as pipeline
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
+SMALL = {  # the gan: a first champion needs no gate
+    "train.steps": 200,
+    "train.log_every": 50,
+    "eval.every": 100,
+    "train.batch_size": 32,
+    "model.hidden": 64,
+}
+# The cGAN must pass the class-accuracy gate: its preset at 700 steps carries its labels
+# (conftest's trained_cgan: about 0.96); 200 steps do not (0.10).
+CGAN = {"train.steps": 700, "train.log_every": 100, "eval.every": 700}
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """embedded_pipeline's environment on a Ray cluster of two 1-CPU nodes."""
+    pytest.importorskip("ray")
+    from ray_isolated import RAY_TEST_ENV, isolated_cluster
+
+    home = tmp_path_factory.mktemp("sbs-home")
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {
+            "GANFLOW_HOME": str(home),
+            "PREFECT_HOME": str(home / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+            **RAY_TEST_ENV,
+        }.items():
+            mp.setenv(k, v)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("PREFECT_API_URL", raising=False)
+        with isolated_cluster([1, 1]):
+            yield home
+
+
+def _config(tmp_path, tag: str, broken) -> str:
+    path = tmp_path / f"pipeline-{tag}.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "families": ["gan", "cgan", "cyclegan"],
+                "datasets": {"cyclegan": str(broken)},
+                "overrides": {"gan": SMALL, "cgan": CGAN},
+                "model_names": {f: f"ganflow-{f}-{tag}" for f in ("gan", "cgan", "cyclegan")},
+            }
+        )
+    )
+    return str(path)
+
+
+def test_three_families_side_by_side_one_failing(two_nodes, tmp_path, monkeypatch):
+    from prefect import flow
+
+    monkeypatch.setenv("GANFLOW_HOME", str(two_nodes))
+    broken = tmp_path / "broken"  # images that do not decode: cyclegan's ingest fails
+    broken.mkdir()
+    for i in range(12):
+        (broken / f"{i}.png").write_bytes(b"not a png" * (i + 1))
+    # Warm-up paid by neither timing: Prefect's ephemeral server, the digits snapshot.
+    flow(lambda: None, name="warm-up")()
+    pipeline.stage_ingest("builtin:digits")
+
+    walls, outs = {}, {}
+    for tag, side_by_side in (("sbs", True), ("seq", False)):
+        t0 = time.perf_counter()
+        with pytest.raises(pipeline.FamiliesFailed) as info:
+            pipeline.retraining_flow(_config(tmp_path, tag, broken), side_by_side=side_by_side)
+        walls[tag] = time.perf_counter() - t0
+        outs[tag] = info.value
+    print(
+        f"three families (one failing), 2 x 1-CPU Ray nodes: side by side {walls['sbs']:.1f} s, "
+        f"one after another {walls['seq']:.1f} s"
+    )
+    for exc in outs.values():
+        rows = {r["family"]: r for r in exc.result["results"]}
+        assert list(rows) == ["gan", "cgan", "cyclegan"]
+        assert rows["gan"]["decision"] == rows["cgan"]["decision"] == "champion", rows
+        assert rows["cyclegan"]["decision"] == "failed"
+        assert rows["cyclegan"]["error_stage"] == "ingest", rows["cyclegan"]
+        assert str(exc).startswith("failed: cyclegan (ingest: ")
+        assert "2 other families finished" in str(exc)
+        assert "**failed** (ingest)" in exc.result["summary"]
+        print(exc.result["summary"])
+    assert walls["sbs"] < walls["seq"], walls
