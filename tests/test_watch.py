@@ -87,3 +87,25 @@ def test_a_failed_family_has_its_row_and_its_reason():
     assert "| cgan | - | **failed** (ingest) |" in md
     assert "- cgan: failed at ingest: IngestError: bad" in md
     assert "| gan | m | **kept** |" in md
+
+
+def test_schedule_watch_builds_the_trigger_and_the_watcher(tmp_path):
+    from flows.cli.run import retrain_trigger
+    from flows.orchestration.retraining import retraining_flow
+    from flows.orchestration.watch import EVENT, watch_flow
+
+    trig = retrain_trigger("t", ["/data/photos", "s3://b/x"])
+    dep = retraining_flow.to_deployment(name="r", cron="0 3 * * 1", triggers=[trig])
+    (t,) = dep.triggers
+    assert t.expect == {EVENT} and t.parameters == {"source": "{{ event.resource.id }}"}
+    assert t.match.root["prefect.resource.id"] == ["/data/photos", "s3://b/x"]
+    assert watch_flow.to_deployment(name="w", interval=60).schedules
+
+
+def test_watch_needs_a_prefect_server(tmp_path, monkeypatch, capsys):
+    from flows.cli import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["watch", str(tmp_path), "--once"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "set PREFECT_API_URL" in err[0]
