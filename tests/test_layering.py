@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
-    "shared",  # settings, storage, tracking, preflight, console, errors
+    "shared",  # settings, storage, tracking, orphans, preflight, console, errors
     "snapshots",
     "ingest",
     "train",
@@ -30,7 +30,7 @@ LAYERS = [
     "cli",
     "bench",
 ]
-SHARED = {"settings", "storage", "tracking", "preflight", "console", "errors"}
+SHARED = {"settings", "storage", "tracking", "orphans", "preflight", "console", "errors"}
 
 
 def _modules(package: str) -> dict[str, Path]:

@@ -133,7 +133,7 @@ def run_training(req: TrainRequest) -> dict:
     """Validate, check the tracking server, resolve the snapshot, then fit on Ray.
     Returns run_id, run_name, metrics (the best val step's figures: test ones by name, val ones
     as val_<metric>, and best_step), checkpoint, snapshot_id."""
-    from flows import tracking
+    from flows import orphans, tracking
 
     req.check()  # numbers and names, before any I/O
     cfg = req.cfg
@@ -167,9 +167,12 @@ def run_training(req: TrainRequest) -> dict:
         }
         if req.parent_run_id:
             tags["mlflow.parentRunId"] = req.parent_run_id
+        orphans.reap(uri, [exp_id])  # runs a SIGKILL left RUNNING (before one is resumed)
         run_id = tracking.find_or_create_run(uri, exp_id, run_name, tags)
     try:
-        result = _track_and_fit(req, cfg, manifest, root, uri, run_id, run_name, use_gpu)
+        # The heartbeat tells a later command whether this process still owns the run.
+        with orphans.Heartbeat(uri, run_id) if run_id else contextlib.nullcontext():
+            result = _track_and_fit(req, cfg, manifest, root, uri, run_id, run_name, use_gpu)
     except BaseException as exc:
         # Never leave the MLflow run RUNNING: Ctrl-C is KILLED, any other failure FAILED.
         if run_id is not None:

@@ -144,7 +144,7 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from flows import tracking
+    from flows import orphans, tracking
     from flows.settings import snapshot_root
     from flows.train.driver import check_resources, ensure_ray, gpu_capacity
     from flows.train.spec import ClusterSpec, StorageSpec
@@ -188,6 +188,7 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
 
     if req.tracking:
         exp_id = tracking.ensure_experiment(uri, EXPERIMENT)
+        orphans.reap(uri, [exp_id])  # a killed search's parent and trials left RUNNING
         parent = tracking.find_or_create_run(
             uri,
             exp_id,
@@ -285,7 +286,8 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
                 ),
                 run_config=run_config,
             )
-        grid = tuner.fit()
+        with orphans.Heartbeat(uri, parent) if parent else contextlib.nullcontext():
+            grid = tuner.fit()
         return _summarise(req, name, grid, metric, mode, steps, parent, uri, path)
     except BaseException as exc:
         # Never leave the parent run RUNNING (its trials close their own runs).
