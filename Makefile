@@ -28,11 +28,12 @@ run: setup
 	RAY_USAGE_STATS_ENABLED=0 PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/ganflow run
 
 # Two xdist workers, a test file at a time (a file's Ray cluster, servers and trained models
-# are built once); tests/conftest.py hands out the longest files first. In-process training
+# are built once), in tests/conftest.py's order, longest files first (xdist's own reorder, by
+# number of tests, would start the few-test end-to-end files last). In-process training
 # uses one thread (conftest), so one core trains while the other starts processes, imports or
 # waits on a server. pytest's exit code 5 (no tests collected) still fails the target.
 test: setup
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"

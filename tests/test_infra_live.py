@@ -423,6 +423,10 @@ def live(tmp_path, classifier_cache):
             "GANFLOW_RAY_STORAGE": f"s3://{BUCKET}/ray",
             "GANFLOW_S3_ENDPOINT_URL": s3,
             "GANFLOW_MLFLOW_ARTIFACT_ROOT": "mlflow-artifacts:/ganflow",
+            # The checks' logic is under test, not this machine's speed: the basic-auth MLflow
+            # server's first API answers took over the default 5 s on a loaded 2-core machine
+            # (another test file's services beside it under make test's two workers).
+            "GANFLOW_PREFLIGHT_TIMEOUT_S": "30",
         }
         yield {"env": env, "s3": s3, "procs": procs}
     except BaseException:

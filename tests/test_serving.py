@@ -241,12 +241,14 @@ def test_a_live_holder_past_the_ttl_keeps_the_lock(tmp_path):
     were inside at once."""
     uri = f"sqlite:///{tmp_path}/lock.db"
     client = MlflowClient(uri, registry_uri=uri)
+    # A TTL of 2 s (heartbeats every 0.5 s): at 0.5 s, one heartbeat delayed past the TTL by a
+    # loaded machine (each is a SQLite write) let B in, a failure of the machine, not the lock.
     peak, events = _lock_race(
         client,
         "ganflow-lock-live",
         [
-            ("A", 0.0, 2.0, {"ttl_s": 0.5, "wait_s": 20}),
-            ("B", 0.3, 0.0, {"ttl_s": 0.5, "wait_s": 20}),
+            ("A", 0.0, 8.0, {"ttl_s": 2.0, "wait_s": 30}),
+            ("B", 0.3, 0.0, {"ttl_s": 2.0, "wait_s": 30}),
         ],
     )
     order = [(tag, what) for tag, what, _ in sorted(events, key=lambda e: e[2])]
