@@ -21,8 +21,10 @@ torch.set_num_threads(1)
 LONGEST_FIRST = (
     "test_own_data.py",
     "test_tune.py",
+    "test_retrain_side_by_side.py",
     "test_pipeline.py",
     "test_train_ray.py",
+    "test_faults.py",
     "test_retrain_pipeline.py",
     "test_gpu_check.py",
     "test_infra_live.py",
@@ -31,6 +33,7 @@ LONGEST_FIRST = (
     "test_ingest_cluster.py",
     "test_serving.py",
     "test_deployment_e2e.py",
+    "test_watch.py",
     "test_registry.py",
     "test_console.py",
     "test_train_ray_flow.py",
