@@ -146,11 +146,20 @@ def log_grid(
     client(uri).log_image(run_id, pixels, key=key, step=step)
 
 
-def log_dataset_input(uri: str, run_id: str, manifest: dict, storage_url: str) -> None:
-    """The snapshot as the run's dataset input (name, id as digest, where it lives)."""
+def log_dataset_input(
+    uri: str, run_id: str, manifest: dict, storage_url: str, attempts: int = 3
+) -> None:
+    """The snapshot as the run's dataset input (name, id as digest, where it lives).
+
+    Safe when several runs of one experiment log the same snapshot at once (Tune trials that
+    start together): MLflow's store reads "is the dataset there?" and inserts it if not, in
+    two statements, so two runs can both read "absent" and the second insert breaks the
+    datasets table's (experiment, name, digest) key. The winner's row is there by then: a
+    retry finds it and only links this run (the whole failed insert was rolled back)."""
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
 
     source = CodeDatasetSource(
         {"ganflow.snapshot_id": manifest["id"], "ganflow.storage": storage_url}
@@ -159,7 +168,19 @@ def log_dataset_input(uri: str, run_id: str, manifest: dict, storage_url: str) -
         source, name=str(manifest.get("name") or manifest["id"]), digest=manifest["id"]
     )
     inp = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
-    client(uri).log_inputs(run_id, datasets=[inp])
+    c = client(uri)
+    for attempt in range(attempts):
+        try:
+            c.log_inputs(run_id, datasets=[inp])
+            return
+        except MlflowException as exc:
+            text = str(exc).lower()  # SQLite "UNIQUE constraint", Postgres/MySQL "duplicate"
+            if attempt == attempts - 1 or ("unique" not in text and "duplicate" not in text):
+                raise
+            linked = c.get_run(run_id).inputs.dataset_inputs
+            if any(d.dataset.digest == manifest["id"] for d in linked):
+                return
+            time.sleep(0.05 * (attempt + 1))
 
 
 # --- the generator package and the logged model ---------------------------------------------
