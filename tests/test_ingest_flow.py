@@ -9,9 +9,11 @@ import pytest
 from ingest_data import make_layout
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def prefect_harness(tmp_path_factory):
-    """One temporary Prefect server for the session (starting one costs about 10 s)."""
+    """One temporary Prefect server for the module (starting one costs about 10 s). Not for the
+    session: the harness's API URL would stay set for every later test in the process (a
+    test that needs no Prefect server configured then found one)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
     mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
