@@ -152,8 +152,9 @@ def retrain_trigger(name: str, sources: list[str]):
 
 
 def require_server(what: str) -> None:
-    """Events and triggers live on a Prefect server: the ephemeral one that serves a plain
-    `ganflow run` runs no automations, so an event sent there would start nothing."""
+    """Events and triggers live on a Prefect server: the ephemeral one a process starts
+    without PREFECT_API_URL lives as long as the process and holds no deployment, so an
+    event sent there would start nothing."""
     import os
 
     if not os.environ.get("PREFECT_API_URL"):
