@@ -11,6 +11,8 @@ from gan_core.config import ConfigError, GanConfig
 from gan_core.overrides import apply_overrides, resolve_key
 
 SEARCHER_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+PBT_SCHEDULERS = ("pbt", "pb2")
+SCHEDULERS = ("asha", "fifo", *PBT_SCHEDULERS)
 
 
 class SearchError(ValueError):
@@ -125,6 +127,13 @@ class SearchRequest:
     gpus_per_worker: float = 0.0
     eval_every: int | None = None
     grace_period: int | None = None
+    perturbation_interval: int | None = None
+    """PBT/PB2: steps between exploit/explore decisions (default: the eval interval; a
+    multiple of it, since decisions read the val metric)."""
+    quantile: float = 0.25
+    """PBT/PB2: the bottom fraction that exploits the top one (Ray's default)."""
+    resample_probability: float = 0.25
+    """PBT: chance that a mutated field is drawn afresh from the space (Ray's default)."""
     name: str | None = None
     resume: bool = False
     storage: str | None = None
@@ -144,10 +153,27 @@ class SearchRequest:
         )
         if not isinstance(self.cpus_per_worker, (int, float)) or not self.cpus_per_worker > 0:
             raise SearchError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
-        for what, v in (("eval_every", self.eval_every), ("grace_period", self.grace_period)):
+        for what, v in (
+            ("eval_every", self.eval_every),
+            ("grace_period", self.grace_period),
+            ("perturbation_interval", self.perturbation_interval),
+        ):
             if v is not None and (not _is_int(v) or v < 1):
                 raise SearchError(f"{what} must be an integer >= 1, got {v!r}")
+        check_pbt_args(quantile=self.quantile, resample_probability=self.resample_probability)
+        if self.scheduler in PBT_SCHEDULERS and self.workers_per_trial != 1:
+            raise SearchError(
+                f"--scheduler {self.scheduler} trains each trial in one process "
+                f"(--workers-per-trial 1, got {self.workers_per_trial})"
+            )
         return self
+
+
+def check_pbt_args(*, quantile: float, resample_probability: float) -> None:
+    if not isinstance(quantile, (int, float)) or not 0 < quantile <= 0.5:
+        raise SearchError(f"--quantile must be in (0, 0.5], got {quantile!r}")
+    if not isinstance(resample_probability, (int, float)) or not 0 <= resample_probability <= 1:
+        raise SearchError(f"--resample-probability must be in [0, 1], got {resample_probability!r}")
 
 
 def check_args(
@@ -163,8 +189,8 @@ def check_args(
     """The command line's numbers and --name (a folder under the Ray storage root)."""
     from flows.settings import check_name
 
-    if scheduler not in ("asha", "fifo"):
-        raise SearchError(f"--scheduler must be asha or fifo, got {scheduler!r}")
+    if scheduler not in SCHEDULERS:
+        raise SearchError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
     if not _is_int(samples) or samples < 1:
         raise SearchError(f"--samples must be >= 1, got {samples!r}")
     if max_concurrent is not None and (not _is_int(max_concurrent) or max_concurrent < 1):

@@ -1,0 +1,365 @@
+"""Population Based Training (PBT, Jaderberg et al. 2017; PB2, Parker-Holder et al. 2020) over
+λ (``loss.lambda_cyc``), k (``train.d_steps``), the learning rates and any other loss/optim
+field the search space names.
+
+A PBT trial is one training run whose hyperparameters change while it trains. Every
+perturbation interval Tune ranks the population on the val metric; a trial in the bottom
+quantile *exploits* one in the top quantile: it stops, restarts from the donor's checkpoint
+(the complete gan_core training state: G, D, both optimisers with their moments, every random
+stream, the image pools, the EMA weights, D's augmentation) and *explores*: the donor's
+hyperparameters mutated (x 1.2 / x 0.8, k one step up or down, or resampled), clipped to the
+space's bounds, applied to the optimisers' param groups and the loop from the next step on.
+
+The trial trains in its own Tune actor (one process: ``cpus_per_worker`` CPUs, and
+``gpus_per_worker`` GPUs when asked), not in a Ray Train run: Tune's exploit hands checkpoints
+to the trial function, and a Ray Train V2 run inside a Tune trial reports metrics to Tune but
+not checkpoints. Each trial's MLflow run records every exploit (donor, step, old -> new) and,
+at the end, its schedule (hyperparameters per step, donors' segments included) as
+``pbt_schedule.json`` and a plot; its best step's generator is logged like any training run's,
+so the best trial's generator is the search's model: nothing is retrained.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from flows.tune.space import SearchError, _is_int
+from gan_core.config import GanConfig
+from gan_core.overrides import apply_overrides, from_flat_dict
+
+# What may change while a run trains: the losses' weights, the optimisers' numbers and k.
+# Everything else shapes the networks, the data or the schedule's length (a mutated batch size
+# or architecture cannot load the donor's state).
+MUTABLE_SECTIONS = ("loss", "optim")
+MUTABLE_FIELDS = ("train.d_steps",)
+
+# PBT's clock: the step, in the reports made during training only. The final report (the best
+# step's figures, after the generator is logged) has none, so PBT never exploits a trial that
+# has finished (it would restart a run whose model is already logged).
+TIME_ATTR = "pbt_step"
+
+STATE_FILE = "state.pt"
+BEST_FILE = "best.pt"
+META_FILE = "pbt.json"
+
+
+def check_pbt_space(space: dict[str, dict], base: GanConfig) -> None:
+    """Every field PBT mutates must be numeric and changeable mid-run; one line naming it."""
+    for name, spec in space.items():
+        section = name.split(".", 1)[0]
+        if section not in MUTABLE_SECTIONS and name not in MUTABLE_FIELDS:
+            raise SearchError(
+                f"search space: {name} cannot change while a run trains (PBT mutates "
+                f"{', '.join(s + '.*' for s in MUTABLE_SECTIONS)} and {', '.join(MUTABLE_FIELDS)})"
+            )
+        kind, values = next(iter(spec.items()))
+        current = getattr(getattr(base, section), name.split(".", 1)[1])
+        if isinstance(current, bool) or not isinstance(current, (int, float)):
+            raise SearchError(f"search space: {name} is not numeric; PBT mutates numbers")
+        if kind in ("grid", "choice") and not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        ):
+            raise SearchError(f"search space: {name}: PBT needs numeric values, got {values!r}")
+
+
+def bounds(space: dict[str, dict]) -> dict[str, tuple[float, float]]:
+    """[low, high] per field: a mutation never leaves them (randint's high is exclusive)."""
+    out = {}
+    for name, spec in space.items():
+        kind, values = next(iter(spec.items()))
+        if kind in ("grid", "choice"):
+            out[name] = (min(values), max(values))
+        elif kind == "randint":
+            out[name] = (values[0], values[1] - 1)
+        else:
+            out[name] = (values[0], values[1])
+    return out
+
+
+def mutations(space: dict[str, dict]) -> dict:
+    """Tune's ``hyperparam_mutations``: a list (grid, choice, randint as the integers in range)
+    moves one place left or right, so k goes up or down by one step within its bounds; a range
+    (uniform, loguniform) is multiplied by 1.2 or 0.8 (then clipped: :func:`clip`) or resampled."""
+    from ray import tune
+
+    out: dict = {}
+    for name, spec in space.items():
+        kind, values = next(iter(spec.items()))
+        if kind in ("grid", "choice"):
+            out[name] = sorted(values)
+        elif kind == "randint":
+            out[name] = list(range(values[0], values[1]))
+        elif kind == "uniform":
+            out[name] = tune.uniform(*values)
+        else:
+            out[name] = tune.loguniform(*values)
+    return out
+
+
+def pb2_bounds(space: dict[str, dict]) -> dict[str, list[float]]:
+    """PB2's ``hyperparam_bounds`` (its GP bandit picks values in [low, high])."""
+    return {k: [float(lo), float(hi)] for k, (lo, hi) in bounds(space).items()}
+
+
+def clip(space: dict[str, dict]):
+    """A ``custom_explore_fn``: Tune's x 1.2 / x 0.8 has no bounds; keep every value in the
+    space's, integers integral (PB2's bandit returns floats)."""
+    lims = bounds(space)
+
+    def explore(config: dict) -> dict:
+        for name, (lo, hi) in lims.items():
+            if name in config:
+                v = min(max(config[name], lo), hi)
+                config[name] = int(round(v)) if _is_int(lo) and _is_int(hi) else float(v)
+        return config
+
+    return explore
+
+
+# --- exploit: the donor's state, then the new hyperparameters -----------------------------------
+
+
+def apply_hyperparameters(state, cfg: GanConfig):
+    """Make ``cfg``'s loss/optim numbers and k the ones the loop uses from the next step on.
+
+    The loop reads λ, the loss weights and k from ``state.cfg`` at every step; the learning
+    rates live in the optimisers' param groups and the LambdaLR schedulers' ``base_lrs``
+    (loading the donor's state restored the donor's), so both are set: the new base rate
+    times the schedule's factor at this step (the linear decay goes on where it was)."""
+    state.cfg = cfg
+    o = cfg.optim
+    pairs = ((state.opt_g, state.schedulers[0], o.lr_g), (state.opt_d, state.schedulers[1], o.lr_d))
+    for opt, sched, lr in pairs:
+        factor = sched.lr_lambdas[0](sched.last_epoch)
+        sched.base_lrs = [lr] * len(opt.param_groups)
+        for g in opt.param_groups:
+            g["initial_lr"] = lr
+            g["lr"] = lr * factor
+            g["betas"] = (o.beta1, o.beta2)
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
+    return state
+
+
+def exploit(state, sd: dict, cfg: GanConfig):
+    """The donor's complete training state ``sd`` (gan_core.train.state_dict at step s) into
+    ``state``, then ``cfg``'s hyperparameters: step s+1 is the first under the new values."""
+    from gan_core.train import load_state_dict
+
+    load_state_dict(state, sd)
+    return apply_hyperparameters(state, cfg)
+
+
+def hyperparameters(cfg: GanConfig, names) -> dict[str, float]:
+    flat = cfg.to_flat_dict()
+    return {k: flat[k] for k in names}
+
+
+def describe_change(old: dict, new: dict) -> str:
+    return ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
+
+
+# --- the trial ------------------------------------------------------------------------------------
+
+
+def save_trial_checkpoint(state, out: Path, meta: dict, best=None) -> Path:
+    """A Tune checkpoint folder: gan_core's state dict (tensors and primitives only), the
+    best-so-far tracker, and ``pbt.json`` (whose trial, step, hyperparameters, schedule)."""
+    from gan_core.train import save_checkpoint
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(state, out / STATE_FILE)
+    if best is not None:
+        torch.save(best.state_dict(), out / BEST_FILE)
+    (out / META_FILE).write_text(json.dumps(meta, default=float))
+    return out
+
+
+def read_trial_checkpoint(d: Path) -> tuple[dict, dict, dict | None]:
+    from gan_core.train import read_checkpoint
+
+    best = d / BEST_FILE
+    return (
+        read_checkpoint(d / STATE_FILE),
+        json.loads((d / META_FILE).read_text()),
+        torch.load(best, weights_only=True) if best.exists() else None,
+    )
+
+
+def schedule_after(schedule: list, step: int, params: dict) -> list:
+    """The schedule's segments up to ``step``, then ``params`` from step+1 ([[first step,
+    params], ...], first steps increasing)."""
+    kept = [seg for seg in schedule if seg[0] <= step]
+    if kept and kept[-1][1] == params:
+        return kept
+    return [*kept, [step + 1, dict(params)]]
+
+
+def pbt_trial(config: dict) -> None:
+    """One PBT trial (a Tune function): train, report the val metric with a checkpoint every
+    eval interval, and on a restart with someone else's checkpoint, record the exploit."""
+    import tempfile
+
+    from ray import tune
+
+    from flows import tracking
+    from flows.train.best import evaluation_due
+    from flows.train.data_config import load_heldout
+    from flows.train.spec import WorkerJob
+    from flows.train.worker import Evaluator, open_train
+    from gan_core.train import init_state, train
+
+    ctx = config["__ganflow"]
+    os.environ.update(ctx["env"])
+    torch.set_num_threads(max(1, int(ctx.get("threads", 1))))
+    params = {k: v for k, v in config.items() if k != "__ganflow"}
+    names = sorted(params)
+    cfg = apply_overrides(from_flat_dict(ctx["base"]), params)
+    trial_id = tune.get_context().get_trial_id()
+    run_name = f"{ctx['search']}-{trial_id}"
+    uri = run_id = None
+    if ctx["tracking"]:
+        uri = tracking.tracking_uri()
+        exp = tracking.ensure_experiment(uri, ctx["experiment"])
+        tags = {
+            "ganflow.family": cfg.family,
+            "ganflow.snapshot_id": ctx["snapshot_id"],
+            "ganflow.kind": "pbt-trial",
+            "mlflow.parentRunId": ctx["parent_run_id"],
+        }
+        run_id = tracking.find_or_create_run(uri, exp, run_name, tags)
+        tracking.log_config(uri, run_id, cfg, {"dataset.id": ctx["snapshot_id"]})
+    job = WorkerJob(
+        config=cfg.to_flat_dict(),
+        snapshot_id=ctx["snapshot_id"],
+        snapshot_root=ctx["snapshot_root"],
+        cache_dir=ctx["cache_dir"],
+        tracking_uri=uri,
+        run_id=run_id,
+    )
+    device = torch.device("cuda" if ctx["gpus"] > 0 and torch.cuda.is_available() else "cpu")
+    train_rows = open_train(job, cfg)
+    data = train_rows.to(device)
+    heldout = load_heldout(job.snapshot_id, job.snapshot_root, cfg)
+    state = init_state(cfg, data, device)
+    now = hyperparameters(cfg, names)
+    schedule: list = [[1, now]]
+    best_sd = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            sd, meta, best_sd = read_trial_checkpoint(Path(d))
+        exploit(state, sd, cfg)
+        step, donor = state.step, meta["trial_id"]
+        schedule = schedule_after(meta["schedule"], step, now)
+        if donor != trial_id or meta["hyperparameters"] != now:
+            change = describe_change(meta["hyperparameters"], now)
+            line = f"exploit: from trial {donor} at step {step}: {change or 'no change'}"
+            print(f"[ganflow] {run_name}: {line}", file=sys.__stderr__, flush=True)
+            if run_id:
+                c = tracking.client(uri)
+                c.set_tag(run_id, f"ganflow.pbt.exploit.{step:08d}", line)
+                tracking.log_metrics(uri, run_id, {"pbt.exploit_from_step": step}, step)
+    evaluator = Evaluator(job, cfg, train_rows, heldout, best_sd)
+    end = cfg.train.steps
+
+    def report(st, metrics: dict[str, float]) -> None:
+        metrics["step"] = st.step
+        if run_id:
+            tracking.log_metrics(uri, run_id, metrics, st.step)
+        if st.step == end or not evaluation_due(st.step, cfg.eval.every, cfg.train.log_every, end):
+            return
+        figures = evaluator.validate(st)
+        meta = {
+            "trial_id": trial_id,
+            "step": st.step,
+            "hyperparameters": now,
+            "schedule": schedule,
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            save_trial_checkpoint(st, Path(tmp), meta, evaluator.best)
+            tune.report(
+                {**figures, "step": st.step, TIME_ATTR: st.step, "trial_id": trial_id},
+                checkpoint=tune.Checkpoint.from_directory(tmp),
+            )
+
+    train(state, data, callbacks=[report])
+    final = evaluator.finish(state) if run_id else _finish_untracked(evaluator, state)
+    if run_id:
+        _log_schedule(uri, run_id, schedule, end)
+        tracking.finish_run(uri, run_id)
+    meta = {"trial_id": trial_id, "step": state.step, "hyperparameters": now, "schedule": schedule}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_trial_checkpoint(state, Path(tmp), meta, evaluator.best)
+        tune.report(
+            {**final, "step": state.step, "trial_id": trial_id, "pbt_schedule": schedule},
+            checkpoint=tune.Checkpoint.from_directory(tmp),
+        )
+
+
+def _finish_untracked(evaluator, state) -> dict[str, float]:
+    """The end without MLflow: the last step offered, the best step's val figures."""
+    evaluator.validate(state)
+    if not evaluator.best.found:
+        return {}
+    return {f"val_{k}": v for k, v in evaluator.best.figures.items()}
+
+
+def _log_schedule(uri: str, run_id: str, schedule: list, end: int) -> None:
+    """``pbt_schedule.json`` ([[first step, {field: value}], ...]) and a step plot of it."""
+    import tempfile
+
+    from flows import tracking
+
+    c = tracking.client(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pbt_schedule.json"
+        path.write_text(json.dumps(schedule, indent=2))
+        c.log_artifact(run_id, str(path))
+        plot = plot_schedule(schedule, end, Path(tmp) / "pbt_schedule.png")
+        if plot:
+            c.log_artifact(run_id, str(plot))
+
+
+def plot_schedule(schedule: list, end: int, path: Path) -> Path | None:
+    if not schedule:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(schedule[0][1])
+    fig, axes = plt.subplots(len(names), 1, figsize=(6, 1.8 * len(names)), squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        xs = [seg[0] for seg in schedule] + [end]
+        ys = [seg[1][name] for seg in schedule]
+        ax.step(xs, ys + ys[-1:], where="post")
+        ax.set_ylabel(name, fontsize=8)
+        if all(isinstance(v, float) and v > 0 for v in ys) and max(ys) / min(ys) > 20:
+            ax.set_yscale("log")
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle("PBT schedule of the registered trial")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def format_schedule(schedule: list, end: int) -> str:
+    """The schedule as lines: 'steps a-b: lr_g=..., train.d_steps=...'."""
+    lines = []
+    for i, (first, params) in enumerate(schedule):
+        last = schedule[i + 1][0] - 1 if i + 1 < len(schedule) else end
+        shown = ", ".join(f"{k}={_num(v)}" for k, v in sorted(params.items()))
+        lines.append(f"  steps {first}-{last}: {shown}")
+    return "\n".join(lines)
+
+
+def _num(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) and math.isfinite(v) else str(v)

