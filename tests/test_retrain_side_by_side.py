@@ -106,3 +106,36 @@ def test_three_families_side_by_side_one_failing(two_nodes, tmp_path, monkeypatc
         assert "**failed** (ingest)" in exc.result["summary"]
         print(exc.result["summary"])
     assert walls["sbs"] < walls["seq"], walls
+
+
+def test_ganflow_run_exit_status_names_the_failed_families(tmp_path, monkeypatch, capsys):
+    """`ganflow run`: the summary's rows, then one error line naming each failed family
+    and its stage, exit status 2 (two broken sources: no Ray needed)."""
+    from flows.cli import main
+
+    monkeypatch.setenv("GANFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    datasets = {}
+    for fam in ("gan", "cgan"):
+        folder = tmp_path / fam
+        folder.mkdir()
+        for i in range(4):
+            (folder / f"{i}.png").write_bytes(b"not a png" * (i + 1))
+        datasets[fam] = str(folder)
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump({"families": ["gan", "cgan"], "datasets": datasets}))
+    from prefect.settings import (
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
+        assert main(["run", "--config", str(config)]) == 2
+    out, err = capsys.readouterr()
+    assert (
+        "| gan | - | **failed** (ingest) |" in out and "| cgan | - | **failed** (ingest) |" in out
+    )
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("ganflow run: error: failed: gan (ingest: IngestError: "), line
+    assert "; cgan (ingest: IngestError: " in line and "0 other families finished" in line
