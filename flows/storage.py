@@ -36,6 +36,10 @@ _TRANSIENT_MARKERS = (
     "connection reset",
     "connection aborted",
     "could not connect",
+    "couldn't connect",  # pyarrow's S3 client (curl)
+    "network_connection",
+    "slow_down",
+    "service_unavailable",
     "endpointconnectionerror",
     "read timeout",
     "timed out",

@@ -4,18 +4,25 @@
   RUNNING; the next command that opens the experiment marks it KILLED, saying why, and
   changes nothing else about it. The rule itself (whose runs are orphans) on a real SQLite
   store, without Ray.
+- Checkpoints: only committed ones with every file's hash intact are resumed from (a damaged
+  latest one under a real Ray resume: the run goes back to the one before); a full disk (a
+  256 KiB tmpfs, mounted as root) is one line naming the folder and the space needed, with
+  nothing of the checkpoint left, in the upload, in the local write and through `ganflow
+  train`; moto's S3 server stopped for 2 s mid-upload is waited out by the retries.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import os
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -222,3 +229,246 @@ def test_killed_training_run_is_marked_by_the_next_command(tmp_path):
     assert len(lines) == 1 and "MLflow run victim" in lines[0], err[-3000:]
     statuses = dict(_rows(db, "select name, status from runs"))
     assert statuses == {"victim": "KILLED", "next": "FINISHED"}
+
+
+# --- checkpoints: written, verified, committed; a full disk; storage that comes and goes ------
+
+
+@pytest.fixture(scope="module")
+def gan_state():
+    from gan_core.data import load_builtin
+    from gan_core.presets import preset
+    from gan_core.train import init_state, train
+
+    cfg = preset("gan", "tiny")
+    data = load_builtin(cfg.data.dataset, cfg.data.image_size)
+    state = init_state(cfg, data, "cpu")
+    train(state, data, until=2)
+    return state
+
+
+def _checkpoint(state, folder: Path, world_size: int = 2) -> Path:
+    from flows.train.checkpoints import write_checkpoint
+
+    folder.mkdir(parents=True)
+    for rank in range(world_size):
+        write_checkpoint(state, folder, rank, world_size)
+    return folder
+
+
+def _stored(state, root: Path, step: int, filesystem=None) -> Path:
+    """A checkpoint of two ranks uploaded into root/checkpoint-<step> as the workers do."""
+    from pyarrow import fs as pafs
+
+    from flows.train.checkpoints import upload_checkpoint, write_checkpoint
+
+    dest = root / f"checkpoint-{step:08d}"
+    for rank in range(2):
+        src = root.parent / f"src-{step}-{rank}"
+        src.mkdir(parents=True)
+        write_checkpoint(state, src, rank, 2)
+        upload_checkpoint(src, filesystem or pafs.LocalFileSystem(), str(dest))
+    return dest
+
+
+def test_resume_takes_only_complete_checkpoints(gan_state, tmp_path):
+    from ray.train import Checkpoint
+
+    from flows.train.checkpoints import complete_checkpoint, incomplete
+
+    run = tmp_path / "run"
+    c1, c2, c3 = (_stored(gan_state, run, s) for s in (10, 20, 30))
+    assert incomplete(c3) is None
+    assert sorted(p.name for p in c3.iterdir()) == [
+        "commit-rank-00000.json",
+        "commit-rank-00001.json",
+        "rank-00000.pt",
+        "rank-00001.pt",
+        "state.pt",
+    ]  # no temporary file left behind
+    said: list[str] = []
+    latest = Checkpoint(str(c3))
+    assert complete_checkpoint(latest, said.append) is latest and not said
+
+    # The latest one damaged after it was committed (a byte flipped, same size): the one before.
+    data = bytearray((c3 / "state.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (c3 / "state.pt").write_bytes(bytes(data))
+    assert incomplete(c3) == "state.pt does not match the hash recorded when it was written"
+    # The one before that lost rank 1's commit (an upload cut short): skipped too.
+    (c2 / "commit-rank-00001.json").unlink()
+    assert incomplete(c2) == "rank 1 never committed"
+    picked = complete_checkpoint(latest, said.append)
+    assert Path(picked.path) == c1
+    assert said == [
+        "checkpoint checkpoint-00000030 is incomplete (state.pt does not match the hash "
+        "recorded when it was written); resuming from checkpoint-00000010"
+    ]
+    (c1 / "rank-00001.pt").write_bytes((c1 / "rank-00001.pt").read_bytes()[:-10])  # truncated
+    assert complete_checkpoint(latest, said.append) is None
+    assert said[-1].endswith("and no earlier one is complete; starting over")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (root can mount one here); skipped where mounting is not allowed."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_disk_is_one_line_and_leaves_no_half_checkpoint(
+    gan_state, small_disk, tmp_path, monkeypatch
+):
+    from pyarrow import fs as pafs
+
+    import flows.train.checkpoints as ck
+
+    src = _checkpoint(gan_state, tmp_path / "src", world_size=1)
+    need = sum(p.stat().st_size for p in src.iterdir())
+    assert need > 256 * 2**10  # the tiny GAN's checkpoint (about 300 KiB) outgrows the disk
+    dest = small_disk / "run" / "checkpoint-00000002"
+    with pytest.raises(ck.CheckpointError) as err:
+        ck.upload_checkpoint(src, pafs.LocalFileSystem(), str(dest))
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"disk full: a checkpoint needs {need / 2**20:.1f} MiB in {dest} and ")
+    assert "MiB is free there" in msg
+    assert not list(small_disk.rglob("*")), "written before the space was known to be there"
+
+    # The disk fills while the files are written (the check ahead sees room, another writer
+    # takes it): ENOSPC from the write itself, the same one line, and nothing of it is left.
+    monkeypatch.setattr(ck, "_free", lambda path: None)
+    with pytest.raises(ck.CheckpointError, match=r"^disk full: a checkpoint needs [\d.]+ MiB in "):
+        ck.upload_checkpoint(src, pafs.LocalFileSystem(), str(dest))
+    assert [p for p in small_disk.rglob("*") if p.is_file()] == []
+
+
+def test_write_to_a_full_local_disk_is_one_line(gan_state, small_disk):
+    from flows.train.checkpoints import CheckpointError, write_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"^disk full: a checkpoint needs [\d.]+ MiB in "):
+        write_checkpoint(gan_state, small_disk, 0, 1)
+
+
+def test_storage_outage_during_a_checkpoint_upload_is_retried(gan_state, tmp_path, monkeypatch):
+    """The S3 API (moto's server) stops just before a checkpoint upload and comes back 2 s
+    later on the same port: the upload waits it out (flows.storage.with_retries) and the
+    checkpoint is complete. A missing bucket is not transient: one line, at once."""
+    from moto.server import ThreadedMotoServer
+
+    from flows.train.checkpoints import CheckpointError, incomplete, upload_checkpoint
+    from flows.train.spec import StorageSpec
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "GANFLOW_STORAGE_RETRIES": "8",  # 0.2 s doubling: up to 51 s in all
+    }.items():
+        monkeypatch.setenv(k, v)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        _, fs = StorageSpec("s3://ckpts/ray", f"http://127.0.0.1:{port}").resolve()
+        import boto3
+
+        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="ckpts")
+        src = _checkpoint(gan_state, tmp_path / "src", world_size=1)
+        dest = "ckpts/ray/run/checkpoint-00000002"
+
+        server.stop()  # the outage
+        t0 = time.monotonic()
+        threading.Timer(2.0, server.start).start()
+        upload_checkpoint(src, fs, dest)
+        took = time.monotonic() - t0
+        assert took >= 2.0, f"uploaded in {took:.1f} s while the server was down?"
+        back = tmp_path / "back"
+        fs_files = [i for i in fs.get_file_info(pafs_selector(dest)) if i.is_file]
+        back.mkdir()
+        for info in fs_files:
+            with fs.open_input_stream(info.path) as f:
+                (back / info.base_name).write_bytes(f.read())
+        assert sorted(p.name for p in back.iterdir()) == sorted(p.name for p in src.iterdir())
+        assert incomplete(back) is None
+
+        t0 = time.monotonic()
+        with pytest.raises(CheckpointError) as err:
+            upload_checkpoint(src, fs, "no-such-bucket/run/checkpoint-00000002")
+        assert "\n" not in str(err.value) and "no-such-bucket" in str(err.value)
+        assert time.monotonic() - t0 < 10, "a missing bucket was retried as if transient"
+    finally:
+        server.stop()
+
+
+def pafs_selector(path: str):
+    from pyarrow import fs as pafs
+
+    return pafs.FileSelector(path)
+
+
+@pytest.mark.slow  # two Ray Train fits of 2 workers: minutes on 2 loaded cores
+def test_resume_skips_a_damaged_checkpoint_under_ray(tmp_path, monkeypatch, classifier_cache):
+    """A run dies at iteration 13 (checkpoints at 5 and 10); the latest checkpoint's state.pt
+    is then damaged in storage. The rerun of the run name is handed 10 by Ray, finds it
+    incomplete, resumes from 5 (the newest complete one) and finishes (iterations 6-13 logged
+    twice, 1-5 and 14-16 once)."""
+    from ray_isolated import RAY_TEST_ENV, isolated_cluster
+    from test_train_ray import _cfg, _counts, _req
+
+    from flows.train.driver import run_training
+    from flows.train.spec import FaultInjection, StorageSpec, TrainError
+
+    for k, v in RAY_TEST_ENV.items():
+        monkeypatch.setenv(k, v)
+    storage = tmp_path / "ray"
+    cfg = _cfg("gan", 16, 8, 1)
+    name = "damaged"
+    kw = dict(run_name=name, checkpoint_every=5, storage=StorageSpec(str(storage)))
+    with isolated_cluster([2]):
+        fault = FaultInjection(rank=0, step=13, marker=str(tmp_path / "killed"))
+        with pytest.raises(TrainError, match="failed"):
+            run_training(_req(cfg, 2, classifier_cache, max_failures=0, fault=fault, **kw))
+        ckpts = sorted((storage / name).glob("checkpoint-*"))
+        assert [c.name for c in ckpts] == ["checkpoint-00000005", "checkpoint-00000010"]
+        state = ckpts[-1] / "state.pt"
+        data = bytearray(state.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        state.write_bytes(bytes(data))
+        out = run_training(_req(cfg, 2, classifier_cache, **kw))
+    # Resumed from 5 though Ray handed out 10: the iterations after 5 were checkpointed
+    # again under new names (never into the skipped checkpoint's folder, which Ray deletes
+    # by its path when it rotates it out), the suffix naming the skipped one.
+    tag = hashlib.sha256(b"checkpoint-00000010").hexdigest()[:6]
+    assert out["checkpoint"].endswith(f"/checkpoint-00000016-{tag}")
+    assert out["steps"] == 16
+    counts = _counts(out["run_id"], "loss_D")
+    assert [counts[s] for s in range(1, 17)] == [1] * 5 + [2] * 8 + [1] * 3, counts
+
+
+@pytest.mark.slow  # a `ganflow train` with Ray: about 95 s on 2 loaded cores
+def test_full_disk_ends_ganflow_train_in_one_line(small_disk, tmp_path):
+    from ray_isolated import RAY_TEST_ENV
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GANFLOW_", "MLFLOW_"))}
+    env |= RAY_TEST_ENV | {"GANFLOW_HOME": str(tmp_path / "home")}
+    storage = small_disk / "ray"
+    argv = ["train", "--family", "gan", "--set", "train.steps=10", "--storage", str(storage)]
+    proc = _ganflow(argv, env)
+    _, err = proc.communicate(timeout=600)
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("[ganflow]")]
+    assert proc.returncode == 2 and len(lines) == 1, err[-3000:]
+    assert "CheckpointError: disk full: a checkpoint needs " in lines[0]
+    assert f"MiB in {storage}/" in lines[0] and "MiB is free there" in lines[0]
+    assert not [p for p in small_disk.rglob("*") if p.is_file() and p.suffix in (".pt", ".json")]

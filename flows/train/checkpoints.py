@@ -6,10 +6,27 @@ on val, its step and figures: :class:`flows.train.best.BestSoFar`); each rank wr
 ``rank-<r>.pt`` with its own random streams (gan_core's ``PER_RANK_KEYS``: sampler, noise,
 CycleGAN image pools, augmentation), so a resumed run draws exactly the batches and noise the
 uninterrupted one would have, and picks the same best step. Files hold tensors and primitives
-only and load with ``weights_only=True``."""
+only and load with ``weights_only=True``.
+
+Every checkpoint is written, verified, then committed, and only committed ones are resumed:
+each rank serialises its files in memory, records their SHA-256 and sizes in
+``commit-rank-<r>.json``, and uploads (:func:`upload_checkpoint`, Ray's upload hook) the data
+files first, each to a temporary name renamed into place on a local disk, checks their sizes
+in storage, and the commit file last. A resume (:func:`complete_checkpoint`) checks every
+rank's commit and every file's hash; when the latest checkpoint fails (a file truncated,
+damaged or missing afterwards), it takes the newest earlier one that passes. A full disk is
+one line naming the folder, the space the checkpoint needs and what is free; transient
+storage errors are retried by :func:`flows.storage.with_retries`."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,18 +44,230 @@ def _rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
 
 
+def _commit_file(rank: int) -> str:
+    return f"commit-rank-{rank:05d}.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written (a full disk, storage refusing it); one line."""
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _disk_full(where: str, need: int, free: int | None) -> CheckpointError:
+    have = f"{_mb(free)} is free there" if free is not None else "the disk is full"
+    return CheckpointError(
+        f"disk full: a checkpoint needs {_mb(need)} in {where} and {have}; free space there "
+        "or point the storage elsewhere (--storage, GANFLOW_RAY_STORAGE)"
+    )
+
+
+def _is_full(exc: BaseException) -> bool:
+    return getattr(exc, "errno", None) == errno.ENOSPC or "no space left" in str(exc).lower()
+
+
+def _free(path: str | Path) -> int | None:
+    """Free bytes on the disk holding path (or the nearest folder above it that exists)."""
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists():
+            return shutil.disk_usage(q).free
+    return None
+
+
+def _save(obj: dict, path: Path) -> dict:
+    """torch.save into memory, then to path: the size and hash recorded are of exactly the
+    bytes written (and the size is known before the disk is asked for it)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
+    free = _free(path.parent)
+    if free is not None and free < len(data):
+        raise _disk_full(str(path.parent), len(data), free)
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        if _is_full(exc):
+            raise _disk_full(str(path.parent), len(data), _free(path.parent)) from None
+        raise
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
 def write_checkpoint(state, directory: Path, rank: int, world_size: int, best=None) -> None:
     """Rank 0: shared state and the best so far (``best``, a BestSoFar, when it holds a
-    step); every rank: its own random streams (see the module notes)."""
+    step); every rank: its own random streams (see the module notes), then its commit file
+    with the hash and size of each file it wrote."""
     from gan_core.train import state_dict
 
     sd = state_dict(state)
     per_rank = {k: sd.pop(k) for k in PER_RANK_KEYS}
-    torch.save({**per_rank, "world_size": world_size}, directory / _rank_file(rank))
+    files = {
+        _rank_file(rank): _save(
+            {**per_rank, "world_size": world_size}, directory / _rank_file(rank)
+        )
+    }
     if rank == 0:
-        torch.save({**sd, "world_size": world_size}, directory / STATE_FILE)
+        files[STATE_FILE] = _save({**sd, "world_size": world_size}, directory / STATE_FILE)
         if best is not None and best.found:
-            torch.save(best.state_dict(), directory / BEST_FILE)
+            files[BEST_FILE] = _save(best.state_dict(), directory / BEST_FILE)
+    commit = {"rank": rank, "world_size": world_size, "step": int(state.step), "files": files}
+    (directory / _commit_file(rank)).write_text(json.dumps(commit, sort_keys=True))
+
+
+def upload_checkpoint(src: Path, filesystem, dest: str) -> None:
+    """Copy one rank's checkpoint files from src into dest on a pyarrow filesystem: data
+    files first (a temporary name renamed into place on a local disk; an S3 object appears
+    whole), each size checked in storage, the commit file last. Transient errors are
+    retried (flows.storage.with_retries); a full disk is one line."""
+    from pyarrow import fs as pafs
+
+    from flows.storage import with_retries
+
+    local = isinstance(filesystem, pafs.LocalFileSystem)
+    names = sorted(p.name for p in src.iterdir() if p.is_file())
+    commits = [n for n in names if n.startswith("commit-rank-")]
+    order = [n for n in names if n not in commits] + commits
+    total = sum((src / n).stat().st_size for n in order)
+    if local:
+        free = _free(dest)
+        if free is not None and free < total:
+            raise _disk_full(dest, total, free)
+    written: list[str] = []
+    try:
+        with_retries(filesystem.create_dir, dest)
+        for name in order:
+            data = (src / name).read_bytes()
+            target = f"{dest}/{name}"
+            written.append(target)
+            with_retries(_put, filesystem, target, data, local)
+            size = with_retries(filesystem.get_file_info, target).size
+            if size != len(data):
+                raise CheckpointError(
+                    f"{target} holds {size} bytes after the upload, not {len(data)}"
+                )
+    except BaseException as exc:
+        # Nothing half-written stays: this rank's files go (no commit means Ray never
+        # registered the checkpoint, and a resume skips it anyway).
+        for target in written:
+            for path in (target, f"{target}.tmp"):
+                with contextlib.suppress(Exception):
+                    filesystem.delete_file(path)
+        if isinstance(exc, OSError) and _is_full(exc):
+            raise _disk_full(dest, total, _free(dest) if local else None) from None
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"checkpoint file not written in {dest}: {exc}") from None
+        raise
+
+
+def _put(filesystem, target: str, data: bytes, local: bool) -> None:
+    """One file: on a local disk to a temporary name, then renamed into place."""
+    tmp = f"{target}.tmp" if local else target
+    with filesystem.open_output_stream(tmp) as f:
+        f.write(data)
+    if local:
+        filesystem.move(tmp, target)
+
+
+def _ray_upload(checkpoint, checkpoint_dir_name: str):
+    """Ray Train's checkpoint_upload_fn: :func:`upload_checkpoint` into the run's folder."""
+    from ray.train import Checkpoint, get_context
+
+    storage = get_context().get_storage()
+    dest = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+    upload_checkpoint(Path(checkpoint.path), storage.storage_filesystem, dest)
+    return Checkpoint(path=dest, filesystem=storage.storage_filesystem)
+
+
+def _step(name: str) -> int | None:
+    m = _CHECKPOINT_NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def incomplete(directory: Path, legacy_ok: bool = False) -> str | None:
+    """Why the checkpoint in directory is not complete, or None when it is: every rank's
+    commit file is there and every file each lists has its recorded size and hash. With
+    legacy_ok, a checkpoint from before commit files (none at all, a state.pt) passes."""
+    if not list(directory.glob("commit-rank-*.json")):
+        if legacy_ok and (directory / STATE_FILE).exists():
+            return None
+        return "never committed"
+    commits = []
+    try:
+        first = json.loads((directory / _commit_file(0)).read_text())
+        for r in range(int(first["world_size"])):
+            commits.append(json.loads((directory / _commit_file(r)).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"rank {len(commits)} never committed"
+    for commit in commits:
+        for name, rec in commit["files"].items():
+            path = directory / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != rec["bytes"] or _sha256(path) != rec["sha256"]:
+                return f"{name} does not match the hash recorded when it was written"
+    return None
+
+
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)(-[0-9a-f]+)?$")
+# After a resume from an earlier checkpoint than Ray's latest, the steps in between are
+# checkpointed again: under new names (a suffix from the skipped checkpoint's name, the same
+# on every rank), because Ray deletes the skipped one by its path when it rotates it out.
+_name_suffix = ""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:08d}{_name_suffix}"
+
+
+def complete_checkpoint(checkpoint, say=print):
+    """The checkpoint to resume from: ``checkpoint`` (Ray's latest) when it is complete,
+    else the newest earlier one of the run that is, else None (a fresh start), with a line
+    through ``say`` saying which and why. Every rank decides alike (same files)."""
+    global _name_suffix
+    _name_suffix = ""
+    if checkpoint is None:
+        return None
+    from pyarrow import fs as pafs
+    from ray.train import Checkpoint
+
+    with checkpoint.as_directory() as d:
+        why = incomplete(Path(d), legacy_ok=True)
+    if why is None:
+        return checkpoint
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    _name_suffix = "-" + hashlib.sha256(name.encode()).hexdigest()[:6]
+    infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent))
+    step = _step(name)
+    older = sorted(
+        (
+            (_step(i.base_name), i.base_name)
+            for i in infos
+            if i.type == pafs.FileType.Directory
+            and i.base_name != name
+            and _step(i.base_name) is not None
+            and step is not None
+            and _step(i.base_name) <= step
+        ),
+        reverse=True,
+    )
+    for _, other in older:
+        candidate = Checkpoint(f"{parent}/{other}", filesystem=checkpoint.filesystem)
+        with candidate.as_directory() as d:
+            if incomplete(Path(d)) is None:
+                say(f"checkpoint {name} is incomplete ({why}); resuming from {other}")
+                return candidate
+    say(f"checkpoint {name} is incomplete ({why}) and no earlier one is complete; starting over")
+    return None
 
 
 def restore_checkpoint(state, directory: Path, rank: int, world_size: int) -> bool:
@@ -78,7 +307,8 @@ def report_checkpoint(state, metrics: dict, rank: int, world_size: int, best=Non
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"checkpoint-{state.step:08d}",
+            checkpoint_dir_name=checkpoint_name(state.step),
+            checkpoint_upload_fn=_ray_upload,
         )
 
 
@@ -92,6 +322,9 @@ def trained_generators(directory: Path) -> tuple:
     from gan_core.overrides import from_flat_dict
     from gan_core.train import read_checkpoint, recalibrate
 
+    why = incomplete(directory, legacy_ok=True)
+    if why is not None:
+        raise CheckpointError(f"checkpoint {directory} is incomplete: {why}")
     sd = read_checkpoint(directory / STATE_FILE)
     cfg = from_flat_dict(sd["config"])
     keys = generator_keys(cfg.family)

@@ -62,7 +62,12 @@ import torch
 from torch import nn
 
 from flows.train.best import evaluation_due, judged_generators
-from flows.train.checkpoints import read_best, report_checkpoint, restore_checkpoint
+from flows.train.checkpoints import (
+    complete_checkpoint,
+    read_best,
+    report_checkpoint,
+    restore_checkpoint,
+)
 from flows.train.spec import WorkerJob, WorkerUserError
 from gan_core.config import GanConfig
 from gan_core.overrides import from_flat_dict
@@ -296,7 +301,11 @@ def _train_worker(job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, de
         # ADA's r_t over every rank's reals, so all replicas move p alike (one small
         # all-reduce every augment.ada_interval D updates, at the same update on every rank).
         state.augment.reduce = _all_sum
-    checkpoint = ray.train.get_checkpoint()
+    # Only a complete checkpoint (every file as its hash was recorded) is resumed from.
+    checkpoint = complete_checkpoint(
+        ray.train.get_checkpoint(),
+        say=lambda line: print(f"[ganflow rank {rank}] {line}", file=sys.__stderr__, flush=True),
+    )
     best = None
     if checkpoint is None and job.warm_start:
         from flows.train.checkpoints import read_warm_start
