@@ -2,7 +2,9 @@
 families' chains run concurrently, two training jobs at a time (the cluster's room for
 1-worker jobs); a family whose data is broken fails in its own row while the other two are
 promoted, and the flow's error names it. The same pipeline one family after another in the
-same test gives the wall time to compare (printed; the README quotes it)."""
+same test gives the wall time to compare (printed, not asserted: a shared machine's load
+decides a timing; the README quotes it). What is asserted is the overlap: side by side, the
+two training runs' MLflow intervals overlap; one after another, they do not."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ import time
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from flows.orchestration import retraining as pipeline
+from flows.tracking import tracking_uri
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -105,7 +109,16 @@ def test_three_families_side_by_side_one_failing(two_nodes, tmp_path, monkeypatc
         assert "2 other families finished" in str(exc)
         assert "**failed** (ingest)" in exc.result["summary"]
         print(exc.result["summary"])
-    assert walls["sbs"] < walls["seq"], walls
+    client = MlflowClient(tracking_uri())
+    spans = {}
+    for tag, exc in outs.items():
+        rows = {r["family"]: r for r in exc.result["results"]}
+        runs = [client.get_run(rows[f]["run_id"]).info for f in ("gan", "cgan")]
+        spans[tag] = [(r.start_time, r.end_time) for r in runs]
+    (a0, a1), (b0, b1) = spans["sbs"]
+    assert a0 < b1 and b0 < a1, spans  # concurrent training runs
+    (a0, a1), (b0, b1) = spans["seq"]
+    assert a1 <= b0 or b1 <= a0, spans  # one after another
 
 
 def test_ganflow_run_exit_status_names_the_failed_families(tmp_path, monkeypatch, capsys):
