@@ -9,6 +9,8 @@
   256 KiB tmpfs, mounted as root) is one line naming the folder and the space needed, with
   nothing of the checkpoint left, in the upload, in the local write and through `ganflow
   train`; moto's S3 server stopped for 2 s mid-upload is waited out by the retries.
+- Promotion: a promoter SIGKILLed after each of its registry writes in turn (9 points); the
+  next promotion finds the registry as if the decision had not started or had finished.
 """
 
 from __future__ import annotations
@@ -472,3 +474,129 @@ def test_full_disk_ends_ganflow_train_in_one_line(small_disk, tmp_path):
     assert "CheckpointError: disk full: a checkpoint needs " in lines[0]
     assert f"MiB in {storage}/" in lines[0] and "MiB is free there" in lines[0]
     assert not [p for p in small_disk.rglob("*") if p.is_file() and p.suffix in (".pt", ".json")]
+
+
+# --- a promotion killed between its writes ---------------------------------------------------
+
+# Run in a subprocess: promote v2 of model "m" (its figures beat the champion v1's), counting
+# the registry writes on "m"; with KILL_AT=k the process SIGKILLs itself right after the k-th.
+# Figures are fixed (no networks are loaded); the lock's TTL is 2 s so the next contender
+# breaks a dead holder's lock quickly.
+_PROMOTER = """
+import functools, importlib, json, os, signal, sys
+from mlflow import MlflowClient
+pm = importlib.import_module("flows.registry.promote")  # the package exports a function so named
+from gan_core.presets import preset
+
+uri, version, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+FIGS = {"1": 2.0, "2": 1.0, "3": 3.0}
+pm.evaluate_version = lambda c, n, v, *a, **k: (preset("gan", "tiny"), {"fd": FIGS[v]})
+pm.promotion_lock = functools.partial(pm.promotion_lock, ttl_s=2.0)
+writes = []
+for method in ("set_registered_model_tag", "set_registered_model_alias",
+               "set_model_version_tag", "delete_registered_model_tag"):
+    real = getattr(MlflowClient, method)
+    def wrapped(self, name, *args, _real=real, _method=method, **kw):
+        out = _real(self, name, *args, **kw)
+        if name == "m":
+            writes.append([_method, str(args[0])])
+            if len(writes) == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    setattr(MlflowClient, method, wrapped)
+pm.promote("m", version, None, None, tracking_uri=uri)
+print(json.dumps(writes))
+"""
+
+
+def _registry(path: Path) -> str:
+    from flows.registry.models import _client
+
+    uri = f"sqlite:///{path}"
+    c = _client(uri)
+    c.create_registered_model("m", tags={"ganflow.family": "gan"})
+    for _ in range(3):
+        c.create_model_version("m", "ganflow:/test", tags={"ganflow.family": "gan"})
+    c.set_registered_model_alias("m", "champion", "1")
+    return uri
+
+
+def _registry_state(uri: str) -> dict:
+    from flows.registry.models import _client
+    from flows.registry.promote import PENDING_TAG
+
+    c = _client(uri)
+    model = c.get_registered_model("m")
+    lock_entries = c.search_model_versions("name = 'm.promotion-lock'")
+    return {
+        "aliases": {k: str(v) for k, v in model.aliases.items()},
+        "history": model.tags.get("ganflow.champion_history"),
+        "pending": model.tags.get(PENDING_TAG),
+        "decisions": {
+            v: c.get_model_version("m", v).tags.get("promotion.decision") for v in ("2", "3")
+        },
+        "locks": len(lock_entries),
+    }
+
+
+@pytest.mark.slow  # a dozen subprocesses importing MLflow and torch: minutes on 2 cores
+def test_promotion_killed_at_each_write_leaves_the_registry_consistent(tmp_path, monkeypatch):
+    """Promote v2 (better than champion v1) in a process killed after each of its registry
+    writes in turn; then the next promotion (v3, worse) runs. Whatever the point, the
+    registry ends as if v2's promotion had either never started or fully finished, never in
+    between: the alias, the champion history and the decision tags agree, and no decision is
+    left pending."""
+    import functools
+    import importlib
+    import json
+
+    from gan_core.presets import preset
+
+    pm = importlib.import_module("flows.registry.promote")
+
+    figs = {"1": 2.0, "2": 1.0, "3": 3.0}
+    monkeypatch.setattr(
+        pm, "evaluate_version", lambda c, n, v, *a, **k: (preset("gan", "tiny"), {"fd": figs[v]})
+    )
+    monkeypatch.setattr(pm, "promotion_lock", functools.partial(pm.promotion_lock, ttl_s=2.0))
+
+    def promoter(uri: str, version: str, kill_at: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-c", _PROMOTER, uri, version, str(kill_at)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    # The reference outcomes: v2 promoted then v3 judged, or v3 judged alone.
+    finished = _registry(tmp_path / "finished.db")
+    pm.promote("m", "2", None, None, tracking_uri=finished)
+    pm.promote("m", "3", None, None, tracking_uri=finished)
+    never = _registry(tmp_path / "never.db")
+    pm.promote("m", "3", None, None, tracking_uri=never)
+    outcomes = {"finished": _registry_state(finished), "never": _registry_state(never)}
+    assert outcomes["finished"]["aliases"] == {"champion": "2", "challenger": "3"}
+    assert outcomes["never"]["aliases"] == {"champion": "1", "challenger": "3"}
+
+    dry = promoter(_registry(tmp_path / "dry.db"), "2", 0)
+    out, err = dry.communicate(timeout=600)
+    assert dry.returncode == 0, err[-3000:]
+    writes = json.loads(out.strip().splitlines()[-1])
+    recorded = writes.index(["set_registered_model_tag", pm.PENDING_TAG]) + 1
+    assert writes[-1] == ["delete_registered_model_tag", pm.PENDING_TAG]
+
+    uris = {k: _registry(tmp_path / f"killed-{k}.db") for k in range(1, len(writes) + 1)}
+    procs = {k: promoter(uri, "2", k) for k, uri in uris.items()}
+    for k, proc in procs.items():
+        proc.communicate(timeout=600)
+        assert proc.returncode == -signal.SIGKILL, (k, proc.returncode)
+    for k, uri in uris.items():
+        left = _registry_state(uri)
+        assert left["locks"] == 1  # the dead promoter's lock entry, broken by the next one
+        pm.promote("m", "3", None, None, tracking_uri=uri)
+        got = _registry_state(uri)
+        want = outcomes["finished" if k >= recorded else "never"]
+        assert got == want, (k, writes[k - 1], got)
+    print(
+        f"killed after each of {len(writes)} writes; the decision is recorded at write {recorded}"
+    )

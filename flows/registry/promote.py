@@ -26,6 +26,14 @@ the registry itself, so it works across processes and machines with any MLflow b
   successor's lock (compare-and-delete by identity);
 - a holder whose entry was broken (its process stalled past the TTL) finds out at its next
   heartbeat or at ``check()``, which promotion calls before it moves an alias.
+
+A decision's writes (the history tag, the alias, the version's decision tags) are several
+calls, and a process can die between any two. So the whole decision is first recorded as one
+registered-model tag, ``ganflow.promotion_pending`` (one atomic write), then applied, then the
+tag is deleted. Every write is idempotent: the next promotion or rollback of the model, under
+the lock, finds a pending decision and completes it before anything else (a crash before the
+record leaves the registry as it was; after it, as if the process had not died). A version
+registered by a process that died before its promotion keeps no alias and no decision tag.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ from gan_core.overrides import apply_overrides
 # Figures the gate reads, tagged on the version beside the primary metric so a rejection by
 # the gate can be checked from the registry alone.
 GATE_FIGURES = ("class_accuracy", "class_accuracy_floor")
+PENDING_TAG = "ganflow.promotion_pending"
 LOCK_SOURCE = "ganflow:/promotion-lock"  # no artifacts behind it; an absolute path, as
 # MLflow's server requires of any model version source (a relative one is refused)
 
@@ -213,6 +222,35 @@ def promotion_lock(
         lock.release()
 
 
+def _apply(client, name: str, intent: dict) -> None:
+    """A decision's writes, each idempotent, then the record of it goes."""
+    if intent.get("history") is not None:
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(intent["history"]))
+    for alias, version in intent.get("aliases", {}).items():
+        client.set_registered_model_alias(name, alias, version)
+    for version, tags in intent.get("version_tags", {}).items():
+        for k, v in tags.items():
+            client.set_model_version_tag(name, version, k, v)
+    client.delete_registered_model_tag(name, PENDING_TAG)
+
+
+def _commit(client, name: str, lock: PromotionLock, intent: dict) -> None:
+    """Record the decision (one write), then apply it (see the module notes)."""
+    lock.check()  # a stalled promoter whose lock was broken must not write
+    client.set_registered_model_tag(name, PENDING_TAG, json.dumps(intent))
+    _apply(client, name, intent)
+
+
+def finish_interrupted(client, name: str) -> dict | None:
+    """Complete a decision a crash cut short (call under the lock); returns it, or None."""
+    raw = client.get_registered_model(name).tags.get(PENDING_TAG)
+    if not raw:
+        return None
+    intent = json.loads(raw)
+    _apply(client, name, intent)
+    return intent
+
+
 @dataclass
 class Decision:
     name: str
@@ -295,6 +333,7 @@ def promote(
         raise RegistryError(f"{name} v{version} is not a ganflow model (no ganflow.family tag)")
     has_truth = getattr(heldout, "x_truth", None) is not None
     with promotion_lock(client, name) as lock:
+        finish_interrupted(client, name)
         cfg, figures = evaluate_version(client, name, version, heldout, judge, seed, inception)
         metric, mode = primary_metric(cfg, has_truth)
         cand = figures[metric]
@@ -335,25 +374,22 @@ def promote(
             history = json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
             if champ_version is not None and champ_version != version:
                 history.append(champ_version)
-            lock.check()  # a stalled promoter whose lock was broken must not move the alias
-            client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-            client.set_registered_model_alias(name, "champion", version)
+            aliases = {"champion": version}
             decision = "champion"
         else:
             if failed is not None:
                 reason = f"v{version} fails the gate: {failed}"
             else:
                 reason = f"{metric} {cand:.4g} does not beat champion v{champ_version} {champ:.4g} by more than {margin:g} ({mode})"
-            lock.check()
-            if champ_version != version:
-                client.set_registered_model_alias(name, "challenger", version)
+            history = None
+            aliases = {"challenger": version} if champ_version != version else {}
             decision = "rejected"
         tags = {"promotion.decision": decision, "promotion.reason": reason}
         if champ is not None:
             tags[f"eval.champion.{metric}"] = f"{champ:.6g}"
             tags["eval.champion.version"] = str(champ_version)
-        for k, v in tags.items():
-            client.set_model_version_tag(name, version, k, v)
+        intent = {"history": history, "aliases": aliases, "version_tags": {version: tags}}
+        _commit(client, name, lock, intent)
     return Decision(name, version, decision, metric, cand, champ, champ_version, margin, reason)
 
 
@@ -363,6 +399,7 @@ def rollback(name: str, tracking_uri: str | None = None) -> dict:
     client = _client(tracking_uri)
     _resolve(client, name, None)  # an unknown model or no champion: before the lock too
     with promotion_lock(client, name) as lock:
+        finish_interrupted(client, name)
         current = _resolve(client, name, "champion")
         history = json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
         if not history:
@@ -370,8 +407,10 @@ def rollback(name: str, tracking_uri: str | None = None) -> dict:
                 f"{name} has no previous champion to roll back to (champion is v{current})"
             )
         previous = history.pop()
-        lock.check()
-        client.set_registered_model_alias(name, "champion", previous)
-        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-        client.set_model_version_tag(name, current, "promotion.rolled_back", "true")
+        intent = {
+            "history": history,
+            "aliases": {"champion": previous},
+            "version_tags": {current: {"promotion.rolled_back": "true"}},
+        }
+        _commit(client, name, lock, intent)
     return {"name": name, "champion": previous, "demoted": current}
