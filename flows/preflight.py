@@ -14,6 +14,10 @@ failure after ingestion or an hour of training. Only what is configured is check
   :func:`flows.storage.get_filesystem`, so the endpoint variables apply as everywhere else.
 - Ray: ``RAY_ADDRESS`` when set and not ``auto``/``local``: a TCP connection to host:port.
 
+Local stores are checked by every command before it starts (:func:`check_local_stores`):
+GANFLOW_HOME and, per command, the snapshot root, the Ray storage and a SQLite or file MLflow
+store, by creating and removing a file there.
+
 :func:`ensure_ray` is the one way ganflow connects to Ray (training, search, and ingest on the
 cluster): RAY_ADDRESS when set, else a local Ray started for the process, whose processes are
 all given its address (so two ganflow jobs on one machine never mistake each other's).
@@ -446,13 +450,14 @@ _STORES_BY_COMMAND = {
 PROBE_PREFIX = ".ganflow-write-check-"
 
 
-def local_stores(command: str, args: object = None) -> list[tuple[str, Path, str]]:
-    """(what, local path, how to change it) for everything local ``command`` will write:
-    GANFLOW_HOME always, then its stores, with the command's own --root/--storage first."""
+def local_stores(command: str, args: object = None) -> list[tuple[str, Path, str, bool]]:
+    """(what, local path, how to change it, whether it is a file) for everything local
+    ``command`` will write: GANFLOW_HOME always, then its stores, with the command's own
+    --root/--storage first."""
     from flows.settings import ganflow_home, mlflow_tracking_uri, ray_storage, snapshot_root
 
     home = ganflow_home()
-    stores = [("GANFLOW_HOME", str(home), "set GANFLOW_HOME to a folder you can write")]
+    stores = [("GANFLOW_HOME", str(home), "set GANFLOW_HOME to a folder you can write", False)]
     wanted = _STORES_BY_COMMAND.get(command, ())
     for key, what, flag, var, default in (
         ("snapshots", "snapshot root", "root", "GANFLOW_STORAGE_ROOT", snapshot_root),
@@ -460,13 +465,19 @@ def local_stores(command: str, args: object = None) -> list[tuple[str, Path, str
     ):
         if key in wanted:
             given = getattr(args, flag, None)
-            stores.append((what, given or default(), f"set {f'--{flag}' if given else var}"))
+            fix = f"set {f'--{flag}' if given else var}"
+            stores.append((what, given or default(), fix, False))
     if "tracking" in wanted:
-        path = tracking_path(mlflow_tracking_uri())
+        uri = mlflow_tracking_uri()
+        path = tracking_path(uri)
         if path is not None:
-            stores.append(("MLflow tracking store", path, "set MLFLOW_TRACKING_URI"))
-    local = [(w, p.removeprefix("file://"), f) for w, p, f in stores if _is_local(p)]
-    return [(w, Path(p).expanduser().absolute(), f) for w, p, f in local]
+            is_db = uri.startswith("sqlite:")
+            stores.append(("MLflow tracking store", path, "set MLFLOW_TRACKING_URI", is_db))
+    return [
+        (w, Path(p.removeprefix("file://")).expanduser().absolute(), f, is_file)
+        for w, p, f, is_file in stores
+        if _is_local(p)
+    ]
 
 
 def _is_local(path: str) -> bool:
@@ -485,14 +496,13 @@ def tracking_path(uri: str) -> str | None:
     return uri if uri and not scheme else None
 
 
-def check_writable(what: str, path: Path, fix: str) -> None:
+def check_writable(what: str, path: Path, fix: str, is_file: bool = False) -> None:
     """PreflightError in one line naming ``path`` unless this process can write there: by
     creating (and removing) a file in it, or, when it does not exist yet, in the nearest
     folder above it that does. Permission bits alone would not say (root ignores them, a
     read-only mount has them set). Nothing is left behind and no folder is created.
-    A path ending in ``.db`` is a SQLite file: the file must open for writing and its folder
-    must take new files (SQLite writes a journal beside it)."""
-    is_file = path.suffix == ".db"
+    With ``is_file`` (a SQLite database) the file must open for writing and its folder must
+    take new files (SQLite writes a journal beside it)."""
     existing = path
     try:
         if is_file and path.is_dir():
@@ -524,9 +534,9 @@ def check_local_stores(command: str, args: object = None) -> list[Path]:
     """Check every local folder and file ``command`` writes (:func:`local_stores`) before it
     starts; returns them. Raises PreflightError (one line) at the first it cannot write."""
     stores = local_stores(command, args)
-    for what, path, fix in stores:
-        check_writable(what, path, fix)
-    return [p for _, p, _ in stores]
+    for what, path, fix, is_file in stores:
+        check_writable(what, path, fix, is_file)
+    return [store[1] for store in stores]
 
 
 # --- the entry point -------------------------------------------------------------------------
