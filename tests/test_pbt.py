@@ -5,7 +5,14 @@ the space's bounds; a small real Tune PBT search; kill-and-resume of a PBT searc
 from __future__ import annotations
 
 import copy
+import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +147,131 @@ def test_schedule_keeps_the_donors_segments_up_to_the_exploit():
         "  steps 1-30: optim.lr_g=0.0001",
         "  steps 31-100: optim.lr_g=0.0002",
     ]
+
+
+# --- a real Tune PBT search ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_home(tmp_path_factory, classifier_cache):
+    pytest.importorskip("ray")
+    from ray_isolated import isolated_cluster, use_test_env
+
+    home = tmp_path_factory.mktemp("pbt-home")
+    (home / "cache").mkdir()
+    for f in classifier_cache.iterdir():
+        (home / "cache" / f.name).write_bytes(f.read_bytes())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GANFLOW_HOME", str(home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        use_test_env(mp)
+        with isolated_cluster([2]) as cluster:
+            mp.setenv("RAY_ADDRESS", cluster.address)  # the resume test's CLI driver joins it
+            yield home
+
+
+@pytest.fixture
+def home(ray_home, monkeypatch):
+    monkeypatch.setenv("GANFLOW_HOME", str(ray_home))  # conftest gives each test its own
+    return ray_home
+
+
+PBT_ARGS = {"train.steps": 40, "train.log_every": 5, "model.hidden": 32}
+
+
+@pytest.mark.slow
+def test_small_pbt_search_exploits_and_its_winner_is_the_model(home):
+    from flows.tracking import client, tracking_uri
+    from flows.tune.search import SearchRequest, run_search
+
+    base = apply_overrides(preset("gan", "tiny"), PBT_ARGS)
+    space = validate_space(
+        {"lr_g": {"loguniform": [5e-5, 1e-3]}, "d_steps": {"grid": [1, 3]}}, base
+    )
+    result = run_search(
+        SearchRequest(
+            "gan",
+            "builtin:digits",
+            base,
+            space,
+            samples=2,
+            scheduler="pbt",
+            eval_every=10,
+            quantile=0.5,
+            cpus_per_worker=0.45,
+            name="pbt-small",
+        ),
+        progress=False,
+    )
+    trials = result["trials"]
+    assert len(trials) == 4 and all(t["error"] is None and t["step"] == 40 for t in trials)
+    best = result["best"]
+    assert best is not None and best["schedule"][0][0] == 1
+    c = client(tracking_uri())
+    exp = c.get_experiment_by_name("ganflow-search").experiment_id
+    parent = c.search_runs([exp], filter_string="tags.`ganflow.run_name` = 'pbt-small'")[0]
+    children = c.search_runs(
+        [exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len(children) == 4  # one run per trial, kept across its exploits
+    exploits = [
+        (ch, k, v) for ch in children for k, v in ch.data.tags.items() if "pbt.exploit" in k
+    ]
+    assert exploits, "no exploit in a population of 4 with quantile 0.5"
+    for ch, key, line in exploits:
+        step = int(key.rsplit(".", 1)[1])
+        assert f"at step {step}:" in line and "from trial" in line
+        sched = json.loads(
+            (Path(c.download_artifacts(ch.info.run_id, "pbt_schedule.json"))).read_text()
+        )
+        assert any(first == step + 1 for first, _ in sched), (line, sched)
+    # The winner's run holds the schedule and its generator: that is the model, not a retrain.
+    best_arts = {a.path for a in c.list_artifacts(best["run_id"])}
+    assert "pbt_schedule.json" in best_arts
+    assert c.get_run(best["run_id"]).outputs.model_outputs, "no logged generator"
+    assert "pbt_schedule.json" in {a.path for a in c.list_artifacts(parent.info.run_id)}
+
+
+@pytest.mark.slow
+def test_killed_pbt_search_resumes_with_the_same_population(home):
+    """The driver is SIGKILLed once a trial has reported a checkpoint; --resume finishes the
+    same 4 trials (same ids), each once, at the last step."""
+    env = {**os.environ, "GANFLOW_HOME": str(home)}
+    args = [sys.executable, "-m", "flows.cli", "tune", "--family", "gan", "--name", "pbt-resume"]
+    args += ["--scheduler", "pbt", "--samples", "2", "--quantile", "0.5"]
+    for k, v in PBT_ARGS.items():
+        args += ["--set", f"{k}={v}"]
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    state = home / "ray_results" / "pbt-resume"
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline:
+            if state.exists() and list(state.glob("*/checkpoint_*")):
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"search ended before it could be killed (rc {proc.returncode})")
+            time.sleep(1)
+        else:
+            pytest.fail("no trial checkpointed in time")
+        first = {
+            json.loads(line)["trial_id"]
+            for p in state.glob("*/result.json")
+            for line in p.read_text().splitlines()
+            if line.strip()
+        }
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    out = subprocess.run(
+        [*args, "--resume", "--json"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    trials = result["trials"]
+    ids = [t["trial_id"] for t in trials]
+    assert len(trials) == 4 and len(set(ids)) == 4, ids
+    assert all(t["error"] is None and t["step"] == 40 for t in trials)
+    assert first <= set(ids), (first, ids)  # the same population, not a new one
+    assert result["best"]["schedule"]

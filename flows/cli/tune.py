@@ -30,12 +30,25 @@ def cmd_tune(args: argparse.Namespace) -> dict:
     n = count_trials(space, args.samples)
     if not args.json:
         print(f"search over {', '.join(space)}: {n} trials, scheduler {args.scheduler}")
+    pbt = {
+        "perturbation_interval": args.perturbation_interval,
+        "quantile": args.quantile,
+        "resample_probability": args.resample_probability,
+    }
     result = run_search(
-        SearchRequest(family=args.family, dataset=args.dataset, base=base, space=space, **opts),
+        SearchRequest(
+            family=args.family, dataset=args.dataset, base=base, space=space, **opts, **pbt
+        ),
         progress=not args.json,
     )
     if not args.json:
         print(format_trials(result))
+        best = result["best"]
+        if best is not None and best.get("schedule"):
+            from flows.tune.pbt import format_schedule
+
+            print(f"schedule of the winner (trial {best['trial_id']}, its generator is the model):")
+            print(format_schedule(best["schedule"], base.train.steps))
     return result
 
 
@@ -83,7 +96,33 @@ def add_commands(sub, add_common) -> None:
         metavar="FILE",
         help="YAML: field: {grid|choice: [..]} or {uniform|loguniform|randint: [low, high]}",
     )
-    p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
+    p.add_argument(
+        "--scheduler",
+        choices=("asha", "fifo", "pbt", "pb2"),
+        default="asha",
+        help="asha/fifo: fixed configs (the best is retrained); pbt/pb2: Population Based "
+        "Training, hyperparameters change during training and the best trial's generator "
+        "is the model",
+    )
+    p.add_argument(
+        "--perturbation-interval",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="pbt/pb2: steps between exploit/explore (default: the eval interval)",
+    )
+    p.add_argument(
+        "--quantile",
+        type=float,
+        default=0.25,
+        help="pbt/pb2: bottom fraction that copies the top one (default: 0.25, Ray's)",
+    )
+    p.add_argument(
+        "--resample-probability",
+        type=float,
+        default=0.25,
+        help="pbt: chance a mutated field is drawn afresh (default: 0.25, Ray's)",
+    )
     p.add_argument(
         "--max-concurrent",
         type=int,

@@ -23,7 +23,7 @@ import uuid
 
 from flows.ingest.resolve import ensure_snapshot
 from flows.settings import forwarded_env, ray_storage
-from flows.tune.space import SearchError, SearchRequest, to_tune_space
+from flows.tune.space import PBT_SCHEDULERS, SearchError, SearchRequest, to_tune_space
 from flows.tune.summary import _summarise
 from gan_core.evaluate import primary_metric
 from gan_core.overrides import apply_overrides, from_flat_dict
@@ -134,6 +134,43 @@ def _trial(config: dict) -> None:
     run_training(req)
 
 
+def _scheduler(req: SearchRequest, steps: int, eval_every: int, interval: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if req.scheduler == "asha":
+        # max_t one past the last step: a trial that reaches the end returns by itself
+        # (Tune killing it at max_t would strand its Train run's resources).
+        return ASHAScheduler(
+            time_attr="step",
+            max_t=steps + 1,
+            grace_period=req.grace_period or eval_every,
+            reduction_factor=2,
+        )
+    if req.scheduler in PBT_SCHEDULERS:
+        from flows.tune import pbt
+
+        common = {
+            "time_attr": pbt.TIME_ATTR,
+            "perturbation_interval": interval,
+            "quantile_fraction": req.quantile,
+            "custom_explore_fn": pbt.clip(req.space),
+            # The final report has no TIME_ATTR (see flows.tune.pbt): not an error.
+            "require_attrs": False,
+        }
+        if req.scheduler == "pb2":
+            from ray.tune.schedulers.pb2 import PB2
+
+            return PB2(hyperparam_bounds=pbt.pb2_bounds(req.space), **common)
+        from ray.tune.schedulers import PopulationBasedTraining
+
+        return PopulationBasedTraining(
+            hyperparam_mutations=pbt.mutations(req.space),
+            resample_probability=req.resample_probability,
+            **common,
+        )
+    return FIFOScheduler()
+
+
 def _storage_root(req: SearchRequest) -> str:
     return req.storage or ray_storage()
 
@@ -142,10 +179,9 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
     """Run (or resume) the search; returns {"name", "trials": [...], "best": {...}}."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from flows import orphans, tracking
-    from flows.settings import snapshot_root
+    from flows.settings import cache_dir, snapshot_root
     from flows.train.driver import check_resources, ensure_ray, gpu_capacity
     from flows.train.spec import ClusterSpec, StorageSpec
 
@@ -154,6 +190,17 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
     eval_every = req.eval_every or req.base.eval.every or max(1, steps // 4)
     # Every trial evaluates on val at this interval (its reports carry the metric ASHA reads).
     base = apply_overrides(req.base, {"eval.every": eval_every})
+    pbt = req.scheduler in PBT_SCHEDULERS
+    interval = req.perturbation_interval or eval_every
+    if pbt:
+        from flows.tune.pbt import check_pbt_space
+
+        check_pbt_space(req.space, base)
+        if interval % eval_every:
+            raise SearchError(
+                f"perturbation_interval ({interval}) must be a multiple of the eval interval "
+                f"({eval_every}): PBT decides on the val metric"
+            )
     if req.resume:  # before any work: a search that cannot resume leaves nothing behind
         where, fs = StorageSpec(url=_storage_root(req)).resolve()
         if not tune.Tuner.can_restore(f"{where}/{req.name}", storage_filesystem=fs):
@@ -211,6 +258,15 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
                 "scheduler": req.scheduler,
                 "space": json.dumps(req.space)[:6000],
                 "steps": steps,
+                **(
+                    {
+                        "perturbation_interval": interval,
+                        "quantile": req.quantile,
+                        "resample_probability": req.resample_probability,
+                    }
+                    if pbt
+                    else {}
+                ),
             }
             for k, v in params.items():
                 if k not in have:
@@ -234,10 +290,19 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
             "tracking": req.tracking,
             "parent_run_id": parent,
             "env": forwarded_env(),
+            "experiment": EXPERIMENT,
+            "snapshot_root": snapshot_root(),
+            "cache_dir": str(cache_dir()),
         }
-        trainable = tune.with_resources(
-            _trial, {"cpu": 0.01}
-        )  # the trial's own workers reserve the real CPUs
+        if pbt:
+            from flows.tune.pbt import pbt_trial
+
+            # A PBT trial trains in its own actor (flows/tune/pbt.py): it reserves the CPUs.
+            trainable = tune.with_resources(
+                pbt_trial, {"cpu": req.cpus_per_worker, "gpu": req.gpus_per_worker}
+            )
+        else:  # the trial's own Ray Train workers reserve the real CPUs
+            trainable = tune.with_resources(_trial, {"cpu": 0.01})
         max_conc = req.max_concurrent
         if max_conc is None:
             # GPU trials: as many as the GPUs allow, counting those an autoscaling cluster can add
@@ -248,24 +313,13 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
                 cpus = ray.cluster_resources().get("CPU", 1.0)
                 free = cpus / (req.workers_per_trial * req.cpus_per_worker)
             max_conc = max(1, int(free))
-        scheduler = (
-            # max_t one past the last step: a trial that reaches the end returns by itself
-            # (Tune killing it at max_t would strand its Train run's resources).
-            ASHAScheduler(
-                time_attr="step",
-                max_t=steps + 1,
-                grace_period=req.grace_period or eval_every,
-                reduction_factor=2,
-            )
-            if req.scheduler == "asha"
-            else FIFOScheduler()
-        )
+        scheduler = _scheduler(req, steps, eval_every, interval)
         run_config = tune.RunConfig(
             name=name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
             verbose=1 if progress else 0,
-            callbacks=[_reaper_callback()],
+            callbacks=[] if pbt else [_reaper_callback()],
         )
         if req.resume:
             tuner = tune.Tuner.restore(

@@ -41,6 +41,8 @@ def _summarise(
                 "error": None if r.error is None else str(r.error).splitlines()[0][:300],
                 "checkpoint": m.get("checkpoint_path")
                 or (r.checkpoint.path if r.checkpoint else None),
+                # PBT: the hyperparameters per step ([[first step, {field: value}], ...]).
+                **({"schedule": m["pbt_schedule"]} if m.get("pbt_schedule") else {}),
             }
         )
     completed = [
@@ -65,6 +67,8 @@ def _summarise(
             "trial_id": b["trial_id"],
             "run_id": None,
         }
+        if "schedule" in b:  # PBT: the final values, and the schedule that led to them
+            best["schedule"] = b["schedule"]
     if uri and parent:
         best_run = _record_parent(uri, parent, name, trials, best, metric)
         if best is not None:
@@ -127,6 +131,10 @@ def _record_parent(
             c.log_artifact(parent, str(plot))
         if best_run:
             _copy_best_grid(c, best_run, parent, Path(tmp))
+        if best is not None and best.get("schedule"):
+            sched = Path(tmp) / "pbt_schedule.json"
+            sched.write_text(json.dumps(best["schedule"], indent=2))
+            c.log_artifact(parent, str(sched))
     c.set_terminated(parent, status="FINISHED")
     return best_run
 
