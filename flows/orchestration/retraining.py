@@ -712,7 +712,7 @@ def for_source(pc: PipelineConfig, source: str) -> PipelineConfig | None:
     names it); None when none is."""
     from dataclasses import replace
 
-    from flows.orchestration.watch import is_source, source_id
+    from flows.orchestration.sources import is_source, source_id
 
     sid = source_id(source)
     fams = tuple(

@@ -27,7 +27,6 @@ source: two would each send the event.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,27 +34,10 @@ from dataclasses import asdict, dataclass
 from prefect import flow
 
 from flows.errors import UserError
+from flows.orchestration.sources import is_source, source_id
 
 EVENT = "ganflow.dataset.changed"
 DEFAULT_QUIET_SECONDS = 120.0
-
-
-def source_id(ref: str) -> str:
-    """One spelling per source, the event's resource id: a local folder as its absolute path
-    (no file://, no trailing slash), a URL without its trailing slash. The retraining flow
-    compares its families' datasets with an event's source through the same function."""
-    from flows.storage import is_remote
-
-    if is_remote(ref):
-        return ref.rstrip("/")
-    path = ref.removeprefix("file://")
-    return os.path.abspath(os.path.expanduser(path)).rstrip("/") or "/"
-
-
-def is_source(ref: str) -> bool:
-    """A dataset reference that names files to list (a folder, a file, a URL), not a built-in
-    or a snapshot id or name (those never change)."""
-    return not ref.startswith("builtin:") and ("/" in ref or "://" in ref)
 
 
 @dataclass(frozen=True)
