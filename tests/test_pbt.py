@@ -239,7 +239,8 @@ def test_killed_pbt_search_resumes_with_the_same_population(home):
     same 4 trials (same ids), each once, at the last step."""
     env = {**os.environ, "GANFLOW_HOME": str(home)}
     args = [sys.executable, "-m", "flows.cli", "tune", "--family", "gan", "--name", "pbt-resume"]
-    args += ["--scheduler", "pbt", "--samples", "2", "--quantile", "0.5"]
+    # The gan family's default space: k on a grid of 4, so a population of 4.
+    args += ["--scheduler", "pbt", "--samples", "1", "--quantile", "0.5"]
     for k, v in PBT_ARGS.items():
         args += ["--set", f"{k}={v}"]
     proc = subprocess.Popen(
