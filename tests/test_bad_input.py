@@ -393,11 +393,16 @@ def test_unwritable_store_is_one_line(argv, var, value, phrase, tmp_path, monkey
     assert not (tmp_path / HOME).exists()
 
 
+# What an earlier test in the same process may have exported (a session's tracking server,
+# Ray or Prefect address) must not decide which store these commands check.
+_SERVICES = ("GANFLOW_", "MLFLOW_", "RAY_ADDRESS", "PREFECT_API_URL")
+
+
 def _as_nobody(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
         ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
         + [sys.executable, "-m", "flows.cli", *argv],
-        env={k: v for k, v in os.environ.items() if not k.startswith("GANFLOW_")} | env,
+        env={k: v for k, v in os.environ.items() if not k.startswith(_SERVICES)} | env,
         cwd="/",
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
