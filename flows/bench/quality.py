@@ -76,7 +76,7 @@ from gan_core.viz import save_grid
 # --- one run ------------------------------------------------------------------------------
 
 
-def _train_ganflow(cfg: GanConfig, b: Bench, seconds: float | None, progress) -> dict:
+def _train_ganflow(cfg: GanConfig, b: Bench, progress) -> dict:
     state = init_state(cfg, b.train, cfg.train.device)
     last: dict = {}
 
@@ -90,8 +90,6 @@ def _train_ganflow(cfg: GanConfig, b: Bench, seconds: float | None, progress) ->
         train(state, b.train, callbacks=[keep], until=state.step + cfg.train.log_every)
         spent += time.perf_counter() - t0
         progress(state.step, cfg.train.steps, spent, last)
-        if seconds is not None and spent >= seconds:
-            break
     # ADA's p where it adapts: a short run may end with augmentation barely switched on.
     aug_p = float(state.augment.p) if cfg.augment.policy != "none" else None
     return {
@@ -103,7 +101,7 @@ def _train_ganflow(cfg: GanConfig, b: Bench, seconds: float | None, progress) ->
     }
 
 
-def _train_anchor(cfg: GanConfig, b: Bench, seconds: float | None, progress) -> dict:
+def _train_anchor(cfg: GanConfig, b: Bench, progress) -> dict:
     m, t = cfg.model, cfg.train
     anchor = qd.Anchor(
         b.train, m.z_dim, m.ngf, t.batch_size, t.seed, cfg.family == "cgan", t.device
@@ -114,8 +112,6 @@ def _train_anchor(cfg: GanConfig, b: Bench, seconds: float | None, progress) -> 
         last = anchor.train(min(anchor.step + t.log_every, t.steps))
         spent += time.perf_counter() - t0
         progress(anchor.step, t.steps, spent, last)
-        if seconds is not None and spent >= seconds:
-            break
     return {"models": {"G": anchor.G}, "steps": anchor.step, "seconds": spent, "last": last}
 
 
@@ -166,7 +162,7 @@ def run_one(b: Bench, variant: str, cfg: GanConfig, budget: str, out: Path, log)
         log(f"    step {step}/{total}  {spent:.0f} s  {step / max(spent, 1e-9):.1f} it/s  {losses}")
 
     anchor = variant == "anchor" and b.family != "cyclegan"
-    trained = (_train_anchor if anchor else _train_ganflow)(cfg, b, None, progress)
+    trained = (_train_anchor if anchor else _train_ganflow)(cfg, b, progress)
     figures = measure(cfg, trained["models"], b)
     tag = variant if budget == "steps" else f"{variant}@time"
     grid = out / "grids" / b.name / f"{tag}-seed{cfg.train.seed}.png"
@@ -205,7 +201,7 @@ def probe_rate(b: Bench, variant: str, cfg: GanConfig, steps: int = 10) -> float
         last[0] = now
 
     trainer = _train_anchor if variant == "anchor" and b.family != "cyclegan" else _train_ganflow
-    trainer(short, b, None, lambda *a: tick())
+    trainer(short, b, lambda *a: tick())
     return steps / max(sum(times[1:]), 1e-9)
 
 
@@ -253,7 +249,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--time-variants",
         help="equal-time rows under --budget both (default: anchor and old on shapes)",
     )
-    p.add_argument("--seconds", type=float, help="equal-time budget (default: what defaults took)")
+    p.add_argument("--seconds", type=float, help="equal-time budget (default: the defaults' steps)")
     p.add_argument("--ngf", type=int, default=32, help="ngf = ndf of the gan/cgan runs")
     p.add_argument("--batch", type=int, default=32, help="minibatch of the gan/cgan runs")
     p.add_argument("--samples", type=int, default=900, help="generated samples per evaluation")
