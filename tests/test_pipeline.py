@@ -40,7 +40,7 @@ def test_config_validation(tmp_path):
         ("families: cgan\n", ("cgan",)),
         ("families: gan, cyclegan\n", ("gan", "cyclegan")),
         ("margin: '0.5'\n", "margin: must be a number, got '0.5'"),
-        ("search: maybe\n", "search: must be true or false, got 'maybe'"),
+        ("search: maybe\n", "search: must be one of false, true, asha, pbt, pb2, got 'maybe'"),
         ("workers: two\n", "workers: must be an integer, got 'two'"),
         ("overrides: {gan: 5}\n", "overrides.gan: must be a mapping"),
     ]:

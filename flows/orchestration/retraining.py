@@ -13,6 +13,10 @@ without a Ray job (flows.orchestration.lineage). When the data changed, the cham
 measured on the new snapshot's val split first, and the candidate starts from its
 checkpoint when the networks fit (``retrain.mode``). ``--force`` trains anyway.
 
+With ``search: pbt`` (or ``pb2``) the search is the training: the best PBT trial's logged
+generator is the candidate, registered and promoted like a trained one, with its trial, search
+and schedule in the version's tags; nothing is trained after the search.
+
 Reruns pick up earlier stages' results: a training run's name is fixed per (family,
 snapshot, config, start, day) so a rerun resumes it from its last checkpoint, and a run that
 already registered a version reuses it instead of registering a duplicate.
@@ -41,6 +45,7 @@ from flows.orchestration.lineage import (
     RetrainError,
 )
 from flows.settings import read_yaml_mapping
+from flows.tune.space import PBT_SCHEDULERS
 from gan_core.config import DEFAULT_DATASET, FAMILIES, ConfigError
 from gan_core.overrides import apply_overrides
 from gan_core.presets import preset
@@ -48,6 +53,20 @@ from gan_core.presets import preset
 
 class PipelineError(ValueError):
     """The pipeline's configuration or a stage failed; one line for the command line."""
+
+
+# ``search:``'s values. ``true`` is what it always meant (ASHA over the family's space, then
+# the best config trained again from scratch); ``asha`` says the same by name.
+SEARCH_CHOICES = ("false", "true", "asha", *PBT_SCHEDULERS)
+
+# A PBT candidate's lineage, on its registered version (and its trial's run): which search and
+# trial produced the generator, and where the trial's schedule (its hyperparameters per step)
+# is, since the version's ``ganflow.config`` holds only the values the trial ended with.
+PBT_SEARCH_TAG = "ganflow.pbt.search"
+PBT_SEARCH_RUN_TAG = "ganflow.pbt.search_run"
+PBT_TRIAL_TAG = "ganflow.pbt.trial"
+PBT_SCHEDULE_TAG = "ganflow.pbt.schedule"
+SCHEDULE_ARTIFACT = "pbt_schedule.json"
 
 
 @dataclass(frozen=True)
@@ -58,11 +77,14 @@ class PipelineConfig:
     """family -> snapshot id/name, builtin:NAME, or a source URL to ingest (default: built-in)."""
     overrides: dict = field(default_factory=dict)
     """family -> {config field: value} applied to that family's default preset."""
-    search: bool = False
-    """Run a Ray Tune search before training and train with its best config."""
+    search: bool | str = False
+    """false | true | asha | pbt | pb2. true/asha: a Ray Tune ASHA search, then the best
+    config is trained from scratch. pbt/pb2: Population Based Training over the family's
+    space; the best trial's generator is the candidate, nothing is trained after it."""
     search_samples: int = 1
     search_steps: int | None = None
-    """Iterations per search trial (default: a quarter of the training steps)."""
+    """Iterations per search trial (default: a quarter of the training steps for ASHA, all
+    of them for PBT, whose trials are the candidates)."""
     workers: int = 1
     gpus_per_worker: float = 0.0
     margin: float = 0.0
@@ -88,6 +110,13 @@ class PipelineConfig:
             raise PipelineError(f"workers: must be >= 1, got {self.workers}")
         if self.margin < 0:
             raise PipelineError(f"margin: must be >= 0, got {self.margin}")
+        if self.search_scheduler in PBT_SCHEDULERS and self.retrain.mode == "warm":
+            # A PBT population starts from random weights (trials share states only with each
+            # other): "warm, or an error" can never be honoured, so say so before any work.
+            raise PipelineError(
+                f"retrain.mode: must be auto or scratch with search: {self.search} (its "
+                "population trains from scratch), got 'warm'"
+            )
         for fam in self.families:
             try:
                 cfg = self.train_config(fam)
@@ -97,6 +126,13 @@ class PipelineConfig:
                 from flows.train.data_config import check_inception
 
                 check_inception(cfg)
+
+    @property
+    def search_scheduler(self) -> str | None:
+        """None (no search), "asha" (``true`` or ``asha``), "pbt" or "pb2"."""
+        if self.search is False:
+            return None
+        return "asha" if self.search is True else self.search
 
     def dataset(self, family: str) -> str:
         return self.datasets.get(family, DEFAULT_DATASET[family])
@@ -137,7 +173,11 @@ def _check_types(pc: PipelineConfig) -> None:
         "datasets": (isinstance(pc.datasets, dict), "a mapping family -> dataset"),
         "overrides": (isinstance(pc.overrides, dict), "a mapping family -> {field: value}"),
         "model_names": (isinstance(pc.model_names, dict), "a mapping family -> model name"),
-        "search": (isinstance(pc.search, bool), "true or false"),
+        "search": (
+            isinstance(pc.search, bool)
+            or (isinstance(pc.search, str) and pc.search in SEARCH_CHOICES[2:]),
+            f"one of {', '.join(SEARCH_CHOICES)}",
+        ),
         "search_samples": (
             isinstance(pc.search_samples, int) and not isinstance(pc.search_samples, bool),
             "an integer",
@@ -176,23 +216,110 @@ def stage_ingest(dataset: str, image_size: int | None = None) -> dict:
     return ensure_snapshot(dataset, image_size=image_size)
 
 
-def stage_search(family: str, snapshot_id: str, cfg, samples: int, steps: int | None) -> dict:
+def stage_search(
+    family: str,
+    snapshot_id: str,
+    cfg,
+    samples: int,
+    steps: int | None,
+    scheduler: str = "asha",
+    gpus: float = 0.0,
+) -> dict:
     from flows.tune.search import SearchRequest, run_search
     from flows.tune.space import default_space, validate_space
 
-    steps = steps or max(20, cfg.train.steps // 4)
-    base = apply_overrides(cfg, {"train.steps": steps, "train.log_every": max(1, steps // 8)})
-    req = SearchRequest(
-        family=family,
-        dataset=snapshot_id,
-        base=base,
-        space=validate_space(default_space(family), base),
-        samples=samples,
-    )
+    if scheduler in PBT_SCHEDULERS:
+        from flows.orchestration.lineage import finetune_config
+
+        # The winner is the candidate itself: its trials train for the training's length (or
+        # search_steps) with the config's own evaluation cadence, so its registered generator
+        # is chosen on val as a training run's would be. A trial is one process with its
+        # own GPU share (PBT has no multi-worker trials; `workers` applies to training).
+        steps = steps or cfg.train.steps
+        base = cfg if steps == cfg.train.steps else finetune_config(cfg, steps)
+        req = SearchRequest(
+            family=family,
+            dataset=snapshot_id,
+            base=base,
+            space=validate_space(default_space(family), base),
+            samples=samples,
+            scheduler=scheduler,
+            gpus_per_worker=gpus,
+        )
+    else:
+        steps = steps or max(20, cfg.train.steps // 4)
+        base = apply_overrides(cfg, {"train.steps": steps, "train.log_every": max(1, steps // 8)})
+        req = SearchRequest(
+            family=family,
+            dataset=snapshot_id,
+            base=base,
+            space=validate_space(default_space(family), base),
+            samples=samples,
+        )
     result = run_search(req, progress=False)
     if result["best"] is None:
         raise PipelineError(f"search {result['name']}: no trial completed")
     return result
+
+
+def stage_pbt_candidate(search: dict) -> dict:
+    """The best PBT trial as the training stage returns a run (run_id, run_name, metrics,
+    checkpoint, snapshot_id), for registration and promotion as they are: its run already
+    logged its best step's generator (flows.tune.pbt), so nothing is trained here.
+
+    metrics: the registered generator's test figures (measured once, at the trial's end, on
+    that generator), the val figure that chose it and its step. The other val figures at that
+    step are left out: after an exploit the best step may be the donor's, logged in the
+    donor's run, and the trial's own history at that step is another model's."""
+    from flows.tracking import RUN_NAME_TAG, client, tracking_uri
+
+    best = search["best"]
+    if not best.get("run_id"):
+        raise PipelineError(
+            f"search {search['name']}: the best trial {best.get('trial_id')} has no MLflow run"
+        )
+    if not best.get("checkpoint"):
+        raise PipelineError(
+            f"search {search['name']}: the best trial {best.get('trial_id')} left no checkpoint"
+        )
+    run = client(tracking_uri()).get_run(best["run_id"])
+    tags = run.data.tags
+    metrics = {
+        k.removeprefix("eval."): v
+        for k, v in run.data.metrics.items()
+        if k.startswith("eval.") and not k.startswith("eval.val_")
+    }
+    metrics[best["metric_name"]] = best["metric"]
+    if tags.get("ganflow.best_step"):
+        metrics["best_step"] = int(tags["ganflow.best_step"])
+    return {
+        "run_id": best["run_id"],
+        "run_name": tags.get(RUN_NAME_TAG) or f"{search['name']}-{best['trial_id']}",
+        "family": tags.get("ganflow.family"),
+        "snapshot_id": tags["ganflow.snapshot_id"],
+        "metrics": metrics,
+        "checkpoint": best["checkpoint"],
+        "storage": search.get("path", ""),
+        "search_run": tags.get("mlflow.parentRunId", ""),
+    }
+
+
+def pbt_lineage(search: dict, candidate: dict) -> dict[str, str]:
+    """Where a PBT candidate came from: the search, its MLflow run, the trial and the trial's
+    schedule artifact (a runs:/ URI MLflow resolves)."""
+    return {
+        PBT_SEARCH_TAG: search["name"],
+        PBT_SEARCH_RUN_TAG: candidate["search_run"],
+        PBT_TRIAL_TAG: str(search["best"]["trial_id"]),
+        PBT_SCHEDULE_TAG: f"runs:/{candidate['run_id']}/{SCHEDULE_ARTIFACT}",
+    }
+
+
+def pbt_candidate_line(search: dict) -> str:
+    return (
+        f"candidate: PBT trial {search['best']['trial_id']} of search {search['name']}, "
+        "no retraining"
+    )
 
 
 def _run_name(family: str, snapshot_id: str, cfg, plan: Plan | None = None) -> str:
@@ -359,11 +486,19 @@ def _family_setup(pc: PipelineConfig, family: str, manifest: dict):
     name = pc.model_names.get(family) or model_name(
         family, manifest.get("name") or pc.dataset(family)
     )
+    # The search mode is part of what is compared with a champion's lineage: a PBT champion
+    # was produced by another process than an ASHA-then-train one, so switching between them
+    # is a config change (trained again), and a PBT champion is kept only by a request for
+    # the same PBT search on the same snapshot and code (another run would just draw another
+    # population). ``asha`` is ``true`` by name and digests as ``true``: champions registered
+    # before ``search`` took names keep matching. The digest is the request's (before any
+    # search), never the winning trial's mutated values, for PBT as for ASHA.
+    search = True if pc.search == "asha" else pc.search
     digest = config_digest(
         cfg,
         workers=pc.workers,
         gpus_per_worker=pc.gpus_per_worker,
-        search=[pc.search, pc.search_samples, pc.search_steps],
+        search=[search, pc.search_samples, pc.search_steps],
     )
     return cfg, name, digest
 
@@ -472,6 +607,9 @@ def retrain_family(
                 f"{measured['metric']} {measured['value']:.4g}"
                 + ("" if was is None else f" (at its promotion: {was:.4g})")
             )
+    if pc.search_scheduler in PBT_SCHEDULERS:
+        row = {**row, "champion_on_snapshot": measured}
+        return _pbt_family(pc, family, task, cluster_slot, manifest, cfg, name, digest, row, t0)
     search = None
     if pc.search:
         with cluster_slot():
@@ -518,6 +656,57 @@ def retrain_family(
     }
 
 
+def _pbt_family(pc, family, task, cluster_slot, manifest, cfg, name, digest, row, t0) -> dict:
+    """search: pbt|pb2. The search's best trial is the candidate: its run's generator is
+    registered and promoted exactly as a trained candidate's (same stages, same val split,
+    judge and gate), with no training stage after the search. It never starts warm: the
+    population trains from random weights (PipelineConfig refuses retrain.mode warm)."""
+    from flows.orchestration.lineage import code_digest
+
+    snapshot = manifest["id"]
+    with cluster_slot():
+        search = task(
+            "search",
+            stage_search,
+            family,
+            snapshot,
+            cfg,
+            pc.search_samples,
+            pc.search_steps,
+            pc.search_scheduler,
+            pc.gpus_per_worker,
+        )
+    best = search["best"]
+    line = pbt_candidate_line(search)
+    _say(
+        f"{family}: search {search['name']} best {best['metric_name']}={best['metric']:.4g}; {line}"
+    )
+    candidate = task("candidate", stage_pbt_candidate, search)
+    lineage = {
+        CONFIG_DIGEST_TAG: digest,
+        CODE_DIGEST_TAG: code_digest(),
+        **pbt_lineage(search, candidate),
+    }
+    task("lineage", stage_tag_run, candidate["run_id"], {**lineage, "ganflow.start": "pbt"})
+    version = task("register", stage_register, candidate, name, manifest, lineage)
+    decision = task("promote", stage_promote, name, version, snapshot, cfg, pc.margin)
+    _say(f"{family}: {name} v{version} -> {decision['decision']} ({decision['reason']})")
+    return {
+        **row,
+        "decision": decision["decision"],
+        "start": "pbt",
+        "start_why": line,
+        "run_id": candidate["run_id"],
+        "run_name": candidate["run_name"],
+        "metrics": candidate["metrics"],
+        "version": version,
+        "promotion": decision,
+        "warm_from": None,
+        "search": {"name": search["name"], "best": best},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
 def stage_tag_run(run_id: str, tags: dict) -> None:
     """The training run's lineage in MLflow: its start (warm/scratch), the champion version
     and run it started from, the requested config's and gan_core's digests."""
@@ -559,6 +748,8 @@ def summary_markdown(results: list[dict], tracking: str, retraining_run: str | N
             continue
         champ = "-" if p["champion"] is None else f"{p['champion']:.4g} (v{p['champion_version']})"
         start = r["start"] + (f" from v{r['warm_from']}" if r.get("warm_from") else "")
+        if r["start"] == "pbt":  # the candidate was not trained by this retraining: say whose
+            start = r["start_why"]
         lines.append(
             f"| {r['family']} | {r['name']} | **{p['decision']}** | {start} | {r['version']} | {p['metric']} | {p['candidate']:.4g} | {champ} | {on_new} |"
         )
@@ -580,6 +771,11 @@ def summary_markdown(results: list[dict], tracking: str, retraining_run: str | N
             lines.append(f"- {r['family']}: failed at {r['why']}")
         elif r["promotion"] is None:
             lines.append(f"- {r['family']}: kept: {r['why']}")
+        elif r["start"] == "pbt":
+            lines.append(
+                f"- {r['family']}: PBT search ({r['why']}); {r['start_why']}; "
+                f"{r['promotion']['reason']}"
+            )
         else:
             lines.append(
                 f"- {r['family']}: trained ({r['why']}), {r['start']} ({r['start_why']}); "
