@@ -157,6 +157,7 @@ def test_pbt_pipeline_promotes_the_best_trial_without_retraining(home):
     table_row = next(ln for ln in md.splitlines() if ln.startswith("| gan |"))
     assert line in table_row and "**champion**" in table_row
     assert f"- gan: PBT search (no champion yet); {line}; no champion yet" in md
+    assert f"(PBT trial runs: {best['run_id']})" in md and "training runs" not in md
     retraining = c.get_run(log_retraining(tracking_uri(), [row])).data.tags
     assert retraining["gan.start"] == "pbt" and retraining["gan.decision"] == "champion"
 
@@ -169,14 +170,19 @@ def test_pbt_pipeline_promotes_the_best_trial_without_retraining(home):
     assert pipeline.all_kept(pc) is not None
     # Another search mode is another config: ASHA-then-train would retrain (asha is true).
     manifest = pipeline.stage_ingest("builtin:digits")
-    digests = {
+    setups = {
         str(mode): pipeline._family_setup(
             PipelineConfig(families=("gan",), overrides={"gan": TINY_GAN}, search=mode),
             "gan",
             manifest,
-        )[2]
+        )
         for mode in ("pbt", True, "asha")
     }
+    digests = {mode: setup[2] for mode, setup in setups.items()}
     assert digests["True"] == digests["asha"] != digests["pbt"] == tags["ganflow.config_digest"]
-    plan = pipeline.stage_plan(MODEL, manifest["id"], digests["asha"], False)["plan"]
+    planned = pipeline.stage_plan(MODEL, manifest["id"], digests["asha"], False)
+    plan = planned["plan"]
     assert (plan.action, plan.why) == ("train", "config changed")
+    # ... and may start warm from the PBT champion: its recorded checkpoint is the trial's.
+    start = pipeline.stage_start(plan, planned["champion"], setups["asha"][0], "auto")
+    assert (start.start, start.warm_from.version) == ("warm", version), start.start_why

@@ -753,11 +753,17 @@ def summary_markdown(results: list[dict], tracking: str, retraining_run: str | N
         lines.append(
             f"| {r['family']} | {r['name']} | **{p['decision']}** | {start} | {r['version']} | {p['metric']} | {p['candidate']:.4g} | {champ} | {on_new} |"
         )
-    runs = [r["run_id"] for r in results if r.get("run_id")]
+    runs = [r["run_id"] for r in results if r.get("run_id") and r.get("start") != "pbt"]
+    # A PBT candidate's run is a search trial's (in ganflow-search), not a training run.
+    trials = [r["run_id"] for r in results if r.get("run_id") and r.get("start") == "pbt"]
+    ran = [
+        *([f"training runs: {', '.join(runs)}"] if runs else []),
+        *([f"PBT trial runs: {', '.join(trials)}"] if trials else []),
+    ]
     lines += [
         "",
         f"MLflow: `{tracking}`"
-        + (f" (training runs: {', '.join(runs)})" if runs else " (nothing trained)")
+        + (f" ({'; '.join(ran)})" if ran else " (nothing trained)")
         + (
             f"; this retraining: run {retraining_run} in ganflow-retraining."
             if retraining_run
