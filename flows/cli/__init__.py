@@ -191,6 +191,7 @@ PLUGINS: list[str] = [
     "flows.cli.run",
     "flows.cli.tune",
     "flows.cli.train",
+    "flows.cli.tracking",
 ]
 
 

@@ -218,9 +218,10 @@ class RayCallback:
         from gan_core.evaluate import sample_grid
         from gan_core.train import eval_models
 
-        tracking.log_metrics(
-            self.job.tracking_uri, self.job.run_id, {k: v for k, v in metrics.items()}, state.step
-        )
+        # Through the run's logger: a tracking server that goes away does not stop training
+        # (its records are spooled on local disk and sent when it answers again).
+        logger = _logger(self.job)
+        logger.log_metrics(dict(metrics), state.step)
         if state.step % self.job.sample_every == 0 or state.step == self.end:
             # The generator evaluation judges (EMA when kept), not the optimiser's weights.
             images, nrow, caption = sample_grid(
@@ -228,9 +229,7 @@ class RayCallback:
             )
             tracking.log_grid(self.job.tracking_uri, self.job.run_id, images, nrow, state.step)
             # What the grid's rows are (and whether classes were cut), next to it in the UI.
-            tracking.client(self.job.tracking_uri).set_tag(
-                self.job.run_id, "ganflow.samples", caption
-            )
+            logger.set_tags({"ganflow.samples": caption}, state.step)
 
 
 def quiet_train_reports() -> None:
@@ -414,13 +413,11 @@ class Evaluator:
         job = self.job
         if not job.run_id:
             return
-        from flows import tracking
-
-        tracking.log_metrics(job.tracking_uri, job.run_id, metrics, step)
+        logger = _logger(job)
+        logger.log_metrics(metrics, step)
         if not self._tagged:
-            client = tracking.client(job.tracking_uri)
-            client.set_tag(job.run_id, "ganflow.primary_metric", self.primary)
-            client.set_tag(job.run_id, "ganflow.judge_task", self.judge().task)
+            tags = {"ganflow.primary_metric": self.primary, "ganflow.judge_task": self.judge().task}
+            logger.set_tags(tags, step)
             self._tagged = True
 
     def validate(self, state) -> dict[str, float]:
@@ -471,40 +468,53 @@ class Evaluator:
                 "ganflow.best_metric": f"val_{self.primary}",
                 "ganflow.best_value": f"{primary_val:.6g}",
             }
-            client = tracking.client(job.tracking_uri)
-            for k, v in tags.items():
-                client.set_tag(job.run_id, k, v)
-            _log_loss_plot(job, self.cfg)
+            logger = _logger(job)
+            logger.set_tags(tags, state.step)
+            title = f"{self.cfg.family}: losses"
+            logger.deferred(
+                "loss_plot",
+                {"title": title},
+                lambda: log_loss_plot(job.tracking_uri, job.run_id, title),
+                state.step,
+            )
             # The registered generator's own samples, beside the series of the EMA/live ones.
             from gan_core.evaluate import sample_grid
 
             images, nrow, _ = sample_grid(self.cfg, generators, self.heldout["test"])
             tracking.log_grid(job.tracking_uri, job.run_id, images, nrow, step, "best_samples")
-            tracking.log_generator(
-                job.tracking_uri,
-                job.run_id,
-                self.cfg,
-                generators,
-                extra={"best_step": step},
-                tags=tags,
-            )
+            logger.log_generator(self.cfg, generators, state.step, {"best_step": step}, tags)
         return metrics
 
 
-def _log_loss_plot(job: WorkerJob, cfg: GanConfig) -> None:
+def _logger(job: WorkerJob):
+    """Rank 0's logger of this run (one per process: it holds the outage state), able to
+    draw the loss plot when it sends a spool."""
+    from flows import tracking
+
+    logger = tracking.run_logger(job.tracking_uri, job.run_id)
+    logger.handlers.setdefault("loss_plot", replay_loss_plot)
+    return logger
+
+
+def log_loss_plot(uri: str, run_id: str, title: str) -> None:
     """losses.png from the MLflow history (whole run, across resumes)."""
     from flows import tracking
     from flows.train.local import plot_losses
 
-    client = tracking.client(job.tracking_uri)
-    keys = [k for k in client.get_run(job.run_id).data.metrics if k.startswith("loss")]
+    client = tracking.client(uri)
+    keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("loss")]
     by_step: dict[int, dict[str, float]] = {}
     for k in keys:
-        for m in client.get_metric_history(job.run_id, k):
+        for m in client.get_metric_history(run_id, k):
             by_step.setdefault(m.step, {})[k] = m.value
     history = [(s, v) for s, v in sorted(by_step.items()) if len(v) == len(keys)]
     if not history:
         return
     with tempfile.TemporaryDirectory() as tmp:
-        path = plot_losses(history, Path(tmp) / "losses.png", f"{cfg.family}: losses")
-        client.log_artifact(job.run_id, str(path))
+        path = plot_losses(history, Path(tmp) / "losses.png", title)
+        client.log_artifact(run_id, str(path))
+
+
+def replay_loss_plot(uri: str, run_id: str, record: dict) -> None:
+    """A spooled ``loss_plot`` record, drawn once the server holds the whole history."""
+    log_loss_plot(uri, run_id, record["title"])
