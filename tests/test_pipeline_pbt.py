@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flows.orchestration import retraining as pipeline
 from flows.orchestration.retraining import PipelineConfig, PipelineError
@@ -45,7 +46,8 @@ def test_search_takes_false_true_asha_pbt_pb2_and_says_so_in_one_line(tmp_path):
 def ray_home(tmp_path_factory, classifier_cache):
     """As tests/test_pbt.py's, with 4 CPUs: the gan family's default space is a population of
     4 (k on a grid of 4) and PBT ranks a population that trains side by side (each trial
-    trains on one thread; the machine's real cores are shared as in test_pbt)."""
+    trains on one thread; the machine's real cores are shared as in test_pbt). Prefect's
+    ephemeral server lives under it, as ray_isolated.embedded_pipeline sets it up."""
     pytest.importorskip("ray")
     from ray_isolated import isolated_cluster, use_test_env
 
@@ -55,7 +57,11 @@ def ray_home(tmp_path_factory, classifier_cache):
         (home / "cache" / f.name).write_bytes(f.read_bytes())
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GANFLOW_HOME", str(home))
+        mp.setenv("PREFECT_HOME", str(home / "prefect"))
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        mp.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("PREFECT_API_URL", raising=False)
         use_test_env(mp)
         with isolated_cluster([4]):
             yield home
@@ -79,25 +85,30 @@ MODEL = "ganflow-gan-pbt"
 
 
 @pytest.mark.slow
-def test_pbt_pipeline_promotes_the_best_trial_without_retraining(home):
+def test_pbt_pipeline_promotes_the_best_trial_without_retraining(home, tmp_path, monkeypatch):
     import mlflow
 
-    from flows.tracking import client, log_retraining, tracking_uri
+    from flows.tracking import client, tracking_uri
     from gan_core.evaluate import gate_failure
 
-    pc = PipelineConfig(
-        families=("gan",),
-        overrides={"gan": TINY_GAN},
-        search="pbt",
-        model_names={"gan": MODEL},
-    )
+    settings = {
+        "families": ["gan"],
+        "overrides": {"gan": TINY_GAN},
+        "search": "pbt",
+        "model_names": {"gan": MODEL},
+    }
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(settings))
     stages: list[str] = []
 
-    def direct(stage, fn, *args):  # the flow's stages, run here without Prefect
+    def recorded(stage, fn, *args):  # the flow's own stage runner, with the stages noted
         stages.append(stage)
-        return fn(*args)
+        return real_as_task(stage, fn, *args)
 
-    row = pipeline.retrain_family(pc, "gan", direct)
+    real_as_task = pipeline._as_task
+    monkeypatch.setattr(pipeline, "_as_task", recorded)
+    out = pipeline.retraining_flow(str(config))
+    row = out["results"][0]
     assert stages == ["ingest", "plan", "search", "candidate", "lineage", "register", "promote"]
     c = client(tracking_uri())
     search, best = row["search"], row["search"]["best"]
@@ -153,21 +164,21 @@ def test_pbt_pipeline_promotes_the_best_trial_without_retraining(home):
 
     # The summary row says where the candidate came from.
     line = f"candidate: PBT trial {best['trial_id']} of search {search['name']}, no retraining"
-    md = pipeline.summary_markdown([row], tracking_uri())
+    md = out["summary"]
     table_row = next(ln for ln in md.splitlines() if ln.startswith("| gan |"))
     assert line in table_row and "**champion**" in table_row
     assert f"- gan: PBT search (no champion yet); {line}; no champion yet" in md
     assert f"(PBT trial runs: {best['run_id']})" in md and "training runs" not in md
-    retraining = c.get_run(log_retraining(tracking_uri(), [row])).data.tags
+    retraining = c.get_run(out["retraining_run"]).data.tags
     assert retraining["gan.start"] == "pbt" and retraining["gan.decision"] == "champion"
 
     # Nothing changed, nothing trained: the same request on the same snapshot keeps the PBT
     # champion without a search; the digest is the request's, not the trial's mutated values.
     stages.clear()
-    again = pipeline.retrain_family(pc, "gan", direct)
+    again = pipeline.retraining_flow(str(config))["results"][0]
     assert stages == ["ingest", "plan"]
     assert again["decision"] == "kept" and again["version"] == version
-    assert pipeline.all_kept(pc) is not None
+    assert pipeline.all_kept(PipelineConfig.load(str(config))) is not None
     # Another search mode is another config: ASHA-then-train would retrain (asha is true).
     manifest = pipeline.stage_ingest("builtin:digits")
     setups = {
