@@ -427,14 +427,20 @@ def is_remote(uri: str | None) -> bool:
 
 
 def without_credentials(uri: str) -> str:
-    """uri without user:password, still usable (credentials come from the environment)."""
+    """uri without user:password or a query, still usable (MLflow takes credentials from
+    the environment); what a spool stores on disk."""
     parts = urllib.parse.urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
     host = parts.hostname or ""
     if parts.port:
         host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _shown(uri: str) -> str:
+    """uri as the outage lines print it: credentials masked, no query (a token could be
+    there)."""
+    parts = urllib.parse.urlsplit(uri)
+    return redact(urllib.parse.urlunsplit((*parts[:3], "", "")))
 
 
 def spool_dir(run_id: str) -> Path:
@@ -813,7 +819,7 @@ class RunLogger:
         if self.down_since is None:
             self.down_since = step if step is not None else -1
             self.say(
-                f"MLflow server at {redact(self.uri)} unreachable since step {step}: "
+                f"MLflow server at {_shown(self.uri)} unreachable since step {step}: "
                 f"buffering to {self.spool.path}; training goes on"
             )
 
@@ -841,14 +847,14 @@ class RunLogger:
             if dropped
             else ""
         )
-        self.say(f"MLflow server at {redact(self.uri)} back: sent {sent} buffered records{lost}")
+        self.say(f"MLflow server at {_shown(self.uri)} back: sent {sent} buffered records{lost}")
         return True
 
     def _keep_end(self, status: str) -> None:
         self.spool.open(self.uri, self.run_id)
         self.spool.append({"t": "end", "status": status})
         self.say(
-            f"MLflow server at {redact(self.uri)} still unreachable at the end of run "
+            f"MLflow server at {_shown(self.uri)} still unreachable at the end of run "
             f"{self.run_id}: {self.spool.pending()} records (status {status} last) kept in "
             f"{self.spool.path}; send them with: ganflow tracking replay {self.spool.path}"
         )

@@ -357,3 +357,71 @@ def test_training_goes_on_through_a_server_outage(server, tmp_path, classifier_c
     assert len(during) >= 3, (sorted(during), outage)
     assert _image_steps(server.url, run_id, "samples")
     assert not (home / tracking.SPOOL_FOLDER / run_id).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_training_that_ends_without_the_server_is_replayed(server, tmp_path, classifier_cache):
+    """The server goes away for good near the end: the evaluation, the grids, the loss plot
+    and the model wait in the spool; the run ends with one line naming the replay command,
+    and the replay (once the server is back) completes the run as it would have been."""
+    steps = 200
+    home, proc = _train(tmp_path, classifier_cache, server.url, steps)
+    rows = 2 * (steps // 5 - 6)  # loss_D and loss_G, 6 log points before the end
+
+    def take_the_server_away() -> None:
+        while _loss_rows(server.db) < rows and proc.poll() is None:
+            time.sleep(0.1)
+        server.stop()
+
+    chaos = threading.Thread(target=take_the_server_away)
+    chaos.start()
+    try:
+        out, err = proc.communicate(timeout=540)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        chaos.join(timeout=60)
+    print(err, file=sys.stderr)  # shown when the test fails
+    assert proc.returncode == 0, err[-3000:]
+    run_id = json.loads(out.strip().splitlines()[-1])["run_id"]
+    spool = home / tracking.SPOOL_FOLDER / run_id
+    assert len([x for x in err.splitlines() if "unreachable since step" in x]) == 1
+    [end] = [x for x in err.splitlines() if "tracking replay" in x]
+    assert end.endswith(f"send them with: ganflow tracking replay {spool}"), end
+    records = [r["t"] for _, r in tracking.Spool(spool).unsent()]
+    assert {"metrics", "image", "loss_plot", "generator"} <= set(records), records
+    assert records[-1] == "end"
+
+    server.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "GANFLOW_"))}
+    env.update(GANFLOW_HOME=str(home), MLFLOW_TRACKING_URI=server.url)
+    replay = subprocess.run(
+        [str(BIN / "ganflow"), "tracking", "replay", str(spool), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert replay.returncode == 0, replay.stderr[-3000:]
+    result = json.loads(replay.stdout.strip().splitlines()[-1])
+    assert result["status"] == "FINISHED" and result["dropped"] == 0, result
+    assert result["sent"] == len(records)
+    assert not spool.exists()
+
+    c = tracking.client(server.url)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in [k for k in run.data.metrics if k.startswith("loss")]:
+        assert sorted(set(_steps(server.url, run_id, key))) == list(range(5, steps + 1, 5)), key
+    assert "eval.fd" in run.data.metrics and "ganflow.best_step" in run.data.tags
+    assert "losses.png" in {a.path for a in c.list_artifacts(run_id)}
+    assert _image_steps(server.url, run_id, "best_samples")
+    import mlflow
+
+    mlflow.set_tracking_uri(server.url)
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list"
+    )
+    [logged] = [m for m in models if m.source_run_id == run_id and m.name == "generator"]
+    assert logged.tags["ganflow.best_step"] == run.data.tags["ganflow.best_step"]
