@@ -473,12 +473,11 @@ def short_http() -> Iterator[None]:
 def is_outage(exc: BaseException) -> bool:
     """Whether exc says the server is away (no connection, a timeout, a 5xx after retries)
     rather than that the request was wrong (a 4xx: a bug that buffering would hide)."""
-    import requests
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, MlflowException):
         return exc.get_http_status_code() >= 500
-    return isinstance(exc, (requests.exceptions.RequestException, OSError))
+    return isinstance(exc, OSError)  # requests' own exceptions are OSErrors too
 
 
 def reachable(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
