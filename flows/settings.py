@@ -108,6 +108,7 @@ FORWARDED_ENV = (
     "GANFLOW_MLFLOW_ARTIFACT_ROOT",
     "GANFLOW_S3_ENDPOINT_URL",
     "MLFLOW_TRACKING_URI",
+    "GANFLOW_TRACKING_PROBE_S",  # how often rank 0 asks whether a lost server is back
     "MLFLOW_S3_ENDPOINT_URL",
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
