@@ -58,13 +58,13 @@ gpu-check: setup
 gpu-check-dry: setup
 	$(PY) -m flows.bench.gpu_check --out gpu-check-out --dry
 
-# The quality benchmark (flows/bench/quality.py) on one GPU, sized as the CPU cannot: two
-# seeds, 3,000 steps, the shapes sets and their 10% subset, ganflow's defaults, with and
+# The quality benchmark (flows/bench/quality.py) on one GPU, sized as the CPU cannot: three
+# seeds, 6,000 steps, the shapes sets and their 10% subset, ganflow's defaults, with and
 # without augmentation, against the plain DCGAN at equal steps and equal time.
 gpu-quality: setup
 	$(PY) -m flows.bench.quality --device cuda --datasets shapes,shapes-10 \
-		--variants anchor,defaults,augment --time-variants anchor --steps 3000 \
-		--batch 64 --seeds 0,1 --out gpu-quality-out
+		--variants anchor,defaults,no-aug --time-variants anchor --steps 6000 \
+		--batch 64 --seeds 0,1,2 --out gpu-quality-out
 
 clean:
 	rm -rf $(VENV) .ganflow .pytest_cache .ruff_cache

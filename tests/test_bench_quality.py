@@ -119,14 +119,17 @@ def test_plan_runs_defaults_first_time_rows_last_and_skips_said():
         "old",
         "anchor",
         "concat",
+        "ema",
     }
-    # The defaults' loss is hinge, with no R1 and no spectral norm; the ema row is CycleGAN's.
+    # The defaults' loss is hinge, with no R1, no spectral norm and no EMA.
     assert skipped == {
         "hinge": "same as defaults",
         "no-r1": "same as defaults",
         "no-sn": "same as defaults",
-        "ema": "not for cgan",
     }
+    ema = next(c for v, c, _ in runs if v == "ema")
+    assert base.train.ema_half_life == 0 and ema.train.ema_half_life == 10_000
+    assert base.augment.ada and base.augment.policy == "color,translation,cutout"
     old = next(c for v, c, _ in runs if v == "old")
     assert old.model.g_layout == "wide" and not old.model.d_batchnorm
     assert base.model.ngf == 32 and base.train.batch_size == 6  # cut to the 6 images here

@@ -67,7 +67,7 @@ def test_a_preset_is_chosen_with_the_overrides_when_fitting_a_dataset():
 
     facts = DataFacts("labelled", 32, 3, ("a", "b", "c"))
     cpu = config_for_data("cgan", facts, ["preset=cpu", "train.steps=900"])
-    assert (cpu.model.ngf, cpu.train.steps, cpu.eval.every) == (32, 900, 150)
+    assert (cpu.model.ngf, cpu.train.steps, cpu.eval.every) == (32, 900, 600)
     assert config_for_data("cgan", facts).model.ngf == 64
     with pytest.raises(ConfigError, match="preset: unknown preset 'huge'"):
         config_for_data("cgan", facts, {"preset": "huge"})

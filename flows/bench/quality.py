@@ -1,8 +1,10 @@
 """What ganflow's training choices buy in sample quality: `python -m flows.bench.quality`.
 
-A CPU-sized benchmark (the default run is about half an hour on 2 free cores, ``--quick``
-one to two minutes). Everything is drawn here (:mod:`flows.bench.quality_data`), nothing is
-downloaded:
+Sized for one GPU or a patient CPU: each gan/cgan run is 6,000 steps at ngf 32, batch 64
+(10-13 minutes of one CPU core; D's augmentation needs that long to pay, see the presets),
+so the full default plan takes hours on 2 cores and minutes on a GPU (``--device cuda``);
+``--quick`` is one to two minutes. Everything is drawn here
+(:mod:`flows.bench.quality_data`), nothing is downloaded:
 
 - ``shapes``, ``shapes-25``, ``shapes-10``: the conditional GAN on 32x32 RGB circles,
   squares and triangles (random colours, sizes and positions), 200 training images per
@@ -236,7 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma list of {', '.join(VARIANTS)} for every dataset (default: a plan per "
         "dataset; rows that do not apply to a family are skipped)",
     )
-    p.add_argument("--steps", type=int, default=1000, help="steps of each gan/cgan run")
+    p.add_argument("--steps", type=int, default=6000, help="steps of each gan/cgan run")
     p.add_argument("--cycle-steps", type=int, default=200, help="steps of each CycleGAN run")
     p.add_argument(
         "--budget",
@@ -251,7 +253,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seconds", type=float, help="equal-time budget (default: the defaults' steps)")
     p.add_argument("--ngf", type=int, default=32, help="ngf = ndf of the gan/cgan runs")
-    p.add_argument("--batch", type=int, default=32, help="minibatch of the gan/cgan runs")
+    p.add_argument("--batch", type=int, default=64, help="minibatch of the gan/cgan runs")
     p.add_argument("--samples", type=int, default=900, help="generated samples per evaluation")
     p.add_argument("--seeds", default="0", help="training seeds, comma list")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")

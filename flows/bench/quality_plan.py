@@ -11,7 +11,7 @@ from gan_core.config import GanConfig
 from gan_core.data import ImageSet, UnpairedSet
 from gan_core.judge import Judge, judge_accuracy, train_judge
 from gan_core.overrides import apply_overrides
-from gan_core.presets import DataFacts, config_for_data, preset
+from gan_core.presets import EMA_HALF_LIFE, DataFacts, config_for_data
 
 EVAL_SEED = 2024  # the z of every evaluation, apart from any training seed
 R1_GAMMA = 0.1  # the "r1" row's γ where the defaults have none: small images, small data
@@ -66,24 +66,24 @@ VARIANTS: dict[str, tuple[tuple[str, ...], dict | str | None]] = {
     "old": (GANS, _OLD),
     "sn": (ALL, {"model.spectral_norm": True}),
     "augment": (ALL, "augment"),
-    "ema": (("cyclegan",), "ema"),
+    "ema": (ALL, "ema"),
 }
 PLAN = {
     # One row per stabiliser the defaults differ by (a row equal to the defaults is skipped);
-    # the rest (minimax, hinge, r1, concat, fixed-p) with --variants.
+    # the rest (minimax, hinge, r1, concat, augment) with --variants.
     "shapes": (
         "anchor",
         "defaults",
         "no-aug",
-        "augment",
-        "no-ema",
+        "fixed-p",
+        "ema",
         "no-bn-d",
         "sn",
         "projection",
         "old",
     ),
     "shapes-25": ("anchor", "defaults", "no-aug"),
-    "shapes-10": ("anchor", "defaults", "no-aug", "augment", "old"),
+    "shapes-10": ("anchor", "defaults", "no-aug", "old"),
     "shapes-gan": ("anchor", "defaults", "old"),
     "colours": ("anchor", "defaults", "sn", "augment"),
 }
@@ -94,7 +94,7 @@ TIME_PLAN = {"shapes": ("anchor", "old")}
 def _gans_stabiliser(name: str) -> dict:
     if name == "augment":  # DiffAugment's three ops with ADA's p, as the small-set presets
         return {"augment.policy": "color,translation,cutout", "augment.ada": True}
-    return {"train.ema_half_life": preset("cgan", "default", 32).train.ema_half_life}
+    return {"train.ema_half_life": EMA_HALF_LIFE}
 
 
 # --- data and judges ----------------------------------------------------------------------
