@@ -19,7 +19,9 @@ from torch import nn
 
 from flows.cli import main
 
-pytestmark = pytest.mark.timeout(1200)
+# A hang guard, not a speed target: the three-family run took 1,078 s beside two 1-thread
+# benchmarks (load average 6-10) on this 2-core machine.
+pytestmark = pytest.mark.timeout(2400)
 
 
 @pytest.fixture(scope="module")
