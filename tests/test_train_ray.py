@@ -398,3 +398,31 @@ def test_one_gpu_worker_trains_in_bf16(ray_local, classifier_cache):
     assert out["steps"] == 20
     params = tracking.client(tracking.tracking_uri()).get_run(out["run_id"]).data.params
     assert params["train.precision"] == "auto"  # nothing set: bf16 autocast on the GPU
+
+
+def test_a_user_error_on_a_worker_is_raised_not_retried():
+    """The failure policy sees what Ray Train's controller builds from the workers' poll
+    (Ray unwraps its traceback holder, so the error's text is only its message): a
+    WorkerUserError raises at once, a lost node or a CUDA error goes to the retries."""
+    pytest.importorskip("ray")
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2._internal.execution.worker_group.poll import (
+        WorkerGroupPollStatus,
+        WorkerStatus,
+    )
+
+    from flows.train.driver import failure_cause, user_error_in
+    from flows.train.spec import WorkerUserError
+
+    def group_error(exc: Exception):
+        held = UserExceptionWithTraceback(exc, f"Traceback ...\n{type(exc).__name__}: {exc}")
+        status = WorkerStatus(running=False, error=held)
+        return WorkerGroupPollStatus({0: status, 1: WorkerStatus(running=True)})
+
+    user = group_error(
+        WorkerUserError("ValueError: model.ngf must be positive")
+    ).get_worker_group_error()
+    assert user_error_in(user)
+    assert failure_cause(user) == "rank 0: ValueError: model.ngf must be positive"
+    for transient in (RuntimeError("CUDA error: an illegal memory access"), OSError("node lost")):
+        assert not user_error_in(group_error(transient).get_worker_group_error())

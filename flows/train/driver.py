@@ -15,7 +15,7 @@ from dataclasses import asdict
 from flows.ingest.resolve import ensure_snapshot
 from flows.preflight import ensure_ray
 from flows.settings import cache_dir, forwarded_env, ganflow_home, inside, snapshot_root
-from flows.train.spec import ClusterSpec, TrainError, TrainRequest, WorkerJob
+from flows.train.spec import ClusterSpec, TrainError, TrainRequest, WorkerJob, WorkerUserError
 from flows.train.worker import train_loop_per_worker
 from gan_core.config import GanConfig
 from gan_core.overrides import apply_overrides
@@ -324,6 +324,19 @@ def failure_cause(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def user_error_in(training_failed_error: BaseException) -> bool:
+    """Whether a worker failed with a WorkerUserError. Ray Train hands the policy the
+    workers' own exceptions (unwrapped from its traceback holder), whose text is only the
+    message: the type decides, by name, as the controller may hold its own copy of the
+    class. The text check covers errors that arrive as traceback strings."""
+    failures = getattr(training_failed_error, "worker_failures", None) or {}
+    return any(
+        any(c.__name__ == WorkerUserError.__name__ for c in type(e).__mro__)
+        or f"{WorkerUserError.__name__}:" in str(e)
+        for e in failures.values()
+    )
+
+
 def _make_trainer_class():
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.execution.failure_handling import (
@@ -336,8 +349,7 @@ def _make_trainer_class():
         error in the training code: it would fail the same way on every attempt."""
 
         def make_decision(self, training_failed_error):
-            failures = getattr(training_failed_error, "worker_failures", None) or {}
-            if any("WorkerUserError" in str(e) for e in failures.values()):
+            if user_error_in(training_failed_error):
                 return FailureDecision.RAISE
             return super().make_decision(training_failed_error)
 
