@@ -414,10 +414,13 @@ def test_a_user_error_on_a_worker_is_raised_not_retried():
     from flows.train.driver import failure_cause, user_error_in
     from flows.train.spec import WorkerUserError
 
-    def group_error(exc: Exception):
-        held = UserExceptionWithTraceback(exc, f"Traceback ...\n{type(exc).__name__}: {exc}")
-        status = WorkerStatus(running=False, error=held)
-        return WorkerGroupPollStatus({0: status, 1: WorkerStatus(running=True)})
+    def group_error(exc: Exception, other: Exception | None = None):
+        def status(e):
+            held = UserExceptionWithTraceback(e, f"Traceback ...\n{type(e).__name__}: {e}")
+            return WorkerStatus(running=False, error=held)
+
+        second = status(other) if other else WorkerStatus(running=True)
+        return WorkerGroupPollStatus({0: status(exc), 1: second})
 
     user = group_error(
         WorkerUserError("ValueError: model.ngf must be positive")
@@ -426,3 +429,6 @@ def test_a_user_error_on_a_worker_is_raised_not_retried():
     assert failure_cause(user) == "rank 0: ValueError: model.ngf must be positive"
     for transient in (RuntimeError("CUDA error: an illegal memory access"), OSError("node lost")):
         assert not user_error_in(group_error(transient).get_worker_group_error())
+    # A worker lost beside one whose collective then failed: the loss decides (retry).
+    lost = group_error(OSError("worker died"), WorkerUserError("RuntimeError: peer closed"))
+    assert not user_error_in(lost.get_worker_group_error())

@@ -325,14 +325,15 @@ def failure_cause(exc: BaseException) -> str:
 
 
 def user_error_in(training_failed_error: BaseException) -> bool:
-    """Whether a worker failed with a WorkerUserError. Ray Train hands the policy the
+    """Whether the workers failed with WorkerUserErrors only. Ray Train hands the policy the
     workers' own exceptions (unwrapped from its traceback holder), whose text is only the
     message: the type decides, by name, as the controller may hold its own copy of the
-    class. The text check covers errors that arrive as traceback strings."""
+    class (the text check covers errors that arrive as traceback strings). Every failure
+    must be one: when a worker died, the others' errors are its echo and a retry is right."""
     failures = getattr(training_failed_error, "worker_failures", None) or {}
-    return any(
-        any(c.__name__ == WorkerUserError.__name__ for c in type(e).__mro__)
-        or f"{WorkerUserError.__name__}:" in str(e)
+    name = WorkerUserError.__name__
+    return bool(failures) and all(
+        any(c.__name__ == name for c in type(e).__mro__) or f"{name}:" in str(e)
         for e in failures.values()
     )
 
