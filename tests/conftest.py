@@ -20,6 +20,8 @@ torch.set_num_threads(1)
 # many short ones fill in beside them at the end; a file not named keeps its place after them.
 LONGEST_FIRST = (
     "test_own_data.py",
+    "test_pbt.py",
+    "test_tracking_outage.py",
     "test_tune.py",
     "test_retrain_side_by_side.py",
     "test_pipeline.py",
@@ -29,6 +31,7 @@ LONGEST_FIRST = (
     "test_gpu_check.py",
     "test_infra_live.py",
     "test_two_jobs.py",
+    "test_pipeline_pbt.py",
     "test_inception.py",
     "test_ingest_cluster.py",
     "test_serving.py",
