@@ -160,7 +160,11 @@ CASES = [
         "datasets.gan: no snapshot 'no-such-snapshot'",
         _yaml("families: [gan]\ndatasets:\n  gan: no-such-snapshot\n"),
     ),
-    (["run", "--config", "{cfg}"], "search: must be one of false, true, asha, pbt, pb2", _yaml("search: maybe\n")),
+    (
+        ["run", "--config", "{cfg}"],
+        "search: must be one of false, true, asha, pbt, pb2",
+        _yaml("search: maybe\n"),
+    ),
     (["run", "--config", "{cfg}"], "margin: must be a number", _yaml('margin: "0.5"\n')),
     (["run", "--config", "{cfg}"], "families: unknown", _yaml("families: [gam]\n")),
     (["run", "--config", "{cfg}"], "unknown keys ['epochs']", _yaml("epochs: 3\n")),
