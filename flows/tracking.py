@@ -45,6 +45,29 @@ def tracking_uri() -> str:
     return mlflow_tracking_uri()
 
 
+@contextlib.contextmanager
+def fluent_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (start_run, log_model) pointed at uri for the block, then the
+    process's tracking URI and MLFLOW_TRACKING_URI as they were. mlflow.set_tracking_uri
+    also exports the variable: left set, a library call would repoint every later call of
+    its caller (a test suite's next module read a stopped server's address)."""
+    import mlflow
+
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = tracking_utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)  # None clears the variable too: restored below
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, with one line, when the tracking server cannot be reached.
 
@@ -342,8 +365,7 @@ def log_package(
         meta.setdefault(k, v)
     meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True))
     signature, example = serving_signature(cfg)
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+    with fluent_uri(uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # MLflow suggests type hints on predict; the signature here is explicit instead.
         warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
         info = mlflow.pyfunc.log_model(

@@ -419,9 +419,9 @@ def test_training_that_ends_without_the_server_is_replayed(server, tmp_path, cla
     assert _image_steps(server.url, run_id, "best_samples")
     import mlflow
 
-    mlflow.set_tracking_uri(server.url)
-    models = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id], output_format="list"
-    )
+    with tracking.fluent_uri(server.url):  # this server stops with the test: not left set
+        models = mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id], output_format="list"
+        )
     [logged] = [m for m in models if m.source_run_id == run_id and m.name == "generator"]
     assert logged.tags["ganflow.best_step"] == run.data.tags["ganflow.best_step"]
