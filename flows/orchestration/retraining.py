@@ -237,25 +237,15 @@ def stage_search(
         # own GPU share (PBT has no multi-worker trials; `workers` applies to training).
         steps = steps or cfg.train.steps
         base = cfg if steps == cfg.train.steps else finetune_config(cfg, steps)
-        req = SearchRequest(
-            family=family,
-            dataset=snapshot_id,
-            base=base,
-            space=validate_space(default_space(family), base),
-            samples=samples,
-            scheduler=scheduler,
-            gpus_per_worker=gpus,
-        )
+        extra = {"scheduler": scheduler, "gpus_per_worker": gpus}
     else:
         steps = steps or max(20, cfg.train.steps // 4)
         base = apply_overrides(cfg, {"train.steps": steps, "train.log_every": max(1, steps // 8)})
-        req = SearchRequest(
-            family=family,
-            dataset=snapshot_id,
-            base=base,
-            space=validate_space(default_space(family), base),
-            samples=samples,
-        )
+        extra = {}
+    space = validate_space(default_space(family), base)
+    req = SearchRequest(
+        family=family, dataset=snapshot_id, base=base, space=space, samples=samples, **extra
+    )
     result = run_search(req, progress=False)
     if result["best"] is None:
         raise PipelineError(f"search {result['name']}: no trial completed")
