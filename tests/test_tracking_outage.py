@@ -305,6 +305,22 @@ def _train(tmp_path: Path, classifier_cache: Path, uri: str, steps: int):
     )
 
 
+def _finish_beside(proc, fault, join_s: float) -> tuple[str, str]:
+    """Run ``fault`` in a thread while the training process finishes; (stdout, stderr),
+    the training's exit status checked (0)."""
+    chaos = threading.Thread(target=fault)
+    chaos.start()
+    try:
+        out, err = proc.communicate(timeout=540)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        chaos.join(timeout=join_s)
+    print(err, file=sys.stderr)  # shown when the test fails
+    assert proc.returncode == 0, err[-3000:]
+    return out, err
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_training_goes_on_through_a_server_outage(server, tmp_path, classifier_cache):
@@ -323,16 +339,7 @@ def test_training_goes_on_through_a_server_outage(server, tmp_path, classifier_c
         server.start()
         outage["up"] = time.time()
 
-    chaos = threading.Thread(target=take_the_server_away)
-    chaos.start()
-    try:
-        out, err = proc.communicate(timeout=540)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        chaos.join(timeout=240)
-    print(err, file=sys.stderr)  # shown when the test fails
-    assert proc.returncode == 0, err[-3000:]
+    out, err = _finish_beside(proc, take_the_server_away, join_s=240)
     assert "up" in outage, "the server was never taken away"
     run_id = json.loads(out.strip().splitlines()[-1])["run_id"]
     down = [x for x in err.splitlines() if "unreachable" in x]
@@ -374,16 +381,7 @@ def test_training_that_ends_without_the_server_is_replayed(server, tmp_path, cla
             time.sleep(0.1)
         server.stop()
 
-    chaos = threading.Thread(target=take_the_server_away)
-    chaos.start()
-    try:
-        out, err = proc.communicate(timeout=540)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        chaos.join(timeout=60)
-    print(err, file=sys.stderr)  # shown when the test fails
-    assert proc.returncode == 0, err[-3000:]
+    out, err = _finish_beside(proc, take_the_server_away, join_s=60)
     run_id = json.loads(out.strip().splitlines()[-1])["run_id"]
     spool = home / tracking.SPOOL_FOLDER / run_id
     assert len([x for x in err.splitlines() if "unreachable since step" in x]) == 1
