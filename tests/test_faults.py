@@ -122,7 +122,10 @@ def test_heartbeat_beats_while_the_block_runs(tmp_path):
 
 
 def _rows(db: Path, sql: str, *args) -> list:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
+    # Read-write on purpose: a writer killed with -9 mid-transaction leaves a hot journal, and
+    # only a connection that may write can roll it back ("attempt to write a readonly
+    # database" otherwise). The caller checks the file exists, so nothing creates it here.
+    with sqlite3.connect(db, timeout=30) as con:
         return con.execute(sql, args).fetchall()
 
 
