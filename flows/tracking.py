@@ -179,9 +179,10 @@ def log_grid(
 
 
 def log_dataset_input(
-    uri: str, run_id: str, manifest: dict, storage_url: str, attempts: int = 3
+    uri: str, run_id: str, snapshot_id: str, name: str, storage_url: str, attempts: int = 3
 ) -> None:
-    """The snapshot as the run's dataset input (name, id as digest, where it lives).
+    """The snapshot as the run's dataset input (name, id as digest, where it lives). Takes
+    the id and name, not the manifest: this shared module sits below flows.snapshots.
 
     Safe when several runs of one experiment log the same snapshot at once (Tune trials that
     start together): MLflow's store reads "is the dataset there?" and inserts it if not, in
@@ -193,12 +194,8 @@ def log_dataset_input(
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.exceptions import MlflowException
 
-    source = CodeDatasetSource(
-        {"ganflow.snapshot_id": manifest["id"], "ganflow.storage": storage_url}
-    )
-    ds = MetaDataset(
-        source, name=str(manifest.get("name") or manifest["id"]), digest=manifest["id"]
-    )
+    source = CodeDatasetSource({"ganflow.snapshot_id": snapshot_id, "ganflow.storage": storage_url})
+    ds = MetaDataset(source, name=name or snapshot_id, digest=snapshot_id)
     inp = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
     c = client(uri)
     for attempt in range(attempts):
@@ -210,7 +207,7 @@ def log_dataset_input(
             if attempt == attempts - 1 or ("unique" not in text and "duplicate" not in text):
                 raise
             linked = c.get_run(run_id).inputs.dataset_inputs
-            if any(d.dataset.digest == manifest["id"] for d in linked):
+            if any(d.dataset.digest == snapshot_id for d in linked):
                 return
             time.sleep(0.05 * (attempt + 1))
 

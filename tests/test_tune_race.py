@@ -21,8 +21,8 @@ WORKERS = 4
 ROUNDS = 8
 
 
-def _manifest(i: int) -> dict:
-    return {"id": f"snap-{i:04d}-0123456789abcdef", "name": "digits"}
+def _snapshot_id(i: int) -> str:
+    return f"snap-{i:04d}-0123456789abcdef"
 
 
 def _trial(uri: str, run_id: str, barrier, out: str) -> None:
@@ -53,7 +53,7 @@ def _rounds(uri: str, run_id: str, barrier, errors: list[str]) -> None:
         except Exception:
             return
         try:
-            tracking.log_dataset_input(uri, run_id, _manifest(i), "file:///snapshots")
+            tracking.log_dataset_input(uri, run_id, _snapshot_id(i), "digits", "file:///snapshots")
         except Exception:
             errors.append(traceback.format_exc())
 
@@ -87,7 +87,7 @@ def test_trials_starting_together_log_the_same_dataset_once(tmp_path):
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
     c = tracking.client(uri)
-    want = {_manifest(i)["id"] for i in range(ROUNDS)}
+    want = {_snapshot_id(i) for i in range(ROUNDS)}
     for r in runs:
         got = [d.dataset.digest for d in c.get_run(r).inputs.dataset_inputs]
         assert sorted(got) == sorted(want), r  # every snapshot linked to every run, once

@@ -226,7 +226,7 @@ def _track_and_fit(req, cfg, manifest, root, uri, run_id, run_name, use_gpu) -> 
             "dataset.name": manifest.get("name", ""),
         }
         tracking.log_config(uri, run_id, cfg, extra)
-        tracking.log_dataset_input(uri, run_id, manifest, root)
+        tracking.log_dataset_input(uri, run_id, manifest["id"], manifest.get("name", ""), root)
 
     log_every = cfg.train.log_every
     job = WorkerJob(

@@ -273,7 +273,8 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
                     client.log_param(parent, k, str(v))
             # Logged here, before any trial starts, the experiment holds the dataset row: the
             # trials that start together only link their runs to it (no insert to race on).
-            tracking.log_dataset_input(uri, parent, manifest, snapshot_root())
+            dataset_name = manifest.get("name", "")
+            tracking.log_dataset_input(uri, parent, manifest["id"], dataset_name, snapshot_root())
 
         # Trials report losses at every log point and the quality metric every eval.every
         # iterations; ASHA only judges results that carry the metric, so reports without it are
