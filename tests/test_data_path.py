@@ -47,14 +47,14 @@ def test_uint8_round_trip_is_exact_for_8_bit_sources(tmp_path):
         src = write(tmp_path / f"raw{channels}", {f"{i}.png": png(a) for i, a in enumerate(arrays)})
         r = ingest(str(src), root=root, options=IngestOptions(**ALL_TRAIN))
         m = resolve_snapshot(r["id"], root)
-        assert m["pixels"] == "uint8" and m["channels"] == channels
-        assert {s["dtype"] for s in m["shards"] if s["array"] == "images"} == {"|u1"}
+        assert m.pixels == "uint8" and m.channels == channels
+        assert {s.dtype for s in m.shards if s.array == "images"} == {"|u1"}
         rows = open_dataset(r["id"], "train", root).images
         assert isinstance(rows, StoredRows) and rows.dtype == torch.uint8
         got = rows[:].numpy()  # [n, C, H, W], in path order 0..5
         want = np.stack([a if a.ndim == 3 else a[..., None] for a in arrays]).transpose(0, 3, 1, 2)
         assert np.array_equal(got, want)
-        images_bytes = sum(s["bytes"] for s in m["shards"] if s["array"] == "images")
+        images_bytes = sum(s.bytes for s in m.shards if s.array == "images")
         assert images_bytes < 6 * channels * 16 * 16 * 4 / 3  # well under float32's size
 
 
@@ -65,7 +65,7 @@ def test_float_sources_stay_float(tmp_path):
     src = write(tmp_path / "raw", {"a.npz": buf.getvalue()})
     root = str(tmp_path / "store")
     r = ingest(str(src / "a.npz"), root=root, options=IngestOptions(**ALL_TRAIN))
-    assert resolve_snapshot(r["id"], root)["pixels"] == "float32"
+    assert resolve_snapshot(r["id"], root).pixels == "float32"
     got = load_dataset(r["id"], "train", root).images
     np.testing.assert_allclose(got.numpy(), x.transpose(0, 3, 1, 2) * 2 - 1, atol=1e-6)
 
@@ -73,9 +73,9 @@ def test_float_sources_stay_float(tmp_path):
 def test_stored_rows_read_any_rows_across_shards(tmp_path, monkeypatch):
     monkeypatch.setattr(store_mod, "SHARD_BYTES", 3000)  # several shards per split
     root = str(tmp_path / "store")
-    sid = ensure_snapshot("builtin:digits", root, image_size=16)["id"]
+    sid = ensure_snapshot("builtin:digits", root, image_size=16).id
     manifest = resolve_snapshot(sid, root)
-    assert len([s for s in manifest["shards"] if s["split"] == "train"]) > 10
+    assert len([s for s in manifest.shards if s.split == "train"]) > 10
     data = open_dataset(sid, "train", root)
     whole = data.images[:]
     idx = torch.tensor([len(data) - 1, 0, 5, 5, 37, 11, 300, len(data) // 2])
@@ -109,7 +109,7 @@ def test_streamed_minibatches_equal_in_memory_training(family, tmp_path):
     as the same pixels held in memory: the read ahead draws in the samplers' own order."""
     root = str(tmp_path / "store")
     cfg = _cfg(family, 6, 2)
-    sid = ensure_snapshot(cfg.data.dataset, root, image_size=cfg.data.image_size)["id"]
+    sid = ensure_snapshot(cfg.data.dataset, root, image_size=cfg.data.image_size).id
     stored = open_dataset(sid, "train", root)
     memory = in_memory(stored)
     logs = {}
@@ -129,7 +129,7 @@ def test_checkpoint_at_a_log_point_resumes_exactly_while_reading_ahead(tmp_path)
     the minibatches consumed, not the one read ahead: resuming reproduces the full run."""
     root = str(tmp_path / "store")
     cfg = _cfg("cyclegan", 8, 2)
-    sid = ensure_snapshot(cfg.data.dataset, root, image_size=cfg.data.image_size)["id"]
+    sid = ensure_snapshot(cfg.data.dataset, root, image_size=cfg.data.image_size).id
     data = open_dataset(sid, "train", root)
     saved = {}
 
@@ -148,7 +148,7 @@ def test_checkpoint_at_a_log_point_resumes_exactly_while_reading_ahead(tmp_path)
 def test_feeder_reads_ahead_only_where_asked(tmp_path):
     root = str(tmp_path / "store")
     cfg = _cfg("gan", 2, 1)
-    sid = ensure_snapshot(cfg.data.dataset, root, image_size=cfg.data.image_size)["id"]
+    sid = ensure_snapshot(cfg.data.dataset, root, image_size=cfg.data.image_size).id
     data = open_dataset(sid, "train", root)
     state = init_state(cfg, data, "cpu")
     feeder = Feeder(state, data)
@@ -162,7 +162,7 @@ def test_feeder_reads_ahead_only_where_asked(tmp_path):
 
 def test_old_format_is_refused_with_the_reingest_command(tmp_path):
     root = tmp_path / "store"
-    sid = ensure_snapshot("builtin:digits", str(root))["id"]
+    sid = ensure_snapshot("builtin:digits", str(root)).id
     path = root / sid / "manifest.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "format": 2}))
     with pytest.raises(SnapshotOutdated, match="format 2.*re-ingest its source: ganflow ingest"):
@@ -178,7 +178,7 @@ def _open_in_child(root: str, sid: str, home: str, log: str, env: dict, go) -> N
 
     def counted(store, manifest, entry, dest):
         with open(log, "a") as f:
-            f.write(entry["file"] + "\n")
+            f.write(entry.file + "\n")
         real(store, manifest, entry, dest)
 
     cache._download = counted
@@ -197,7 +197,7 @@ def test_two_workers_on_a_node_share_one_verified_copy_of_a_remote_snapshot(
     content-addressed folder both read from, with no temporary file left; a shard altered in
     the cache's source is caught by its hash."""
     root = s3.url("snapshots")
-    sid = ensure_snapshot("builtin:digits", root)["id"]
+    sid = ensure_snapshot("builtin:digits", root).id
     home = str(tmp_path / "node-home")
     log = str(tmp_path / "downloads.log")
     env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "GANFLOW_S3"))}
@@ -214,9 +214,7 @@ def test_two_workers_on_a_node_share_one_verified_copy_of_a_remote_snapshot(
         assert p.exitcode == 0
     lines = Path(log).read_text().split("\n")
     downloads = [line for line in lines if line and not line.startswith("opened")]
-    train_files = {
-        s["file"] for s in resolve_snapshot(sid, root)["shards"] if s["split"] == "train"
-    }
+    train_files = {s.file for s in resolve_snapshot(sid, root).shards if s.split == "train"}
     assert sorted(downloads) == sorted(train_files)  # each once, not once per worker
     folders = {line.split(" ", 1)[1] for line in lines if line.startswith("opened")}
     monkeypatch.setenv("GANFLOW_HOME", home)
@@ -226,9 +224,9 @@ def test_two_workers_on_a_node_share_one_verified_copy_of_a_remote_snapshot(
 
 def test_a_corrupt_remote_shard_is_never_cached(s3, tmp_path):
     root = s3.url("snapshots")
-    sid = ensure_snapshot("builtin:digits", root)["id"]
+    sid = ensure_snapshot("builtin:digits", root).id
     manifest = resolve_snapshot(sid, root)
-    shard = next(s["file"] for s in manifest["shards"] if s["split"] == "test")
+    shard = next(s.file for s in manifest.shards if s.split == "test")
     fs = s3.fs()
     path = f"{s3.bucket}/snapshots/{sid}/{shard}"
     fs.pipe_file(path, fs.cat_file(path)[:-5] + b"XXXXX")

@@ -57,7 +57,7 @@ def _same_in_8_bits(got, want):
 @pytest.mark.parametrize("name", ["builtin:digits", "builtin:digits-unpaired"])
 @pytest.mark.parametrize("size", [16, 8])
 def test_builtin_snapshot_equals_load_builtin(name, size, root):
-    sid = ensure_snapshot(name, root, image_size=size)["id"]
+    sid = ensure_snapshot(name, root, image_size=size).id
     for split in ("train", "val", "test"):
         got = load_dataset(sid, split, root=root, image_size=size)
         want = load_builtin(name, size, split)
@@ -70,13 +70,13 @@ def test_builtin_snapshot_equals_load_builtin(name, size, root):
             _same_in_8_bits(got.images, want.images)
             assert torch.equal(got.labels, want.labels)
     manifests = list_snapshots(root)
-    assert len(manifests) == 1 and manifests[0]["source"] == name
+    assert len(manifests) == 1 and manifests[0].source == name
     m = manifests[0]
-    assert m["family_data"] == ("unpaired" if name.endswith("unpaired") else "labelled")
-    assert m["classes"] == [str(c) for c in range(10)] and m["image_size"] == size
-    assert set(m["split_counts"]) == {"train", "val", "test"}
+    assert m.facts().kind == ("unpaired" if name.endswith("unpaired") else "labelled")
+    assert m.classes == tuple(str(c) for c in range(10)) and m.image_size == size
+    assert set(m.split_counts) == {"train", "val", "test"}
     # Same id through the name, and the ingest is a no-op the second time.
-    assert resolve_snapshot(f"builtin-{name.split(':')[1]}", root)["id"] == manifests[0]["id"]
+    assert resolve_snapshot(f"builtin-{name.split(':')[1]}", root).id == manifests[0].id
 
 
 # -- layouts ------------------------------------------------------------------------------------
@@ -102,8 +102,8 @@ def test_layouts_local(kind, tmp_path, root):
         assert abs(len(splits["test"]) / r["num_images"] - 0.2) < 0.1
         assert abs(len(splits["val"]) / r["num_images"] - 0.1) < 0.1
     m = resolve_snapshot(r["id"], root)
-    assert m["num_images"] == r["num_images"]
-    assert m["family_data"] == FAMILY_DATA.get(layout, "labelled")  # npz: with labels
+    assert m.num_images == r["num_images"]
+    assert m.facts().kind == FAMILY_DATA.get(layout, "labelled")  # npz: with labels
 
 
 def test_class_folders_pixels_labels_and_split(tmp_path, root):
@@ -111,12 +111,12 @@ def test_class_folders_pixels_labels_and_split(tmp_path, root):
     files = {f"{y}/{i:04d}.png": png(a) for i, (a, y) in enumerate(zip(images, labels))}
     r = ingest(str(write(tmp_path / "raw", files)), root=root)
     m = resolve_snapshot(r["id"], root)
-    assert m["channels"] == 1 and m["classes"] == [str(c) for c in range(10)]
-    assert m["image_size"] == 8 and m["family_data"] == "labelled"
+    assert m.channels == 1 and m.classes == tuple(str(c) for c in range(10))
+    assert m.image_size == 8 and m.facts().kind == "labelled"
     # Stratified: 20% of every class is test, the next 10% val (rounded cumulatively).
-    for c, n in m["counts"].items():
-        assert m["split_counts"]["test"][c] == round(n * 0.2)
-        assert m["split_counts"]["val"].get(c, 0) == round(n * 0.3) - round(n * 0.2)
+    for c, n in m.counts.items():
+        assert m.split_counts["test"][c] == round(n * 0.2)
+        assert m.split_counts["val"].get(c, 0) == round(n * 0.3) - round(n * 0.2)
     got = {}
     for split in ("train", "val", "test"):
         ds = load_dataset(r["id"], split, root)
@@ -139,7 +139,7 @@ def test_npz_float_and_channels_first(tmp_path, root):
     np.savez(buf, images=x, labels=labels)
     r = ingest(str(write(tmp_path / "raw", {"a.npz": buf.getvalue()}) / "a.npz"), root=root)
     m = resolve_snapshot(r["id"], root)
-    assert m["layout"] == "npz" and m["channels"] == 1 and m["num_images"] == 40
+    assert m.layout == "npz" and m.channels == 1 and m.num_images == 40
 
 
 def test_channels_and_size_override(tmp_path, root):
@@ -194,8 +194,8 @@ def test_non_square_rgb_is_center_cropped_at_its_native_size(tmp_path, root):
     src = str(write(tmp_path / "raw", files))
     r = ingest(src, root=root, options=IngestOptions(**ALL_TRAIN))
     m = resolve_snapshot(r["id"], root)
-    assert m["image_size"] == 32 and m["channels"] == 3 and m["family_data"] == "unlabelled"
-    assert m["preprocessing"]["resize_mode"] == "crop"
+    assert m.image_size == 32 and m.channels == 3 and m.facts().kind == "unlabelled"
+    assert m.preprocessing["resize_mode"] == "crop"
     got = _stored(r, root)  # in path order: w0..w2, x0, x1
     want = [_reference(a, (8, 0, 40, 32)) for a in wide]  # (left, top, right, bottom)
     want += [_reference(a, (0, 8, 32, 40)) for a in tall]
@@ -218,7 +218,7 @@ def test_stretch_keeps_the_whole_image_and_is_another_snapshot(tmp_path, root, c
     assert np.abs(stretched - _stored(crop, root)).mean() > 0.1
     want = np.stack([_reference(a, size=32) for a in wide])  # 48 -> 32 across, 32 kept down
     np.testing.assert_allclose(stretched, want, atol=1.01 / 127.5)
-    assert resolve_snapshot(out["id"], root)["preprocessing"]["resize_mode"] == "stretch"
+    assert resolve_snapshot(out["id"], root).preprocessing["resize_mode"] == "stretch"
 
 
 def test_auto_size_rule():
@@ -300,8 +300,8 @@ def test_val_split_is_disjoint_stratified_and_stable(tmp_path, root):
     assert not keys["val"] & keys["train"] and not keys["val"] & keys["test"]
     assert not keys["train"] & keys["test"]
     m = resolve_snapshot(r["id"], root)
-    for c, n in m["counts"].items():  # every class of ~20 gives its ~2 val images
-        assert m["split_counts"]["val"][c] == round(n * 0.3) - round(n * 0.2) >= 1
+    for c, n in m.counts.items():  # every class of ~20 gives its ~2 val images
+        assert m.split_counts["val"][c] == round(n * 0.3) - round(n * 0.2) >= 1
     assert torch.bincount(sets["val"].labels, minlength=10).min() >= 1
     # Stable: renamed files in another order, another store: the same images in every split.
     renamed = {
@@ -318,7 +318,7 @@ def test_val_split_is_disjoint_stratified_and_stable(tmp_path, root):
     assert keys["val"] < _keys(load_dataset(more["id"], "val", root).images)
     none = ingest(str(tmp_path / "raw"), root=root, options=IngestOptions(val_fraction=0.0))
     assert len(load_dataset(none["id"], "val", root)) == 0
-    assert resolve_snapshot(none["id"], root)["split_counts"]["val"] == {}
+    assert resolve_snapshot(none["id"], root).split_counts["val"] == {}
 
 
 def test_cyclegan_val_comes_out_of_train_folders(tmp_path, root):
@@ -333,7 +333,7 @@ def test_cyclegan_val_comes_out_of_train_folders(tmp_path, root):
     train, val = load_dataset(r["id"], "train", root), load_dataset(r["id"], "val", root)
     assert len(val.x) == len(val.y) == 2
     assert not _keys(val.x.images) & _keys(train.x.images)
-    shards = {s["split"] for s in resolve_snapshot(r["id"], root)["shards"]}
+    shards = {s.split for s in resolve_snapshot(r["id"], root).shards}
     assert shards == {"train", "val", "test"}
 
 
@@ -427,7 +427,7 @@ def test_corrupt_truncated_and_wrong_type_are_quarantined(tmp_path, root):
     assert "truncated" in reasons["1/truncated.png"] or "unreadable" in reasons["1/truncated.png"]
     assert "GIF" in reasons["4/anim.gif"]
     assert r["num_images"] == 60
-    assert resolve_snapshot(r["id"], root)["quarantined"] == r["quarantined"]
+    assert resolve_snapshot(r["id"], root).to_dict()["quarantined"] == r["quarantined"]
 
 
 def _no_snapshot(root):
@@ -554,8 +554,8 @@ def test_name_resolves_to_latest(tmp_path, root):
     one = ingest(str(write(tmp_path / "v1", classes_files(20))), root=root, name="digits")
     two = ingest(str(write(tmp_path / "v2", classes_files(30))), root=root, name="digits")
     assert one["id"] != two["id"]
-    assert resolve_snapshot("digits", root)["id"] == two["id"]
-    assert resolve_snapshot(one["id"], root)["num_images"] == 20
+    assert resolve_snapshot("digits", root).id == two["id"]
+    assert resolve_snapshot(one["id"], root).num_images == 20
 
 
 def test_snapshot_not_found_is_one_line(root):

@@ -160,7 +160,7 @@ def test_local_folder_on_two_nodes_equals_local_ingest(
     assert ("decode", 61, 61) in seen and ("read", 61, 61) in seen
     assert len([s for s in seen if s[0] == "decode"]) > 1  # reported as tasks finish
     manifest = resolve_snapshot(on["id"], str(tmp_path / "local"))
-    shards = len({(s["split"], s["part"], s["shard"]) for s in manifest["shards"]})
+    shards = len({(s.split, s.part, s.shard) for s in manifest.shards})
     assert shards > 3 and seen[-1] == ("write", shards, shards)  # one write task per shard
     assert len(ray.nodes()) == 2 and len(_decode_nodes()) == 2
 
@@ -232,7 +232,7 @@ def test_lost_writer_or_cut_write_leaves_no_partial_snapshot(
 
     def interrupted(self, manifest, shards):
         assert len(shards) > 3 and all(
-            (tmp_path / "cut" / manifest["id"] / s["file"]).exists() for s in shards
+            (tmp_path / "cut" / manifest.id / s.file).exists() for s in shards
         )
         raise KeyboardInterrupt
 

@@ -41,13 +41,13 @@ def test_layouts_from_s3_into_s3(kind, s3, tmp_path):
 
 def test_builtin_into_s3_root_equals_load_builtin(s3):
     root = s3.url("snapshots")
-    sid = ensure_snapshot("builtin:digits-unpaired", root)["id"]
+    sid = ensure_snapshot("builtin:digits-unpaired", root).id
     got = load_dataset(sid, "test", root)
     want = load_builtin("builtin:digits-unpaired", 16, "test")
     # Stored in 8 bits: load_builtin rounded to the nearest 8-bit value.
     assert torch.equal(got.x.images, to_unit(to_uint8(want.x.images)))
     assert torch.equal(got.x_truth, to_unit(to_uint8(want.x_truth)))
-    assert [m["source"] for m in list_snapshots(root)] == ["builtin:digits-unpaired"]
+    assert [m.source for m in list_snapshots(root)] == ["builtin:digits-unpaired"]
 
 
 def test_missing_bucket_and_wrong_path(s3, tmp_path):
@@ -95,4 +95,4 @@ def test_interrupted_write_on_s3_leaves_no_snapshot(s3, tmp_path, monkeypatch):
     assert list_snapshots(root) == []
     monkeypatch.setattr(snapshots, "_put_bytes", real_put)
     r = ingest(str(folder), root=root)
-    assert [m["id"] for m in list_snapshots(root)] == [r["id"]]
+    assert [m.id for m in list_snapshots(root)] == [r["id"]]

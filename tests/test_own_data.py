@@ -254,9 +254,9 @@ def test_a_config_that_cannot_run_fails_fast_and_a_good_one_finishes(
     from flows.snapshots.load import resolve_snapshot
 
     manifest = resolve_snapshot("c2s", snapshot_root())
-    val = [sh["file"] for sh in manifest["shards"] if sh["split"] == "val"]
+    val = [sh.file for sh in manifest.shards if sh.split == "val"]
     assert val
-    shard = env / "snapshots" / manifest["id"] / val[0]
+    shard = env / "snapshots" / manifest.id / val[0]
     shard.write_bytes(shard.read_bytes()[:-7] + b"garbage")
     t0 = time.monotonic()
     rc = main([*argv, *small, "--max-failures", "3"])

@@ -191,7 +191,7 @@ def test_pbt_pipeline_promotes_the_best_trial_without_retraining(home, tmp_path,
     }
     digests = {mode: setup[2] for mode, setup in setups.items()}
     assert digests["True"] == digests["asha"] != digests["pbt"] == tags["ganflow.config_digest"]
-    planned = pipeline.stage_plan(MODEL, manifest["id"], digests["asha"], False)
+    planned = pipeline.stage_plan(MODEL, manifest.id, digests["asha"], False)
     plan = planned["plan"]
     assert (plan.action, plan.why) == ("train", "config changed")
     # ... and may start warm from the PBT champion: its recorded checkpoint is the trial's.

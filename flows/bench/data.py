@@ -51,7 +51,8 @@ def make_snapshot(root: str, n: int, size: int, seed: int = 0) -> str:
     """A format-3 snapshot of n generated RGB images (10 labelled classes) in root; its id.
     Written in chunks through the store, as ingest writes, without decoding files."""
     from flows.ingest.stages import PIXEL_RULE
-    from flows.snapshots.store import FORMAT_VERSION, Store, digest
+    from flows.snapshots.manifest import FORMAT_VERSION, Manifest
+    from flows.snapshots.store import Store, digest
 
     rng = np.random.default_rng(seed)
     # Smooth random fields (not white noise), so the pixels look like images to the models.
@@ -66,28 +67,21 @@ def make_snapshot(root: str, n: int, size: int, seed: int = 0) -> str:
     sid = digest({"bench": n, "size": size, "seed": seed, "format": FORMAT_VERSION})[:20]
     store = Store(root)
     if store.manifest(sid) is None:
-        manifest = {
-            "format": FORMAT_VERSION,
-            "id": sid,
-            "name": f"bench-{n}",
-            "source": "generated",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "kind": "images",
-            "layout": "classes",
-            "image_size": size,
-            "channels": 3,
-            "pixels": "uint8",
-            "preprocessing": {"pixels": PIXEL_RULE},
-            "num_images": n,
-            "counts": {},
-            "split_counts": {"train": {}, "val": {}, "test": {}},
-            "family_data": "labelled",
-            "classes": [str(c) for c in range(10)],
-            "domains": None,
-            "has_truth": False,
-            "files": [],
-            "quarantined": [],
-        }
+        manifest = Manifest(
+            id=sid,
+            name=f"bench-{n}",
+            source="generated",
+            kind="images",
+            layout="classes",
+            image_size=size,
+            channels=3,
+            pixels="uint8",
+            preprocessing={"pixels": PIXEL_RULE},
+            num_images=n,
+            counts={},
+            split_counts={"train": {}, "val": {}, "test": {}},
+            classes=[str(c) for c in range(10)],
+        )
         store.write_snapshot(manifest, parts)
         store.add_refs(manifest, f"bench-{n}", None)
     return sid

@@ -31,6 +31,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flows.snapshots.manifest import Manifest
 
 # Absolute, on final-window means of losses of order 1 (BCE ~0.7-1.5). bf16 forward passes
 # perturb the trajectory from the first step and a GAN amplifies that over hundreds of steps,
@@ -119,7 +123,7 @@ def _bench(device: str, dry: bool, compile_rows: bool) -> list[dict]:
 
 
 def _plain_loop(
-    manifest: dict, steps: int, device: str, precision: str, extra: dict, seed: int = 0
+    manifest: Manifest, steps: int, device: str, precision: str, extra: dict, seed: int = 0
 ) -> dict:
     """gan_core's loop in this process on the snapshot, with the config ``ganflow train``
     builds for it (the cgan preset at its size and facts): steps/s after a short warm-up,
@@ -131,7 +135,7 @@ def _plain_loop(
     from flows.train.data_config import config_for_snapshot
     from gan_core.train import init_state, train
 
-    data = load_dataset(manifest["id"], "train", snapshot_root())
+    data = load_dataset(manifest.id, "train", snapshot_root())
     overrides = {
         "train.steps": steps,
         "train.log_every": max(1, steps // 4),
@@ -210,7 +214,7 @@ def _ray_train(snapshot_id: str, out: Path, steps: int, gpus: int, extra: dict, 
     }
 
 
-def _agreement(manifest: dict, steps: int, device: str, extra: dict) -> dict:
+def _agreement(manifest: Manifest, steps: int, device: str, extra: dict) -> dict:
     runs = {
         p: _plain_loop(manifest, steps, device, p, extra)["final_window"] for p in ("fp32", "bf16")
     }
@@ -304,7 +308,7 @@ def run_check(out: Path, dry: bool, home: Path | None = None, compile_rows: bool
     manifest = ensure_snapshot(str(dataset), image_size=32 if dry else None)
     extra = {"train.batch_size": 16} if dry else {}
     steps = 10 if dry else 300
-    report["ray_train"] = _ray_train(manifest["id"], out, steps, 0 if dry else 1, extra, env)
+    report["ray_train"] = _ray_train(manifest.id, out, steps, 0 if dry else 1, extra, env)
     report["plain_loop"] = _plain_loop(manifest, steps, device, "bf16", extra)
     report["bf16_vs_fp32"] = _agreement(manifest, 20 if dry else 200, device, extra)
     report["data_path"] = _data_path(dry)

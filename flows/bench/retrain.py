@@ -32,6 +32,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flows.snapshots.manifest import Manifest
 
 
 def write_digits_folder(root: Path, fraction: float, size: int = 16) -> Path:
@@ -58,7 +62,7 @@ def write_digits_folder(root: Path, fraction: float, size: int = 16) -> Path:
     return root
 
 
-def _snapshot(folder: Path) -> dict:
+def _snapshot(folder: Path) -> Manifest:
     from flows.ingest.resolve import ensure_snapshot
 
     return ensure_snapshot(str(folder))
@@ -67,16 +71,16 @@ def _snapshot(folder: Path) -> dict:
 class Judged:
     """A snapshot's val split and judge, and the family's primary metric on it."""
 
-    def __init__(self, manifest: dict, cfg):
+    def __init__(self, manifest: Manifest, cfg):
         from flows.settings import cache_dir, snapshot_root
         from flows.train.data_config import judge_data, load_heldout, load_judge
         from gan_core.evaluate import primary_metric
 
         root = snapshot_root()
-        splits = load_heldout(manifest["id"], root, cfg)
+        splits = load_heldout(manifest.id, root, cfg)
         self.val = splits["val"]
         self.judge = load_judge(
-            manifest["id"], cache_dir(), judge_data(manifest["id"], root, splits["test"])
+            manifest.id, cache_dir(), judge_data(manifest.id, root, splits["test"])
         )
         self.metric, self.mode = primary_metric(cfg, False)
 

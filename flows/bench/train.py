@@ -34,7 +34,7 @@ def bench_plain(cfg) -> dict:
 
     torch.set_num_threads(1)
     manifest = ensure_snapshot(cfg.data.dataset, snapshot_root(), cfg.data.image_size)
-    data = load_dataset(manifest["id"], "train", snapshot_root())
+    data = load_dataset(manifest.id, "train", snapshot_root())
     state = init_state(cfg, data, "cpu")
     warm = min(20, cfg.train.steps // 10)
     train(state, data, until=warm)

@@ -21,7 +21,8 @@ from flows.ingest.stages import (
     IngestOptions,
     _shown,
 )
-from flows.snapshots.store import SPLITS, Store
+from flows.snapshots.manifest import SPLITS
+from flows.snapshots.store import Store
 
 # ---------------------------------------------------------------------------------------------
 # Command line.
@@ -93,26 +94,23 @@ def cmd_ingest(args: argparse.Namespace) -> dict:
     return {k: result[k] for k in (*keys, "layout", "image_size")}
 
 
+DATASET_COLUMNS = (
+    "id",
+    "name",
+    "created",
+    "num_images",
+    "counts",
+    "source",
+    "layout",
+    "image_size",
+    "channels",
+)
+
+
 def cmd_datasets(args: argparse.Namespace) -> dict:
     store = Store(args.root)
     store.check_root()
-    rows = [
-        {
-            k: m.get(k)
-            for k in (
-                "id",
-                "name",
-                "created",
-                "num_images",
-                "counts",
-                "source",
-                "layout",
-                "image_size",
-                "channels",
-            )
-        }
-        for m in store.list()
-    ]
+    rows = [{k: d[k] for k in DATASET_COLUMNS} for d in (m.to_dict() for m in store.list())]
     if not args.json:
         if not rows:
             print(f"no snapshots in {_shown(store.url)} (ganflow ingest SOURCE makes one)")

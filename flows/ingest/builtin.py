@@ -4,7 +4,6 @@ other data."""
 from __future__ import annotations
 
 import hashlib
-import time
 
 import numpy as np
 
@@ -18,7 +17,8 @@ from flows.ingest.stages import (
     _result,
     default_name,
 )
-from flows.snapshots.store import FORMAT_VERSION, SPLITS, Store, check_name, digest
+from flows.snapshots.manifest import FORMAT_VERSION, SPLITS, Domains, Manifest
+from flows.snapshots.store import Store, check_name, digest
 
 
 def ingest_builtin(
@@ -83,35 +83,28 @@ def ingest_builtin(
         split_counts = {s: counts(s) for s in SPLITS}
         total = {k: sum(split_counts[s].get(k, 0) for s in SPLITS) for k in split_counts["train"]}
         manifest = store.write_snapshot(
-            {
-                "format": FORMAT_VERSION,
-                "id": snapshot_id,
-                "name": name,
-                "source": ref,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "kind": "unpaired" if unpaired else "images",
-                "layout": "cyclegan" if unpaired else "classes",
-                "image_size": size,
-                "channels": 1,
-                "preprocessing": {
+            Manifest(
+                id=snapshot_id,
+                name=name,
+                source=ref,
+                kind="unpaired" if unpaired else "images",
+                layout="cyclegan" if unpaired else "classes",
+                image_size=size,
+                channels=1,
+                pixels="uint8",
+                preprocessing={
                     "image_size": size,
                     "builtin": "gan_core.data.load_builtin",
                     "pixels": PIXELS_UINT8,
                 },
-                "pixels": "uint8",
-                "num_images": sum(total.values()),
-                "counts": total,
-                "split_counts": split_counts,
-                "family_data": "unpaired" if unpaired else "labelled",
-                "classes": [str(c) for c in range(10)],
-                "domains": {"x": "digits", "y": "appearance_transform(digits)"}
-                if unpaired
-                else None,
-                "has_truth": unpaired,
-                "content_sha256": content.hexdigest(),
-                "files": [],
-                "quarantined": [],
-            },
+                num_images=sum(total.values()),
+                counts=total,
+                split_counts=split_counts,
+                classes=[str(c) for c in range(10)],
+                domains=Domains("digits", "appearance_transform(digits)") if unpaired else None,
+                has_truth=unpaired,
+                content_sha256=content.hexdigest(),
+            ),
             parts,
         )
         reused = False

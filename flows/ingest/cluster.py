@@ -72,6 +72,7 @@ from flows.ingest.stages import (
 )
 from flows.preflight import ensure_ray
 from flows.settings import forwarded_env
+from flows.snapshots.manifest import Manifest, Shard
 from flows.snapshots.store import Store, shard_file
 from flows.storage import (
     StorageError,
@@ -405,7 +406,7 @@ def _write_task(
     layout: Arrangement,
     starts: list[int],
     *pixels: list,
-) -> list[dict]:
+) -> list[Shard]:
     """Shard k of a part, converted from the decoded chunks it draws on and put in the store
     by this worker (the store's credentials are the node's own)."""
     _test_fault("write")
@@ -420,18 +421,18 @@ def _write_task(
 
 def write_on_cluster(
     store: Store,
-    manifest: dict,
+    manifest: Manifest,
     layout: Arrangement,
     decoded: ClusterDecoded,
     progress: Progress | None = None,
-) -> dict:
+) -> Manifest:
     """The snapshot's shards written by Ray tasks, each converting its rows from the decoded
     chunks in the object store (the same conversion and shard boundaries as
     Store.write_snapshot: the same bytes), then the manifest, last, by the driver. On any
     failure every shard file that may exist is removed: no partial snapshot."""
     _connect()
     cpus = _cluster_cpus()
-    sid = manifest["id"]
+    sid = manifest.id
     jobs = []  # (part, k, layout of the shard's rows, chunk indices it reads)
     expected: list[str] = []
     keys = ["images"]
@@ -458,7 +459,7 @@ def write_on_cluster(
         starts = [decoded.starts[j] for j in used]
         return (store.url, sid, part, k, rows, starts, *[decoded.chunks[j] for j in used])
 
-    def write() -> dict:
+    def write() -> Manifest:
         entries = _gather("write", task, args, jobs, progress, cpus)
         return store.finish_snapshot(manifest, [e for shard in entries for e in shard])
 

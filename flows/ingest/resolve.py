@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from flows.settings import snapshot_root
 from flows.snapshots.load import resolve_snapshot
+from flows.snapshots.manifest import Manifest
 from flows.snapshots.store import SnapshotNotFound
 
 
-def ensure_snapshot(ref: str, root: str | None = None, image_size: int | None = None) -> dict:
+def ensure_snapshot(ref: str, root: str | None = None, image_size: int | None = None) -> Manifest:
     """The manifest for ref: a snapshot id or name; ``builtin:NAME`` (ingested now, at
     image_size or 16 px; a no-op when already there); or a source (a local path, an archive,
     ``s3://bucket/prefix``), ingested at image_size or its own resolution (a no-op when its

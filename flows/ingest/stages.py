@@ -45,7 +45,6 @@ import os
 import posixpath
 import re
 import stat
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -68,7 +67,16 @@ from flows.ingest.layouts import (
     is_ignored,
     iter_archive,
 )
-from flows.snapshots.store import FORMAT_VERSION, SPLITS, Store, digest, shard_ranges
+from flows.snapshots.manifest import (
+    FORMAT_VERSION,
+    SPLITS,
+    Domains,
+    FileRecord,
+    Manifest,
+    Quarantined,
+    row_bytes,
+)
+from flows.snapshots.store import Store, digest, shard_ranges
 from flows.storage import describe, get_filesystem, is_remote, join, mask_secrets, with_retries
 
 Progress = Callable[[str, int, int], None]
@@ -189,7 +197,7 @@ class Plan:
     layout: str
     files: list[SourceFile]
     assignments: list[Assignment]
-    quarantined: list[dict]
+    quarantined: list[Quarantined]
     classes: list[str] | None
     snapshot_id: str
     options: IngestOptions
@@ -391,14 +399,14 @@ def plan_snapshot(
     entries that were not read (Scan.skipped), quarantined with their reasons."""
     layout, prefix = detect_layout([f.path for f in files], options.layout)
     kept, assignments = [], []
-    quarantined = [{"path": p, "reason": why} for p, why in skipped]
+    quarantined = [Quarantined(p, why) for p, why in skipped]
     for f in files:
         if is_ignored(f.path):
             continue
         rel = f.path[len(prefix) :] if f.path.startswith(prefix) else f.path
         a = assign(rel, layout)
         if isinstance(a, str):
-            quarantined.append({"path": f.path, "reason": a})
+            quarantined.append(Quarantined(f.path, a))
         else:
             kept.append(f)
             assignments.append(a)
@@ -540,8 +548,8 @@ class Arrangement:
     eight_bit: bool
 
     def row_bytes(self, part: str) -> int:
-        pixel = self.channels * self.size * self.size * (1 if self.eight_bit else 4)
-        return pixel + (8 if self.labels[part] is not None else 0)
+        arrays = ["images"] if self.labels[part] is None else ["images", "labels"]
+        return row_bytes(self.channels, self.size, "uint8" if self.eight_bit else "float32", arrays)
 
     def shards(self, part: str) -> list[tuple[int, int]]:
         """[start, stop) of each shard of the part (the store's rule)."""
@@ -559,7 +567,7 @@ class Arrangement:
 
 def assemble(
     plan: Plan, decoded: list[Decoded | str], source: str, name: str
-) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+) -> tuple[Manifest, dict[str, dict[str, np.ndarray]]]:
     """Validate, split and resize: the manifest (without shards) and the arrays per part
     ('train', 'val', 'test', or 'train-x' ... for two domains)."""
     metas = [d if isinstance(d, str) else DecodedMeta.of(d) for d in decoded]
@@ -577,23 +585,22 @@ def assemble(
 
 def arrange(
     plan: Plan, decoded: list[DecodedMeta | str], source: str, name: str
-) -> tuple[dict, Arrangement]:
+) -> tuple[Manifest, Arrangement]:
     """Validate and split, from the decoded files' metadata alone: the manifest (without
     shards) and where each stored row comes from. Quarantine, the bad-share limit and the
     splits are decided here, before any pixel is converted or written."""
     options = plan.options
     quarantined = list(plan.quarantined)
     items = []  # (group, given split, hash, key, (file, image) index, label, gray)
-    files_meta = []
+    files_meta: list[FileRecord] = []
     labelled_npz = set()
     eight_bit = True
     for fi, (f, a, d) in enumerate(zip(plan.files, plan.assignments, decoded)):
-        meta = {"path": f.path, "sha256": f.sha256, "bytes": f.size, "group": a.group}
         if isinstance(d, str):
-            quarantined.append({"path": f.path, "reason": d})
-            files_meta.append({**meta, "quarantined": d})
+            quarantined.append(Quarantined(f.path, d))
+            files_meta.append(FileRecord(f.path, f.sha256, f.size, a.group, quarantined=d))
             continue
-        files_meta.append(meta)
+        files_meta.append(FileRecord(f.path, f.sha256, f.size, a.group))
         eight_bit = eight_bit and d.eight_bit
         if plan.layout == "npz":
             labelled_npz.add(d.labels is not None)
@@ -609,16 +616,14 @@ def arrange(
     total = len(plan.files) + len(plan.quarantined)
     shown = _shown(source)
     if not items:
-        first = (
-            f" (first: {quarantined[0]['path']}: {quarantined[0]['reason']})" if quarantined else ""
-        )
+        first = f" (first: {quarantined[0].path}: {quarantined[0].reason})" if quarantined else ""
         raise IngestError(f"nothing usable in {shown}: all {total} files quarantined{first}")
     if len(quarantined) / max(total, 1) > options.max_bad_fraction:
         q = quarantined[0]
         raise IngestError(
             f"{len(quarantined)} of {total} files in {shown} are unusable "
             f"({100 * len(quarantined) / total:.0f}%, limit {100 * options.max_bad_fraction:.0f}%, "
-            f"see --max-bad-fraction); first: {q['path']}: {q['reason']}"
+            f"see --max-bad-fraction); first: {q.path}: {q.reason}"
         )
     if len(labelled_npz) > 1:
         raise IngestError(f"some .npz files in {shown} have labels and others do not")
@@ -667,48 +672,49 @@ def arrange(
             c[items[i][0] or "all"] = c.get(items[i][0] or "all", 0) + 1
         return dict(sorted(c.items()))
 
-    manifest = {
-        "format": FORMAT_VERSION,
-        "id": plan.snapshot_id,
-        "name": name,
-        "source": shown,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "kind": "unpaired" if unpaired else "images",
-        "layout": plan.layout,
-        "image_size": options.image_size,
-        "channels": channels,
-        "pixels": "uint8" if eight_bit else "float32",
-        "preprocessing": options.preprocessing(),
-        "num_images": len(items),
-        "counts": count(range(len(items))),
-        "split_counts": {
-            s: count([i for i in range(len(items)) if splits[i] == s]) for s in SPLITS
-        },
-        "family_data": "unpaired" if unpaired else "labelled" if has_labels else "unlabelled",
-        "classes": plan.classes
-        if plan.layout == "classes"
-        else ([str(c) for c in range(max(it[5] for it in items) + 1)] if has_labels else None),
-        "domains": {"x": "A", "y": "B"} if unpaired else None,
-        "has_truth": False,
-        "files": files_meta,
-        "quarantined": quarantined,
-    }
+    if plan.layout == "classes":
+        classes = plan.classes
+    elif has_labels:
+        classes = [str(c) for c in range(max(it[5] for it in items) + 1)]
+    else:
+        classes = None
+    manifest = Manifest(
+        id=plan.snapshot_id,
+        name=name,
+        source=shown,
+        kind="unpaired" if unpaired else "images",
+        layout=plan.layout,
+        image_size=options.image_size,
+        channels=channels,
+        pixels="uint8" if eight_bit else "float32",
+        preprocessing=options.preprocessing(),
+        num_images=len(items),
+        counts=count(range(len(items))),
+        split_counts={s: count([i for i in range(len(items)) if splits[i] == s]) for s in SPLITS},
+        classes=classes,
+        domains=Domains("A", "B") if unpaired else None,
+        has_truth=False,
+        files=files_meta,
+        quarantined=quarantined,
+    )
     return manifest, arrangement
 
 
-def _result(manifest: dict, name: str, store: Store, reused: bool) -> dict:
-    return {
-        "id": manifest["id"],
-        "name": name,
-        "num_images": manifest["num_images"],
-        "counts": manifest["counts"],
-        "split_counts": manifest["split_counts"],
-        "family_data": manifest["family_data"],
-        "quarantined": manifest["quarantined"],
-        "layout": manifest["layout"],
-        "image_size": manifest["image_size"],
-        "channels": manifest["channels"],
-        "source": manifest["source"],
-        "root": _shown(store.url),
-        "reused": reused,
-    }
+RESULT_KEYS = (
+    "id",
+    "num_images",
+    "counts",
+    "split_counts",
+    "quarantined",
+    "layout",
+    "image_size",
+    "channels",
+    "source",
+)
+
+
+def _result(manifest: Manifest, name: str, store: Store, reused: bool) -> dict:
+    """What an ingest returns (JSON values): the manifest's summary, under the name given."""
+    stored = manifest.to_dict()
+    summary = {key: stored[key] for key in RESULT_KEYS}
+    return {**summary, "name": name, "root": _shown(store.url), "reused": reused}

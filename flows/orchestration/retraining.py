@@ -45,6 +45,7 @@ from flows.orchestration.lineage import (
     RetrainError,
 )
 from flows.settings import read_yaml_mapping
+from flows.snapshots.manifest import Manifest
 from flows.tune.space import PBT_SCHEDULERS
 from gan_core.config import DEFAULT_DATASET, FAMILIES, ConfigError
 from gan_core.overrides import apply_overrides
@@ -208,7 +209,7 @@ def _check_types(pc: PipelineConfig) -> None:
 # --- stages: plain functions (tested directly), wrapped as Prefect tasks in the flow --------
 
 
-def stage_ingest(dataset: str, image_size: int | None = None) -> dict:
+def stage_ingest(dataset: str, image_size: int | None = None) -> Manifest:
     """The snapshot manifest for a dataset reference (the one resolver: ids, names,
     builtin: datasets and sources, which are ingested)."""
     from flows.ingest.resolve import ensure_snapshot
@@ -405,7 +406,7 @@ def stage_train(
 
 
 def stage_register(
-    result: dict, name: str, manifest: dict | None = None, lineage: dict | None = None
+    result: dict, name: str, manifest: Manifest | None = None, lineage: dict | None = None
 ) -> str:
     """Register the run's generator; a rerun of the same training run (same run name, e.g.
     after a failed promotion) reuses the version it registered instead of duplicating it."""
@@ -423,7 +424,7 @@ def stage_register(
     tags = {"ganflow.run_name": result["run_name"], **(lineage or {})}
     if result.get("checkpoint"):
         tags[CHECKPOINT_TAG] = str(result["checkpoint"])
-    classes = (manifest or {}).get("classes") or []
+    classes = list(manifest.classes or ()) if manifest is not None else []
     if cfg.family == "cgan" and classes:
         tags["ganflow.classes"] = json.dumps(classes)[:5000]
     return registry.register(
@@ -461,7 +462,7 @@ def _image_size(pc: PipelineConfig, family: str) -> int | None:
     return int(size) if size else None
 
 
-def _family_setup(pc: PipelineConfig, family: str, manifest: dict):
+def _family_setup(pc: PipelineConfig, family: str, manifest: Manifest):
     """(config for the snapshot, registered model name, digest of the requested config and
     the pipeline settings that change training: what a champion's lineage is compared with,
     before a search or a warm start changes the config)."""
@@ -473,9 +474,7 @@ def _family_setup(pc: PipelineConfig, family: str, manifest: dict):
         cfg = config_for_snapshot(family, manifest, dict(pc.overrides.get(family, {})))
     except ConfigError as exc:
         raise PipelineError(f"overrides.{family}: {exc}") from None
-    name = pc.model_names.get(family) or model_name(
-        family, manifest.get("name") or pc.dataset(family)
-    )
+    name = pc.model_names.get(family) or model_name(family, manifest.name or pc.dataset(family))
     # The search mode is part of what is compared with a champion's lineage: a PBT champion
     # was produced by another process than an ASHA-then-train one, so switching between them
     # is a config change (trained again), and a PBT champion is kept only by a request for
@@ -514,7 +513,7 @@ def _row(family: str, snapshot: str, name: str, plan: Plan) -> dict:
     }
 
 
-def known_snapshot(ref: str, image_size: int | None = None) -> dict | None:
+def known_snapshot(ref: str, image_size: int | None = None) -> Manifest | None:
     """The manifest ref stands for without ingesting anything new: a snapshot id or name, a
     built-in (ingested now if missing: seconds), or a source whose listing (paths, sizes,
     ETags; nothing decoded) was ingested before. None: the source changed."""
@@ -535,7 +534,7 @@ def known_snapshot(ref: str, image_size: int | None = None) -> dict | None:
 
     options = IngestOptions(image_size=image_size) if image_size else IngestOptions()
     hit = Store(root).source_ref(scan_source(ref, options).fingerprint)
-    return None if hit is None else resolve_snapshot(hit["id"], root)
+    return None if hit is None else resolve_snapshot(hit.id, root)
 
 
 def all_kept(pc: PipelineConfig, force: bool = False) -> list[dict] | None:
@@ -551,11 +550,11 @@ def all_kept(pc: PipelineConfig, force: bool = False) -> list[dict] | None:
         if manifest is None:
             return None
         _, name, digest = _family_setup(pc, family, manifest)
-        plan = stage_plan(name, manifest["id"], digest, False)["plan"]
+        plan = stage_plan(name, manifest.id, digest, False)["plan"]
         if plan.action != "keep":
             return None
         _say(f"{family}: {name} kept ({plan.why})")
-        rows.append(_row(family, manifest["id"], name, plan))
+        rows.append(_row(family, manifest.id, name, plan))
     return rows
 
 
@@ -573,10 +572,8 @@ def retrain_family(
     t0 = time.perf_counter()
     manifest = task("ingest", stage_ingest, pc.dataset(family), _image_size(pc, family))
     cfg, name, digest = _family_setup(pc, family, manifest)
-    snapshot = manifest["id"]
-    _say(
-        f"{family}: snapshot {snapshot[:12]} ({manifest.get('name')}, {manifest.get('num_images')} images)"
-    )
+    snapshot = manifest.id
+    _say(f"{family}: snapshot {snapshot[:12]} ({manifest.name}, {manifest.num_images} images)")
     planned = task("plan", stage_plan, name, snapshot, digest, force)
     plan, champion = planned["plan"], planned["champion"]
     row = _row(family, snapshot, name, plan)
@@ -653,7 +650,7 @@ def _pbt_family(pc, family, task, cluster_slot, manifest, cfg, name, digest, row
     population trains from random weights (PipelineConfig refuses retrain.mode warm)."""
     from flows.orchestration.lineage import code_digest
 
-    snapshot = manifest["id"]
+    snapshot = manifest.id
     with cluster_slot():
         search = task(
             "search",

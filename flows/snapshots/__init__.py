@@ -1,17 +1,22 @@
 """The snapshot store: versioned, content-addressed datasets that training reads.
 
-store (layout, atomic writes, manifests and refs) and load (resolve, list, read a split).
+manifest (the Manifest type: built, written, read and checked there only), store (layout,
+atomic writes and refs) and load (resolve, list, read a split).
 Imports nothing from flows.ingest: snapshots are read here and written there.
 """
 
 from flows.snapshots.load import lineage, list_snapshots, load_dataset, resolve_snapshot
-from flows.snapshots.store import (
+from flows.snapshots.manifest import (
     FORMAT_VERSION,
     SPLITS,
-    SnapshotNotFound,
+    Manifest,
+    Shard,
     SnapshotOutdated,
-    Store,
     check_format,
+)
+from flows.snapshots.store import (
+    SnapshotNotFound,
+    Store,
     check_name,
     digest,
     npy_bytes,
@@ -20,6 +25,8 @@ from flows.snapshots.store import (
 __all__ = [
     "FORMAT_VERSION",
     "SPLITS",
+    "Manifest",
+    "Shard",
     "SnapshotNotFound",
     "SnapshotOutdated",
     "Store",

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from flows.settings import cache_dir
+from flows.snapshots.manifest import Manifest, Shard
 from flows.snapshots.store import Store
 from flows.storage import is_remote
 
@@ -64,13 +65,13 @@ def _sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def _download(store: Store, manifest: dict, entry: dict, dest: Path) -> None:
+def _download(store: Store, manifest: Manifest, entry: Shard, dest: Path) -> None:
     """Stream one shard into dest, renamed into place only once its hash matches."""
     tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex}")
 
     def fetch() -> str:
         h = hashlib.sha256()
-        path = store.shard_path(manifest, entry["file"])
+        path = store.shard_path(manifest, entry.file)
         with store.fs.open(path, "rb") as src, open(tmp, "wb") as out:
             while chunk := src.read(_CHUNK):
                 h.update(chunk)
@@ -79,19 +80,19 @@ def _download(store: Store, manifest: dict, entry: dict, dest: Path) -> None:
 
     try:
         digest = store._call(fetch, what=store.url, missing=None)
-        if digest != entry["sha256"]:
-            raise store.corrupt(manifest, entry["file"])
+        if digest != entry.sha256:
+            raise store.corrupt(manifest, entry.file)
         os.replace(tmp, dest)
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
 
 
-def local_shards(store: Store, manifest: dict, files: list[str]) -> dict[str, str]:
+def local_shards(store: Store, manifest: Manifest, files: list[str]) -> dict[str, str]:
     """{file: local path} for these shard files of a snapshot, each verified against the
     manifest on this node (ValueError naming the shard when one is missing or altered)."""
-    entries = {s["file"]: s for s in manifest["shards"]}
-    sid = manifest["id"]
+    entries = {s.file: s for s in manifest.shards}
+    sid = manifest.id
     folder = snapshot_cache(sid)
     out: dict[str, str] = {}
     with _locked(sid):
@@ -99,7 +100,7 @@ def local_shards(store: Store, manifest: dict, files: list[str]) -> dict[str, st
         if is_remote(store.url):
             for f in files:
                 dest = folder / f
-                if not dest.exists() or dest.stat().st_size != entries[f]["bytes"]:
+                if not dest.exists() or dest.stat().st_size != entries[f].bytes:
                     _download(store, manifest, entries[f], dest)
                 out[f] = str(dest)
             return out
@@ -117,7 +118,7 @@ def local_shards(store: Store, manifest: dict, files: list[str]) -> dict[str, st
                 raise store.corrupt(manifest, f) from None
             stamp = [st.st_size, st.st_mtime_ns]
             if verified.get(f) != stamp:
-                if st.st_size != entries[f]["bytes"] or _sha256_file(path) != entries[f]["sha256"]:
+                if st.st_size != entries[f].bytes or _sha256_file(path) != entries[f].sha256:
                     raise store.corrupt(manifest, f)
                 verified[f] = stamp
                 changed = True

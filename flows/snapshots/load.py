@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from flows.snapshots.store import SPLITS, Store
+from flows.snapshots.manifest import SPLITS, Manifest
+from flows.snapshots.store import Store
 
 if TYPE_CHECKING:  # torch is imported when data is loaded: the CLI imports this module
     from gan_core.data import ImageSet, UnpairedSet
@@ -17,19 +18,19 @@ if TYPE_CHECKING:  # torch is imported when data is loaded: the CLI imports this
 # The interface training uses.
 
 
-def resolve_snapshot(ref: str, root: str | None = None) -> dict:
+def resolve_snapshot(ref: str, root: str | None = None) -> Manifest:
     """The manifest for a snapshot id, or the latest snapshot of a name. SnapshotNotFound
     when neither exists, SnapshotOutdated when it was written in an older format."""
     return Store(root).resolve(ref)
 
 
-def list_snapshots(root: str | None = None) -> list[dict]:
-    """Every complete snapshot (manifest present) in a root, oldest first."""
+def list_snapshots(root: str | None = None) -> list[Manifest]:
+    """Every complete snapshot (manifest present) of this format in a root, oldest first."""
     return Store(root).list()
 
 
 def _open_part(
-    store: Store, manifest: dict, split: str, part: str, first_shard: bool = False
+    store: Store, manifest: Manifest, split: str, part: str, first_shard: bool = False
 ) -> tuple[ImageSet, object]:
     """One part of a split as stored rows read from this node's verified local copy, and its
     truth rows (built-in pairs) or None; labels (8 bytes a row) are read into memory."""
@@ -38,16 +39,16 @@ def _open_part(
     from flows.snapshots.cache import local_shards
     from gan_core.data import ImageSet, StoredRows
 
-    shards = [s for s in manifest["shards"] if s["split"] == split and s["part"] == part]
+    shards = manifest.shards_of(split, part)
     if first_shard:
-        shards = [s for s in shards if s["shard"] == 0]
+        shards = [s for s in shards if s.shard == 0]
     if not shards:  # an empty split (val_fraction 0)
-        s = manifest["image_size"]
-        return ImageSet(torch.zeros(0, manifest["channels"], s, s)), None
-    paths = local_shards(store, manifest, [s["file"] for s in shards])
+        s = manifest.image_size
+        return ImageSet(torch.zeros(0, manifest.channels, s, s)), None
+    paths = local_shards(store, manifest, [s.file for s in shards])
     by_array: dict[str, list[str]] = {}
-    for s in sorted(shards, key=lambda s: (s["array"], s["shard"])):
-        by_array.setdefault(s["array"], []).append(paths[s["file"]])
+    for s in sorted(shards, key=lambda s: (s.array, s.shard)):
+        by_array.setdefault(s.array, []).append(paths[s.file])
     labels = None
     if "labels" in by_array:
         labels = torch.from_numpy(
@@ -82,12 +83,12 @@ def open_dataset(
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     store = Store(root)
     manifest = store.resolve(ref)
-    if image_size is not None and image_size != manifest["image_size"]:
+    if image_size is not None and image_size != manifest.image_size:
         raise ValueError(
-            f"snapshot {manifest['id']} ({ref}) holds {manifest['image_size']}px images, "
+            f"snapshot {manifest.id} ({ref}) holds {manifest.image_size}px images, "
             f"not {image_size}px; ingest the source again with --image-size {image_size}"
         )
-    if manifest["kind"] == "unpaired":
+    if manifest.kind == "unpaired":
         from gan_core.data import UnpairedSet
 
         x, truth = _open_part(store, manifest, split, "x", first_shard)
@@ -114,12 +115,12 @@ def load_dataset(
     return in_memory(data, limit)
 
 
-def lineage(manifest: dict) -> dict:
+def lineage(manifest: Manifest) -> dict[str, str]:
     """What an MLflow run records about its dataset input (params/tags, flat strings)."""
     return {
-        "dataset.id": manifest["id"],
-        "dataset.name": manifest["name"],
-        "dataset.source": manifest["source"],
-        "dataset.num_images": str(manifest["num_images"]),
-        "dataset.image_size": str(manifest["image_size"]),
+        "dataset.id": manifest.id,
+        "dataset.name": manifest.name,
+        "dataset.source": manifest.source,
+        "dataset.num_images": str(manifest.num_images),
+        "dataset.image_size": str(manifest.image_size),
     }

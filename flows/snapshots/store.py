@@ -30,41 +30,32 @@ decode per row and does not give Algorithm 1's seeded per-rank sampling with exa
 Shards are read with ``allow_pickle=False`` (object arrays refused): nothing loaded from
 storage can run code.
 
-Manifest keys that training reads to configure itself: ``family_data`` ("labelled": class
-labels present, "unlabelled": images only, "unpaired": two domains x and y), ``classes``
-(names in label order, or null), ``channels``, ``image_size``, ``kind`` ("images" or
-"unpaired"), ``layout``, ``split_counts`` ({"train" | "val" | "test": {class or domain:
-count}}), ``pixels`` ("uint8" or "float32"). ``format`` is FORMAT_VERSION; snapshots of another
-format are refused with the command that re-ingests them (format 2 added the val split and
-family_data; format 3 stores uint8 .npy shards).
+The manifest's type, keys and checks are :mod:`flows.snapshots.manifest`'s: every manifest
+written or read here is a :class:`~flows.snapshots.manifest.Manifest`. ``format`` is
+FORMAT_VERSION; snapshots of another format are refused with the command that re-ingests them
+(format 2 added the val split; format 3 stores uint8 .npy shards).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
 import os
 import re
-import shlex
 import shutil
 import time
 import uuid
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from flows.settings import check_name as settings_check_name
 from flows.settings import snapshot_root
+from flows.snapshots.manifest import Manifest, Shard, SnapshotOutdated
 from flows.storage import StorageError, describe, get_filesystem, is_remote, join, with_retries
 
-if TYPE_CHECKING:  # torch is imported when data is loaded: the CLI imports this module
-    pass
-
-
-FORMAT_VERSION = 3
-SPLITS = ("train", "val", "test")
 SHARD_BYTES = 64 << 20
 STALE_S = 3600.0
 """Age after which a manifest-less snapshot folder or a temporary file is a leftover."""
@@ -97,28 +88,6 @@ class SnapshotNotFound(ValueError):
     def __reduce__(self):
         # Ray ships exceptions between processes by pickling: rebuild from (ref, root).
         return (type(self), (self.ref, self.root))
-
-
-class SnapshotOutdated(ValueError):
-    """A snapshot written in another manifest format than this ganflow reads."""
-
-
-def check_format(manifest: dict, name: str | None = None) -> dict:
-    """The manifest, or SnapshotOutdated (one line, with the command that replaces it)."""
-    version = manifest.get("format", 1)
-    if version == FORMAT_VERSION:
-        return manifest
-    sid, name = manifest.get("id", "?"), name or manifest.get("name", "?")
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        raise SnapshotOutdated(
-            f"snapshot {sid} ({name}) was written by a newer ganflow (format {version}); "
-            f"upgrade ganflow to read it (this one reads format {FORMAT_VERSION})"
-        )
-    source = shlex.quote(str(manifest.get("source", "SOURCE")))
-    raise SnapshotOutdated(
-        f"snapshot {sid} ({name}) was written by an older ganflow (format {version}); "
-        f"re-ingest its source: ganflow ingest {source} --name {shlex.quote(name)}"
-    )
 
 
 def check_name(name: str) -> str:
@@ -185,11 +154,13 @@ class Store:
 
     # -- manifests and refs ------------------------------------------------------------------
 
-    def manifest(self, snapshot_id: str) -> dict | None:
+    def manifest(self, snapshot_id: str, name: str | None = None) -> Manifest | None:
+        """The snapshot's manifest, checked (SnapshotOutdated for another format, ValueError
+        when malformed); None when it has none. ``name``: the name it is resolved through."""
         raw = self.get(f"{snapshot_id}/manifest.json")
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else Manifest.from_json(raw, snapshot_id, name)
 
-    def source_ref(self, fingerprint: str) -> dict | None:
+    def source_ref(self, fingerprint: str) -> Manifest | None:
         raw = self.get(f"refs/sources/{fingerprint}.json")
         if raw is None:
             return None
@@ -199,38 +170,45 @@ class Store:
         refs = self.ls(f"refs/names/{name}")
         return refs[-1].rsplit("-", 1)[-1].removesuffix(".json") if refs else None
 
-    def add_refs(self, manifest: dict, name: str, fingerprint: str | None) -> None:
+    def add_refs(self, manifest: Manifest, name: str, fingerprint: str | None) -> None:
         """Point name (and the source fingerprint) at the snapshot; after the manifest exists."""
         check_name(name)
-        if self.latest_for_name(name) != manifest["id"]:
+        sid = manifest.id
+        if self.latest_for_name(name) != sid:
             ns = time.time_ns()
             stamp = (
                 time.strftime("%Y%m%dT%H%M%S", time.gmtime(ns / 1e9)) + f".{ns // 1000 % 10**6:06d}"
             )
-            self.put(
-                f"refs/names/{name}/{stamp}Z-{manifest['id']}.json",
-                json.dumps({"id": manifest["id"]}).encode(),
-            )
+            self.put(f"refs/names/{name}/{stamp}Z-{sid}.json", json.dumps({"id": sid}).encode())
         if fingerprint:
-            self.put(
-                f"refs/sources/{fingerprint}.json", json.dumps({"id": manifest["id"]}).encode()
-            )
+            self.put(f"refs/sources/{fingerprint}.json", json.dumps({"id": sid}).encode())
 
-    def write_snapshot(self, manifest: dict, parts: dict[str, dict[str, np.ndarray]]) -> dict:
+    def write_snapshot(
+        self, manifest: Manifest, parts: dict[str, dict[str, np.ndarray]]
+    ) -> Manifest:
         """Shards first, manifest last. parts: {'train' | 'val' | 'test' | 'train-x' ...:
         arrays}."""
         started: list[str] = []
 
-        def write() -> dict:
-            shards: list[dict] = []
+        def write() -> Manifest:
+            shards: list[Shard] = []
             for part, arrays in sorted(parts.items()):
-                per_row = sum(a[0:1].nbytes for a in arrays.values())
+                per_row = manifest.row_bytes(arrays)
+                stored = sum(a[0:1].nbytes for a in arrays.values())
+                if len(arrays["images"]) and stored != per_row:
+                    # Shards cut by another row size than the cluster's write tasks use
+                    # would give the same snapshot other files.
+                    raise ValueError(
+                        f"snapshot {manifest.id}: part {part} has {stored} bytes a row, its "
+                        f"manifest ({manifest.channels} ch, {manifest.image_size}px, "
+                        f"{manifest.pixels}) says {per_row}"
+                    )
                 for k, (start, stop) in enumerate(shard_ranges(len(arrays["images"]), per_row)):
                     rows = {key: a[start:stop] for key, a in arrays.items()}
-                    shards.extend(self.put_shard(manifest["id"], part, k, rows, started))
+                    shards.extend(self.put_shard(manifest.id, part, k, rows, started))
             return self.finish_snapshot(manifest, shards)
 
-        return self.cleaning_up(manifest["id"], started, write)
+        return self.cleaning_up(manifest.id, started, write)
 
     def cleaning_up(self, sid: str, started: list[str], write):
         """write(), or on any failure (Ctrl-C included) none of the shard files in
@@ -250,7 +228,7 @@ class Store:
 
     def put_shard(
         self, sid: str, part: str, k: int, arrays: dict[str, np.ndarray], started: list[str]
-    ) -> list[dict]:
+    ) -> list[Shard]:
         """Shard k of a part: one .npy per array (sorted by name), each in one put; returns
         their manifest entries. Each file's name is added to ``started`` before its put, so a
         write cut short is cleaned up."""
@@ -263,24 +241,24 @@ class Store:
             started.append(fname)
             self.put(f"{sid}/{fname}", data)
             entries.append(
-                {
-                    "file": fname,
-                    "split": split,
-                    "part": domain or "data",
-                    "array": key,
-                    "shard": k,
-                    "count": len(rows),
-                    "dtype": rows.dtype.str,
-                    "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                }
+                Shard(
+                    file=fname,
+                    split=split,
+                    part=domain or "data",
+                    array=key,
+                    shard=k,
+                    count=len(rows),
+                    dtype=rows.dtype.str,
+                    bytes=len(data),
+                    sha256=hashlib.sha256(data).hexdigest(),
+                )
             )
         return entries
 
-    def finish_snapshot(self, manifest: dict, shards: list[dict]) -> dict:
+    def finish_snapshot(self, manifest: Manifest, shards: list[Shard]) -> Manifest:
         """The manifest, written last: from now on the snapshot exists."""
-        manifest = {**manifest, "shards": shards}
-        self.put(f"{manifest['id']}/manifest.json", json.dumps(manifest, indent=1).encode())
+        manifest = dataclasses.replace(manifest, shards=tuple(shards))
+        self.put(f"{manifest.id}/manifest.json", manifest.to_json().encode())
         return manifest
 
     def sweep(self, stale_s: float = STALE_S) -> list[str]:
@@ -310,36 +288,39 @@ class Store:
                             removed.append(p)
         return removed
 
-    def list(self) -> list[dict]:
+    def list(self) -> list[Manifest]:
+        """Every snapshot this ganflow reads, oldest first; those of another format are left
+        out (resolving one says how to replace it)."""
         out = []
         for entry in self.ls(""):
             if _ID_RE.match(entry):
-                m = self.manifest(entry)
-                if m is not None:
-                    out.append(m)
-        return sorted(out, key=lambda m: m["created"])
+                with contextlib.suppress(SnapshotOutdated):
+                    m = self.manifest(entry)
+                    if m is not None:
+                        out.append(m)
+        return sorted(out, key=lambda m: m.created)
 
-    def resolve(self, ref: str) -> dict:
-        """The manifest for an id, or the latest of a name. SnapshotNotFound when neither,
-        SnapshotOutdated when it was written in another format."""
+    def resolve(self, ref: str) -> Manifest:
+        """The manifest for an id, or the latest of a name (then named so). SnapshotNotFound
+        when neither, SnapshotOutdated when it was written in another format."""
         if _ID_RE.match(ref):
             m = self.manifest(ref)
             if m is not None:
-                return check_format(m)
+                return m
         if _NAME_RE.match(ref) and ref != "refs":
             sid = self.latest_for_name(ref)
-            m = self.manifest(sid) if sid else None
+            m = self.manifest(sid, name=ref) if sid else None
             if m is not None:
-                return check_format({**m, "name": ref}, ref)
+                return m
         raise SnapshotNotFound(ref, self.url)
 
-    def shard_path(self, manifest: dict, file: str) -> str:
+    def shard_path(self, manifest: Manifest, file: str) -> str:
         """A shard's path in this root's filesystem."""
-        return self._p(f"{manifest['id']}/{file}")
+        return self._p(f"{manifest.id}/{file}")
 
-    def corrupt(self, manifest: dict, file: str) -> ValueError:
+    def corrupt(self, manifest: Manifest, file: str) -> ValueError:
         return ValueError(
-            f"snapshot {manifest['id']} in {self.url}: shard {file} is missing or does not "
+            f"snapshot {manifest.id} in {self.url}: shard {file} is missing or does not "
             "match its manifest hash; re-ingest the source"
         )
 

@@ -11,39 +11,25 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from flows.snapshots.manifest import Manifest
 from gan_core.config import ConfigError, GanConfig
 from gan_core.overrides import apply_overrides
-from gan_core.presets import DataFacts, config_for_data
-
-
-def facts(manifest: dict) -> DataFacts:
-    """What a snapshot is, from its manifest."""
-    unpaired = manifest.get("kind") == "unpaired"
-    classes = tuple(str(c) for c in (manifest.get("classes") or ()))
-    kind = "unpaired" if unpaired else ("labelled" if classes else "unlabelled")
-    return DataFacts(
-        kind=kind,
-        image_size=int(manifest["image_size"]),
-        channels=int(manifest["channels"]),
-        classes=classes,
-        has_truth=bool(manifest.get("has_truth")),
-        name=str(manifest.get("name") or manifest["id"]),
-    )
+from gan_core.presets import config_for_data
 
 
 def config_for_snapshot(
-    family: str, manifest: dict, overrides: dict | list[str] | None = None
+    family: str, manifest: Manifest, overrides: dict | list[str] | None = None
 ) -> GanConfig:
     """Preset for the snapshot's image size, its facts, then the user's overrides; the
     dataset field names the snapshot id (lineage)."""
-    cfg = config_for_data(family, facts(manifest), overrides)
-    return apply_overrides(cfg, {"data.dataset": manifest["id"]})
+    cfg = config_for_data(family, manifest.facts(), overrides)
+    return apply_overrides(cfg, {"data.dataset": manifest.id})
 
 
-def check_config(cfg: GanConfig, manifest: dict) -> None:
+def check_config(cfg: GanConfig, manifest: Manifest) -> None:
     """ConfigError when a finished config does not fit the snapshot (a config built
     elsewhere, e.g. a search's base or a pipeline override, against another snapshot)."""
-    f = facts(manifest)
+    f = manifest.facts()
     from gan_core.presets import check_family_data
 
     check_family_data(cfg.family, f)

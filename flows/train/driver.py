@@ -15,6 +15,7 @@ from dataclasses import asdict
 from flows.ingest.resolve import ensure_snapshot
 from flows.preflight import ensure_ray
 from flows.settings import cache_dir, forwarded_env, ganflow_home, inside, snapshot_root
+from flows.snapshots.manifest import Manifest
 from flows.train.spec import ClusterSpec, TrainError, TrainRequest, WorkerJob, WorkerUserError
 from flows.train.worker import train_loop_per_worker
 from gan_core.config import GanConfig
@@ -110,7 +111,7 @@ def check_resources(cluster: ClusterSpec) -> None:
             )
 
 
-def prove_config(cfg: GanConfig, manifest: dict, root: str) -> None:
+def prove_config(cfg: GanConfig, manifest: Manifest, root: str) -> None:
     """Before any cluster work: the config fits the snapshot, the FID weights are in place
     when asked for, and one iteration, a grid and an evaluation run on a few real images
     (seconds). Each failure is one line (ConfigError or the weights' error)."""
@@ -120,8 +121,8 @@ def prove_config(cfg: GanConfig, manifest: dict, root: str) -> None:
     data_config.check_config(cfg, manifest)
     data_config.check_inception(cfg)
     # A few rows of each split's first shard: seconds, whatever the snapshot's size.
-    train = load_dataset(manifest["id"], "train", root, limit=4, first_shard=True)
-    heldout = load_dataset(manifest["id"], "test", root, limit=10, first_shard=True)
+    train = load_dataset(manifest.id, "train", root, limit=4, first_shard=True)
+    heldout = load_dataset(manifest.id, "test", root, limit=10, first_shard=True)
     data_config.dry_run(cfg, train, heldout)
 
 
@@ -144,7 +145,7 @@ def run_training(req: TrainRequest) -> dict:
         tracking.check_reachable(uri)  # before any cluster work: fail in seconds, not hours
     root = snapshot_root()
     manifest = ensure_snapshot(req.dataset, root, cfg.data.image_size)
-    cfg = apply_overrides(cfg, {"data.dataset": manifest["id"]})
+    cfg = apply_overrides(cfg, {"data.dataset": manifest.id})
     prove_config(cfg, manifest, root)
     run_name = req.run_name or default_run_name(cfg)
 
@@ -162,7 +163,7 @@ def run_training(req: TrainRequest) -> dict:
         exp_id = tracking.ensure_experiment(uri, req.experiment)
         tags = {
             "ganflow.family": cfg.family,
-            "ganflow.snapshot_id": manifest["id"],
+            "ganflow.snapshot_id": manifest.id,
             "ganflow.workers": str(cluster.workers),
         }
         if req.parent_run_id:
@@ -187,7 +188,7 @@ def run_training(req: TrainRequest) -> dict:
         "run_id": run_id,
         "run_name": run_name,
         "family": cfg.family,
-        "snapshot_id": manifest["id"],
+        "snapshot_id": manifest.id,
         "steps": int(result["metrics"].get("step", 0)),
         "metrics": metrics,
         "checkpoint": result["checkpoint"],
@@ -222,16 +223,16 @@ def _track_and_fit(req, cfg, manifest, root, uri, run_id, run_name, use_gpu) -> 
             "ray.workers": cluster.workers,
             "ray.gpus_per_worker": cluster.gpus_per_worker,
             "global_batch_size": cfg.train.batch_size * cluster.workers,
-            "dataset.id": manifest["id"],
-            "dataset.name": manifest.get("name", ""),
+            "dataset.id": manifest.id,
+            "dataset.name": manifest.name,
         }
         tracking.log_config(uri, run_id, cfg, extra)
-        tracking.log_dataset_input(uri, run_id, manifest["id"], manifest.get("name", ""), root)
+        tracking.log_dataset_input(uri, run_id, manifest.id, manifest.name, root)
 
     log_every = cfg.train.log_every
     job = WorkerJob(
         config=cfg.to_flat_dict(),
-        snapshot_id=manifest["id"],
+        snapshot_id=manifest.id,
         snapshot_root=root,
         cache_dir=req.cache_dir or str(cache_dir()),
         tracking_uri=uri,

@@ -216,7 +216,7 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
 
     check_config(base, manifest)
     # Trials are selected on the validation split (test stays for the reported figures).
-    primary, mode = primary_metric(base, bool(manifest.get("has_truth")))
+    primary, mode = primary_metric(base, manifest.has_truth)
     metric = f"val_{primary}"
     name = (
         req.name or f"search-{req.family}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
@@ -242,7 +242,7 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
             name,
             {
                 "ganflow.family": req.family,
-                "ganflow.snapshot_id": manifest["id"],
+                "ganflow.snapshot_id": manifest.id,
                 "ganflow.kind": "search",
             },
         )
@@ -253,7 +253,7 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
             have = client.get_run(parent).data.params
             params = {
                 "family": req.family,
-                "dataset": manifest["id"],
+                "dataset": manifest.id,
                 "samples": req.samples,
                 "scheduler": req.scheduler,
                 "space": json.dumps(req.space)[:6000],
@@ -273,8 +273,7 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
                     client.log_param(parent, k, str(v))
             # Logged here, before any trial starts, the experiment holds the dataset row: the
             # trials that start together only link their runs to it (no insert to race on).
-            dataset_name = manifest.get("name", "")
-            tracking.log_dataset_input(uri, parent, manifest["id"], dataset_name, snapshot_root())
+            tracking.log_dataset_input(uri, parent, manifest.id, manifest.name, snapshot_root())
 
         # Trials report losses at every log point and the quality metric every eval.every
         # iterations; ASHA only judges results that carry the metric, so reports without it are
@@ -282,7 +281,7 @@ def run_search(req: SearchRequest, progress: bool = True) -> dict:
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         ctx = {
             "base": base.to_flat_dict(),
-            "snapshot_id": manifest["id"],
+            "snapshot_id": manifest.id,
             "search": name,
             "workers": req.workers_per_trial,
             "gpus": req.gpus_per_worker,
