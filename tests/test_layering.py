@@ -149,3 +149,12 @@ def test_every_imported_package_is_declared():
                 if owners and not owners & allowed:
                     missing.add(f"{top} ({', '.join(sorted(owners))}) in {module}:{line}")
     assert not missing, "imported but not declared in pyproject.toml: " + "; ".join(sorted(missing))
+
+
+def test_manifest_sits_at_the_bottom_of_snapshots():
+    # Every layer above reads manifests; the type must import no flows module, or reading a
+    # manifest would drag the store (or worse) into whatever imports it.
+    path = ROOT / "flows" / "snapshots" / "manifest.py"
+    assert _layer("flows.snapshots.manifest") == "snapshots"
+    for name, line in _imports(path):
+        assert name.split(".")[0] != "flows", f"flows.snapshots.manifest:{line} imports {name}"

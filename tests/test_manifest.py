@@ -1,11 +1,13 @@
 """The snapshot manifest as a type (flows.snapshots.manifest): JSON round trip, manifests
 written before it (with family_data) still load, malformed ones fail in one line naming the
-snapshot and the key."""
+snapshot and the key, and no module of flows builds a manifest as a dict."""
 
 from __future__ import annotations
 
+import ast
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +22,7 @@ from flows.snapshots.manifest import (
 )
 from flows.snapshots.store import Store
 
+ROOT = Path(__file__).resolve().parents[1]
 SID = "0123456789abcdef0123"
 
 # A manifest.json as the code before flows.snapshots.manifest wrote it (format 3, key order
@@ -180,3 +183,47 @@ def test_facts_and_row_bytes():
     assert row_bytes(3, 32, "uint8", ["images", "labels"]) == 3 * 32 * 32 + 8
     assert row_bytes(1, 16, "float32", ["images"]) == 16 * 16 * 4
     assert _manifest().row_bytes(["images", "labels", "truth"]) == 2 * 256 + 8
+
+
+# Keys only a manifest (or a shard entry) has. A dict literal in flows holding one is a
+# manifest built by hand: it must be a Manifest (or Shard) built in flows/snapshots/manifest.py.
+MANIFEST_ONLY = {
+    "num_images",
+    "split_counts",
+    "family_data",
+    "has_truth",
+    "shards",
+    "domains",
+    "content_sha256",
+}
+SHARD_KEYS = {"file", "split", "part", "array", "shard", "sha256"}
+
+
+def test_no_manifest_is_built_as_a_dict_outside_manifest_py():
+    found = []
+    for path in sorted((ROOT / "flows").rglob("*.py")):
+        if path == ROOT / "flows" / "snapshots" / "manifest.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            keys: set[str] = set()
+            if isinstance(node, ast.Dict):
+                keys = {k.value for k in node.keys if isinstance(k, ast.Constant)}
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "dict":
+                keys = {k.arg for k in node.keywords if k.arg}
+            if keys & MANIFEST_ONLY or len(keys & SHARD_KEYS) >= 3:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {sorted(keys)}")
+    assert not found, "manifest built as a dict (use flows.snapshots.manifest): " + "; ".join(found)
+
+
+def test_readers_use_attributes():
+    """No manifest["key"] or manifest.get("key") left in flows: a typo'd key would be None or
+    a KeyError at run time, where an attribute fails in the type checker and at once. (Only
+    manifest.py reads the raw JSON.)"""
+    found = []
+    for path in sorted((ROOT / "flows").rglob("*.py")):
+        if path == ROOT / "flows" / "snapshots" / "manifest.py":
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if "manifest[" in line or "manifest.get(" in line:
+                found.append(f"{path.relative_to(ROOT)}:{i}")
+    assert not found, "; ".join(found)
