@@ -85,6 +85,14 @@ def _r1_term(state: TrainState, D: nn.Module, real: Tensor, *cond: Tensor) -> Te
     return losses.r1_penalty(scores.float(), x) * (lc.r1_gamma / 2 * lc.r1_every)
 
 
+def _wrong_labels(state: TrainState, labels: Tensor) -> Tensor:
+    """For each label y another class y' != y, uniform over the other k - 1, from the noise
+    stream (checkpointed, so a resumed run draws the same)."""
+    k = state.cfg.model.num_classes
+    shift = torch.randint(1, k, labels.shape, generator=state.noise, device=state.device)
+    return (labels + shift) % k
+
+
 class Family:
     """What a GAN variant plugs into the loop. Subclasses override the four hooks."""
 
@@ -128,12 +136,20 @@ class GanFamily(Family):
         y = self._labels(batch)
         with torch.no_grad(), state.autocast():  # no graph through G in D's update
             fake = G(state.z(batch.x.shape[0]), *y)
+        d_loss = losses.discriminator_loss(state.cfg.loss.gan_loss)
+        w = state.cfg.loss.mismatch if y and state.cfg.model.num_classes > 1 else 0.0
         with state.autocast():
-            real_logits = D(aug(batch.x), *y)
+            real = aug(batch.x)
+            real_logits = D(real, *y)
             fake_logits = D(aug(fake), *y)
-        loss = losses.discriminator_loss(state.cfg.loss.gan_loss)(
-            real_logits.float(), fake_logits.float()
-        )
+            if w:  # the same augmented reals, each with a label it does not have
+                wrong_logits = D(real, _wrong_labels(state, y[0]))
+        if w:
+            loss = losses.matching_aware_discriminator_loss(
+                d_loss, real_logits.float(), fake_logits.float(), wrong_logits.float(), w
+            )
+        else:
+            loss = d_loss(real_logits.float(), fake_logits.float())
         metrics = {"loss_D": loss.detach()}
         if _r1_due(state):
             r1 = _r1_term(state, D, batch.x, *y)

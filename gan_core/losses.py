@@ -52,6 +52,17 @@ def hinge_generator_loss(fake_scores: Tensor) -> Tensor:
     return -fake_scores.mean()
 
 
+def matching_aware_discriminator_loss(
+    d_loss, real_right: Tensor, fake_right: Tensor, real_wrong: Tensor, weight: float
+) -> Tensor:
+    """GAN-CLS's discriminator (Reed et al. 2016, Algorithm 1): a real image shown with a wrong
+    label counts as fake too, so D must judge whether image and label agree, not only whether
+    the image looks real. ``d_loss(real, fake)`` is any of the D losses above (each a real term
+    plus a fake term); the fake term is split, (1 - w) on G's samples and w on the mismatched
+    pairs: L_real + (1 - w)·L_fake(G(z, y), y) + w·L_fake(x, y'). Reed et al. use w = ½."""
+    return (1 - weight) * d_loss(real_right, fake_right) + weight * d_loss(real_right, real_wrong)
+
+
 def r1_penalty(real_scores: Tensor, real_images: Tensor) -> Tensor:
     """R1 (Mescheder et al. 2018): E_x[‖∇_x D(x)‖²] on real images, without the γ/2 factor.
 

@@ -314,3 +314,83 @@ def test_the_config_names_every_augmentation_op_there_is():
     from gan_core.config import DIFFAUG_OPS
 
     assert set(DIFFAUG_OPS) == set(diffaug.OPS)  # the config validates what diffaug runs
+
+
+# --- the matching-aware discriminator (Reed et al. 2016) ------------------------------------
+
+
+def test_matching_aware_loss_matches_the_formula():
+    real, fake, wrong = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0]), torch.tensor([1.0, -3])
+    w = 0.25
+    l_real = (0 + 0.5) / 2  # hinge: E[max(0, 1 - D(x, y))]
+    l_fake, l_wrong = (0 + 1.0) / 2, (2.0 + 0) / 2  # E[max(0, 1 + D)]
+    got = losses.matching_aware_discriminator_loss(
+        losses.hinge_discriminator_loss, real, fake, wrong, w
+    )
+    assert float(got) == pytest.approx(l_real + (1 - w) * l_fake + w * l_wrong)
+    # w = 0 is the plain cGAN loss, for every kind of loss
+    for kind in ("minimax", "lsgan", "hinge"):
+        d = losses.discriminator_loss(kind)
+        assert float(losses.matching_aware_discriminator_loss(d, real, fake, wrong, 0.0)) == (
+            pytest.approx(float(d(real, fake)))
+        )
+
+
+def test_wrong_labels_are_every_other_class_and_never_the_right_one():
+    from gan_core.families import _wrong_labels
+
+    cfg, data = _stabilised("cgan"), _data("cgan")
+    state = init_state(cfg, data, "cpu")
+    y = torch.arange(3000) % 3
+    wrong = _wrong_labels(state, y)
+    assert not bool((wrong == y).any())
+    for c in range(3):  # uniform over the other two classes
+        counts = torch.bincount(wrong[y == c], minlength=3).float() / 1000
+        assert counts[c] == 0 and bool(((counts - 0.5).abs() < 0.06).sum() == 2), counts
+
+
+def _wrong_pairs_judged_fake(mismatch: float) -> float:
+    """Train only D (G never updated) on two classes that differ in brightness; the share of
+    real images shown with the other class's label that D then scores as fake."""
+    from gan_core.families import FAMILIES
+    from gan_core.feed import Feeder
+
+    cfg = apply_overrides(
+        _stabilised("cgan"),
+        {
+            "model.num_classes": 2,
+            "loss.mismatch": mismatch,
+            "augment.policy": "none",
+            "augment.ada": False,
+            "loss.r1_gamma": 0.0,
+        },
+    )
+    images = torch.cat([torch.zeros(20, 3, 32, 32), torch.full((20, 3, 32, 32), 255.0)])
+    data = ImageSet(images.to(torch.uint8), torch.arange(40) // 20)
+    state, family = init_state(cfg, data, "cpu"), FAMILIES["cgan"]
+    feeder = Feeder(state, data)
+    for _ in range(60):
+        family.d_step(state, feeder.next(ahead=False))
+    D = state.models["D"].eval()
+    x = data.images.float() / 127.5 - 1
+    with torch.no_grad():
+        right, wrong = D(x, data.labels), D(x, 1 - data.labels)
+    assert float((right > 0).float().mean()) == 1.0  # the reals themselves: real (hinge: > 0)
+    return float((wrong < 0).float().mean())
+
+
+def test_a_matching_aware_d_learns_to_check_the_label():
+    # Without mismatched pairs nothing asks D to tell a right label from a wrong one on real
+    # images (measured: it calls half of them real); with them, every one is fake.
+    assert _wrong_pairs_judged_fake(0.5) == 1.0
+    assert _wrong_pairs_judged_fake(0.0) < 0.9
+
+
+def test_mismatch_is_validated():
+    with pytest.raises(ConfigError, match="loss.mismatch"):
+        apply_overrides(preset("gan", "default", 32), {"loss.mismatch": 0.5})
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ConfigError, match="loss.mismatch"):
+            apply_overrides(preset("cgan", "default", 32), {"loss.mismatch": bad})
+    assert preset("cgan", "default", 32).loss.mismatch == 0.5
+    assert preset("gan", "default", 32).loss.mismatch == 0.0

@@ -32,6 +32,7 @@ _OLD = {
     "model.spectral_norm": False,
     "model.d_batchnorm": False,
     "model.conditioning": "concat",
+    "loss.mismatch": 0.0,
     "augment.policy": "none",
     "train.ema_half_life": 0,
     "loss.gan_loss": "minimax",
@@ -59,6 +60,7 @@ VARIANTS: dict[str, tuple[tuple[str, ...], dict | str | None]] = {
     "no-bn-d": (GANS, {"model.d_batchnorm": False}),
     "projection": (("cgan",), {"model.conditioning": "projection"}),
     "concat": (("cgan",), {"model.conditioning": "concat"}),
+    "no-mismatch": (("cgan",), {"loss.mismatch": 0.0}),
     "minimax": (GANS, {"loss.gan_loss": "minimax"}),
     "hinge": (GANS, {"loss.gan_loss": "hinge"}),
     "r1": (ALL, {"loss.r1_gamma": R1_GAMMA}),
@@ -74,6 +76,7 @@ PLAN = {
     "shapes": (
         "anchor",
         "defaults",
+        "no-mismatch",
         "no-aug",
         "fixed-p",
         "ema",
