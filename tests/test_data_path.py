@@ -46,10 +46,10 @@ def test_uint8_round_trip_is_exact_for_8_bit_sources(tmp_path):
     for arrays, channels in ((rgb, 3), (gray, 1)):
         src = write(tmp_path / f"raw{channels}", {f"{i}.png": png(a) for i, a in enumerate(arrays)})
         r = ingest(str(src), root=root, options=IngestOptions(**ALL_TRAIN))
-        m = resolve_snapshot(r["id"], root)
+        m = resolve_snapshot(r.id, root)
         assert m.pixels == "uint8" and m.channels == channels
         assert {s.dtype for s in m.shards if s.array == "images"} == {"|u1"}
-        rows = open_dataset(r["id"], "train", root).images
+        rows = open_dataset(r.id, "train", root).images
         assert isinstance(rows, StoredRows) and rows.dtype == torch.uint8
         got = rows[:].numpy()  # [n, C, H, W], in path order 0..5
         want = np.stack([a if a.ndim == 3 else a[..., None] for a in arrays]).transpose(0, 3, 1, 2)
@@ -65,8 +65,8 @@ def test_float_sources_stay_float(tmp_path):
     src = write(tmp_path / "raw", {"a.npz": buf.getvalue()})
     root = str(tmp_path / "store")
     r = ingest(str(src / "a.npz"), root=root, options=IngestOptions(**ALL_TRAIN))
-    assert resolve_snapshot(r["id"], root).pixels == "float32"
-    got = load_dataset(r["id"], "train", root).images
+    assert resolve_snapshot(r.id, root).pixels == "float32"
+    got = load_dataset(r.id, "train", root).images
     np.testing.assert_allclose(got.numpy(), x.transpose(0, 3, 1, 2) * 2 - 1, atol=1e-6)
 
 

@@ -32,7 +32,7 @@ from flows.cli import build_parser, main
 from flows.ingest.layouts import IngestError
 from flows.ingest.resolve import ensure_snapshot
 from flows.ingest.runner import ingest
-from flows.ingest.stages import IngestOptions, auto_image_size
+from flows.ingest.stages import IngestOptions, IngestResult, auto_image_size
 from flows.snapshots.load import list_snapshots, load_dataset, resolve_snapshot
 from flows.snapshots.store import SnapshotNotFound, SnapshotOutdated
 from flows.storage import StorageError, get_filesystem, mask_secrets, with_retries
@@ -89,20 +89,21 @@ FAMILY_DATA = {"classes": "labelled", "flat": "unlabelled", "cyclegan": "unpaire
 def test_layouts_local(kind, tmp_path, root):
     folder, rel, layout = make_layout(kind, tmp_path / "raw")
     r = ingest(str(folder / rel) if rel else str(folder), root=root, name=kind)
-    assert r["layout"] == layout and not r["quarantined"] and not r["reused"]
-    assert r["image_size"] == 8  # the digits' own resolution
+    assert isinstance(r, IngestResult)  # a value with attributes, not a dict of keys
+    assert r.layout == layout and not r.quarantined and not r.reused
+    assert r.image_size == 8  # the digits' own resolution
     splits = {s: load_dataset(kind, s, root) for s in ("train", "val", "test")}
     if layout == "cyclegan":
-        assert sum(len(d.x) + len(d.y) for d in splits.values()) == r["num_images"]
-        assert splits["train"].x_truth is None and set(r["counts"]) == {"x", "y"}
+        assert sum(len(d.x) + len(d.y) for d in splits.values()) == r.num_images
+        assert splits["train"].x_truth is None and set(r.counts) == {"x", "y"}
         assert all(len(d.x) > 0 and len(d.y) > 0 for d in splits.values())
     else:
-        assert sum(len(d) for d in splits.values()) == r["num_images"]
+        assert sum(len(d) for d in splits.values()) == r.num_images
         assert (splits["train"].labels is None) == (layout == "flat")
-        assert abs(len(splits["test"]) / r["num_images"] - 0.2) < 0.1
-        assert abs(len(splits["val"]) / r["num_images"] - 0.1) < 0.1
-    m = resolve_snapshot(r["id"], root)
-    assert m.num_images == r["num_images"]
+        assert abs(len(splits["test"]) / r.num_images - 0.2) < 0.1
+        assert abs(len(splits["val"]) / r.num_images - 0.1) < 0.1
+    m = resolve_snapshot(r.id, root)
+    assert m.num_images == r.num_images
     assert m.facts().kind == FAMILY_DATA.get(layout, "labelled")  # npz: with labels
 
 
@@ -110,7 +111,7 @@ def test_class_folders_pixels_labels_and_split(tmp_path, root):
     images, labels = digits(60)
     files = {f"{y}/{i:04d}.png": png(a) for i, (a, y) in enumerate(zip(images, labels))}
     r = ingest(str(write(tmp_path / "raw", files)), root=root)
-    m = resolve_snapshot(r["id"], root)
+    m = resolve_snapshot(r.id, root)
     assert m.channels == 1 and m.classes == tuple(str(c) for c in range(10))
     assert m.image_size == 8 and m.facts().kind == "labelled"
     # Stratified: 20% of every class is test, the next 10% val (rounded cumulatively).
@@ -119,7 +120,7 @@ def test_class_folders_pixels_labels_and_split(tmp_path, root):
         assert m.split_counts["val"].get(c, 0) == round(n * 0.3) - round(n * 0.2)
     got = {}
     for split in ("train", "val", "test"):
-        ds = load_dataset(r["id"], split, root)
+        ds = load_dataset(r.id, split, root)
         for img, y in zip(ds.images, ds.labels):
             got.setdefault(int(y), []).append(img)
     # At the source size (the default) no resize happens: pixels are exactly x / 127.5 - 1.
@@ -138,14 +139,14 @@ def test_npz_float_and_channels_first(tmp_path, root):
     buf = io.BytesIO()
     np.savez(buf, images=x, labels=labels)
     r = ingest(str(write(tmp_path / "raw", {"a.npz": buf.getvalue()}) / "a.npz"), root=root)
-    m = resolve_snapshot(r["id"], root)
+    m = resolve_snapshot(r.id, root)
     assert m.layout == "npz" and m.channels == 1 and m.num_images == 40
 
 
 def test_channels_and_size_override(tmp_path, root):
     src = write(tmp_path / "raw", classes_files(20))
     r = ingest(str(src), root=root, options=IngestOptions(image_size=12, channels=3))
-    ds = load_dataset(r["id"], "train", root)
+    ds = load_dataset(r.id, "train", root)
     assert ds.images.shape[1:] == (3, 12, 12)
     assert ds.images.min() >= -1 and ds.images.max() <= 1
 
@@ -158,7 +159,7 @@ def test_shrinking_is_antialiased(tmp_path, root):
     src = write(tmp_path / "raw", {f"{i}.png": png(arr) for i in range(5)})
     options = IngestOptions(image_size=16, test_fraction=0.0, val_fraction=0.0)
     r = ingest(str(src), root=root, options=options)
-    images = load_dataset(r["id"], "train", root).images
+    images = load_dataset(r.id, "train", root).images
     assert images.shape == (5, 1, 16, 16)
     # Mid-gray everywhere (the filter is cut at the borders, so those are a little off).
     assert images[..., 1:-1].abs().max() < 0.01, images[0, 0, 0]
@@ -168,9 +169,9 @@ def test_shrinking_is_antialiased(tmp_path, root):
 # -- sizing: the source's resolution, center crop or stretch -----------------------------------
 
 
-def _stored(r, root) -> np.ndarray:
+def _stored(sid: str, root) -> np.ndarray:
     """All stored images of a one-split snapshot as [n, h, w, c] in [-1, 1]."""
-    return load_dataset(r["id"], "train", root).images.permute(0, 2, 3, 1).numpy()
+    return load_dataset(sid, "train", root).images.permute(0, 2, 3, 1).numpy()
 
 
 def _reference(arr: np.ndarray, box=None, size=None) -> np.ndarray:
@@ -193,17 +194,17 @@ def test_non_square_rgb_is_center_cropped_at_its_native_size(tmp_path, root):
     files.update({f"x{i}.png": png(a) for i, a in enumerate(tall)})
     src = str(write(tmp_path / "raw", files))
     r = ingest(src, root=root, options=IngestOptions(**ALL_TRAIN))
-    m = resolve_snapshot(r["id"], root)
+    m = resolve_snapshot(r.id, root)
     assert m.image_size == 32 and m.channels == 3 and m.facts().kind == "unlabelled"
     assert m.preprocessing["resize_mode"] == "crop"
-    got = _stored(r, root)  # in path order: w0..w2, x0, x1
+    got = _stored(r.id, root)  # in path order: w0..w2, x0, x1
     want = [_reference(a, (8, 0, 40, 32)) for a in wide]  # (left, top, right, bottom)
     want += [_reference(a, (0, 8, 32, 40)) for a in tall]
     np.testing.assert_allclose(got, np.stack(want), rtol=0, atol=1e-6)
     # Crop then shrink: Pillow's bilinear (antialiased too) within one gray level.
     small = ingest(src, root=root, options=IngestOptions(image_size=16, **ALL_TRAIN))
     want16 = [_reference(a, (8, 0, 40, 32), 16) for a in wide]
-    np.testing.assert_allclose(_stored(small, root)[:3], np.stack(want16), atol=1.01 / 127.5)
+    np.testing.assert_allclose(_stored(small.id, root)[:3], np.stack(want16), atol=1.01 / 127.5)
 
 
 def test_stretch_keeps_the_whole_image_and_is_another_snapshot(tmp_path, root, capsys):
@@ -213,9 +214,9 @@ def test_stretch_keeps_the_whole_image_and_is_another_snapshot(tmp_path, root, c
     argv = ["ingest", src, "--root", root, "--no-prefect", "--json", "--resize", "stretch"]
     assert main([*argv, "--test-fraction", "0", "--val-fraction", "0"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["id"] != crop["id"] and out["image_size"] == 32
-    stretched = _stored(out, root)
-    assert np.abs(stretched - _stored(crop, root)).mean() > 0.1
+    assert out["id"] != crop.id and out["image_size"] == 32
+    stretched = _stored(out["id"], root)
+    assert np.abs(stretched - _stored(crop.id, root)).mean() > 0.1
     want = np.stack([_reference(a, size=32) for a in wide])  # 48 -> 32 across, 32 kept down
     np.testing.assert_allclose(stretched, want, atol=1.01 / 127.5)
     assert resolve_snapshot(out["id"], root).preprocessing["resize_mode"] == "stretch"
@@ -237,8 +238,8 @@ def test_mixed_sizes_follow_the_rule(tmp_path, root):
     files = {f"a{i}.png": png(noise(24, 24, seed=i, channels=1)) for i in range(3)}
     files.update({f"b{i}.png": png(noise(20, 40, seed=9 + i, channels=1)) for i in range(2)})
     r = ingest(str(write(tmp_path / "raw", files)), root=root, options=IngestOptions(**ALL_TRAIN))
-    assert r["image_size"] == 24 and r["channels"] == 1
-    got = _stored(r, root)
+    assert r.image_size == 24 and r.channels == 1
+    got = _stored(r.id, root)
     np.testing.assert_allclose(
         got[:3, :, :, 0], np.stack([noise(24, 24, i, 1) / 127.5 - 1 for i in range(3)]), atol=1e-6
     )
@@ -255,9 +256,9 @@ def test_large_images_are_capped_at_256_unless_asked(tmp_path, root):
     files = {f"{i}.png": png(noise(300, 300, seed=i)) for i in range(2)}
     src = str(write(tmp_path / "raw", files))
     r = ingest(src, root=root, options=IngestOptions(**ALL_TRAIN))
-    assert r["image_size"] == 256 and _stored(r, root).shape == (2, 256, 256, 3)
+    assert r.image_size == 256 and _stored(r.id, root).shape == (2, 256, 256, 3)
     explicit = ingest(src, root=root, options=IngestOptions(image_size=300, **ALL_TRAIN))
-    assert explicit["image_size"] == 300 and explicit["id"] != r["id"]
+    assert explicit.image_size == 300 and explicit.id != r.id
 
 
 @pytest.mark.parametrize(
@@ -294,12 +295,12 @@ def test_val_split_is_disjoint_stratified_and_stable(tmp_path, root):
     images, labels = digits(200)
     files = {f"{y}/{i:04d}.png": png(a) for i, (a, y) in enumerate(zip(images, labels))}
     r = ingest(str(write(tmp_path / "raw", files)), root=root)
-    sets = {s: load_dataset(r["id"], s, root) for s in ("train", "val", "test")}
+    sets = {s: load_dataset(r.id, s, root) for s in ("train", "val", "test")}
     keys = {s: _keys(d.images) for s, d in sets.items()}
     assert sum(map(len, keys.values())) == 200  # the 200 digits are distinct images
     assert not keys["val"] & keys["train"] and not keys["val"] & keys["test"]
     assert not keys["train"] & keys["test"]
-    m = resolve_snapshot(r["id"], root)
+    m = resolve_snapshot(r.id, root)
     for c, n in m.counts.items():  # every class of ~20 gives its ~2 val images
         assert m.split_counts["val"][c] == round(n * 0.3) - round(n * 0.2) >= 1
     assert torch.bincount(sets["val"].labels, minlength=10).min() >= 1
@@ -309,31 +310,31 @@ def test_val_split_is_disjoint_stratified_and_stable(tmp_path, root):
     }
     other = str(tmp_path / "other")
     again = ingest(str(write(tmp_path / "renamed", renamed)), root=other)
-    assert again["id"] == r["id"]
+    assert again.id == r.id
     for s in ("train", "val", "test"):
-        assert _keys(load_dataset(again["id"], s, other).images) == keys[s]
+        assert _keys(load_dataset(again.id, s, other).images) == keys[s]
     # Test does not move with val_fraction; val grows from the same start of the hash order.
     more = ingest(str(tmp_path / "raw"), root=root, options=IngestOptions(val_fraction=0.2))
-    assert _keys(load_dataset(more["id"], "test", root).images) == keys["test"]
-    assert keys["val"] < _keys(load_dataset(more["id"], "val", root).images)
+    assert _keys(load_dataset(more.id, "test", root).images) == keys["test"]
+    assert keys["val"] < _keys(load_dataset(more.id, "val", root).images)
     none = ingest(str(tmp_path / "raw"), root=root, options=IngestOptions(val_fraction=0.0))
-    assert len(load_dataset(none["id"], "val", root)) == 0
-    assert resolve_snapshot(none["id"], root).split_counts["val"] == {}
+    assert len(load_dataset(none.id, "val", root)) == 0
+    assert resolve_snapshot(none.id, root).split_counts["val"] == {}
 
 
 def test_cyclegan_val_comes_out_of_train_folders(tmp_path, root):
     """trainA/trainB hold 15 images each, testA/testB 5: test stays the given 5, val is
     round(15 * 0.1) = 2 of each domain's train images."""
     r = ingest(str(write(tmp_path / "raw", cyclegan_files(40))), root=root)
-    assert r["split_counts"] == {
+    assert r.split_counts == {
         "train": {"x": 13, "y": 13},
         "val": {"x": 2, "y": 2},
         "test": {"x": 5, "y": 5},
     }
-    train, val = load_dataset(r["id"], "train", root), load_dataset(r["id"], "val", root)
+    train, val = load_dataset(r.id, "train", root), load_dataset(r.id, "val", root)
     assert len(val.x) == len(val.y) == 2
     assert not _keys(val.x.images) & _keys(train.x.images)
-    shards = {s.split for s in resolve_snapshot(r["id"], root).shards}
+    shards = {s.split for s in resolve_snapshot(r.id, root).shards}
     assert shards == {"train", "val", "test"}
 
 
@@ -343,15 +344,15 @@ def test_cyclegan_val_comes_out_of_train_folders(tmp_path, root):
 def test_older_format_is_refused_in_one_line(tmp_path, root):
     src = str(write(tmp_path / "raw", classes_files(20)))
     r = ingest(src, root=root, name="old")
-    path = Path(root) / r["id"] / "manifest.json"
+    path = Path(root) / r.id / "manifest.json"
     manifest = json.loads(path.read_text())
     path.write_text(json.dumps({**manifest, "format": 1}))
     want = (
-        f"snapshot {r['id']} (old) was written by an older ganflow (format 1); "
+        f"snapshot {r.id} (old) was written by an older ganflow (format 1); "
         f"re-ingest its source: ganflow ingest {src} --name old"
     )
     for call in (
-        lambda: resolve_snapshot(r["id"], root),
+        lambda: resolve_snapshot(r.id, root),
         lambda: resolve_snapshot("old", root),
         lambda: load_dataset("old", "train", root),
     ):
@@ -395,12 +396,14 @@ def test_a_file_changed_mid_ingest_is_quarantined_and_the_spool_is_removed(
     monkeypatch.setattr(ingest_mod, "decode_plan", edit_then_decode)
     r = ingest(str(src), root=root)
     rel = victim.relative_to(src).as_posix()
-    assert r["quarantined"] == [{"path": rel, "reason": f"{rel}: changed while being ingested"}]
-    assert r["num_images"] == 29
+    assert r.to_dict()["quarantined"] == [
+        {"path": rel, "reason": f"{rel}: changed while being ingested"}
+    ]
+    assert r.num_images == 29
     monkeypatch.setattr(ingest_mod, "decode_plan", original)
     archive = tmp_path / "digits.zip"
     archive.write_bytes(zip_bytes(classes_files(20)))
-    assert ingest(str(archive), root=root)["num_images"] == 20
+    assert ingest(str(archive), root=root).num_images == 20
     spool = Path(os.environ["GANFLOW_HOME"]) / "tmp"
     assert spool.is_dir() and list(spool.iterdir()) == []
 
@@ -422,12 +425,12 @@ def test_corrupt_truncated_and_wrong_type_are_quarantined(tmp_path, root):
     files[".DS_Store"] = b"ignored"
     src = write(tmp_path / "raw", files)
     r = ingest(str(src), root=root, options=IngestOptions(max_bad_fraction=0.2))
-    reasons = {q["path"]: q["reason"] for q in r["quarantined"]}
+    reasons = {q.path: q.reason for q in r.quarantined}
     assert set(reasons) == {"1/truncated.png", "2/garbage.png", "3/notes.txt", "4/anim.gif"}
     assert "truncated" in reasons["1/truncated.png"] or "unreadable" in reasons["1/truncated.png"]
     assert "GIF" in reasons["4/anim.gif"]
-    assert r["num_images"] == 60
-    assert resolve_snapshot(r["id"], root).to_dict()["quarantined"] == r["quarantined"]
+    assert r.num_images == 60
+    assert resolve_snapshot(r.id, root).quarantined == r.quarantined
 
 
 def _no_snapshot(root):
@@ -462,7 +465,7 @@ def test_ambiguous_layout_is_an_error(tmp_path, root):
     with pytest.raises(IngestError, match="ambiguous layout.*--layout flat"):
         ingest(str(src), root=root)
     r = ingest(str(src), root=root, options=IngestOptions(layout="flat"))
-    assert r["layout"] == "flat" and r["num_images"] == 21
+    assert r.layout == "flat" and r.num_images == 21
 
 
 @pytest.mark.parametrize(
@@ -505,14 +508,14 @@ def test_interrupted_write_leaves_no_snapshot_and_rerun_matches(tmp_path, monkey
     assert any(p.endswith(".npy") for p in calls)
     _no_snapshot(root)
     with pytest.raises(SnapshotNotFound):
-        resolve_snapshot(clean["id"], root)
+        resolve_snapshot(clean.id, root)
     with pytest.raises(SnapshotNotFound):
         resolve_snapshot("raw", root)
     monkeypatch.setattr(snapshots, "_put_bytes", real_put)
     again = ingest(src, root=root)
-    assert again["id"] == clean["id"] and not again["reused"]
+    assert again.id == clean.id and not again.reused
     assert len(load_dataset("raw", "train", root)) == len(
-        load_dataset(clean["id"], "train", str(tmp_path / "clean"))
+        load_dataset(clean.id, "train", str(tmp_path / "clean"))
     )
 
 
@@ -526,7 +529,7 @@ def test_reingest_is_a_noop_with_the_same_id(tmp_path, root, monkeypatch):
     monkeypatch.setattr(stages_mod, "decode_files", no_decoding)
     monkeypatch.setattr(ingest_mod, "fetch_source", no_decoding)
     second = ingest(str(src), root=root)
-    assert second["id"] == first["id"] and second["reused"]
+    assert second.id == first.id and second.reused
     # Touched files (new mtimes): read and hashed again, still no decoding, same id.
     monkeypatch.undo()
     monkeypatch.setattr(stages_mod, "decode_files", no_decoding)
@@ -534,7 +537,7 @@ def test_reingest_is_a_noop_with_the_same_id(tmp_path, root, monkeypatch):
     for p in src.rglob("*.png"):
         os.utime(p, (later, later))
     third = ingest(str(src), root=root)
-    assert third["id"] == first["id"] and third["reused"]
+    assert third.id == first.id and third.reused
     assert len(list_snapshots(root)) == 1
 
 
@@ -542,20 +545,20 @@ def test_id_ignores_names_and_paths(tmp_path, root):
     a = ingest(str(write(tmp_path / "a", classes_files(30))), root=root, name="first")
     renamed = {k.replace("/", "/renamed-"): v for k, v in classes_files(30).items()}
     b = ingest(str(write(tmp_path / "b", renamed)), root=root, name="second")
-    assert a["id"] == b["id"] and b["reused"]
+    assert a.id == b.id and b.reused
     c = ingest(str(tmp_path / "a"), root=root, options=IngestOptions(image_size=12))
-    assert c["id"] != a["id"]
+    assert c.id != a.id
     # Auto resolved to the digits' 8 px is the same data, hence the same id, as an explicit 8.
     d = ingest(str(tmp_path / "a"), root=root, options=IngestOptions(image_size=8))
-    assert d["id"] == a["id"] and d["reused"]
+    assert d.id == a.id and d.reused
 
 
 def test_name_resolves_to_latest(tmp_path, root):
     one = ingest(str(write(tmp_path / "v1", classes_files(20))), root=root, name="digits")
     two = ingest(str(write(tmp_path / "v2", classes_files(30))), root=root, name="digits")
-    assert one["id"] != two["id"]
-    assert resolve_snapshot("digits", root).id == two["id"]
-    assert resolve_snapshot(one["id"], root).num_images == 20
+    assert one.id != two.id
+    assert resolve_snapshot("digits", root).id == two.id
+    assert resolve_snapshot(one.id, root).num_images == 20
 
 
 def test_snapshot_not_found_is_one_line(root):
@@ -567,10 +570,10 @@ def test_snapshot_not_found_is_one_line(root):
 
 def test_tampered_shard_is_detected(tmp_path, root):
     r = ingest(str(write(tmp_path / "raw", classes_files(20))), root=root)
-    shard = next((tmp_path / "store" / r["id"]).glob("train-*.images.npy"))
+    shard = next((tmp_path / "store" / r.id).glob("train-*.images.npy"))
     shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(ValueError, match="does not match its manifest hash"):
-        load_dataset(r["id"], "train", root)
+        load_dataset(r.id, "train", root)
 
 
 def test_parallel_decode_matches_serial(tmp_path):

@@ -155,11 +155,11 @@ def test_local_folder_on_two_nodes_equals_local_ingest(
         progress=lambda stage, done, total: seen.append((stage, done, total)),
     )
     assert spy == ["fetch_on_cluster", "decode_on_cluster"]
-    assert on["id"] == local["id"] and on["num_images"] == local["num_images"] == 61
-    _same_snapshot(tmp_path / "local", tmp_path / "cluster", on["id"])
+    assert on.id == local.id and on.num_images == local.num_images == 61
+    _same_snapshot(tmp_path / "local", tmp_path / "cluster", on.id)
     assert ("decode", 61, 61) in seen and ("read", 61, 61) in seen
     assert len([s for s in seen if s[0] == "decode"]) > 1  # reported as tasks finish
-    manifest = resolve_snapshot(on["id"], str(tmp_path / "local"))
+    manifest = resolve_snapshot(on.id, str(tmp_path / "local"))
     shards = len({(s.split, s.part, s.shard) for s in manifest.shards})
     assert shards > 3 and seen[-1] == ("write", shards, shards)  # one write task per shard
     assert len(ray.nodes()) == 2 and len(_decode_nodes()) == 2
@@ -170,8 +170,8 @@ def test_s3_source_read_by_workers_equals_local_ingest(two_nodes, source, s3, tm
     local = ingest(s3.url("raw"), root=str(tmp_path / "local"), cluster="no")
     on = ingest(s3.url("raw"), root=str(tmp_path / "cluster"))
     assert spy == ["fetch_on_cluster", "decode_on_cluster"]
-    assert on["id"] == local["id"]
-    _same_snapshot(tmp_path / "local", tmp_path / "cluster", on["id"])
+    assert on.id == local.id
+    _same_snapshot(tmp_path / "local", tmp_path / "cluster", on.id)
     assert not list((Path(os.environ["GANFLOW_HOME"]) / "tmp").glob("ingest-*/*"))
 
 
@@ -187,8 +187,8 @@ def test_quarantine_and_bad_share_limit_on_the_cluster(two_nodes, tmp_path, spy)
     local = ingest(str(raw), root=str(tmp_path / "local"), cluster="no")
     on = ingest(str(raw), root=str(tmp_path / "cluster"))
     assert spy == ["fetch_on_cluster", "decode_on_cluster"]
-    assert on["id"] == local["id"] and on["quarantined"] == local["quarantined"]
-    assert [q["path"] for q in on["quarantined"]] == ["b/broken.png"]
+    assert on.id == local.id and on.quarantined == local.quarantined
+    assert [q.path for q in on.quarantined] == ["b/broken.png"]
     with pytest.raises(IngestError) as exc:
         ingest(str(raw), root=str(tmp_path / "strict"), options=IngestOptions(max_bad_fraction=0))
     assert "1 of 25 files" in str(exc.value) and "\n" not in str(exc.value)
@@ -211,8 +211,8 @@ def test_lost_worker_retried_or_nothing_written(two_nodes, source, tmp_path, mon
     # yet and die too: each is a different task, retried once).
     assert len((tmp_path / "deaths-b").read_bytes()) >= 1
     local = ingest(str(source), root=str(tmp_path / "local"), cluster="no")
-    assert on["id"] == local["id"]
-    _same_snapshot(tmp_path / "local", tmp_path / "retried", on["id"])
+    assert on.id == local.id
+    _same_snapshot(tmp_path / "local", tmp_path / "retried", on.id)
 
 
 def test_lost_writer_or_cut_write_leaves_no_partial_snapshot(

@@ -33,14 +33,14 @@ def test_flow_matches_plain_pipeline_and_is_idempotent(prefect_harness, tmp_path
     folder, _, _ = make_layout("classes", tmp_path / "raw")
     r = run_flow(str(folder), root=str(tmp_path / "store"), name="digits")
     plain = ingest(str(folder), root=str(tmp_path / "plain"))
-    assert r["id"] == plain["id"] and not r["reused"]
+    assert r.id == plain.id and not r.reused
     again = run_flow(str(folder), root=str(tmp_path / "store"), name="digits")
-    assert again["id"] == r["id"] and again["reused"]
-    assert r["image_size"] == 8 and set(r["split_counts"]) == {"train", "val", "test"}
+    assert again.id == r.id and again.reused
+    assert r.image_size == 8 and set(r.split_counts) == {"train", "val", "test"}
     # Each run leaves the snapshot summary as a Prefect artifact (newest first).
     [new, old] = _artifacts("ganflow-ingest-digits")[:2]
-    assert f"`{r['id']}`" in new.data and "reused" in new.data and "(new)" in old.data
-    for group, n in r["counts"].items():
+    assert f"`{r.id}`" in new.data and "reused" in new.data and "(new)" in old.data
+    for group, n in r.counts.items():
         assert f"| {group} |" in new.data and f"| {n} |" in new.data
 
 
@@ -53,8 +53,8 @@ def test_flow_passes_every_option(prefect_harness, tmp_path):
     folder, _, _ = make_layout("classes", tmp_path / "raw")
     o = IngestOptions(image_size=12, resize_mode="stretch", val_fraction=0.0, test_fraction=0.3)
     r = run_flow(str(folder), root=str(tmp_path / "store"), options=o)
-    assert r["id"] == ingest(str(folder), root=str(tmp_path / "plain"), options=o)["id"]
-    assert r["image_size"] == 12 and r["split_counts"]["val"] == {}
+    assert r.id == ingest(str(folder), root=str(tmp_path / "plain"), options=o).id
+    assert r.image_size == 12 and r.split_counts["val"] == {}
 
 
 def _artifacts(key: str):
@@ -75,7 +75,7 @@ def test_quarantine_report_is_in_the_artifact(prefect_harness, tmp_path):
     folder, _, _ = make_layout("flat", tmp_path / "raw")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     r = run_flow(str(folder), root=str(tmp_path / "store"), name="with-bad")
-    assert [q["path"] for q in r["quarantined"]] == ["broken.png"]
+    assert [q.path for q in r.quarantined] == ["broken.png"]
     md = _artifacts("ganflow-ingest-with-bad")[0].data
     assert "Quarantined: 1 file(s)" in md and "| broken.png |" in md
 

@@ -25,18 +25,18 @@ def test_layouts_from_s3_into_s3(kind, s3, tmp_path):
     upload(folder, s3.fs(), f"{s3.bucket}/raw")
     root = s3.url("snapshots")
     r = ingest(s3.url("raw", rel) if rel else s3.url("raw"), root=root, name=kind)
-    assert r["layout"] == layout and not r["quarantined"]
+    assert r.layout == layout and not r.quarantined
     # The same bytes ingested from local disk get the same id: the id is content, not place.
     local = ingest(str(folder / rel) if rel else str(folder), root=str(tmp_path / "store"))
-    assert local["id"] == r["id"]
+    assert local.id == r.id
     got = load_dataset(kind, "train", root)
-    want = load_dataset(local["id"], "train", str(tmp_path / "store"))
+    want = load_dataset(local.id, "train", str(tmp_path / "store"))
     if layout == "cyclegan":
         assert torch.equal(got.x.images, want.x.images) and torch.equal(got.y.images, want.y.images)
     else:
         assert torch.equal(got.images, want.images)
     again = ingest(s3.url("raw", rel) if rel else s3.url("raw"), root=root, name=kind)
-    assert again["id"] == r["id"] and again["reused"]
+    assert again.id == r.id and again.reused
 
 
 def test_builtin_into_s3_root_equals_load_builtin(s3):
@@ -95,4 +95,4 @@ def test_interrupted_write_on_s3_leaves_no_snapshot(s3, tmp_path, monkeypatch):
     assert list_snapshots(root) == []
     monkeypatch.setattr(snapshots, "_put_bytes", real_put)
     r = ingest(str(folder), root=root)
-    assert [m.id for m in list_snapshots(root)] == [r["id"]]
+    assert [m.id for m in list_snapshots(root)] == [r.id]

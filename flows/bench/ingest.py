@@ -70,7 +70,7 @@ def _large_child(src: str, workers: int) -> None:
         r = ingest(src, root=root, workers=workers, options=IngestOptions(image_size=32))
         seconds = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"images": r["num_images"], "seconds": seconds, "peak_mb": peak_mb}))
+    print(json.dumps({"images": r.num_images, "seconds": seconds, "peak_mb": peak_mb}))
 
 
 def _time_large(n: int, side: int, workers: int) -> dict:
@@ -111,7 +111,7 @@ def _driver_child(src: str, cluster: str) -> None:
         r = ingest(src, root=root, workers=2, cluster=cluster)
         seconds = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"images": r["num_images"], "seconds": seconds, "peak_mb": peak_mb}))
+    print(json.dumps({"images": r.num_images, "seconds": seconds, "peak_mb": peak_mb}))
 
 
 def _driver_memory(sizes: list[int]) -> list[dict]:
@@ -160,8 +160,8 @@ def _time(source: str, root: str, workers: int) -> dict:
     t0 = time.perf_counter()
     again = ingest(source, root=root, workers=workers, options=IngestOptions(image_size=32))
     noop = time.perf_counter() - t0
-    assert again["reused"] and again["id"] == r["id"]
-    n = r["num_images"]
+    assert again.reused and again.id == r.id
+    n = r.num_images
     return {
         "images": n,
         "seconds": round(cold, 2),

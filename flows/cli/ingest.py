@@ -78,20 +78,18 @@ def cmd_ingest(args: argparse.Namespace) -> dict:
 
         result = run_flow(args.source, debug=args.debug, **kwargs)
     if not args.json:
-        verb = "unchanged" if result["reused"] else "created"
-        counts = ", ".join(f"{k}={v}" for k, v in result["counts"].items())
-        print(
-            f"snapshot {result['id']} ({result['name']}) {verb}: {result['num_images']} images [{counts}]"
-        )
-        print(
-            f"  layout {result['layout']}, {result['image_size']}px x {result['channels']} ch, in {result['root']}"
-        )
-        sizes = {s: sum(result["split_counts"].get(s, {}).values()) for s in SPLITS}
+        r = result
+        verb = "unchanged" if r.reused else "created"
+        counts = ", ".join(f"{k}={v}" for k, v in r.counts.items())
+        print(f"snapshot {r.id} ({r.name}) {verb}: {r.num_images} images [{counts}]")
+        print(f"  layout {r.layout}, {r.image_size}px x {r.channels} ch, in {r.root}")
+        sizes = {s: sum(r.split_counts.get(s, {}).values()) for s in SPLITS}
         print("  splits " + ", ".join(f"{s} {n}" for s, n in sizes.items()))
-        for q in result["quarantined"]:
-            print(f"  quarantined {q['path']}: {q['reason']}")
+        for q in r.quarantined:
+            print(f"  quarantined {q.path}: {q.reason}")
+    out = result.to_dict()
     keys = ("id", "name", "num_images", "counts", "split_counts", "quarantined", "reused")
-    return {k: result[k] for k in (*keys, "layout", "image_size")}
+    return {k: out[k] for k in (*keys, "layout", "image_size")}
 
 
 DATASET_COLUMNS = (

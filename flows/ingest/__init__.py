@@ -10,11 +10,12 @@ from flows.ingest.builtin import ingest_builtin
 from flows.ingest.layouts import IngestError
 from flows.ingest.resolve import ensure_snapshot
 from flows.ingest.runner import ingest, run_pipeline
-from flows.ingest.stages import IngestOptions
+from flows.ingest.stages import IngestOptions, IngestResult
 
 __all__ = [
     "IngestError",
     "IngestOptions",
+    "IngestResult",
     "ensure_snapshot",
     "ingest",
     "ingest_builtin",

@@ -14,7 +14,7 @@ from flows.ingest.stages import (
     BUILTIN_IMAGE_SIZE,
     PIXELS_UINT8,
     IngestOptions,
-    _result,
+    IngestResult,
     default_name,
 )
 from flows.snapshots.manifest import FORMAT_VERSION, SPLITS, Domains, Manifest
@@ -23,7 +23,7 @@ from flows.snapshots.store import Store, check_name, digest
 
 def ingest_builtin(
     ref: str, options: IngestOptions, root: str | None = None, name: str | None = None
-) -> dict:
+) -> IngestResult:
     """A built-in dataset as a snapshot whose images are gan_core's load_builtin stored in 8
     bits (gan_core.data.to_uint8: read back, each pixel is within 1/255 of it), split for
     split (train, val, test). Stored at options.image_size, 16 px when auto; the
@@ -44,7 +44,7 @@ def ingest_builtin(
     hit = store.source_ref(fingerprint)
     if hit is not None:
         store.add_refs(hit, name, None)
-        return _result(hit, name, store, reused=True)
+        return IngestResult.of(hit, name, store, reused=True)
     parts: dict[str, dict[str, np.ndarray]] = {}
     for split in SPLITS:
         data = load_builtin(ref, size, split)
@@ -111,4 +111,4 @@ def ingest_builtin(
     else:
         reused = True
     store.add_refs(manifest, name, fingerprint)
-    return _result(manifest, name, store, reused=reused)
+    return IngestResult.of(manifest, name, store, reused=reused)

@@ -24,7 +24,7 @@ def ensure_snapshot(ref: str, root: str | None = None, image_size: int | None = 
         from flows.ingest.builtin import ingest_builtin
 
         result = ingest_builtin(ref, IngestOptions(image_size=image_size or 16), root=root)
-        return resolve_snapshot(result["id"], root)
+        return resolve_snapshot(result.id, root)
     try:
         return resolve_snapshot(ref, root)
     except SnapshotNotFound:
@@ -33,4 +33,4 @@ def ensure_snapshot(ref: str, root: str | None = None, image_size: int | None = 
     from flows.ingest.runner import ingest
 
     options = IngestOptions(image_size=image_size) if image_size else IngestOptions()
-    return resolve_snapshot(ingest(ref, options=options, root=root)["id"], root)
+    return resolve_snapshot(ingest(ref, options=options, root=root).id, root)

@@ -1,6 +1,6 @@
 """The ingest pipeline run directly (the Prefect flow in flows.orchestration.ingest runs the
 same stages as tasks): scan, fetch, plan, decode, assemble, write. Both return the same
-result dict. With a Ray cluster (``cluster``, auto: RAY_ADDRESS set), fetch and decode run as
+:class:`IngestResult`. With a Ray cluster (``cluster``, auto: RAY_ADDRESS set), fetch and decode run as
 Ray tasks (flows.ingest.cluster); the other stages, the write included, stay here."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from flows.ingest.cluster import (
 from flows.ingest.layouts import IngestError
 from flows.ingest.stages import (
     IngestOptions,
+    IngestResult,
     Progress,
-    _result,
     arrange,
     assemble,
     decode_plan,
@@ -52,7 +52,7 @@ def run_pipeline(
     progress: Progress | None = None,
     call: Call = _direct,
     cluster: str | bool | None = None,
-) -> dict:
+) -> IngestResult:
     """Source -> snapshot. ``call(stage, fn, *args)`` runs each stage (directly, or as a task).
     ``cluster``: fetch and decode on the Ray cluster: None or "auto" when RAY_ADDRESS is set,
     "yes" always (a local Ray without RAY_ADDRESS), "no" never; a single-file source is
@@ -71,7 +71,7 @@ def run_pipeline(
     if hit is not None:
         call("refs", store.add_refs, hit, name, None)
         _sweep(store)
-        return _result(hit, name, store, reused=True)
+        return IngestResult.of(hit, name, store, reused=True)
     spool_root = ganflow_home() / "tmp"
     spool_root.mkdir(parents=True, exist_ok=True)
     on_cluster = wanted and runs_on_cluster(scan)
@@ -85,7 +85,7 @@ def run_pipeline(
         if existing is not None:
             call("refs", store.add_refs, existing, name, scan.fingerprint)
             _sweep(store)
-            return _result(existing, name, store, reused=True)
+            return IngestResult.of(existing, name, store, reused=True)
         if on_cluster:
             decoded = call("decode", decode_on_cluster, plan, progress)
         else:
@@ -100,7 +100,7 @@ def run_pipeline(
         manifest = call("write", store.write_snapshot, manifest, parts)
     call("refs", store.add_refs, manifest, name, scan.fingerprint)
     _sweep(store)
-    return _result(manifest, name, store, reused=False)
+    return IngestResult.of(manifest, name, store, reused=False)
 
 
 def _sweep(store: Store) -> None:
@@ -117,6 +117,6 @@ def _sweep(store: Store) -> None:
                 shutil.rmtree(spool, ignore_errors=True)
 
 
-def ingest(source: str, **kwargs) -> dict:
+def ingest(source: str, **kwargs) -> IngestResult:
     """Ingest without Prefect (same stages, same result); see run_pipeline for arguments."""
     return run_pipeline(source, **kwargs)

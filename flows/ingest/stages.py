@@ -3,7 +3,7 @@
 The pipeline is a chain of plain functions (scan, fetch, plan, decode, assemble, write), run
 by :func:`run_pipeline`. ``ingest()`` runs it directly; the Prefect flow
 (:mod:`flows.orchestration.ingest`) runs the same chain with each stage as a task. Both return the
-same result dict.
+same :class:`IngestResult`.
 
 Stored size (``--image-size``, default auto): the source's resolution. Auto picks the most
 common shorter side among the source's images (an npz file counts once per image; ties go to
@@ -46,7 +46,7 @@ import posixpath
 import re
 import stat
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -700,21 +700,54 @@ def arrange(
     return manifest, arrangement
 
 
-RESULT_KEYS = (
-    "id",
-    "num_images",
-    "counts",
-    "split_counts",
-    "quarantined",
-    "layout",
-    "image_size",
-    "channels",
-    "source",
-)
+@dataclass(frozen=True)
+class IngestResult:
+    """What an ingest returns: the snapshot's summary under the name it was given, where it
+    is stored (credentials masked) and whether an earlier ingest had already made it."""
 
+    id: str
+    num_images: int
+    counts: Mapping[str, int]
+    split_counts: Mapping[str, Mapping[str, int]]
+    quarantined: tuple[Quarantined, ...]
+    layout: str
+    image_size: int
+    channels: int
+    source: str
+    name: str
+    root: str
+    reused: bool
 
-def _result(manifest: Manifest, name: str, store: Store, reused: bool) -> dict:
-    """What an ingest returns (JSON values): the manifest's summary, under the name given."""
-    stored = manifest.to_dict()
-    summary = {key: stored[key] for key in RESULT_KEYS}
-    return {**summary, "name": name, "root": _shown(store.url), "reused": reused}
+    @classmethod
+    def of(cls, manifest: Manifest, name: str, store: Store, reused: bool) -> IngestResult:
+        return cls(
+            id=manifest.id,
+            num_images=manifest.num_images,
+            counts=manifest.counts,
+            split_counts=manifest.split_counts,
+            quarantined=tuple(manifest.quarantined),
+            layout=manifest.layout,
+            image_size=manifest.image_size,
+            channels=manifest.channels,
+            source=manifest.source,
+            name=name,
+            root=_shown(store.url),
+            reused=reused,
+        )
+
+    def to_dict(self) -> dict:
+        """As JSON values, in the order the command line's --json has always printed."""
+        return {
+            "id": self.id,
+            "num_images": self.num_images,
+            "counts": dict(self.counts),
+            "split_counts": {s: dict(c) for s, c in self.split_counts.items()},
+            "quarantined": [{"path": q.path, "reason": q.reason} for q in self.quarantined],
+            "layout": self.layout,
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "source": self.source,
+            "name": self.name,
+            "root": self.root,
+            "reused": self.reused,
+        }

@@ -19,7 +19,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.ingest.runner import run_pipeline
-from flows.ingest.stages import IngestOptions, Progress
+from flows.ingest.stages import IngestOptions, IngestResult, Progress
 from flows.storage import is_transient
 
 _progress: ContextVar[Progress | None] = ContextVar("ganflow_ingest_progress", default=None)
@@ -68,7 +68,7 @@ def ingest_flow(
     resize_mode: str = "crop",
     val_fraction: float = 0.1,
     cluster: str = "auto",
-) -> dict:
+) -> IngestResult:
     """Raw images at ``source`` -> a snapshot in ``root``; returns the snapshot summary.
     Parameters are IngestOptions' (image_size None: the source's resolution); ``cluster``:
     fetch and decode on the Ray cluster, auto (when RAY_ADDRESS is set), yes or no."""
@@ -97,7 +97,7 @@ def ingest_flow(
     )
     create_markdown_artifact(
         ingest_markdown(result),
-        key=artifact_key("ganflow-ingest", result["name"]),
+        key=artifact_key("ganflow-ingest", result.name),
         description="the snapshot: counts per class or domain and the quarantine report",
     )
     return result
@@ -127,7 +127,7 @@ def run_flow(
     progress: Progress | None = None,
     debug: bool = False,
     cluster: str = "auto",
-) -> dict:
+) -> IngestResult:
     """Run ingest_flow with CLI-style arguments; raises the stage's own exception on failure."""
     o = options or IngestOptions()
     token = _progress.set(progress)

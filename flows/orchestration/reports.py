@@ -5,6 +5,10 @@ flows/orchestration/retraining.py). Plain functions of the results, so they are 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flows.ingest.stages import IngestResult
 
 _MAX_ROWS = 100  # a quarantine of thousands of files is summarised, not pasted
 
@@ -23,29 +27,28 @@ def _cell(v) -> str:
     return _fmt(v).replace("|", "\\|").replace("\n", " ")
 
 
-def ingest_markdown(r: dict) -> str:
-    state = "reused (unchanged source)" if r["reused"] else "new"
+def ingest_markdown(r: IngestResult) -> str:
+    state = "reused (unchanged source)" if r.reused else "new"
     lines = [
-        f"# Snapshot `{r['name']}` ({state})",
+        f"# Snapshot `{r.name}` ({state})",
         "",
-        f"- id: `{r['id']}`",
-        f"- source: `{r['source']}` ({r['layout']} layout)",
-        f"- stored in: `{r['root']}`",
-        f"- images: {r['num_images']} at {r['image_size']}x{r['image_size']}, "
-        f"{r['channels']} channel(s)",
+        f"- id: `{r.id}`",
+        f"- source: `{r.source}` ({r.layout} layout)",
+        f"- stored in: `{r.root}`",
+        f"- images: {r.num_images} at {r.image_size}x{r.image_size}, {r.channels} channel(s)",
         "",
         "| class / domain | train | val | test | total |",
         "|---|---|---|---|---|",
     ]
-    split = r.get("split_counts", {})
-    for group, n in r["counts"].items():
+    split = r.split_counts
+    for group, n in r.counts.items():
         train, val, test = (split.get(s, {}).get(group, 0) for s in ("train", "val", "test"))
         lines.append(f"| {_cell(group)} | {train} | {val} | {test} | {n} |")
-    q = r["quarantined"]
+    q = r.quarantined
     lines += ["", f"## Quarantined: {len(q)} file(s)"]
     if q:
         lines += ["", "| path | reason |", "|---|---|"]
-        lines += [f"| {_cell(e['path'])} | {_cell(e['reason'])} |" for e in q[:_MAX_ROWS]]
+        lines += [f"| {_cell(e.path)} | {_cell(e.reason)} |" for e in q[:_MAX_ROWS]]
         if len(q) > _MAX_ROWS:
             lines.append(f"| ... and {len(q) - _MAX_ROWS} more | |")
     return "\n".join(lines)
