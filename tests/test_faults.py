@@ -456,9 +456,9 @@ def test_resume_skips_a_damaged_checkpoint_under_ray(tmp_path, monkeypatch, clas
     # again under new names (never into the skipped checkpoint's folder, which Ray deletes
     # by its path when it rotates it out), the suffix naming the skipped one.
     tag = hashlib.sha256(b"checkpoint-00000010").hexdigest()[:6]
-    assert out["checkpoint"].endswith(f"/checkpoint-00000016-{tag}")
-    assert out["steps"] == 16
-    counts = _counts(out["run_id"], "loss_D")
+    assert out.checkpoint.endswith(f"/checkpoint-00000016-{tag}")
+    assert out.steps == 16
+    counts = _counts(out.run_id, "loss_D")
     assert [counts[s] for s in range(1, 17)] == [1] * 5 + [2] * 8 + [1] * 3, counts
 
 

@@ -18,7 +18,14 @@ from ray_isolated import RAY_TEST_ENV, isolated_cluster
 
 from flows import tracking
 from flows.train.driver import run_training
-from flows.train.spec import ClusterSpec, FaultInjection, StorageSpec, TrainError, TrainRequest
+from flows.train.spec import (
+    ClusterSpec,
+    FaultInjection,
+    StorageSpec,
+    TrainError,
+    TrainRequest,
+    TrainResult,
+)
 from gan_core.data import load_digits
 from gan_core.evaluate import evaluate
 from gan_core.judge import load_or_train_judge
@@ -125,12 +132,13 @@ def reference(ray_local, tmp_path_factory, classifier_cache):
         mp.setenv("GANFLOW_HOME", str(home))
         cfg = _cfg("gan", STEPS, 8, 1, *BEST)
         out = run_training(_req(cfg, 2, classifier_cache, check_replicas=True, checkpoint_every=5))
-        out["uri"] = uri = tracking.tracking_uri()
-        out["history"] = {
-            k: _history(out["run_id"], k, uri)
+        assert isinstance(out, TrainResult)  # a value with attributes, not a dict of keys
+        uri = tracking.tracking_uri()
+        history = {
+            k: _history(out.run_id, k, uri)
             for k in ("loss_D", "loss_G", "replica_max_abs_diff", "steps_per_s", "eval.val_fd")
         }
-        return out
+        return {**out.to_dict(), "uri": uri, "history": history}
 
 
 def test_two_workers_hold_identical_weights_after_every_step(reference):
@@ -242,8 +250,8 @@ def test_killed_worker_resumes_from_its_checkpoint(reference, tmp_path, classifi
         )
     )
     assert marker.exists(), "the fault was not injected"
-    assert out["steps"] == STEPS
-    counts = _counts(out["run_id"], "loss_D")
+    assert out.steps == STEPS
+    counts = _counts(out.run_id, "loss_D")
     # Iterations up to the checkpoint were logged once (resumed from it, not from scratch),
     # the ones after it up to the kill twice. The checkpoint is 10, or 5 when the controller
     # had not yet registered 10's report when the worker died.
@@ -252,14 +260,14 @@ def test_killed_worker_resumes_from_its_checkpoint(reference, tmp_path, classifi
     assert all(counts[s] == 2 for s in range(resumed_at + 1, 14)), counts
     assert all(counts[s] == 1 for s in range(14, STEPS + 1)), counts
     for key in ("loss_D", "loss_G"):
-        after = _history(out["run_id"], key)
+        after = _history(out.run_id, key)
         for s in range(resumed_at + 1, STEPS + 1):
             assert after[s] == reference["history"][key][s], (key, s)
-    _assert_same_models(_models(out["checkpoint"]), _models(reference["checkpoint"]))
+    _assert_same_models(_models(out.checkpoint), _models(reference["checkpoint"]))
     # The best so far came back from best.pt: the same val curve, best step and weights.
-    assert _history(out["run_id"], "eval.val_fd") == reference["history"]["eval.val_fd"]
-    best, ref_best = _best(out["checkpoint"]), _best(reference["checkpoint"])
-    assert out["metrics"]["best_step"] == reference["metrics"]["best_step"] == ref_best["step"]
+    assert _history(out.run_id, "eval.val_fd") == reference["history"]["eval.val_fd"]
+    best, ref_best = _best(out.checkpoint), _best(reference["checkpoint"])
+    assert out.metrics["best_step"] == reference["metrics"]["best_step"] == ref_best["step"]
     assert best["step"] == ref_best["step"] and best["figures"] == ref_best["figures"]
     _assert_same_models(best["weights"], ref_best["weights"])
 
@@ -281,15 +289,13 @@ def test_rerun_of_a_run_name_resumes_after_the_driver_gave_up(
     with pytest.raises(TrainError, match="failed"):
         run_training(first)
     out = run_training(_req(cfg, 2, classifier_cache, run_name=name, checkpoint_every=5))
-    assert out["steps"] == STEPS
-    counts = _counts(out["run_id"], "loss_D")  # the same MLflow run, continued
+    assert out.steps == STEPS
+    counts = _counts(out.run_id, "loss_D")  # the same MLflow run, continued
     assert all(counts[s] == 1 for s in range(1, 6)), counts
     assert counts[12] == 2, counts
-    _assert_same_models(_models(out["checkpoint"]), _models(reference["checkpoint"]))
-    assert out["metrics"]["best_step"] == reference["metrics"]["best_step"]
-    _assert_same_models(
-        _best(out["checkpoint"])["weights"], _best(reference["checkpoint"])["weights"]
-    )
+    _assert_same_models(_models(out.checkpoint), _models(reference["checkpoint"]))
+    assert out.metrics["best_step"] == reference["metrics"]["best_step"]
+    _assert_same_models(_best(out.checkpoint)["weights"], _best(reference["checkpoint"])["weights"])
 
 
 def test_two_workers_match_one_worker_at_the_same_global_batch(ray_local, classifier_cache):
@@ -307,9 +313,9 @@ def test_two_workers_match_one_worker_at_the_same_global_batch(ray_local, classi
     torch.manual_seed(cfg.train.seed)
     heldout = load_digits(cfg.data.image_size, "test")
     # The runs' own judge: trained on the snapshot at the first run's end, cached by its id.
-    judge = load_or_train_judge(one["snapshot_id"], load_digits(16, "train"), classifier_cache)
+    judge = load_or_train_judge(one.snapshot_id, load_digits(16, "train"), classifier_cache)
     fd0 = evaluate(cfg, build_models(cfg), heldout, judge)["fd"]
-    fd1, fd2 = one["metrics"]["fd"], two["metrics"]["fd"]
+    fd1, fd2 = one.metrics["fd"], two.metrics["fd"]
     print(f"fd: 1 worker {fd1:.1f}, 2 workers {fd2:.1f}, untrained {fd0:.1f}")
     assert fd1 < 0.5 * fd0 and fd2 < 0.5 * fd0
     assert 1 / 1.5 < fd2 / fd1 < 1.5
@@ -345,13 +351,13 @@ def test_checkpoints_and_mlflow_artifacts_through_an_s3_api(
                 experiment="s3-test",
             )
         )
-        assert out["checkpoint"].startswith("ganflow-test/ray/")
-        ckpts = fs.ls(f"ganflow-test/ray/{out['run_name']}")
+        assert out.checkpoint.startswith("ganflow-test/ray/")
+        ckpts = fs.ls(f"ganflow-test/ray/{out.run_name}")
         names = {p.rsplit("/", 1)[-1] for p in ckpts}
         assert "checkpoint-00000006" in names, names
-        files = {p.rsplit("/", 1)[-1] for p in fs.ls(out["checkpoint"])}
+        files = {p.rsplit("/", 1)[-1] for p in fs.ls(out.checkpoint)}
         assert {"state.pt", "rank-00000.pt", "rank-00001.pt"} <= files
-        found = fs.find(f"ganflow-test/mlflow/s3-test/{out['run_id']}")
+        found = fs.find(f"ganflow-test/mlflow/s3-test/{out.run_id}")
         assert any(p.endswith("losses.png") for p in found), found
         assert any("/images/" in p for p in found), found
     finally:
@@ -395,8 +401,8 @@ def test_one_gpu_worker_trains_in_bf16(ray_local, classifier_cache):
     req = _req(cfg, 1, classifier_cache)
     req.cluster.gpus_per_worker = 1
     out = run_training(req)
-    assert out["steps"] == 20
-    params = tracking.client(tracking.tracking_uri()).get_run(out["run_id"]).data.params
+    assert out.steps == 20
+    params = tracking.client(tracking.tracking_uri()).get_run(out.run_id).data.params
     assert params["train.precision"] == "auto"  # nothing set: bf16 autocast on the GPU
 
 

@@ -120,11 +120,14 @@ def test_unreachable_tracking_server_fails_before_training(monkeypatch, capsys):
 def test_json_result_shape(monkeypatch, capsys):
     """--json prints run_id and metrics (the trainer itself is stubbed: no cluster here)."""
     import flows.cli.train as tr
+    from flows.train.spec import TrainResult
 
     def fake(req):
-        return {"run_id": "r1", "run_name": "n", "metrics": {"fd": 1.5}, "checkpoint": "c"}
+        return TrainResult("r1", "n", "gan", req.cfg.data.dataset, 3, {"fd": 1.5}, "c", "s")
 
     monkeypatch.setattr(tr, "run_training", fake)
     assert main(["train", "--family", "gan", "--set", "steps=3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["run_id"] == "r1" and out["metrics"]["fd"] == 1.5
+    keys = ["run_id", "run_name", "family", "snapshot_id", "steps", "metrics", "checkpoint"]
+    assert list(out) == [*keys, "storage"]

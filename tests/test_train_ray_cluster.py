@@ -40,6 +40,6 @@ def test_job_spreads_over_two_nodes_through_ray_address(two_nodes, monkeypatch, 
         )
     )
     assert len(ray.nodes()) == 2
-    assert out["steps"] == 10
-    assert out["metrics"]["ray_workers"] == 2
-    assert out["metrics"]["ray_nodes"] == 2
+    assert out.steps == 10
+    assert out.metrics["ray_workers"] == 2
+    assert out.metrics["ray_nodes"] == 2

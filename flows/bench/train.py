@@ -66,7 +66,7 @@ def bench_ray(cfg, workers: int, cpus_per_worker: float) -> dict:
         )
     )
     wall = time.perf_counter() - t0
-    m = out["metrics"]
+    m = out.metrics
     return {
         "mode": f"ray-{workers}",
         "workers": workers,

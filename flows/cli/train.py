@@ -62,10 +62,10 @@ def cmd_train(args: argparse.Namespace) -> dict:
         )
         result = run_training(req)
     if not args.json:
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items())
-        print(f"run {result['run_name']} (MLflow run {result['run_id']}): {shown}")
-        print(f"checkpoint: {result['checkpoint']}")
-    return result
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items())
+        print(f"run {result.run_name} (MLflow run {result.run_id}): {shown}")
+        print(f"checkpoint: {result.checkpoint}")
+    return result.to_dict()
 
 
 def add_commands(sub, add_common) -> None:

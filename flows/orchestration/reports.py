@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from flows.ingest.stages import IngestResult
+    from flows.train.spec import TrainResult
 
 _MAX_ROWS = 100  # a quarantine of thousands of files is summarised, not pasted
 
@@ -54,19 +55,19 @@ def ingest_markdown(r: IngestResult) -> str:
     return "\n".join(lines)
 
 
-def train_markdown(r: dict, tracking_uri: str) -> str:
+def train_markdown(r: TrainResult, tracking_uri: str) -> str:
     lines = [
-        f"# Training run `{r['run_name']}` ({r['family']})",
+        f"# Training run `{r.run_name}` ({r.family})",
         "",
-        f"- MLflow run: `{r['run_id']}` at `{tracking_uri}`",
-        f"- snapshot: `{r['snapshot_id']}`",
-        f"- iterations: {r['steps']}",
-        f"- checkpoint: `{r['checkpoint']}`",
+        f"- MLflow run: `{r.run_id}` at `{tracking_uri}`",
+        f"- snapshot: `{r.snapshot_id}`",
+        f"- iterations: {r.steps}",
+        f"- checkpoint: `{r.checkpoint}`",
         "",
         "| held-out metric | value |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {_cell(v)} |" for k, v in sorted(r["metrics"].items())]
+    lines += [f"| {k} | {_cell(v)} |" for k, v in sorted(r.metrics.items())]
     return "\n".join(lines)
 
 

@@ -46,6 +46,7 @@ from flows.orchestration.lineage import (
 )
 from flows.settings import read_yaml_mapping
 from flows.snapshots.manifest import Manifest
+from flows.train.spec import TrainResult
 from flows.tune.space import PBT_SCHEDULERS
 from gan_core.config import DEFAULT_DATASET, FAMILIES, ConfigError
 from gan_core.overrides import apply_overrides
@@ -253,10 +254,19 @@ def stage_search(
     return result
 
 
-def stage_pbt_candidate(search: dict) -> dict:
-    """The best PBT trial as the training stage returns a run (run_id, run_name, metrics,
-    checkpoint, snapshot_id), for registration and promotion as they are: its run already
-    logged its best step's generator (flows.tune.pbt), so nothing is trained here.
+@dataclass(frozen=True)
+class PbtCandidate:
+    """The best PBT trial as the training stage's result (``run``), and the search's MLflow
+    run (``search_run``, the trial run's parent)."""
+
+    run: TrainResult
+    search_run: str
+
+
+def stage_pbt_candidate(search: dict) -> PbtCandidate:
+    """The best PBT trial as the training stage returns a run, for registration and
+    promotion as they are: its run already logged its best step's generator
+    (flows.tune.pbt), so nothing is trained here.
 
     metrics: the registered generator's test figures (measured once, at the trial's end, on
     that generator), the val figure that chose it and its step. The other val figures at that
@@ -283,26 +293,29 @@ def stage_pbt_candidate(search: dict) -> dict:
     metrics[best["metric_name"]] = best["metric"]
     if tags.get("ganflow.best_step"):
         metrics["best_step"] = int(tags["ganflow.best_step"])
-    return {
-        "run_id": best["run_id"],
-        "run_name": tags.get(RUN_NAME_TAG) or f"{search['name']}-{best['trial_id']}",
-        "family": tags.get("ganflow.family"),
-        "snapshot_id": tags["ganflow.snapshot_id"],
-        "metrics": metrics,
-        "checkpoint": best["checkpoint"],
-        "storage": search.get("path", ""),
-        "search_run": tags.get("mlflow.parentRunId", ""),
-    }
+    # The iterations the trial reached (its schedule's and donors' steps included).
+    steps = next((t["step"] for t in search["trials"] if t["trial_id"] == best["trial_id"]), 0)
+    run = TrainResult(
+        run_id=best["run_id"],
+        run_name=tags.get(RUN_NAME_TAG) or f"{search['name']}-{best['trial_id']}",
+        family=tags.get("ganflow.family", ""),
+        snapshot_id=tags["ganflow.snapshot_id"],
+        steps=steps,
+        metrics=metrics,
+        checkpoint=best["checkpoint"],
+        storage=search.get("path", ""),
+    )
+    return PbtCandidate(run, tags.get("mlflow.parentRunId", ""))
 
 
-def pbt_lineage(search: dict, candidate: dict) -> dict[str, str]:
+def pbt_lineage(search: dict, candidate: PbtCandidate) -> dict[str, str]:
     """Where a PBT candidate came from: the search, its MLflow run, the trial and the trial's
     schedule artifact (a runs:/ URI MLflow resolves)."""
     return {
         PBT_SEARCH_TAG: search["name"],
-        PBT_SEARCH_RUN_TAG: candidate["search_run"],
+        PBT_SEARCH_RUN_TAG: candidate.search_run,
         PBT_TRIAL_TAG: str(search["best"]["trial_id"]),
-        PBT_SCHEDULE_TAG: f"runs:/{candidate['run_id']}/{SCHEDULE_ARTIFACT}",
+        PBT_SCHEDULE_TAG: f"runs:/{candidate.run.run_id}/{SCHEDULE_ARTIFACT}",
     }
 
 
@@ -390,7 +403,7 @@ def stage_measure_champion(name: str, snapshot_id: str, cfg) -> dict | None:
 
 def stage_train(
     family: str, snapshot_id: str, cfg, workers: int, gpus: float, plan: Plan | None = None
-) -> dict:
+) -> TrainResult:
     from flows.train.driver import run_training
     from flows.train.spec import ClusterSpec, TrainRequest
 
@@ -406,7 +419,7 @@ def stage_train(
 
 
 def stage_register(
-    result: dict, name: str, manifest: Manifest | None = None, lineage: dict | None = None
+    result: TrainResult, name: str, manifest: Manifest | None = None, lineage: dict | None = None
 ) -> str:
     """Register the run's generator; a rerun of the same training run (same run name, e.g.
     after a failed promotion) reuses the version it registered instead of duplicating it."""
@@ -416,24 +429,24 @@ def stage_register(
 
     c = client(tracking_uri())
     for mv in c.search_model_versions(f"name = '{name}'"):
-        if mv.tags.get("ganflow.run_name") == result["run_name"]:
+        if mv.tags.get("ganflow.run_name") == result.run_name:
             return str(mv.version)
     from flows.train.checkpoints import load_trained
 
-    cfg, models = load_trained(result["checkpoint"])
-    tags = {"ganflow.run_name": result["run_name"], **(lineage or {})}
-    if result.get("checkpoint"):
-        tags[CHECKPOINT_TAG] = str(result["checkpoint"])
+    cfg, models = load_trained(result.checkpoint)
+    tags = {"ganflow.run_name": result.run_name, **(lineage or {})}
+    if result.checkpoint:
+        tags[CHECKPOINT_TAG] = str(result.checkpoint)
     classes = list(manifest.classes or ()) if manifest is not None else []
     if cfg.family == "cgan" and classes:
         tags["ganflow.classes"] = json.dumps(classes)[:5000]
     return registry.register(
-        result["run_id"],
+        result.run_id,
         cfg,
         models,
         name,
-        result["metrics"],
-        result["snapshot_id"],
+        result.metrics,
+        result.snapshot_id,
         f"ganflow {__version__}",
         tags=tags,
     )
@@ -621,7 +634,7 @@ def retrain_family(
         trained = task(
             "train", stage_train, family, snapshot, cfg, pc.workers, pc.gpus_per_worker, plan
         )
-    task("lineage", stage_tag_run, trained["run_id"], {**lineage, "ganflow.start": plan.start})
+    task("lineage", stage_tag_run, trained.run_id, {**lineage, "ganflow.start": plan.start})
     version = task("register", stage_register, trained, name, manifest, lineage)
     decision = task("promote", stage_promote, name, version, snapshot, cfg, pc.margin)
     _say(f"{family}: {name} v{version} -> {decision['decision']} ({decision['reason']})")
@@ -632,9 +645,9 @@ def retrain_family(
         "start": plan.start,
         "start_why": plan.start_why,
         "champion_on_snapshot": measured,
-        "run_id": trained["run_id"],
-        "run_name": trained["run_name"],
-        "metrics": trained["metrics"],
+        "run_id": trained.run_id,
+        "run_name": trained.run_name,
+        "metrics": trained.metrics,
         "version": version,
         "promotion": decision,
         "warm_from": plan.warm_from.version if plan.warm_from else None,
@@ -674,8 +687,8 @@ def _pbt_family(pc, family, task, cluster_slot, manifest, cfg, name, digest, row
         CODE_DIGEST_TAG: code_digest(),
         **pbt_lineage(search, candidate),
     }
-    task("lineage", stage_tag_run, candidate["run_id"], {**lineage, "ganflow.start": "pbt"})
-    version = task("register", stage_register, candidate, name, manifest, lineage)
+    task("lineage", stage_tag_run, candidate.run.run_id, {**lineage, "ganflow.start": "pbt"})
+    version = task("register", stage_register, candidate.run, name, manifest, lineage)
     decision = task("promote", stage_promote, name, version, snapshot, cfg, pc.margin)
     _say(f"{family}: {name} v{version} -> {decision['decision']} ({decision['reason']})")
     return {
@@ -683,9 +696,9 @@ def _pbt_family(pc, family, task, cluster_slot, manifest, cfg, name, digest, row
         "decision": decision["decision"],
         "start": "pbt",
         "start_why": line,
-        "run_id": candidate["run_id"],
-        "run_name": candidate["run_name"],
-        "metrics": candidate["metrics"],
+        "run_id": candidate.run.run_id,
+        "run_name": candidate.run.run_name,
+        "metrics": candidate.run.metrics,
         "version": version,
         "promotion": decision,
         "warm_from": None,

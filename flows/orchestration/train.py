@@ -18,7 +18,7 @@ from flows.orchestration.reports import artifact_key, train_markdown
 from flows.tracking import redact, tracking_uri
 from flows.train.config import build_config
 from flows.train.driver import default_run_name, run_training
-from flows.train.spec import ClusterSpec, StorageSpec, TrainRequest
+from flows.train.spec import ClusterSpec, StorageSpec, TrainRequest, TrainResult
 
 
 @task(name="build-config")
@@ -29,7 +29,7 @@ def build_config_task(
 
 
 @task(name="train-on-ray", retries=1, retry_delay_seconds=5)
-def train_task(req: TrainRequest) -> dict:
+def train_task(req: TrainRequest) -> TrainResult:
     return run_training(req)
 
 
@@ -48,7 +48,7 @@ def train_flow(
     run_name: str | None = None,
     checkpoint_every: int | None = None,
     max_failures: int = 3,
-) -> dict:
+) -> TrainResult:
     """Train one family on one snapshot as a Ray Train job, tracked in MLflow."""
     overrides = list(overrides or [])
     cfg, _ = build_config_task(family, config_file, overrides, dataset)
@@ -64,7 +64,7 @@ def train_flow(
     result = train_task(req)
     create_markdown_artifact(
         train_markdown(result, redact(tracking_uri())),
-        key=artifact_key("ganflow-train", result["family"]),
+        key=artifact_key("ganflow-train", result.family),
         description="the training run: held-out metrics, MLflow run and checkpoint",
     )
     return result

@@ -10,13 +10,21 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 
 from flows.ingest.resolve import ensure_snapshot
 from flows.preflight import ensure_ray
 from flows.settings import cache_dir, forwarded_env, ganflow_home, inside, snapshot_root
 from flows.snapshots.manifest import Manifest
-from flows.train.spec import ClusterSpec, TrainError, TrainRequest, WorkerJob, WorkerUserError
+from flows.train.spec import (
+    ClusterSpec,
+    TrainError,
+    TrainRequest,
+    TrainResult,
+    WorkerJob,
+    WorkerUserError,
+)
 from flows.train.worker import train_loop_per_worker
 from gan_core.config import GanConfig
 from gan_core.overrides import apply_overrides
@@ -130,10 +138,8 @@ def default_run_name(cfg: GanConfig) -> str:
     return f"{cfg.family}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def run_training(req: TrainRequest) -> dict:
-    """Validate, check the tracking server, resolve the snapshot, then fit on Ray.
-    Returns run_id, run_name, metrics (the best val step's figures: test ones by name, val ones
-    as val_<metric>, and best_step), checkpoint, snapshot_id."""
+def run_training(req: TrainRequest) -> TrainResult:
+    """Validate, check the tracking server, resolve the snapshot, then fit on Ray."""
     from flows import orphans, tracking
 
     req.check()  # numbers and names, before any I/O
@@ -180,20 +186,19 @@ def run_training(req: TrainRequest) -> dict:
             _end_run(uri, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     if req.tracking:
-        tracking.finish_run(uri, run_id, "FINISHED" if result["ok"] else "FAILED")
-    if not result["ok"]:
-        raise TrainError(f"training run {run_name} failed: {result['error']}")
-    metrics = {k: v for k, v in result["metrics"].items() if k not in ("step",)}
-    return {
-        "run_id": run_id,
-        "run_name": run_name,
-        "family": cfg.family,
-        "snapshot_id": manifest.id,
-        "steps": int(result["metrics"].get("step", 0)),
-        "metrics": metrics,
-        "checkpoint": result["checkpoint"],
-        "storage": result["storage"],
-    }
+        tracking.finish_run(uri, run_id, "FINISHED" if result.ok else "FAILED")
+    if not result.ok:
+        raise TrainError(f"training run {run_name} failed: {result.error}")
+    return TrainResult(
+        run_id=run_id,
+        run_name=run_name,
+        family=cfg.family,
+        snapshot_id=manifest.id,
+        steps=int(result.metrics.get("step", 0)),
+        metrics={k: v for k, v in result.metrics.items() if k != "step"},
+        checkpoint=result.checkpoint,
+        storage=result.storage,
+    )
 
 
 def _route_mlflow_logs() -> None:
@@ -214,7 +219,22 @@ def _end_run(uri: str, run_id: str, status: str) -> None:
         tracking.finish_run(uri, run_id, status)
 
 
-def _track_and_fit(req, cfg, manifest, root, uri, run_id, run_name, use_gpu) -> dict:
+@dataclass(frozen=True)
+class _Fit:
+    """How the TorchTrainer's fit ended: ``error`` (one line) when it failed, else the last
+    report's metrics and checkpoint and the run's storage folder."""
+
+    error: str | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    checkpoint: str | None = None
+    storage: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _track_and_fit(req, cfg, manifest, root, uri, run_id, run_name, use_gpu) -> _Fit:
     from flows import tracking
 
     cluster = req.cluster
@@ -247,7 +267,9 @@ def _track_and_fit(req, cfg, manifest, root, uri, run_id, run_name, use_gpu) -> 
     return _fit(job, cluster, req, run_name, use_gpu)
 
 
-def _fit(job: WorkerJob, cluster: ClusterSpec, req: TrainRequest, run_name: str, use_gpu: bool):
+def _fit(
+    job: WorkerJob, cluster: ClusterSpec, req: TrainRequest, run_name: str, use_gpu: bool
+) -> _Fit:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
@@ -284,21 +306,12 @@ def _fit(job: WorkerJob, cluster: ClusterSpec, req: TrainRequest, run_name: str,
     try:
         result = trainer.fit()
     except Exception as exc:  # TrainingFailedError and friends: one line for the user
-        return {
-            "ok": False,
-            "error": failure_cause(exc),
-            "metrics": {},
-            "checkpoint": None,
-            "storage": "",
-        }
-    ckpt = result.checkpoint.path if result.checkpoint else None
-    return {
-        "ok": True,
-        "error": None,
-        "metrics": dict(result.metrics or {}),
-        "checkpoint": ckpt,
-        "storage": f"{'s3://' if filesystem is not None else ''}{storage_path}/{run_name}",
-    }
+        return _Fit(error=failure_cause(exc))
+    return _Fit(
+        metrics=dict(result.metrics or {}),
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        storage=f"{'s3://' if filesystem is not None else ''}{storage_path}/{run_name}",
+    )
 
 
 def _train_logging():

@@ -4,6 +4,7 @@ and the job every worker is handed. Plain data, importable anywhere (no Ray at i
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,36 @@ class WorkerJob:
     warm_start: str | None = None
     """A checkpoint (path in the Ray storage) whose networks, optimiser moments and averages
     a fresh run starts from (gan_core.train.warm_start); a resumed run ignores it."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A finished training run: its MLflow run (None untracked) and Ray run name, the
+    snapshot it trained on, the iterations it reached, the best val step's figures (test
+    ones by name, val ones as val_<metric>, and best_step), its last checkpoint and the
+    folder (or s3:// prefix) Ray Train keeps it in."""
+
+    run_id: str | None
+    run_name: str
+    family: str
+    snapshot_id: str
+    steps: int
+    metrics: Mapping[str, float]
+    checkpoint: str | None
+    storage: str
+
+    def to_dict(self) -> dict:
+        """As JSON values, in the order `ganflow train --json` has always printed."""
+        return {
+            "run_id": self.run_id,
+            "run_name": self.run_name,
+            "family": self.family,
+            "snapshot_id": self.snapshot_id,
+            "steps": self.steps,
+            "metrics": dict(self.metrics),
+            "checkpoint": self.checkpoint,
+            "storage": self.storage,
+        }
 
 
 class WorkerUserError(RuntimeError):
