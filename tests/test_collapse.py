@@ -277,7 +277,7 @@ def test_search_does_not_pick_a_trial_that_fails_the_gate():
     is the next one, which passes the gate."""
     from types import SimpleNamespace
 
-    from flows.tune.summary import _summarise
+    from flows.tune.summary import SearchResult, _summarise
 
     def trial(tid, fd, accuracy):
         figures = {"val_intra_fd": fd, "val_class_accuracy": accuracy}
@@ -287,6 +287,7 @@ def test_search_does_not_pick_a_trial_that_fails_the_gate():
     grid = [trial("a", 50.0, 0.2), trial("b", 80.0, 0.9), trial("c", 120.0, 0.95)]
     req = SimpleNamespace()
     result = _summarise(req, "s", grid, "val_intra_fd", "min", 10, None, None, "path")
-    assert result["best"]["trial_id"] == "b"
-    gates = {t["trial_id"]: t["gate"] for t in result["trials"]}
+    assert isinstance(result, SearchResult)  # a value with attributes, not a dict of keys
+    assert result.best.trial_id == "b"
+    gates = {t.trial_id: t.gate for t in result.trials}
     assert gates["b"] is None and "below the gate" in gates["a"]

@@ -203,10 +203,10 @@ def test_small_pbt_search_exploits_and_its_winner_is_the_model(home):
         ),
         progress=False,
     )
-    trials = result["trials"]
-    assert len(trials) == 4 and all(t["error"] is None and t["step"] == 40 for t in trials)
-    best = result["best"]
-    assert best is not None and best["schedule"][0][0] == 1
+    trials = result.trials
+    assert len(trials) == 4 and all(t.error is None and t.step == 40 for t in trials)
+    best = result.best
+    assert best is not None and best.schedule[0][0] == 1
     c = client(tracking_uri())
     exp = c.get_experiment_by_name("ganflow-search").experiment_id
     parent = c.search_runs([exp], filter_string="tags.`ganflow.run_name` = 'pbt-small'")[0]
@@ -231,9 +231,9 @@ def test_small_pbt_search_exploits_and_its_winner_is_the_model(home):
         if not line.endswith("no change"):  # the donor's own values: no new segment
             assert any(first == step + 1 for first, _ in sched), (line, sched)
     # The winner's run holds the schedule and its generator: that is the model, not a retrain.
-    best_arts = {a.path for a in c.list_artifacts(best["run_id"])}
+    best_arts = {a.path for a in c.list_artifacts(best.run_id)}
     assert "pbt_schedule.json" in best_arts
-    assert c.get_run(best["run_id"]).outputs.model_outputs, "no logged generator"
+    assert c.get_run(best.run_id).outputs.model_outputs, "no logged generator"
     assert "pbt_schedule.json" in {a.path for a in c.list_artifacts(parent.info.run_id)}
 
 

@@ -56,22 +56,24 @@ def test_search_shows_the_best_trials_best_step_grid():
 
 
 def test_search_table_shows_trials_that_fail_the_gate():
+    from dataclasses import replace
+
     from flows.orchestration.reports import search_markdown
+    from flows.tune.summary import BestTrial, SearchResult, Trial
 
     def trial(tid, fd, gate):
-        return {"trial_id": tid, "config": {"loss.k": 1}, "metric": fd, "step": 10}, gate
+        return Trial(tid, {"loss.k": 1}, fd, 10, False, gate, None, None)
 
     reason = "class_accuracy 0.2 is below the gate 0.55 (...): the samples do not carry labels"
-    rows = [trial("a", 50.0, reason), trial("b", 80.0, None)]
-    trials = [{**t, "gate": g, "error": None, "stopped_early": False} for t, g in rows]
-    result = {"name": "s", "metric": "val_intra_fd", "mode": "min", "trials": trials}
-    best = {"config": {"loss.k": 1}, "metric": 80.0, "metric_name": "val_intra_fd"}
-    md = search_markdown({**result, "best": {**best, "run_id": "r", "checkpoint": "c"}})
+    trials = (trial("a", 50.0, reason), trial("b", 80.0, None))
+    best = BestTrial({"loss.k": 1}, 80.0, "val_intra_fd", "min", "c", "b", "r")
+    result = SearchResult("s", "p", "val_intra_fd", "min", trials, best)
+    md = search_markdown(result)
     lines = md.splitlines()
     assert lines[4].endswith("| 50 | 10 | completed, fails gate |")
     assert lines[5].endswith("| 80 | 10 | completed |")
     assert f"- a: {reason}" in lines and lines[-1].startswith("Best: loss.k=1")
-    md = search_markdown({**result, "trials": trials[:1], "best": None})
+    md = search_markdown(replace(result, trials=trials[:1], best=None))
     assert md.splitlines()[-1] == "Best: none; no completed trial passed the gate."
 
 
@@ -132,19 +134,19 @@ def test_small_cyclegan_search_with_mlflow_parent_and_children(home):
         ),
         progress=False,
     )
-    trials = result["trials"]
+    trials = result.trials
     assert len(trials) == 4
-    assert {(t["config"]["loss.lambda_cyc"], t["config"]["train.d_steps"]) for t in trials} == {
+    assert {(t.config["loss.lambda_cyc"], t.config["train.d_steps"]) for t in trials} == {
         (1.0, 1),
         (1.0, 2),
         (10.0, 1),
         (10.0, 2),
     }
-    assert all(t["error"] is None and not t["stopped_early"] and t["step"] == 20 for t in trials)
-    best = result["best"]
-    assert best["metric"] == min(t["metric"] for t in trials)
-    assert best["overrides"] and set(best["overrides"]) == {"loss.lambda_cyc", "train.d_steps"}
-    apply_overrides(base, best["overrides"])  # consumable by training as is
+    assert all(t.error is None and not t.stopped_early and t.step == 20 for t in trials)
+    best = result.best
+    assert best.metric == min(t.metric for t in trials)
+    assert best.overrides and set(best.overrides) == {"loss.lambda_cyc", "train.d_steps"}
+    apply_overrides(base, best.overrides)  # consumable by training as is
     c = client(tracking_uri())
     parent = c.search_runs(
         [c.get_experiment_by_name("ganflow-search").experiment_id],
@@ -157,11 +159,11 @@ def test_small_cyclegan_search_with_mlflow_parent_and_children(home):
     assert len(children) == 4
     assert {ch.data.params["loss.lambda_cyc"] for ch in children} == {"1.0", "10.0"}
     assert all(
-        f"eval.{result['metric']}" in ch.data.metrics or result["metric"] in ch.data.metrics
+        f"eval.{result.metric}" in ch.data.metrics or result.metric in ch.data.metrics
         for ch in children
     )
-    assert parent.data.params["best.loss.lambda_cyc"] == str(best["config"]["loss.lambda_cyc"])
-    assert best["run_id"] in {ch.info.run_id for ch in children}
+    assert parent.data.params["best.loss.lambda_cyc"] == str(best.config["loss.lambda_cyc"])
+    assert best.run_id in {ch.info.run_id for ch in children}
     arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
     assert {"trials.json", "metric_vs_params.png"} <= arts
     # The table the Prefect search flow records as its artifact.
@@ -170,7 +172,7 @@ def test_small_cyclegan_search_with_mlflow_parent_and_children(home):
     md = search_markdown(result).splitlines()
     assert md[2].split(" | ")[1:3] == ["lambda_cyc", "d_steps"]
     assert sum(line.endswith("| 20 | completed |") for line in md) == 4
-    assert md[-1].startswith("Best: ") and best["run_id"] in md[-1]
+    assert md[-1].startswith("Best: ") and best.run_id in md[-1]
 
 
 @pytest.mark.slow
@@ -195,13 +197,13 @@ def test_asha_stops_clearly_bad_trials(home):
         ),
         progress=False,
     )
-    trials = result["trials"]
+    trials = result.trials
     assert len(trials) == 6
-    stopped = [t for t in trials if t["stopped_early"]]
-    assert stopped, [(t["config"], t["metric"], t["step"]) for t in trials]
-    completed = [t for t in trials if not t["stopped_early"] and t["error"] is None]
-    assert result["best"]["metric"] == min(t["metric"] for t in completed)
-    assert all(t["config"]["optim.lr_g"] != 1e-7 or t["step"] <= 120 for t in trials)
+    stopped = [t for t in trials if t.stopped_early]
+    assert stopped, [(t.config, t.metric, t.step) for t in trials]
+    completed = [t for t in trials if not t.stopped_early and t.error is None]
+    assert result.best.metric == min(t.metric for t in completed)
+    assert all(t.config["optim.lr_g"] != 1e-7 or t.step <= 120 for t in trials)
 
 
 @pytest.mark.slow
@@ -309,13 +311,11 @@ def test_search_on_s3_storage_resumes_from_there(home, s3):
         storage=s3.url("ray"),
     )
     first = run_search(req, progress=False)
-    assert len(first["trials"]) == 2 and all(t["step"] == 8 for t in first["trials"])
-    assert first["best"]["checkpoint"].startswith(f"{s3.bucket}/ray/")
+    assert len(first.trials) == 2 and all(t.step == 8 for t in first.trials)
+    assert first.best.checkpoint.startswith(f"{s3.bucket}/ray/")
     stored = s3.fs().find(f"{s3.bucket}/ray/s-s3")
     assert any("experiment_state" in k for k in stored), stored
     assert not (home / "ray_results" / "s-s3").exists()  # nothing went to local disk
     again = run_search(dataclasses.replace(req, resume=True), progress=False)
-    assert sorted(t["trial_id"] for t in again["trials"]) == sorted(
-        t["trial_id"] for t in first["trials"]
-    )
-    assert again["best"]["metric"] == first["best"]["metric"]
+    assert sorted(t.trial_id for t in again.trials) == sorted(t.trial_id for t in first.trials)
+    assert again.best.metric == first.best.metric

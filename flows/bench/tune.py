@@ -33,7 +33,7 @@ def main(family: str = "cyclegan", steps: int = 40, samples: int = 1) -> dict:
         progress=False,
     )
     wall = time.perf_counter() - t0
-    n = len(result["trials"])
+    n = len(result.trials)
     torch.set_num_threads(1)
     data = load_builtin(base.data.dataset, base.data.image_size)
     t1 = time.perf_counter()

@@ -4,6 +4,10 @@ the command line never imports Ray or Prefect."""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flows.tune.summary import SearchResult
 
 # --- command line -----------------------------------------------------------------------
 
@@ -43,30 +47,30 @@ def cmd_tune(args: argparse.Namespace) -> dict:
     )
     if not args.json:
         print(format_trials(result))
-        best = result["best"]
-        if best is not None and best.get("schedule"):
+        best = result.best
+        if best is not None and best.schedule:
             from flows.tune.pbt import format_schedule
 
-            print(f"schedule of the winner (trial {best['trial_id']}, its generator is the model):")
-            print(format_schedule(best["schedule"], base.train.steps))
-    return result
+            print(f"schedule of the winner (trial {best.trial_id}, its generator is the model):")
+            print(format_schedule(best.schedule, base.train.steps))
+    return result.to_dict()
 
 
-def format_trials(result: dict) -> str:
-    lines = [f"{'trial':>10}  {'config':40}  {result['metric']:>12}  {'step':>5}  status"]
-    for t in result["trials"]:
+def format_trials(result: SearchResult) -> str:
+    lines = [f"{'trial':>10}  {'config':40}  {result.metric:>12}  {'step':>5}  status"]
+    for t in result.trials:
         cfg = ", ".join(
             f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
-            for k, v in t["config"].items()
+            for k, v in t.config.items()
         )
-        status = "error" if t["error"] else ("stopped early" if t["stopped_early"] else "completed")
-        val = "-" if t["metric"] is None else f"{t['metric']:.4g}"
-        lines.append(f"{str(t['trial_id']):>10}  {cfg:40}  {val:>12}  {t['step']:>5}  {status}")
-    b = result["best"]
+        status = "error" if t.error else ("stopped early" if t.stopped_early else "completed")
+        val = "-" if t.metric is None else f"{t.metric:.4g}"
+        lines.append(f"{str(t.trial_id):>10}  {cfg:40}  {val:>12}  {t.step:>5}  {status}")
+    b = result.best
     lines.append(
         "best: none completed"
         if b is None
-        else f"best: {b['config']} {b['metric_name']}={b['metric']:.4g} (run {b['run_id']})"
+        else f"best: {dict(b.config)} {b.metric_name}={b.metric:.4g} (run {b.run_id})"
     )
     return "\n".join(lines)
 

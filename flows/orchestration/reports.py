@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from flows.ingest.stages import IngestResult
     from flows.train.spec import TrainResult
+    from flows.tune.summary import SearchResult
 
 _MAX_ROWS = 100  # a quarantine of thousands of files is summarised, not pasted
 
@@ -71,41 +72,41 @@ def train_markdown(r: TrainResult, tracking_uri: str) -> str:
     return "\n".join(lines)
 
 
-def search_markdown(r: dict) -> str:
-    keys = sorted({k for t in r["trials"] for k in t["config"]})
+def search_markdown(r: SearchResult) -> str:
+    keys = sorted({k for t in r.trials for k in t.config})
     short = [k.split(".")[-1] for k in keys]
     lines = [
-        f"# Search `{r['name']}`: {len(r['trials'])} trials, {r['metric']} ({r['mode']})",
+        f"# Search `{r.name}`: {len(r.trials)} trials, {r.metric} ({r.mode})",
         "",
-        "| trial | " + " | ".join(short) + f" | {r['metric']} | iterations | status |",
+        "| trial | " + " | ".join(short) + f" | {r.metric} | iterations | status |",
         "|---|" + "---|" * len(keys) + "---|---|---|",
     ]
     # The gate's reasons are a sentence each: listed under the table, so its rows stay short.
     failed = []
-    for t in r["trials"]:
-        status = "error" if t["error"] else "stopped early" if t["stopped_early"] else "completed"
-        if t.get("gate") and not t["error"]:
+    for t in r.trials:
+        status = "error" if t.error else "stopped early" if t.stopped_early else "completed"
+        if t.gate and not t.error:
             status += ", fails gate"
             failed.append(t)
-        cells = [_cell(t["config"].get(k, "")) for k in keys]
-        metric = "-" if t["metric"] is None else _cell(t["metric"])
+        cells = [_cell(t.config.get(k, "")) for k in keys]
+        metric = "-" if t.metric is None else _cell(t.metric)
         lines.append(
-            f"| {t['trial_id']} | " + " | ".join(cells) + f" | {metric} | {t['step']} | {status} |"
+            f"| {t.trial_id} | " + " | ".join(cells) + f" | {metric} | {t.step} | {status} |"
         )
     if failed:
         lines += ["", "Failing the gate (never the best, whatever their metric):", ""]
-        lines += [f"- {t['trial_id']}: {t['gate']}" for t in failed]
-    b = r["best"]
-    done = [t for t in r["trials"] if not t["error"] and not t["stopped_early"]]
-    if b is None and done and all(t.get("gate") for t in done):
+        lines += [f"- {t.trial_id}: {t.gate}" for t in failed]
+    b = r.best
+    done = [t for t in r.trials if not t.error and not t.stopped_early]
+    if b is None and done and all(t.gate for t in done):
         lines += ["", "Best: none; no completed trial passed the gate."]
     elif b is None:
         lines += ["", "Best: no trial completed."]
     else:
-        cfg = ", ".join(f"{k}={_fmt(v)}" for k, v in b["config"].items())
+        cfg = ", ".join(f"{k}={_fmt(v)}" for k, v in b.config.items())
         lines += [
             "",
-            f"Best: {cfg} with {b['metric_name']} = {_fmt(b['metric'])} "
-            f"(MLflow run `{b['run_id']}`, checkpoint `{b['checkpoint']}`).",
+            f"Best: {cfg} with {b.metric_name} = {_fmt(b.metric)} "
+            f"(MLflow run `{b.run_id}`, checkpoint `{b.checkpoint}`).",
         ]
     return "\n".join(lines)

@@ -48,6 +48,7 @@ from flows.settings import read_yaml_mapping
 from flows.snapshots.manifest import Manifest
 from flows.train.spec import TrainResult
 from flows.tune.space import PBT_SCHEDULERS
+from flows.tune.summary import SearchResult
 from gan_core.config import DEFAULT_DATASET, FAMILIES, ConfigError
 from gan_core.overrides import apply_overrides
 from gan_core.presets import preset
@@ -226,7 +227,7 @@ def stage_search(
     steps: int | None,
     scheduler: str = "asha",
     gpus: float = 0.0,
-) -> dict:
+) -> SearchResult:
     from flows.tune.search import SearchRequest, run_search
     from flows.tune.space import default_space, validate_space
 
@@ -249,8 +250,8 @@ def stage_search(
         family=family, dataset=snapshot_id, base=base, space=space, samples=samples, **extra
     )
     result = run_search(req, progress=False)
-    if result["best"] is None:
-        raise PipelineError(f"search {result['name']}: no trial completed")
+    if result.best is None:
+        raise PipelineError(f"search {result.name}: no trial completed")
     return result
 
 
@@ -263,7 +264,7 @@ class PbtCandidate:
     search_run: str
 
 
-def stage_pbt_candidate(search: dict) -> PbtCandidate:
+def stage_pbt_candidate(search: SearchResult) -> PbtCandidate:
     """The best PBT trial as the training stage returns a run, for registration and
     promotion as they are: its run already logged its best step's generator
     (flows.tune.pbt), so nothing is trained here.
@@ -274,56 +275,53 @@ def stage_pbt_candidate(search: dict) -> PbtCandidate:
     donor's run, and the trial's own history at that step is another model's."""
     from flows.tracking import RUN_NAME_TAG, client, tracking_uri
 
-    best = search["best"]
-    if not best.get("run_id"):
+    best = search.best
+    if not best.run_id:
         raise PipelineError(
-            f"search {search['name']}: the best trial {best.get('trial_id')} has no MLflow run"
+            f"search {search.name}: the best trial {best.trial_id} has no MLflow run"
         )
-    if not best.get("checkpoint"):
+    if not best.checkpoint:
         raise PipelineError(
-            f"search {search['name']}: the best trial {best.get('trial_id')} left no checkpoint"
+            f"search {search.name}: the best trial {best.trial_id} left no checkpoint"
         )
-    run = client(tracking_uri()).get_run(best["run_id"])
+    run = client(tracking_uri()).get_run(best.run_id)
     tags = run.data.tags
     metrics = {
         k.removeprefix("eval."): v
         for k, v in run.data.metrics.items()
         if k.startswith("eval.") and not k.startswith("eval.val_")
     }
-    metrics[best["metric_name"]] = best["metric"]
+    metrics[best.metric_name] = best.metric
     if tags.get("ganflow.best_step"):
         metrics["best_step"] = int(tags["ganflow.best_step"])
     # The iterations the trial reached (its schedule's and donors' steps included).
-    steps = next((t["step"] for t in search["trials"] if t["trial_id"] == best["trial_id"]), 0)
+    trial = search.trial(best.trial_id)
     run = TrainResult(
-        run_id=best["run_id"],
-        run_name=tags.get(RUN_NAME_TAG) or f"{search['name']}-{best['trial_id']}",
+        run_id=best.run_id,
+        run_name=tags.get(RUN_NAME_TAG) or f"{search.name}-{best.trial_id}",
         family=tags.get("ganflow.family", ""),
         snapshot_id=tags["ganflow.snapshot_id"],
-        steps=steps,
+        steps=trial.step if trial else 0,
         metrics=metrics,
-        checkpoint=best["checkpoint"],
-        storage=search.get("path", ""),
+        checkpoint=best.checkpoint,
+        storage=search.path,
     )
     return PbtCandidate(run, tags.get("mlflow.parentRunId", ""))
 
 
-def pbt_lineage(search: dict, candidate: PbtCandidate) -> dict[str, str]:
+def pbt_lineage(search: SearchResult, candidate: PbtCandidate) -> dict[str, str]:
     """Where a PBT candidate came from: the search, its MLflow run, the trial and the trial's
     schedule artifact (a runs:/ URI MLflow resolves)."""
     return {
-        PBT_SEARCH_TAG: search["name"],
+        PBT_SEARCH_TAG: search.name,
         PBT_SEARCH_RUN_TAG: candidate.search_run,
-        PBT_TRIAL_TAG: str(search["best"]["trial_id"]),
+        PBT_TRIAL_TAG: str(search.best.trial_id),
         PBT_SCHEDULE_TAG: f"runs:/{candidate.run.run_id}/{SCHEDULE_ARTIFACT}",
     }
 
 
-def pbt_candidate_line(search: dict) -> str:
-    return (
-        f"candidate: PBT trial {search['best']['trial_id']} of search {search['name']}, "
-        "no retraining"
-    )
+def pbt_candidate_line(search: SearchResult) -> str:
+    return f"candidate: PBT trial {search.best.trial_id} of search {search.name}, no retraining"
 
 
 def _run_name(family: str, snapshot_id: str, cfg, plan: Plan | None = None) -> str:
@@ -616,9 +614,10 @@ def retrain_family(
             search = task(
                 "search", stage_search, family, snapshot, cfg, pc.search_samples, pc.search_steps
             )
-        cfg = apply_overrides(cfg, search["best"]["overrides"])
+        best = search.best
+        cfg = apply_overrides(cfg, best.overrides)
         _say(
-            f"{family}: search {search['name']} best {search['best']['overrides']} {search['best']['metric_name']}={search['best']['metric']:.4g}"
+            f"{family}: search {search.name} best {best.overrides} {best.metric_name}={best.metric:.4g}"
         )
     plan = task("start", stage_start, plan, champion, cfg, pc.retrain.mode)
     lineage = {CONFIG_DIGEST_TAG: digest, CODE_DIGEST_TAG: code_digest()}
@@ -651,7 +650,7 @@ def retrain_family(
         "version": version,
         "promotion": decision,
         "warm_from": plan.warm_from.version if plan.warm_from else None,
-        "search": None if search is None else {"name": search["name"], "best": search["best"]},
+        "search": None if search is None else {"name": search.name, "best": search.best.to_dict()},
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -676,11 +675,9 @@ def _pbt_family(pc, family, task, cluster_slot, manifest, cfg, name, digest, row
             pc.search_scheduler,
             pc.gpus_per_worker,
         )
-    best = search["best"]
+    best = search.best
     line = pbt_candidate_line(search)
-    _say(
-        f"{family}: search {search['name']} best {best['metric_name']}={best['metric']:.4g}; {line}"
-    )
+    _say(f"{family}: search {search.name} best {best.metric_name}={best.metric:.4g}; {line}")
     candidate = task("candidate", stage_pbt_candidate, search)
     lineage = {
         CONFIG_DIGEST_TAG: digest,
@@ -702,7 +699,7 @@ def _pbt_family(pc, family, task, cluster_slot, manifest, cfg, name, digest, row
         "version": version,
         "promotion": decision,
         "warm_from": None,
-        "search": {"name": search["name"], "best": best},
+        "search": {"name": search.name, "best": best.to_dict()},
         "seconds": round(time.perf_counter() - t0, 1),
     }
 

@@ -6,12 +6,13 @@ from prefect import flow
 
 from flows.tune.search import SearchRequest, run_search
 from flows.tune.space import default_space, validate_space
+from flows.tune.summary import SearchResult
 
 
 @flow(name="ganflow-search", persist_result=False, log_prints=False)
 def tune_flow(
     family: str = "cyclegan", dataset: str = "builtin:digits-unpaired", samples: int = 8
-) -> dict:
+) -> SearchResult:
     """The search as a Prefect flow (the on-demand deployment): default space, ASHA."""
     from prefect.artifacts import create_markdown_artifact
 

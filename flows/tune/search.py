@@ -24,7 +24,7 @@ import uuid
 from flows.ingest.resolve import ensure_snapshot
 from flows.settings import forwarded_env, ray_storage
 from flows.tune.space import PBT_SCHEDULERS, SearchError, SearchRequest, to_tune_space
-from flows.tune.summary import _summarise
+from flows.tune.summary import SearchResult, _summarise
 from gan_core.evaluate import primary_metric
 from gan_core.overrides import apply_overrides, from_flat_dict
 
@@ -175,8 +175,8 @@ def _storage_root(req: SearchRequest) -> str:
     return req.storage or ray_storage()
 
 
-def run_search(req: SearchRequest, progress: bool = True) -> dict:
-    """Run (or resume) the search; returns {"name", "trials": [...], "best": {...}}."""
+def run_search(req: SearchRequest, progress: bool = True) -> SearchResult:
+    """Run (or resume) the search."""
     import ray
     from ray import tune
 

@@ -5,11 +5,113 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from flows.settings import ganflow_home
 from flows.tune.space import SearchRequest
 from gan_core.evaluate import gate_failure
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One trial of a search: its sampled config, the val metric of its best step, the step
+    it reached, how it ended (``gate``: why its figures fail promotion's gate, ``error``: one
+    line) and its checkpoint; ``schedule`` for a PBT trial (its hyperparameters per step)."""
+
+    trial_id: str | None
+    config: Mapping[str, Any]
+    metric: float | None
+    step: int
+    stopped_early: bool
+    gate: str | None
+    error: str | None
+    checkpoint: str | None
+    schedule: Any = None
+    """PBT: [[first step, {field: value}], ...] as the trial reported it."""
+
+    @property
+    def completed(self) -> bool:
+        return self.error is None and not self.stopped_early
+
+    def to_dict(self) -> dict:
+        out = {
+            "trial_id": self.trial_id,
+            "config": dict(self.config),
+            "metric": self.metric,
+            "step": self.step,
+            "stopped_early": self.stopped_early,
+            "gate": self.gate,
+            "error": self.error,
+            "checkpoint": self.checkpoint,
+        }
+        if self.schedule:
+            out["schedule"] = self.schedule
+        return out
+
+
+@dataclass(frozen=True)
+class BestTrial:
+    """The search's winner: its config (also as ``overrides``, which ``ganflow train --set``
+    and the retraining flow take as they are), its val metric and its run and checkpoint."""
+
+    config: Mapping[str, Any]
+    metric: float
+    metric_name: str
+    mode: str
+    checkpoint: str | None
+    trial_id: str | None
+    run_id: str | None = None
+    schedule: Any = None
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.config)
+
+    def to_dict(self) -> dict:
+        out = {
+            "config": dict(self.config),
+            "overrides": self.overrides,
+            "metric": self.metric,
+            "metric_name": self.metric_name,
+            "mode": self.mode,
+            "checkpoint": self.checkpoint,
+            "trial_id": self.trial_id,
+            "run_id": self.run_id,
+        }
+        if self.schedule:
+            out["schedule"] = self.schedule
+        return out
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """A finished search: its name and storage path, the metric (val_<primary>) and mode
+    trials were ranked by, every trial, and the best (None: no trial completed and passed
+    the gate)."""
+
+    name: str
+    path: str
+    metric: str
+    mode: str
+    trials: tuple[Trial, ...]
+    best: BestTrial | None
+
+    def trial(self, trial_id: str | None) -> Trial | None:
+        return next((t for t in self.trials if t.trial_id == trial_id), None)
+
+    def to_dict(self) -> dict:
+        """As JSON values: result.json and `ganflow tune --json`, keys as they have always been."""
+        return {
+            "name": self.name,
+            "path": self.path,
+            "metric": self.metric,
+            "mode": self.mode,
+            "trials": [t.to_dict() for t in self.trials],
+            "best": None if self.best is None else self.best.to_dict(),
+        }
 
 
 def _summarise(
@@ -22,77 +124,54 @@ def _summarise(
     parent: str | None,
     uri: str | None,
     path: str,
-) -> dict:
+) -> SearchResult:
     trials = []
     for r in grid:
         params = {k: v for k, v in (r.config or {}).items() if k != "__ganflow"}
         m = r.metrics or {}
         reached = int(m.get("step", 0))
         trials.append(
-            {
-                "trial_id": m.get("trial_id"),
-                "config": params,
-                "metric": m.get(metric),
-                "step": reached,
-                "stopped_early": r.error is None and reached < steps,
+            Trial(
+                trial_id=m.get("trial_id"),
+                config=params,
+                metric=m.get(metric),
+                step=reached,
+                stopped_early=r.error is None and reached < steps,
                 # The val figures must pass the gate promotion applies, or the trial
                 # cannot be the best (a cGAN that ignores its labels, say).
-                "gate": gate_failure(m, prefix="val_"),
-                "error": None if r.error is None else str(r.error).splitlines()[0][:300],
-                "checkpoint": m.get("checkpoint_path")
+                gate=gate_failure(m, prefix="val_"),
+                error=None if r.error is None else str(r.error).splitlines()[0][:300],
+                checkpoint=m.get("checkpoint_path")
                 or (r.checkpoint.path if r.checkpoint else None),
-                # PBT: the hyperparameters per step ([[first step, {field: value}], ...]).
-                **({"schedule": m["pbt_schedule"]} if m.get("pbt_schedule") else {}),
-            }
+                schedule=m.get("pbt_schedule") or None,
+            )
         )
-    completed = [
-        t
-        for t in trials
-        if t["error"] is None
-        and not t["stopped_early"]
-        and t["metric"] is not None
-        and t["gate"] is None
-    ]
+    completed = [t for t in trials if t.completed and t.metric is not None and t.gate is None]
     best = None
     if completed:
         pick = min if mode == "min" else max
-        b = pick(completed, key=lambda t: t["metric"])
-        best = {
-            "config": b["config"],
-            "overrides": {k: v for k, v in b["config"].items()},
-            "metric": b["metric"],
-            "metric_name": metric,
-            "mode": mode,
-            "checkpoint": b["checkpoint"],
-            "trial_id": b["trial_id"],
-            "run_id": None,
-        }
-        if "schedule" in b:  # PBT: the final values, and the schedule that led to them
-            best["schedule"] = b["schedule"]
+        b = pick(completed, key=lambda t: t.metric)
+        # PBT: the final values, and the schedule that led to them.
+        best = BestTrial(
+            b.config, b.metric, metric, mode, b.checkpoint, b.trial_id, None, b.schedule
+        )
     if uri and parent:
         best_run = _record_parent(uri, parent, name, trials, best, metric)
         if best is not None:
-            best["run_id"] = best_run
-    result = {
-        "name": name,
-        "path": path,
-        "metric": metric,
-        "mode": mode,
-        "trials": trials,
-        "best": best,
-    }
+            best = replace(best, run_id=best_run)
+    result = SearchResult(name, path, metric, mode, tuple(trials), best)
     out = ganflow_home() / "searches" / name
     out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     if best is not None:
         import yaml
 
-        (out / "best.yaml").write_text(yaml.safe_dump(best["overrides"]))
+        (out / "best.yaml").write_text(yaml.safe_dump(best.overrides))
     return result
 
 
 def _record_parent(
-    uri: str, parent: str, name: str, trials: list[dict], best: dict | None, metric: str
+    uri: str, parent: str, name: str, trials: list[Trial], best: BestTrial | None, metric: str
 ) -> str | None:
     """Parent run: best config/metric/checkpoint, the results table, a metric-vs-(λ, k) plot
     and the best trial's sample grid. Child runs still marked RUNNING (trials ASHA stopped
@@ -112,35 +191,35 @@ def _record_parent(
         if ch.info.status == "RUNNING":
             c.set_terminated(ch.info.run_id, status="KILLED")
     if best is not None:
-        best_child = by_name.get(f"{name}-{best['trial_id']}")
+        best_child = by_name.get(f"{name}-{best.trial_id}")
         best_run = best_child.info.run_id if best_child else None
         have = c.get_run(parent).data.params
-        for k, v in best["config"].items():
+        for k, v in best.config.items():
             if f"best.{k}" not in have:  # a resumed search records the same best once
                 c.log_param(parent, f"best.{k}", str(v))
-        c.log_metric(parent, f"best.{metric}", float(best["metric"]))
-        c.set_tag(parent, "ganflow.best_checkpoint", str(best["checkpoint"]))
+        c.log_metric(parent, f"best.{metric}", float(best.metric))
+        c.set_tag(parent, "ganflow.best_checkpoint", str(best.checkpoint))
         if best_run:
             c.set_tag(parent, "ganflow.best_run_id", best_run)
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "trials.json"
-        table.write_text(json.dumps(trials, indent=2, default=str))
+        table.write_text(json.dumps([t.to_dict() for t in trials], indent=2, default=str))
         c.log_artifact(parent, str(table))
         plot = _plot_metric(trials, metric, Path(tmp) / "metric_vs_params.png")
         if plot:
             c.log_artifact(parent, str(plot))
         if best_run:
             _copy_best_grid(c, best_run, parent, Path(tmp))
-        if best is not None and best.get("schedule"):
+        if best is not None and best.schedule:
             sched = Path(tmp) / "pbt_schedule.json"
-            sched.write_text(json.dumps(best["schedule"], indent=2))
+            sched.write_text(json.dumps(best.schedule, indent=2))
             c.log_artifact(parent, str(sched))
     c.set_terminated(parent, status="FINISHED")
     return best_run
 
 
-def _plot_metric(trials: list[dict], metric: str, path: Path) -> Path | None:
-    rows = [t for t in trials if t["metric"] is not None]
+def _plot_metric(trials: list[Trial], metric: str, path: Path) -> Path | None:
+    rows = [t for t in trials if t.metric is not None]
     if not rows:
         return None
     import matplotlib
@@ -148,13 +227,13 @@ def _plot_metric(trials: list[dict], metric: str, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lam = [t["config"].get("loss.lambda_cyc") for t in rows]
-    k = [t["config"].get("train.d_steps", 1) for t in rows]
-    vals = [t["metric"] for t in rows]
+    lam = [t.config.get("loss.lambda_cyc") for t in rows]
+    k = [t.config.get("train.d_steps", 1) for t in rows]
+    vals = [t.metric for t in rows]
     fig, ax = plt.subplots(figsize=(5.5, 4))
     if all(v is not None for v in lam):
         sc = ax.scatter(
-            lam, k, c=vals, s=[60 if not t["stopped_early"] else 25 for t in rows], cmap="viridis"
+            lam, k, c=vals, s=[60 if not t.stopped_early else 25 for t in rows], cmap="viridis"
         )
         ax.set_xscale("log")
         ax.set_xlabel("λ (lambda_cyc)")
