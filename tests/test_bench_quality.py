@@ -180,3 +180,24 @@ def test_summary_averages_each_run_over_seeds():
     assert "| 15 ± 7.07 | 30 ± 14.1 |" in lines["defaults"]
     assert "| 40 ± 14.1 | 80 ± 28.3 |" in lines["anchor"]
     assert quality_report.summary("cgan", rows[:2]) == ""  # one seed: the table says it all
+
+
+def test_a_run_whose_best_val_step_is_not_its_last_gets_a_best_row(tmp_path, monkeypatch):
+    # Val figures made up so that step 2 of 4 is the best: the row must hold step 2's weights,
+    # judged on test like the last step's.
+    def offer(best, cfg, b, step, models):
+        figures = {"fd": 1.0 if step == 2 else 5.0}
+        best.offer(step, figures, {k: v for k, v in models.items() if k == "G"})
+
+    monkeypatch.setattr(quality, "_offer", offer)
+    out = tmp_path / "out"
+    argv = ["--datasets", "shapes-gan", "--variants", "defaults", "--budget", "steps"]
+    quality.main([*argv, "--steps", "4", "--samples", "60", "--ngf", "8", "--out", str(out)])
+    runs = json.loads((out / "results.json").read_text())["datasets"]["shapes-gan"]["runs"]
+    assert [(r["run"], r["steps"]) for r in runs] == [("defaults", 4), ("defaults best", 2)]
+    last, best = runs
+    assert best["best_of"] == 4 and best["val"] == {"fd": 1.0}
+    assert best["seconds"] == last["seconds"]  # the same run
+    assert best["figures"]["judge"]["fd"] != last["figures"]["judge"]["fd"]  # other weights
+    assert (out / best["grid"]).is_file() and best["grid"] != last["grid"]
+    assert "| defaults best |" in (out / "results.md").read_text()

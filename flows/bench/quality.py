@@ -45,6 +45,7 @@ an interrupted run keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import time
 from pathlib import Path
@@ -67,20 +68,41 @@ from flows.bench.quality_plan import (
     plan_runs,
 )
 from flows.bench.quality_report import fmt, summary, table, write_report
+from flows.train.best import BestSoFar
 from gan_core.config import GanConfig
 from gan_core.data import UnpairedSet
-from gan_core.evaluate import evaluate, sample, sample_grid
+from gan_core.evaluate import evaluate, primary_metric, sample, sample_grid
 from gan_core.judge import Judge
 from gan_core.overrides import apply_overrides
+from gan_core.state import plain
 from gan_core.train import eval_models, init_state, train
 from gan_core.viz import save_grid
 
 # --- one run ------------------------------------------------------------------------------
 
 
+def _tracker(cfg: GanConfig, b: Bench) -> BestSoFar | None:
+    """What a ganflow run registers: the step whose G measured best on the val split
+    (flows.train.best, the same choice and gate), among the log points. None without a val
+    split (the unpaired colours)."""
+    if b.val is None:
+        return None
+    return BestSoFar(*primary_metric(cfg, b.facts.has_truth))
+
+
+def _offer(best: BestSoFar | None, cfg: GanConfig, b: Bench, step: int, models: dict) -> None:
+    """Judge the models on val and keep them if best so far (outside the timed training:
+    the equal-time budgets compare the recipes' training speed)."""
+    if best is None:
+        return
+    figures = evaluate(cfg, models, b.val, b.judge, EVAL_SEED)
+    best.offer(step, figures, {k: plain(v) for k, v in models.items() if k in ("G", "F")})
+
+
 def _train_ganflow(cfg: GanConfig, b: Bench, progress) -> dict:
     state = init_state(cfg, b.train, cfg.train.device)
     last: dict = {}
+    best = _tracker(cfg, b)
 
     def keep(_state, report: dict) -> None:
         last.clear()
@@ -92,6 +114,7 @@ def _train_ganflow(cfg: GanConfig, b: Bench, progress) -> dict:
         train(state, b.train, callbacks=[keep], until=state.step + cfg.train.log_every)
         spent += time.perf_counter() - t0
         progress(state.step, cfg.train.steps, spent, last)
+        _offer(best, cfg, b, state.step, eval_models(state))
     # ADA's p where it adapts: a short run may end with augmentation barely switched on.
     aug_p = float(state.augment.p) if cfg.augment.policy != "none" else None
     return {
@@ -100,6 +123,7 @@ def _train_ganflow(cfg: GanConfig, b: Bench, progress) -> dict:
         "seconds": spent,
         "last": last,
         "aug_p": aug_p,
+        "best": best,
     }
 
 
@@ -108,13 +132,15 @@ def _train_anchor(cfg: GanConfig, b: Bench, progress) -> dict:
     anchor = qd.Anchor(
         b.train, m.z_dim, m.ngf, t.batch_size, t.seed, cfg.family == "cgan", t.device
     )
-    spent, last = 0.0, {}
+    spent, last, best = 0.0, {}, _tracker(cfg, b)
     while anchor.step < t.steps:
         t0 = time.perf_counter()
         last = anchor.train(min(anchor.step + t.log_every, t.steps))
         spent += time.perf_counter() - t0
         progress(anchor.step, t.steps, spent, last)
-    return {"models": {"G": anchor.G}, "steps": anchor.step, "seconds": spent, "last": last}
+        _offer(best, cfg, b, anchor.step, {"G": anchor.G})
+    models = {"G": anchor.G}
+    return {"models": models, "steps": anchor.step, "seconds": spent, "last": last, "best": best}
 
 
 def _translations(models: dict, test: UnpairedSet) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,37 +184,49 @@ def measure(cfg: GanConfig, models: dict, b: Bench) -> dict:
     return out
 
 
-def run_one(b: Bench, variant: str, cfg: GanConfig, budget: str, out: Path, log) -> dict:
+def run_one(b: Bench, variant: str, cfg: GanConfig, budget: str, out: Path, log) -> list[dict]:
+    """One training run's rows: its last step, and (with a val split) the step that measured
+    best on val when that is another one, judged on test like the last. The best-step row is
+    what ganflow registers; for the plain DCGAN it is the same choice made for it, so the
+    recipes compare both as trained and as selected."""
+
     def progress(step: int, total: int, spent: float, last: dict) -> None:
         losses = " ".join(f"{k} {v:.3g}" for k, v in last.items() if k.startswith("loss_"))
         log(f"    step {step}/{total}  {spent:.0f} s  {step / max(spent, 1e-9):.1f} it/s  {losses}")
 
     anchor = variant == "anchor" and b.family != "cyclegan"
     trained = (_train_anchor if anchor else _train_ganflow)(cfg, b, progress)
-    figures = measure(cfg, trained["models"], b)
     tag = variant if budget == "steps" else f"{variant}@time"
-    grid = out / "grids" / b.name / f"{tag}-seed{cfg.train.seed}.png"
-    images, nrow, caption = sample_grid(cfg, trained["models"], b.test, EVAL_SEED)
-    save_grid(images.clamp(-1, 1), grid, nrow=nrow, scale=3)
     config = cfg.to_flat_dict()
     if anchor:
         # Of the config only the sizes, seed and evaluation apply: the rest is the anchor's.
         config = {"anchor": "flows.bench.quality_data.Anchor (plain DCGAN)", **config}
-    return {
-        "run": tag,
+    common = {
         "variant": variant,
         "budget": budget,
         "seed": cfg.train.seed,
-        "steps": trained["steps"],
         "seconds": trained["seconds"],
         "steps_per_s": trained["steps"] / max(trained["seconds"], 1e-9),
-        "figures": figures,
         "last_log": trained["last"],
         "aug_p": trained.get("aug_p"),
-        "grid": str(grid.relative_to(out)),
-        "grid_caption": caption,
         "config": config,
     }
+
+    def row(name: str, models: dict, step: int, extra: dict) -> dict:
+        grid = out / "grids" / b.name / f"{name}-seed{cfg.train.seed}.png"
+        images, nrow, caption = sample_grid(cfg, models, b.test, EVAL_SEED)
+        save_grid(images.clamp(-1, 1), grid, nrow=nrow, scale=3)
+        figures = measure(cfg, models, b)
+        shown = {"grid": str(grid.relative_to(out)), "grid_caption": caption}
+        return {"run": name, "steps": step, "figures": figures, **shown, **extra}
+
+    rows = [row(tag, trained["models"], trained["steps"], common)]
+    best: BestSoFar | None = trained["best"]
+    if best is not None and best.found and best.step != trained["steps"]:
+        nets = {k: copy.deepcopy(plain(trained["models"][k])) for k in best.weights}
+        picked = {"best_of": trained["steps"], "val": best.figures}
+        rows.append(row(f"{tag} best", best.load_into(nets), best.step, {**common, **picked}))
+    return rows
 
 
 def probe_rate(b: Bench, variant: str, cfg: GanConfig, steps: int = 10) -> float:
@@ -343,20 +381,22 @@ def main(argv: list[str] | None = None) -> dict:
                         cfg, {"train.steps": planned, "train.log_every": max(1, planned // 10)}
                     )
                 log(f"{name} [{i + 1}/{len(runs)}] {v} ({budget}), seed {seed}")
-                r = run_one(b, v, cfg, budget, out, log)
-                r["speed_ratio"] = ratio  # steps/s over the defaults' (equal-time rows)
+                rows = run_one(b, v, cfg, budget, out, log)
                 if budget == "steps" and v == "defaults":
-                    ref_steps = r["steps"]
-                f, j = r["figures"], r["figures"]["judge"]
-                shown = {
-                    "fd_thumb": f.get("fd_thumb"),
-                    "fd": j.get("fd"),
-                    "class_acc": j.get("class_accuracy"),
-                    "truth_err_ratio": j.get("truth_error_ratio"),
-                }
-                figures = ", ".join(f"{k} {fmt(x)}" for k, x in shown.items() if x is not None)
-                log(f"  -> {r['steps']} steps in {r['seconds']:.0f} s: {figures}")
-                entry["runs"].append(r)
+                    ref_steps = rows[0]["steps"]
+                for r in rows:
+                    r["speed_ratio"] = ratio  # steps/s over the defaults' (equal-time rows)
+                    f, j = r["figures"], r["figures"]["judge"]
+                    shown = {
+                        "fd_thumb": f.get("fd_thumb"),
+                        "fd": j.get("fd"),
+                        "intra_fd": j.get("intra_fd"),
+                        "class_acc": j.get("class_accuracy"),
+                        "truth_err_ratio": j.get("truth_error_ratio"),
+                    }
+                    figures = ", ".join(f"{k} {fmt(x)}" for k, x in shown.items() if x is not None)
+                    log(f"  -> {r['run']}: step {r['steps']}, {r['seconds']:.0f} s: {figures}")
+                    entry["runs"].append(r)
                 write_report(out, result)
         print(
             f"\n{name}\n{table(family, entry['runs'])}{summary(family, entry['runs'])}", flush=True

@@ -111,6 +111,8 @@ class Bench:
     test: ImageSet | UnpairedSet
     judge: Judge
     facts: DataFacts
+    val: ImageSet | None = None
+    """The split the best step is chosen on (as ganflow registers it); None: no choice."""
 
 
 def load_source(source: str, seed: int = 0) -> dict:
@@ -139,7 +141,7 @@ def make_bench(name: str, splits: dict, judge: Judge) -> Bench:
         has_truth=family == "cyclegan",
         name=name,
     )
-    return Bench(name, family, train_set, splits["test"], judge, facts)
+    return Bench(name, family, train_set, splits["test"], judge, facts, splits.get("val"))
 
 
 # --- configs ------------------------------------------------------------------------------

@@ -116,6 +116,9 @@ evaluate() in the dataset's judge features. aug_p: the augmentation probability 
 of samples over that of held-out images. `@time` rows ran the defaults' steps times the
 ratio of their speed to the defaults' (`speed_ratio` in the JSON), probed in alternating turns
 just before the row; the seconds and it/s columns are as the (possibly shared) machine gave.
+`best` rows: the same run's log point whose generator measured best on the val split (the
+primary metric, behind the cGAN's class-accuracy gate: what ganflow registers), judged on
+test like the last step; steps is that step, seconds the whole run's.
 """
 
 
