@@ -108,11 +108,11 @@ def test_pbt_pipeline_promotes_the_best_trial_without_retraining(home, tmp_path,
     real_as_task = pipeline._as_task
     monkeypatch.setattr(pipeline, "_as_task", recorded)
     out = pipeline.retraining_flow(str(config))
-    row = out["results"][0]
+    row = out.results[0]
     assert stages == ["ingest", "plan", "search", "candidate", "lineage", "register", "promote"]
     c = client(tracking_uri())
-    search, best = row["search"], row["search"]["best"]
-    trials = json.loads((home / "searches" / search["name"] / "result.json").read_text())["trials"]
+    search, best = row.search, row.search.best
+    trials = json.loads((home / "searches" / search.name / "result.json").read_text())["trials"]
     assert len(trials) == 4 and all(t["error"] is None and t["step"] == 40 for t in trials)
 
     # Nothing trained after the search: every run of the family is the search or a PBT trial
@@ -127,57 +127,57 @@ def test_pbt_pipeline_promotes_the_best_trial_without_retraining(home, tmp_path,
     assert c.get_experiment_by_name("ganflow-train") is None
 
     # The registered version is the best trial's own logged generator.
-    version = row["version"]
+    version = row.version
     mv = c.get_model_version(MODEL, version)
-    assert mv.run_id == best["run_id"] == row["run_id"]
+    assert mv.run_id == best.run_id == row.run_id
     logged = c.get_logged_model(mv.tags["ganflow.model_id"])
-    assert logged.source_run_id == best["run_id"] and mv.source == f"models:/{logged.model_id}"
-    trial_run = c.get_run(best["run_id"])
+    assert logged.source_run_id == best.run_id and mv.source == f"models:/{logged.model_id}"
+    trial_run = c.get_run(best.run_id)
     assert trial_run.data.tags["ganflow.kind"] == "pbt-trial"
-    assert trial_run.data.tags["ganflow.run_name"] == f"{search['name']}-{best['trial_id']}"
+    assert trial_run.data.tags["ganflow.run_name"] == f"{search.name}-{best.trial_id}"
     # Its lineage: which trial of which search, and the schedule, reachable from the version.
     tags = mv.tags
-    assert tags[pipeline.PBT_TRIAL_TAG] == best["trial_id"]
-    assert tags[pipeline.PBT_SEARCH_TAG] == search["name"]
+    assert tags[pipeline.PBT_TRIAL_TAG] == best.trial_id
+    assert tags[pipeline.PBT_SEARCH_TAG] == search.name
     parent = c.get_run(tags[pipeline.PBT_SEARCH_RUN_TAG])
     assert parent.data.tags["ganflow.kind"] == "search"
-    assert parent.data.tags["ganflow.best_run_id"] == best["run_id"]
+    assert parent.data.tags["ganflow.best_run_id"] == best.run_id
     mlflow.set_tracking_uri(tracking_uri())
     schedule = Path(mlflow.artifacts.download_artifacts(tags[pipeline.PBT_SCHEDULE_TAG]))
-    assert json.loads(schedule.read_text()) == best["schedule"]
-    assert best["schedule"][0][0] == 1
+    assert json.loads(schedule.read_text()) == best.schedule
+    assert best.schedule[0][0] == 1
     # The retraining lineage every version carries, and the checkpoint a later warm start reads.
     for tag in ("ganflow.config_digest", "ganflow.code_digest", "ganflow.checkpoint"):
         assert tags[tag], tag
-    assert tags["ganflow.checkpoint"] == best["checkpoint"]
-    assert tags["ganflow.snapshot_id"] == row["snapshot_id"]
-    assert tags["train_metric.val_fd"] == f"{best['metric']:.6g}"
+    assert tags["ganflow.checkpoint"] == best.checkpoint
+    assert tags["ganflow.snapshot_id"] == row.snapshot_id
+    assert tags["train_metric.val_fd"] == f"{best.metric:.6g}"
 
     # Promotion by the usual rule: the gate, then the champion (none yet), on the val split,
     # with the figures recorded on the version as for any candidate.
-    decision = row["promotion"]
-    assert decision["metric"] == "fd" and gate_failure({"fd": decision["candidate"]}, "fd") is None
-    assert (decision["decision"], decision["reason"]) == ("champion", "no champion yet")
+    decision = row.promotion
+    assert decision.metric == "fd" and gate_failure({"fd": decision.candidate}, "fd") is None
+    assert (decision.decision, decision.reason) == ("champion", "no champion yet")
     assert tags["promotion.decision"] == "champion"
-    assert tags["eval.fd"] == f"{decision['candidate']:.6g}"
+    assert tags["eval.fd"] == f"{decision.candidate:.6g}"
     assert str(c.get_model_version_by_alias(MODEL, "champion").version) == version
 
     # The summary row says where the candidate came from.
-    line = f"candidate: PBT trial {best['trial_id']} of search {search['name']}, no retraining"
-    md = out["summary"]
+    line = f"candidate: PBT trial {best.trial_id} of search {search.name}, no retraining"
+    md = out.summary
     table_row = next(ln for ln in md.splitlines() if ln.startswith("| gan |"))
     assert line in table_row and "**champion**" in table_row
     assert f"- gan: PBT search (no champion yet); {line}; no champion yet" in md
-    assert f"(PBT trial runs: {best['run_id']})" in md and "training runs" not in md
-    retraining = c.get_run(out["retraining_run"]).data.tags
+    assert f"(PBT trial runs: {best.run_id})" in md and "training runs" not in md
+    retraining = c.get_run(out.retraining_run).data.tags
     assert retraining["gan.start"] == "pbt" and retraining["gan.decision"] == "champion"
 
     # Nothing changed, nothing trained: the same request on the same snapshot keeps the PBT
     # champion without a search; the digest is the request's, not the trial's mutated values.
     stages.clear()
-    again = pipeline.retraining_flow(str(config))["results"][0]
+    again = pipeline.retraining_flow(str(config)).results[0]
     assert stages == ["ingest", "plan"]
-    assert again["decision"] == "kept" and again["version"] == version
+    assert again.decision == "kept" and again.version == version
     assert pipeline.all_kept(PipelineConfig.load(str(config))) is not None
     # Another search mode is another config: ASHA-then-train would retrain (asha is true).
     manifest = pipeline.stage_ingest("builtin:digits")

@@ -88,9 +88,9 @@ def test_keep_warm_measure_fallback_force(env, tmp_path, monkeypatch):
 
     # 1. The first champion, from scratch.
     first = _config(tmp_path, folder, BASE)
-    r1 = pipeline.retraining_flow(first)["results"][0]
-    assert (r1["decision"], r1["start"], r1["version"]) == ("champion", "scratch", "1")
-    assert r1["start_why"] == "there is no champion to start from"
+    r1 = pipeline.retraining_flow(first).results[0]
+    assert (r1.decision, r1.start, r1.version) == ("champion", "scratch", "1")
+    assert r1.start_why == "there is no champion to start from"
     tags = c.get_model_version(MODEL, "1").tags
     assert tags["ganflow.checkpoint"] and tags["ganflow.config_digest"]
     assert tags["ganflow.code_digest"] and "ganflow.warm_from" not in tags
@@ -99,10 +99,10 @@ def test_keep_warm_measure_fallback_force(env, tmp_path, monkeypatch):
     runs = _train_runs(c)
     t0 = time.perf_counter()
     out = pipeline.retraining_flow(first)
-    r2 = out["results"][0]
-    assert r2["decision"] == "kept" and r2["version"] == "1" and r2["run_id"] is None
-    assert r2["why"].startswith("champion v1 already trained on snapshot")
-    assert "**kept**" in out["summary"]
+    r2 = out.results[0]
+    assert r2.decision == "kept" and r2.version == "1" and r2.run_id is None
+    assert r2.why.startswith("champion v1 already trained on snapshot")
+    assert "**kept**" in out.summary
     assert trained["n"] == 1 and _versions(c) == ["1"] and _train_runs(c) == runs
     print(f"kept in-process: {time.perf_counter() - t0:.1f} s")
 
@@ -139,17 +139,17 @@ def test_keep_warm_measure_fallback_force(env, tmp_path, monkeypatch):
         tmp_path, folder, {**BASE, "optim.lr_g": 1e-12, "optim.lr_d": 1e-12}, margin=1e6
     )
     out = pipeline.retraining_flow(frozen)
-    r3 = out["results"][0]
-    assert r3["snapshot_id"] != r1["snapshot_id"] and trained["n"] == 2
-    assert (r3["start"], r3["warm_from"], r3["start_why"]) == ("warm", "1", "from champion v1")
-    measured = r3["champion_on_snapshot"]
-    assert measured["version"] == "1" and measured["metric"] == r3["promotion"]["metric"]
+    r3 = out.results[0]
+    assert r3.snapshot_id != r1.snapshot_id and trained["n"] == 2
+    assert (r3.start, r3.warm_from, r3.start_why) == ("warm", "1", "from champion v1")
+    measured = r3.champion_on_snapshot
+    assert measured["version"] == "1" and measured["metric"] == r3.promotion.metric
     assert measured["at_promotion"] is not None and measured["value"] > 0
-    assert f"{measured['value']:.4g} (v1;" in out["summary"]
-    v1, v2 = c.get_model_version(MODEL, "1"), c.get_model_version(MODEL, r3["version"])
+    assert f"{measured['value']:.4g} (v1;" in out.summary
+    v1, v2 = c.get_model_version(MODEL, "1"), c.get_model_version(MODEL, r3.version)
     assert v2.tags["ganflow.warm_from"] == "1" and v2.tags["ganflow.warm_from_run"] == v1.run_id
-    assert c.get_run(r3["run_id"]).data.tags["ganflow.warm_from"] == "1"
-    assert c.get_run(r3["run_id"]).data.tags["ganflow.start"] == "warm"
+    assert c.get_run(r3.run_id).data.tags["ganflow.warm_from"] == "1"
+    assert c.get_run(r3.run_id).data.tags["ganflow.start"] == "warm"
     import torch
 
     champ, cand = _params(v1.tags["ganflow.checkpoint"]), _params(v2.tags["ganflow.checkpoint"])
@@ -159,30 +159,30 @@ def test_keep_warm_measure_fallback_force(env, tmp_path, monkeypatch):
                 torch.testing.assert_close(cand[net][k], t, rtol=0, atol=1e-9, msg=f"{net}.{k}")
     # The retraining's own MLflow run holds the champion's figure on the new snapshot.
     exp = c.get_experiment_by_name(RETRAINING_EXPERIMENT)
-    run = c.get_run(out["retraining_run"])
+    run = c.get_run(out.retraining_run)
     assert run.info.experiment_id == exp.experiment_id
     key = f"gan.champion.val_{measured['metric']}"
     assert run.data.metrics[key] == pytest.approx(measured["value"])
-    assert run.data.tags["gan.snapshot_id"] == r3["snapshot_id"]
+    assert run.data.tags["gan.snapshot_id"] == r3.snapshot_id
     assert run.data.tags["gan.start"] == "warm"
 
     # 4. Same data, same config: that candidate already lost to the champion (equal
     # weights cannot beat it): kept, not trained again.
-    assert r3["promotion"]["decision"] == "rejected"
-    r4 = pipeline.retraining_flow(frozen)["results"][0]
-    assert r4["decision"] == "kept" and trained["n"] == 2
-    assert r4["why"].startswith(f"challenger v{r3['version']} already trained")
+    assert r3.promotion.decision == "rejected"
+    r4 = pipeline.retraining_flow(frozen).results[0]
+    assert r4.decision == "kept" and trained["n"] == 2
+    assert r4.why.startswith(f"challenger v{r3.version} already trained")
 
     # 5. Other shapes: auto falls back to scratch, naming the field.
     wider = _config(tmp_path, folder, {**BASE, "model.hidden": 96})
-    r5 = pipeline.retraining_flow(wider)["results"][0]
-    assert r5["start"] == "scratch" and trained["n"] == 3
-    assert "model.hidden 64 -> 96" in r5["start_why"], r5["start_why"]
-    assert "snapshot" in r5["why"] and "config changed" in r5["why"]
+    r5 = pipeline.retraining_flow(wider).results[0]
+    assert r5.start == "scratch" and trained["n"] == 3
+    assert "model.hidden 64 -> 96" in r5.start_why, r5.start_why
+    assert "snapshot" in r5.why and "config changed" in r5.why
 
     # 6. --force: unchanged data and config, trained anyway (a new version).
     before = _versions(c)
-    r6 = pipeline.retraining_flow(wider, force=True)["results"][0]
-    assert r6["decision"] in ("champion", "rejected") and r6["why"] == "--force"
+    r6 = pipeline.retraining_flow(wider, force=True).results[0]
+    assert r6.decision in ("champion", "rejected") and r6.why == "--force"
     assert trained["n"] == 4 and len(_versions(c)) == len(before) + 1
-    assert "forced" in r6["run_name"]
+    assert "forced" in r6.run_name

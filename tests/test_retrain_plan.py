@@ -153,35 +153,34 @@ def test_warm_fit_names_what_changed_shape():
 
 
 def test_summary_and_retraining_run_show_kept_trained_and_unmeasured(tmp_path, monkeypatch):
-    from flows.orchestration.retraining import summary_markdown
+    from dataclasses import replace
+
+    from flows.orchestration.retraining import FamilyOutcome, summary_markdown
+    from flows.registry.promote import Decision
     from flows.tracking import RETRAINING_EXPERIMENT, client, log_retraining
 
-    kept = {
-        "family": "gan", "name": "m-gan", "snapshot_id": "s1", "version": "3",
-        "decision": "kept", "why": "champion v3 already trained on snapshot s1 with this config",
-        "start": None, "promotion": None, "champion_on_snapshot": None, "run_id": None,
-    }  # fmt: skip
-    promotion = {
-        "decision": "champion", "metric": "fd", "candidate": 30.0, "champion": 41.0,
-        "champion_version": "3", "reason": "fd 30 beats champion v3 41 by more than 0 (min)",
-    }  # fmt: skip
+    why = "champion v3 already trained on snapshot s1 with this config"
+    kept = FamilyOutcome("gan", "s1", "m-gan", why, "kept", version="3")
+    reason = "fd 30 beats champion v3 41 by more than 0 (min)"
+    promotion = Decision("m-cgan", "4", "champion", "fd", 30.0, 41.0, "3", 0.0, reason)
     measured = {"version": "3", "metric": "fd", "value": 41.0, "at_promotion": 35.5}
-    warm = {
-        **kept, "family": "cgan", "name": "m-cgan", "snapshot_id": "s2", "version": "4",
-        "decision": "champion", "why": "snapshot s1 -> s2", "start": "warm",
-        "start_why": "from champion v3", "warm_from": "3", "promotion": promotion,
-        "champion_on_snapshot": {**measured, "figures": {"fd": 41.0, "coverage": 0.8}},
-        "run_id": "r4",
-    }  # fmt: skip
-    broken = {
-        **warm,
-        "family": "cyclegan",
-        "champion_on_snapshot": {"error": "E: x", "figures": {}},
-    }
+    warm = FamilyOutcome(
+        "cgan", "s2", "m-cgan", "snapshot s1 -> s2", "champion",
+        start="warm", start_why="from champion v3", version="4", run_id="r4",
+        promotion=promotion, warm_from="3",
+        champion_on_snapshot={**measured, "figures": {"fd": 41.0, "coverage": 0.8}},
+    )  # fmt: skip
+    broken = replace(warm, family="cyclegan", champion_on_snapshot={"error": "E: x", "figures": {}})
     md = summary_markdown([kept, warm, broken], "sqlite:///x", "rr")
     assert "| gan | m-gan | **kept** |" in md and "- gan: kept: champion v3 already" in md
     assert "| warm from v3 | 4 | fd | 30 | 41 (v3) | 41 (v3; at promotion 35.5) |" in md
     assert "not measured (E: x)" in md and "run rr in ganflow-retraining" in md
+    kept, warm, broken = (r.to_dict() for r in (kept, warm, broken))  # MLflow's edge: dicts
+    assert list(kept) == [
+        *("family", "snapshot_id", "name", "why", "decision", "start", "start_why", "version"),
+        *("run_id", "run_name", "metrics", "promotion", "warm_from", "champion_on_snapshot"),
+        "search",
+    ]  # `ganflow run --json`'s keys, in their order (no seconds: decided without a chain)
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("GANFLOW_HOME", str(tmp_path))

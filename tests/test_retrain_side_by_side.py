@@ -100,20 +100,20 @@ def test_three_families_side_by_side_one_failing(two_nodes, tmp_path, monkeypatc
         f"one after another {walls['seq']:.1f} s"
     )
     for exc in outs.values():
-        rows = {r["family"]: r for r in exc.result["results"]}
+        rows = {r.family: r for r in exc.result.results}
         assert list(rows) == ["gan", "cgan", "cyclegan"]
-        assert rows["gan"]["decision"] == rows["cgan"]["decision"] == "champion", rows
-        assert rows["cyclegan"]["decision"] == "failed"
-        assert rows["cyclegan"]["error_stage"] == "ingest", rows["cyclegan"]
+        assert rows["gan"].decision == rows["cgan"].decision == "champion", rows
+        assert rows["cyclegan"].decision == "failed"
+        assert rows["cyclegan"].error_stage == "ingest", rows["cyclegan"]
         assert str(exc).startswith("failed: cyclegan (ingest: ")
         assert "2 other families finished" in str(exc)
-        assert "**failed** (ingest)" in exc.result["summary"]
-        print(exc.result["summary"])
+        assert "**failed** (ingest)" in exc.result.summary
+        print(exc.result.summary)
     client = MlflowClient(tracking_uri())
     spans = {}
     for tag, exc in outs.items():
-        rows = {r["family"]: r for r in exc.result["results"]}
-        runs = [client.get_run(rows[f]["run_id"]).info for f in ("gan", "cgan")]
+        rows = {r.family: r for r in exc.result.results}
+        runs = [client.get_run(rows[f].run_id).info for f in ("gan", "cgan")]
         spans[tag] = [(r.start_time, r.end_time) for r in runs]
     (a0, a1), (b0, b1) = spans["sbs"]
     assert a0 < b1 and b0 < a1, spans  # concurrent training runs

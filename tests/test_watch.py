@@ -66,23 +66,11 @@ def test_a_source_event_retrains_the_families_that_use_it(tmp_path):
 
 
 def test_a_failed_family_has_its_row_and_its_reason():
-    ok = {
-        "family": "gan",
-        "name": "m",
-        "decision": "kept",
-        "why": "champion v1 already trained",
-        "version": "1",
-        "promotion": None,
-    }
-    failed = {
-        **ok,
-        "family": "cgan",
-        "name": "-",
-        "decision": "failed",
-        "why": "ingest: IngestError: bad",
-        "error_stage": "ingest",
-        "version": None,
-    }
+    from flows.orchestration.retraining import FamilyOutcome
+
+    ok = FamilyOutcome("gan", "s1", "m", "champion v1 already trained", "kept", version="1")
+    why = "ingest: IngestError: bad"
+    failed = FamilyOutcome("cgan", "-", "-", why, "failed", error_stage="ingest")
     md = summary_markdown([ok, failed], "sqlite:///x")
     assert "| cgan | - | **failed** (ingest) |" in md
     assert "- cgan: failed at ingest: IngestError: bad" in md

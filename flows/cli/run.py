@@ -17,6 +17,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
     from flows.orchestration.retraining import (
         FamiliesFailed,
         PipelineConfig,
+        Retraining,
         all_kept,
         retraining_flow,
     )
@@ -32,11 +33,9 @@ def cmd_run(args: argparse.Namespace) -> dict:
         from flows.orchestration.retraining import summary_markdown
         from flows.tracking import log_retraining, redact, tracking_uri
 
-        run_id = log_retraining(tracking_uri(), kept)
-        result = {
-            "results": kept,
-            "summary": summary_markdown(kept, redact(tracking_uri()), run_id),
-        }
+        run_id = log_retraining(tracking_uri(), [r.to_dict() for r in kept])
+        summary = summary_markdown(kept, redact(tracking_uri()), run_id)
+        result = Retraining(tuple(kept), summary, run_id)
     else:
         try:
             result = retraining_flow(args.config, force=args.force)
@@ -44,12 +43,12 @@ def cmd_run(args: argparse.Namespace) -> dict:
             # The others finished: their rows first, then one line naming the failed ones
             # (and a non-zero exit status).
             if not args.json:
-                print(exc.result["summary"])
+                print(exc.result.summary)
             raise UserError(str(exc)) from None
     if not args.json:
-        print(result["summary"])
+        print(result.summary)
         print("\nSample from a champion: ganflow generate NAME --out samples.png")
-    return {"results": result["results"]}
+    return {"results": [r.to_dict() for r in result.results]}
 
 
 def check_datasets(pc) -> None:

@@ -30,7 +30,9 @@ import json
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from prefect import flow, task
 
@@ -44,6 +46,7 @@ from flows.orchestration.lineage import (
     RetrainConfig,
     RetrainError,
 )
+from flows.registry.promote import Decision
 from flows.settings import read_yaml_mapping
 from flows.snapshots.manifest import Manifest
 from flows.train.spec import TrainResult
@@ -264,6 +267,81 @@ class PbtCandidate:
     search_run: str
 
 
+@dataclass(frozen=True)
+class FamilyOutcome:
+    """One family's row of a retraining: kept (``promotion`` None), trained or PBT-searched
+    and then promoted or rejected (``promotion``: the decision), or failed (``error_stage``:
+    the stage, ``why``: its error). ``champion_on_snapshot``: the champion measured on the
+    new snapshot's val split (flows.registry.measure_champion), or {"error": ...}."""
+
+    family: str
+    snapshot_id: str
+    name: str
+    why: str
+    decision: str  # "kept" | "champion" | "rejected" | "failed"
+    start: str | None = None  # "warm" | "scratch" | "pbt"
+    start_why: str = ""
+    version: str | None = None
+    run_id: str | None = None
+    run_name: str | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    promotion: Decision | None = None
+    warm_from: str | None = None
+    champion_on_snapshot: Mapping[str, Any] | None = None
+    search: SearchResult | None = None
+    seconds: float | None = None
+    """Wall time of the family's chain (None: decided without running it, or failed)."""
+    error_stage: str | None = None
+
+    def to_dict(self) -> dict:
+        """As JSON values (``ganflow run --json``, the ganflow-retraining MLflow run), keys in
+        the order they have always had; ``seconds`` and ``error_stage`` only when set."""
+        out = {
+            "family": self.family,
+            "snapshot_id": self.snapshot_id,
+            "name": self.name,
+            "why": self.why,
+            "decision": self.decision,
+            "start": self.start,
+            "start_why": self.start_why,
+            "version": self.version,
+            "run_id": self.run_id,
+            "run_name": self.run_name,
+            "metrics": dict(self.metrics),
+            "promotion": None if self.promotion is None else self.promotion.to_dict(),
+            "warm_from": self.warm_from,
+            "champion_on_snapshot": self.champion_on_snapshot,
+            "search": None if self.search is None else _search_row(self.search),
+        }
+        if self.seconds is not None:
+            out["seconds"] = self.seconds
+        if self.error_stage is not None:
+            out["error_stage"] = self.error_stage
+        return out
+
+
+def _search_row(search: SearchResult) -> dict:
+    best = None if search.best is None else search.best.to_dict()
+    return {"name": search.name, "best": best}
+
+
+@dataclass(frozen=True)
+class Retraining:
+    """What a retraining returns: a row per family, the Markdown summary (also the flow's
+    artifact) and its run in the ganflow-retraining experiment."""
+
+    results: tuple[FamilyOutcome, ...]
+    summary: str
+    retraining_run: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "results": [r.to_dict() for r in self.results],
+            "summary": self.summary,
+            "retraining_run": self.retraining_run,
+        }
+
+
 def stage_pbt_candidate(search: SearchResult) -> PbtCandidate:
     """The best PBT trial as the training stage returns a run, for registration and
     promotion as they are: its run already logged its best step's generator
@@ -450,14 +528,13 @@ def stage_register(
     )
 
 
-def stage_promote(name: str, version: str, snapshot_id: str, cfg, margin: float) -> dict:
+def stage_promote(name: str, version: str, snapshot_id: str, cfg, margin: float) -> Decision:
     """Candidate against champion on the snapshot's validation split (selection never reads
     test), judged by the snapshot's judge, with FID/KID when the config asks for them."""
     from flows import registry
 
     val, judge, inception = _selection_data(snapshot_id, cfg)
-    decision = registry.promote(name, version, val, judge, margin=margin, inception=inception)
-    return decision.to_dict()
+    return registry.promote(name, version, val, judge, margin=margin, inception=inception)
 
 
 # --- the flow ---------------------------------------------------------------------------------
@@ -503,25 +580,10 @@ def _family_setup(pc: PipelineConfig, family: str, manifest: Manifest):
     return cfg, name, digest
 
 
-def _row(family: str, snapshot: str, name: str, plan: Plan) -> dict:
+def _row(family: str, snapshot: str, name: str, plan: Plan) -> FamilyOutcome:
     """A family's summary row; as it stands for a kept family."""
-    return {
-        "family": family,
-        "snapshot_id": snapshot,
-        "name": name,
-        "why": plan.why,
-        "decision": "kept",
-        "start": None,
-        "start_why": "",
-        "version": plan.kept.version if plan.kept else None,
-        "run_id": None,
-        "run_name": None,
-        "metrics": {},
-        "promotion": None,
-        "warm_from": None,
-        "champion_on_snapshot": None,
-        "search": None,
-    }
+    version = plan.kept.version if plan.kept else None
+    return FamilyOutcome(family, snapshot, name, plan.why, "kept", version=version)
 
 
 def known_snapshot(ref: str, image_size: int | None = None) -> Manifest | None:
@@ -548,7 +610,7 @@ def known_snapshot(ref: str, image_size: int | None = None) -> Manifest | None:
     return None if hit is None else resolve_snapshot(hit.id, root)
 
 
-def all_kept(pc: PipelineConfig, force: bool = False) -> list[dict] | None:
+def all_kept(pc: PipelineConfig, force: bool = False) -> list[FamilyOutcome] | None:
     """Every family's row when none has anything to train (unchanged sources, champions
     already trained on them with this config and code), found without Prefect, Ray or any
     decoding: a listing per source and a few registry reads. None as soon as one family
@@ -571,7 +633,7 @@ def all_kept(pc: PipelineConfig, force: bool = False) -> list[dict] | None:
 
 def retrain_family(
     pc: PipelineConfig, family: str, task, force: bool = False, cluster_slot=None
-) -> dict:
+) -> FamilyOutcome:
     """One family through every stage. ``task(name, fn, *args)`` runs a stage (as a Prefect
     task inside the flow, directly in tests); ``cluster_slot()``, a context manager, is held
     around the stages that run on the Ray cluster (search, train) when families run side by
@@ -590,7 +652,7 @@ def retrain_family(
     row = _row(family, snapshot, name, plan)
     if plan.action == "keep":
         _say(f"{family}: {name} kept ({plan.why})")
-        return {**row, "seconds": round(time.perf_counter() - t0, 1)}
+        return replace(row, seconds=round(time.perf_counter() - t0, 1))
     measured = None
     if champion is not None and champion.snapshot_id != snapshot:
         # The model in use on the data users have now, before any training: a drift shows
@@ -606,7 +668,7 @@ def retrain_family(
                 + ("" if was is None else f" (at its promotion: {was:.4g})")
             )
     if pc.search_scheduler in PBT_SCHEDULERS:
-        row = {**row, "champion_on_snapshot": measured}
+        row = replace(row, champion_on_snapshot=measured)
         return _pbt_family(pc, family, task, cluster_slot, manifest, cfg, name, digest, row, t0)
     search = None
     if pc.search:
@@ -636,26 +698,28 @@ def retrain_family(
     task("lineage", stage_tag_run, trained.run_id, {**lineage, "ganflow.start": plan.start})
     version = task("register", stage_register, trained, name, manifest, lineage)
     decision = task("promote", stage_promote, name, version, snapshot, cfg, pc.margin)
-    _say(f"{family}: {name} v{version} -> {decision['decision']} ({decision['reason']})")
-    return {
-        **row,
-        "decision": decision["decision"],
-        "why": plan.why,
-        "start": plan.start,
-        "start_why": plan.start_why,
-        "champion_on_snapshot": measured,
-        "run_id": trained.run_id,
-        "run_name": trained.run_name,
-        "metrics": trained.metrics,
-        "version": version,
-        "promotion": decision,
-        "warm_from": plan.warm_from.version if plan.warm_from else None,
-        "search": None if search is None else {"name": search.name, "best": search.best.to_dict()},
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+    _say(f"{family}: {name} v{version} -> {decision.decision} ({decision.reason})")
+    return replace(
+        row,
+        decision=decision.decision,
+        why=plan.why,
+        start=plan.start,
+        start_why=plan.start_why,
+        champion_on_snapshot=measured,
+        run_id=trained.run_id,
+        run_name=trained.run_name,
+        metrics=trained.metrics,
+        version=version,
+        promotion=decision,
+        warm_from=plan.warm_from.version if plan.warm_from else None,
+        search=search,
+        seconds=round(time.perf_counter() - t0, 1),
+    )
 
 
-def _pbt_family(pc, family, task, cluster_slot, manifest, cfg, name, digest, row, t0) -> dict:
+def _pbt_family(
+    pc, family, task, cluster_slot, manifest, cfg, name, digest, row, t0
+) -> FamilyOutcome:
     """search: pbt|pb2. The search's best trial is the candidate: its run's generator is
     registered and promoted exactly as a trained candidate's (same stages, same val split,
     judge and gate), with no training stage after the search. It never starts warm: the
@@ -687,21 +751,21 @@ def _pbt_family(pc, family, task, cluster_slot, manifest, cfg, name, digest, row
     task("lineage", stage_tag_run, candidate.run.run_id, {**lineage, "ganflow.start": "pbt"})
     version = task("register", stage_register, candidate.run, name, manifest, lineage)
     decision = task("promote", stage_promote, name, version, snapshot, cfg, pc.margin)
-    _say(f"{family}: {name} v{version} -> {decision['decision']} ({decision['reason']})")
-    return {
-        **row,
-        "decision": decision["decision"],
-        "start": "pbt",
-        "start_why": line,
-        "run_id": candidate.run.run_id,
-        "run_name": candidate.run.run_name,
-        "metrics": candidate.run.metrics,
-        "version": version,
-        "promotion": decision,
-        "warm_from": None,
-        "search": {"name": search.name, "best": best.to_dict()},
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+    _say(f"{family}: {name} v{version} -> {decision.decision} ({decision.reason})")
+    return replace(
+        row,
+        decision=decision.decision,
+        start="pbt",
+        start_why=line,
+        run_id=candidate.run.run_id,
+        run_name=candidate.run.run_name,
+        metrics=candidate.run.metrics,
+        version=version,
+        promotion=decision,
+        warm_from=None,
+        search=search,
+        seconds=round(time.perf_counter() - t0, 1),
+    )
 
 
 def stage_tag_run(run_id: str, tags: dict) -> None:
@@ -718,7 +782,9 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
-def summary_markdown(results: list[dict], tracking: str, retraining_run: str | None = None) -> str:
+def summary_markdown(
+    results: list[FamilyOutcome], tracking: str, retraining_run: str | None = None
+) -> str:
     lines = [
         "# ganflow retraining",
         "",
@@ -726,33 +792,31 @@ def summary_markdown(results: list[dict], tracking: str, retraining_run: str | N
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        p = r["promotion"]
-        m = r.get("champion_on_snapshot")
+        p = r.promotion
+        m = r.champion_on_snapshot
         on_new = "-"
         if m and "error" in m:
             on_new = f"not measured ({m['error'][:80]})"
         elif m:
             on_new = f"{m['value']:.4g} (v{m['version']}; at promotion {_fmt(m['at_promotion'])})"
-        if r["decision"] == "failed":
+        if r.decision == "failed":
             lines.append(
-                f"| {r['family']} | {r['name']} | **failed** ({r['error_stage']}) | - | - | - | - | - | {on_new} |"
+                f"| {r.family} | {r.name} | **failed** ({r.error_stage}) | - | - | - | - | - | {on_new} |"
             )
             continue
         if p is None:
-            lines.append(
-                f"| {r['family']} | {r['name']} | **kept** | - | {r['version']} | - | - | - | - |"
-            )
+            lines.append(f"| {r.family} | {r.name} | **kept** | - | {r.version} | - | - | - | - |")
             continue
-        champ = "-" if p["champion"] is None else f"{p['champion']:.4g} (v{p['champion_version']})"
-        start = r["start"] + (f" from v{r['warm_from']}" if r.get("warm_from") else "")
-        if r["start"] == "pbt":  # the candidate was not trained by this retraining: say whose
-            start = r["start_why"]
+        champ = "-" if p.champion is None else f"{p.champion:.4g} (v{p.champion_version})"
+        start = r.start + (f" from v{r.warm_from}" if r.warm_from else "")
+        if r.start == "pbt":  # the candidate was not trained by this retraining: say whose
+            start = r.start_why
         lines.append(
-            f"| {r['family']} | {r['name']} | **{p['decision']}** | {start} | {r['version']} | {p['metric']} | {p['candidate']:.4g} | {champ} | {on_new} |"
+            f"| {r.family} | {r.name} | **{p.decision}** | {start} | {r.version} | {p.metric} | {p.candidate:.4g} | {champ} | {on_new} |"
         )
-    runs = [r["run_id"] for r in results if r.get("run_id") and r.get("start") != "pbt"]
+    runs = [r.run_id for r in results if r.run_id and r.start != "pbt"]
     # A PBT candidate's run is a search trial's (in ganflow-search), not a training run.
-    trials = [r["run_id"] for r in results if r.get("run_id") and r.get("start") == "pbt"]
+    trials = [r.run_id for r in results if r.run_id and r.start == "pbt"]
     ran = [
         *([f"training runs: {', '.join(runs)}"] if runs else []),
         *([f"PBT trial runs: {', '.join(trials)}"] if trials else []),
@@ -770,19 +834,15 @@ def summary_markdown(results: list[dict], tracking: str, retraining_run: str | N
         "Reasons:",
     ]
     for r in results:
-        if r["decision"] == "failed":
-            lines.append(f"- {r['family']}: failed at {r['why']}")
-        elif r["promotion"] is None:
-            lines.append(f"- {r['family']}: kept: {r['why']}")
-        elif r["start"] == "pbt":
-            lines.append(
-                f"- {r['family']}: PBT search ({r['why']}); {r['start_why']}; "
-                f"{r['promotion']['reason']}"
-            )
+        if r.decision == "failed":
+            lines.append(f"- {r.family}: failed at {r.why}")
+        elif r.promotion is None:
+            lines.append(f"- {r.family}: kept: {r.why}")
+        elif r.start == "pbt":
+            lines.append(f"- {r.family}: PBT search ({r.why}); {r.start_why}; {r.promotion.reason}")
         else:
             lines.append(
-                f"- {r['family']}: trained ({r['why']}), {r['start']} ({r['start_why']}); "
-                f"{r['promotion']['reason']}"
+                f"- {r.family}: trained ({r.why}), {r.start} ({r.start_why}); {r.promotion.reason}"
             )
     return "\n".join(lines)
 
@@ -794,30 +854,28 @@ def _as_task(stage: str, fn, *args):
 class FamiliesFailed(PipelineError):
     """Some families failed; the others finished. Carries the flow's result (rows for all)."""
 
-    def __init__(self, result: dict):
+    def __init__(self, result: Retraining):
         self.result = result
-        failed = [r for r in result["results"] if r["decision"] == "failed"]
-        done = len(result["results"]) - len(failed)
+        failed = [r for r in result.results if r.decision == "failed"]
+        done = len(result.results) - len(failed)
         super().__init__(
             "failed: "
-            + "; ".join(f"{r['family']} ({r['why']})" for r in failed)
+            + "; ".join(f"{r.family} ({r.why})" for r in failed)
             + f" - {done} other famil{'y' if done == 1 else 'ies'} finished (rows in the summary)"
         )
 
 
-def _failed_row(family: str, stage: str, exc: BaseException, known: dict) -> dict:
+def _failed_row(family: str, stage: str, exc: BaseException, known: dict) -> FamilyOutcome:
     from flows.storage import mask_secrets
 
     why = mask_secrets(f"{stage}: {type(exc).__name__}: {str(exc).strip()[:300]}")
-    return {
-        **_row(family, known.get("snapshot") or "-", known.get("name") or "-", Plan("train", why)),
-        "decision": "failed",
-        "version": None,
-        "error_stage": stage,
-    }
+    row = _row(family, known.get("snapshot") or "-", known.get("name") or "-", Plan("train", why))
+    return replace(row, decision="failed", version=None, error_stage=stage)
 
 
-def family_or_failure(pc: PipelineConfig, family: str, force: bool, run_stage, slot) -> dict:
+def family_or_failure(
+    pc: PipelineConfig, family: str, force: bool, run_stage, slot
+) -> FamilyOutcome:
     """retrain_family, or a failed row naming the stage and the error: one family's failure
     never stops the others."""
     known: dict = {"stage": "ingest"}
@@ -879,7 +937,7 @@ class ClusterSlots:
             yield
 
 
-def run_families(pc: PipelineConfig, force: bool, side_by_side: bool = True) -> list[dict]:
+def run_families(pc: PipelineConfig, force: bool, side_by_side: bool = True) -> list[FamilyOutcome]:
     """Every family's chain (ingest -> ... -> promote), side by side as concurrent Prefect
     tasks when there are several (their cluster stages bounded by :class:`ClusterSlots`),
     else one after another. Rows in the order of pc.families; a failed family is a row
@@ -909,8 +967,6 @@ def run_families(pc: PipelineConfig, force: bool, side_by_side: bool = True) -> 
 def for_source(pc: PipelineConfig, source: str) -> PipelineConfig | None:
     """The pipeline restricted to the families whose dataset is ``source`` (as the watcher
     names it); None when none is."""
-    from dataclasses import replace
-
     from flows.orchestration.sources import is_source, source_id
 
     sid = source_id(source)
@@ -926,7 +982,7 @@ def retraining_flow(
     force: bool = False,
     source: str | None = None,
     side_by_side: bool = True,
-) -> dict:
+) -> Retraining:
     """ingest -> keep, or (measure the champion on new data) -> optional search -> train
     (warm or scratch) -> evaluate -> register -> promote, per family, families side by side.
     ``force``: train every family even when nothing changed. ``source`` (set by the
@@ -944,18 +1000,18 @@ def retraining_flow(
         if only is None:
             msg = f"no family's dataset is {mask_secrets(source)}: nothing to retrain"
             _say(msg)
-            return {"results": [], "summary": msg, "retraining_run": None}
+            return Retraining((), msg)
         _say(f"{mask_secrets(source)} changed: retraining {', '.join(only.families)}")
         pc = only
     results = run_families(pc, force, side_by_side)
-    run_id = log_retraining(tracking_uri(), results)
+    run_id = log_retraining(tracking_uri(), [r.to_dict() for r in results])
     md = summary_markdown(results, redact(tracking_uri()), run_id)
     create_markdown_artifact(
         md,
         key="ganflow-retraining-summary",
         description="what was kept or trained, and the promotion decisions",
     )
-    out = {"results": results, "summary": md, "retraining_run": run_id}
-    if any(r["decision"] == "failed" for r in results):
+    out = Retraining(tuple(results), md, run_id)
+    if any(r.decision == "failed" for r in results):
         raise FamiliesFailed(out)
     return out

@@ -251,7 +251,7 @@ def finish_interrupted(client, name: str) -> dict | None:
     return intent
 
 
-@dataclass
+@dataclass(frozen=True)
 class Decision:
     name: str
     version: str
