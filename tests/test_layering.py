@@ -4,6 +4,10 @@
 - flows' packages follow the data path, and every import (module level or inside a function)
   points down this order, never up: shared edges < snapshots < ingest < train < tune <
   registry < orchestration < cli < bench. Prefect is imported by orchestration (and cli) only.
+- Some edges the order allows are forbidden all the same (FORBIDDEN): training and search
+  take a resolved snapshot and never reach back into ingest.
+- Only the edges (cli, orchestration and the benchmarks above them) resolve a dataset
+  reference (ensure_snapshot): once per command or flow run, never inside training or search.
 - No import cycles between flows modules.
 - Every third-party package imported by gan_core or flows is a declared dependency (the
   benchmarks may use the dev extras).
@@ -31,6 +35,13 @@ LAYERS = [
     "bench",
 ]
 SHARED = {"settings", "storage", "tracking", "orphans", "preflight", "console", "errors"}
+# (importer, imported) packages: allowed by the order, refused by the house.
+FORBIDDEN = [
+    ("train", "ingest"),  # run_training takes a Manifest; the caller resolved it
+    ("tune", "ingest"),  # run_search too
+]
+# Where a dataset reference may be resolved (and a source ingested) on the way to training.
+RESOLVERS = ("flows.cli", "flows.orchestration", "flows.bench", "flows.ingest")
 
 
 def _modules(package: str) -> dict[str, Path]:
@@ -90,6 +101,28 @@ def test_flows_imports_point_down_the_data_path():
             assert rank[theirs] < rank[mine], (
                 f"{module}:{line} imports {name}: {mine} may not import {theirs} "
                 f"(order: {' < '.join(LAYERS)})"
+            )
+
+
+def test_forbidden_edges_stay_out():
+    modules = _modules("flows")
+    for module, path in modules.items():
+        for name, line in _imports(path):
+            if name in modules and (_layer(module), _layer(name)) in FORBIDDEN:
+                raise AssertionError(
+                    f"{module}:{line} imports {name}: {_layer(module)} may not import "
+                    f"{_layer(name)} (FORBIDDEN)"
+                )
+
+
+def test_only_the_edges_resolve_dataset_references():
+    for module, path in _modules("flows").items():
+        if module.startswith(RESOLVERS):
+            continue
+        for name, line in _imports(path):
+            assert not name.endswith("ensure_snapshot"), (
+                f"{module}:{line} imports {name}: resolve the dataset at the edge "
+                f"({', '.join(RESOLVERS[:3])}) and pass the Manifest down"
             )
 
 

@@ -32,12 +32,12 @@ def test_auto_is_bf16_on_cuda_only_and_a_set_value_is_kept():
 def test_precision_from_a_config_file_is_kept(tmp_path):
     """`train: {precision: fp32}` in --config used to be rewritten to bf16 on GPUs (only
     --set was looked at); now nothing downstream rewrites it."""
-    from flows.train.config import build_config
+    from flows.orchestration.inputs import config_and_snapshot
     from flows.train.spec import TrainRequest
 
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  precision: fp32\n")
-    cfg, _ = build_config("gan", str(f), [])
+    cfg, _ = config_and_snapshot("gan", str(f), [])
     assert cfg.train.precision == "fp32"
     assert "auto_bf16" not in TrainRequest.__dataclass_fields__
 

@@ -17,6 +17,7 @@ import torch
 from ray_isolated import RAY_TEST_ENV, isolated_cluster
 
 from flows import tracking
+from flows.ingest.resolve import ensure_snapshot
 from flows.train.driver import run_training
 from flows.train.spec import (
     ClusterSpec,
@@ -67,10 +68,16 @@ def _cfg(family: str, steps: int, batch: int, log_every: int, *extra: str):
     )
 
 
+def _snapshot(cfg):
+    """The config's built-in dataset as a snapshot in this test's store (the caller's part:
+    run_training takes it resolved)."""
+    return ensure_snapshot(cfg.data.dataset, image_size=cfg.data.image_size)
+
+
 def _req(cfg, workers: int, classifier_cache, **kw) -> TrainRequest:
     return TrainRequest(
         cfg=cfg,
-        dataset=cfg.data.dataset,
+        manifest=_snapshot(cfg),
         cluster=ClusterSpec(workers=workers, cpus_per_worker=0.9),
         cache_dir=str(classifier_cache),
         **kw,
@@ -366,7 +373,7 @@ def test_checkpoints_and_mlflow_artifacts_through_an_s3_api(
 
 def test_missing_gpus_fail_before_training(ray_local, classifier_cache):
     cfg = _cfg("gan", 2, 8, 1)
-    req = TrainRequest(cfg=cfg, dataset=cfg.data.dataset, cluster=ClusterSpec(gpus_per_worker=1))
+    req = TrainRequest(cfg=cfg, manifest=_snapshot(cfg), cluster=ClusterSpec(gpus_per_worker=1))
     with pytest.raises(TrainError, match=r"needs 1 GPUs .* has 0"):
         run_training(req)
 

@@ -55,16 +55,21 @@ def test_command_line_surface():
 
 
 def test_config_file_then_overrides(tmp_path):
-    from flows.train.config import build_config
+    from flows.ingest.resolve import ensure_snapshot
+    from flows.orchestration.inputs import config_and_snapshot
+    from flows.train.config import build_config, user_overrides
 
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  d_steps: 2\n  steps: 50\nloss.lambda_cyc: 3\n")
-    cfg, precision_set = build_config("cyclegan", str(f), ["d_steps=4"])
+    cfg, manifest = config_and_snapshot("cyclegan", str(f), ["d_steps=4"])
     assert (cfg.train.d_steps, cfg.train.steps, cfg.loss.lambda_cyc) == (4, 50, 3.0)
-    assert not precision_set
     # The config follows the snapshot: the built-in pair is 16 px, one channel.
     assert (cfg.data.image_size, cfg.data.channels) == (16, 1)
-    _, precision_set = build_config("gan", None, ["train.precision=fp32"])
+    assert cfg.data.dataset == manifest.id and manifest.kind == "unpaired"
+    _, precision_set = build_config("cyclegan", user_overrides(str(f), []), manifest)
+    assert not precision_set
+    digits = ensure_snapshot("builtin:digits")
+    _, precision_set = build_config("gan", user_overrides(None, ["train.precision=fp32"]), digits)
     assert precision_set
 
 
@@ -123,7 +128,7 @@ def test_json_result_shape(monkeypatch, capsys):
     from flows.train.spec import TrainResult
 
     def fake(req):
-        return TrainResult("r1", "n", "gan", req.cfg.data.dataset, 3, {"fd": 1.5}, "c", "s")
+        return TrainResult("r1", "n", "gan", req.manifest.id, 3, {"fd": 1.5}, "c", "s")
 
     monkeypatch.setattr(tr, "run_training", fake)
     assert main(["train", "--family", "gan", "--set", "steps=3", "--json"]) == 0

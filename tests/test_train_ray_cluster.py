@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from ray_isolated import isolated_cluster, use_test_env
 
+from flows.ingest.resolve import ensure_snapshot
 from flows.train.driver import run_training
 from flows.train.spec import ClusterSpec, TrainRequest
 from gan_core.overrides import apply_overrides
@@ -33,7 +34,7 @@ def test_job_spreads_over_two_nodes_through_ray_address(two_nodes, monkeypatch, 
     out = run_training(
         TrainRequest(
             cfg=cfg,
-            dataset=cfg.data.dataset,
+            manifest=ensure_snapshot(cfg.data.dataset, image_size=cfg.data.image_size),
             cluster=ClusterSpec(workers=2, cpus_per_worker=0.9),
             tracking=False,
             cache_dir=str(classifier_cache),

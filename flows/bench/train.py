@@ -52,14 +52,16 @@ def bench_plain(cfg) -> dict:
 
 
 def bench_ray(cfg, workers: int, cpus_per_worker: float) -> dict:
+    from flows.settings import snapshot_root
     from flows.train.driver import run_training
     from flows.train.spec import ClusterSpec, TrainRequest
 
+    manifest = ensure_snapshot(cfg.data.dataset, snapshot_root(), cfg.data.image_size)
     t0 = time.perf_counter()
     out = run_training(
         TrainRequest(
             cfg=cfg,
-            dataset=cfg.data.dataset,
+            manifest=manifest,
             cluster=ClusterSpec(workers=workers, cpus_per_worker=cpus_per_worker),
             tracking=False,
             checkpoint_every=cfg.train.steps,

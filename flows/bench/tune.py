@@ -16,6 +16,7 @@ import torch
 
 
 def main(family: str = "cyclegan", steps: int = 40, samples: int = 1) -> dict:
+    from flows.ingest.resolve import ensure_snapshot
     from flows.tune.search import SearchRequest, run_search
     from flows.tune.space import default_space, validate_space
     from gan_core.data import load_builtin
@@ -27,9 +28,10 @@ def main(family: str = "cyclegan", steps: int = 40, samples: int = 1) -> dict:
         preset(family), {"train.steps": steps, "train.log_every": max(1, steps // 4)}
     )
     space = validate_space(default_space(family), base)
+    manifest = ensure_snapshot(base.data.dataset, image_size=base.data.image_size)
     t0 = time.perf_counter()
     result = run_search(
-        SearchRequest(family, base.data.dataset, base, space, samples=samples, scheduler="fifo"),
+        SearchRequest(family, manifest, base, space, samples=samples, scheduler="fifo"),
         progress=False,
     )
     wall = time.perf_counter() - t0

@@ -52,28 +52,18 @@ def cmd_run(args: argparse.Namespace) -> dict:
 
 
 def check_datasets(pc) -> None:
-    """Each family's dataset is a snapshot here, a built-in, a remote source (checked when it
-    is read) or a local path that exists: a missing folder is one line before any work, not
-    a failed flow run."""
-    import os
-
+    """Each family's dataset as the resolver will find it (flows.ingest.resolve): a missing
+    snapshot or folder is one line naming the family before any work, not a failed flow
+    run."""
+    from flows.ingest.resolve import check_reference
     from flows.orchestration.retraining import PipelineError
-    from flows.snapshots.load import resolve_snapshot
     from flows.snapshots.store import SnapshotNotFound
 
     for family in pc.families:
-        ref = pc.dataset(family)
-        if ref.startswith("builtin:") or ("://" in ref and not ref.startswith("file://")):
-            continue
         try:
-            resolve_snapshot(ref)
-            continue
-        except SnapshotNotFound as exc:
-            if "/" not in ref:  # not a path: a snapshot name that is not there
-                raise PipelineError(f"datasets.{family}: {exc}") from None
-        path = os.path.expanduser(ref.removeprefix("file://"))
-        if not os.path.exists(path):
-            raise PipelineError(f"datasets.{family}: source not found: {ref}")
+            check_reference(pc.dataset(family))
+        except (SnapshotNotFound, FileNotFoundError) as exc:
+            raise PipelineError(f"datasets.{family}: {exc}") from None
 
 
 def check_cron(cron: str) -> None:

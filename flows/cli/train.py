@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from flows.orchestration.inputs import config_and_snapshot
 from flows.settings import check_name
-from flows.train.config import build_config
 from flows.train.driver import run_training
 from flows.train.spec import ClusterSpec, StorageSpec, TrainError, TrainRequest
 from gan_core.config import FAMILIES
@@ -50,10 +50,10 @@ def cmd_train(args: argparse.Namespace) -> dict:
             max_failures=args.max_failures,
         )
     else:
-        cfg, _ = build_config(args.family, args.config, args.overrides, args.dataset)
+        cfg, manifest = config_and_snapshot(args.family, args.config, args.overrides, args.dataset)
         req = TrainRequest(
             cfg=cfg,
-            dataset=cfg.data.dataset,
+            manifest=manifest,
             cluster=cluster,
             storage=StorageSpec(args.storage, args.s3_endpoint_url),
             run_name=args.run_name,

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 def cmd_tune(args: argparse.Namespace) -> dict:
-    from flows.train.config import build_config
+    from flows.orchestration.inputs import config_and_snapshot
     from flows.tune.search import SearchRequest, run_search
     from flows.tune.space import check_args, count_trials, load_space, validate_space
 
@@ -28,8 +28,7 @@ def cmd_tune(args: argparse.Namespace) -> dict:
         "resume": args.resume,
     }
     check_args(**opts)
-    base, _ = build_config(args.family, None, args.overrides, args.dataset)
-    args.dataset = base.data.dataset
+    base, manifest = config_and_snapshot(args.family, None, args.overrides, args.dataset)
     space = validate_space(load_space(args.space, args.family), base)
     n = count_trials(space, args.samples)
     if not args.json:
@@ -40,9 +39,7 @@ def cmd_tune(args: argparse.Namespace) -> dict:
         "resample_probability": args.resample_probability,
     }
     result = run_search(
-        SearchRequest(
-            family=args.family, dataset=args.dataset, base=base, space=space, **opts, **pbt
-        ),
+        SearchRequest(family=args.family, manifest=manifest, base=base, space=space, **opts, **pbt),
         progress=not args.json,
     )
     if not args.json:

@@ -224,7 +224,7 @@ def stage_ingest(dataset: str, image_size: int | None = None) -> Manifest:
 
 def stage_search(
     family: str,
-    snapshot_id: str,
+    manifest: Manifest,
     cfg,
     samples: int,
     steps: int | None,
@@ -250,7 +250,7 @@ def stage_search(
         extra = {}
     space = validate_space(default_space(family), base)
     req = SearchRequest(
-        family=family, dataset=snapshot_id, base=base, space=space, samples=samples, **extra
+        family=family, manifest=manifest, base=base, space=space, samples=samples, **extra
     )
     result = run_search(req, progress=False)
     if result.best is None:
@@ -478,7 +478,7 @@ def stage_measure_champion(name: str, snapshot_id: str, cfg) -> dict | None:
 
 
 def stage_train(
-    family: str, snapshot_id: str, cfg, workers: int, gpus: float, plan: Plan | None = None
+    family: str, manifest: Manifest, cfg, workers: int, gpus: float, plan: Plan | None = None
 ) -> TrainResult:
     from flows.train.driver import run_training
     from flows.train.spec import ClusterSpec, TrainRequest
@@ -486,9 +486,9 @@ def stage_train(
     warm = plan is not None and plan.start == "warm"
     req = TrainRequest(
         cfg=cfg,
-        dataset=snapshot_id,
+        manifest=manifest,
         cluster=ClusterSpec(workers=workers, gpus_per_worker=gpus),
-        run_name=_run_name(family, snapshot_id, cfg, plan),
+        run_name=_run_name(family, manifest.id, cfg, plan),
         warm_start=plan.warm_from.checkpoint if warm else None,
     )
     return run_training(req)
@@ -674,7 +674,7 @@ def retrain_family(
     if pc.search:
         with cluster_slot():
             search = task(
-                "search", stage_search, family, snapshot, cfg, pc.search_samples, pc.search_steps
+                "search", stage_search, family, manifest, cfg, pc.search_samples, pc.search_steps
             )
         best = search.best
         cfg = apply_overrides(cfg, best.overrides)
@@ -693,7 +693,7 @@ def retrain_family(
     )
     with cluster_slot():
         trained = task(
-            "train", stage_train, family, snapshot, cfg, pc.workers, pc.gpus_per_worker, plan
+            "train", stage_train, family, manifest, cfg, pc.workers, pc.gpus_per_worker, plan
         )
     task("lineage", stage_tag_run, trained.run_id, {**lineage, "ganflow.start": plan.start})
     version = task("register", stage_register, trained, name, manifest, lineage)
@@ -732,7 +732,7 @@ def _pbt_family(
             "search",
             stage_search,
             family,
-            snapshot,
+            manifest,
             cfg,
             pc.search_samples,
             pc.search_steps,

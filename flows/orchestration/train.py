@@ -1,7 +1,7 @@
 """The Prefect flow behind `ganflow train --flow` (and what deployments schedule).
 
-Two tasks: ``build-config`` validates the config (bad ``--set`` values fail here, before
-any cluster work), ``train-on-ray`` runs :func:`flows.train.driver.run_training`. The run name
+Two tasks: ``build-config`` resolves the dataset into a snapshot and validates the config on
+it (bad ``--set`` values fail here, before any cluster work), ``train-on-ray`` runs :func:`flows.train.driver.run_training`. The run name
 is fixed before the training task starts, so Prefect's task retry reruns the same Ray run
 name and resumes from its latest checkpoint instead of starting over (Ray Train's own
 FailureConfig handles worker and node failures inside one attempt; the retry covers a
@@ -14,9 +14,9 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.orchestration.inputs import config_and_snapshot
 from flows.orchestration.reports import artifact_key, train_markdown
 from flows.tracking import redact, tracking_uri
-from flows.train.config import build_config
 from flows.train.driver import default_run_name, run_training
 from flows.train.spec import ClusterSpec, StorageSpec, TrainRequest, TrainResult
 
@@ -25,7 +25,7 @@ from flows.train.spec import ClusterSpec, StorageSpec, TrainRequest, TrainResult
 def build_config_task(
     family: str, config_file: str | None, overrides: list[str], dataset: str | None
 ):
-    return build_config(family, config_file, overrides, dataset)
+    return config_and_snapshot(family, config_file, overrides, dataset)
 
 
 @task(name="train-on-ray", retries=1, retry_delay_seconds=5)
@@ -51,10 +51,10 @@ def train_flow(
 ) -> TrainResult:
     """Train one family on one snapshot as a Ray Train job, tracked in MLflow."""
     overrides = list(overrides or [])
-    cfg, _ = build_config_task(family, config_file, overrides, dataset)
+    cfg, manifest = build_config_task(family, config_file, overrides, dataset)
     req = TrainRequest(
         cfg=cfg,
-        dataset=cfg.data.dataset,
+        manifest=manifest,
         cluster=ClusterSpec(workers, gpus_per_worker, cpus_per_worker, threads),
         storage=StorageSpec(storage, s3_endpoint_url),
         run_name=run_name or default_run_name(cfg),

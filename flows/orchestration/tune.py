@@ -16,13 +16,13 @@ def tune_flow(
     """The search as a Prefect flow (the on-demand deployment): default space, ASHA."""
     from prefect.artifacts import create_markdown_artifact
 
+    from flows.orchestration.inputs import config_and_snapshot
     from flows.orchestration.reports import artifact_key, search_markdown
-    from flows.train.config import build_config
 
-    base, _ = build_config(family, None, [], dataset)
+    base, manifest = config_and_snapshot(family, None, [], dataset)
     space = validate_space(default_space(family), base)
     result = run_search(
-        SearchRequest(family=family, dataset=dataset, base=base, space=space, samples=samples),
+        SearchRequest(family=family, manifest=manifest, base=base, space=space, samples=samples),
         progress=False,
     )
     create_markdown_artifact(

@@ -1,12 +1,14 @@
 """The command line's config for a training job: preset < snapshot facts < --config FILE <
---set, built after the dataset reference is resolved into a snapshot."""
+--set, built on a snapshot its caller resolved (flows.orchestration.inputs)."""
 
 from __future__ import annotations
 
-from flows.ingest.resolve import ensure_snapshot
-from flows.settings import read_yaml_mapping, snapshot_root
+from collections.abc import Mapping
+
+from flows.settings import read_yaml_mapping
+from flows.snapshots.manifest import Manifest
 from flows.train.spec import TrainError
-from gan_core.config import DEFAULT_DATASET, GanConfig
+from gan_core.config import GanConfig
 
 # --- command line ---------------------------------------------------------------------------
 
@@ -23,20 +25,21 @@ def user_overrides(config_file: str | None, overrides: list[str]) -> dict[str, o
     return normalise_overrides({**flat, **parse_pairs(overrides)})
 
 
+def requested_image_size(user: Mapping[str, object]) -> int | None:
+    """The image size the user's overrides ask for: a source is ingested at it."""
+    size = user.get("data.image_size")
+    return int(size) if size is not None else None
+
+
 def build_config(
-    family: str, config_file: str | None, overrides: list[str], dataset: str | None = None
+    family: str, user: Mapping[str, object], manifest: Manifest
 ) -> tuple[GanConfig, bool]:
-    """The config for family on a dataset (default: the family's built-in): the preset for
-    the snapshot's image size, the snapshot's facts, --config FILE, then --set. Returns it
-    and whether the user set train.precision (else GPUs default to bf16). Resolves the
-    dataset on this machine (a built-in is ingested), before any Ray work."""
+    """The config for family on a snapshot: the preset for its image size, its facts, then
+    the user's overrides (:func:`user_overrides`). Returns it and whether the user set
+    train.precision (else GPUs default to bf16)."""
     from flows.train.data_config import config_for_snapshot
 
-    user = user_overrides(config_file, overrides)
-    ref = dataset or DEFAULT_DATASET[family]
-    size = user.get("data.image_size")
-    manifest = ensure_snapshot(ref, snapshot_root(), int(size) if size is not None else None)
-    return config_for_snapshot(family, manifest, user), "train.precision" in user
+    return config_for_snapshot(family, manifest, dict(user)), "train.precision" in user
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -1,7 +1,7 @@
 """The driver side of a training job: connect to Ray, check resources, prove the config on a
 few real images, create the MLflow run, fit the TorchTrainer, and turn failures into one
-line. Training takes a snapshot id or name: callers resolve other references first
-(flows.ingest.ensure_snapshot)."""
+line. Training takes a snapshot's manifest: callers resolve references first (the commands
+and flows, flows.orchestration.inputs), so training never ingests."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-from flows.ingest.resolve import ensure_snapshot
 from flows.preflight import ensure_ray
 from flows.settings import cache_dir, forwarded_env, ganflow_home, inside, snapshot_root
 from flows.snapshots.manifest import Manifest
@@ -139,7 +138,8 @@ def default_run_name(cfg: GanConfig) -> str:
 
 
 def run_training(req: TrainRequest) -> TrainResult:
-    """Validate, check the tracking server, resolve the snapshot, then fit on Ray."""
+    """Validate, check the tracking server, prove the config on the snapshot, then fit on
+    Ray."""
     from flows import orphans, tracking
 
     req.check()  # numbers and names, before any I/O
@@ -150,7 +150,7 @@ def run_training(req: TrainRequest) -> TrainResult:
         uri = tracking.tracking_uri()
         tracking.check_reachable(uri)  # before any cluster work: fail in seconds, not hours
     root = snapshot_root()
-    manifest = ensure_snapshot(req.dataset, root, cfg.data.image_size)
+    manifest = req.manifest
     cfg = apply_overrides(cfg, {"data.dataset": manifest.id})
     prove_config(cfg, manifest, root)
     run_name = req.run_name or default_run_name(cfg)

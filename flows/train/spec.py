@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flows.settings import check_name, ray_storage
+from flows.snapshots.manifest import Manifest
 from gan_core.config import GanConfig
 
 STATE_FILE = "state.pt"
@@ -157,7 +158,8 @@ class StorageSpec:
 @dataclass
 class TrainRequest:
     cfg: GanConfig
-    dataset: str
+    manifest: Manifest
+    """The snapshot to train on, resolved by the caller (flows.orchestration.inputs)."""
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     storage: StorageSpec = field(default_factory=StorageSpec)
     run_name: str | None = None

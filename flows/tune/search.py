@@ -21,7 +21,6 @@ import os
 import time
 import uuid
 
-from flows.ingest.resolve import ensure_snapshot
 from flows.settings import forwarded_env, ray_storage
 from flows.tune.space import PBT_SCHEDULERS, SearchError, SearchRequest, to_tune_space
 from flows.tune.summary import SearchResult, _summarise
@@ -107,6 +106,7 @@ def _trial(config: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from flows.snapshots.load import resolve_snapshot
     from flows.train.driver import run_training
     from flows.train.spec import ClusterSpec, StorageSpec, TrainRequest
 
@@ -117,9 +117,13 @@ def _trial(config: dict) -> None:
     params = {k: v for k, v in config.items() if k != "__ganflow"}
     cfg = apply_overrides(from_flat_dict(ctx["base"]), params)
     trial_name = f"{ctx['search']}-{tune.get_context().get_trial_id()}"
+    # Read by id (an id names one content, whenever it is read), from the root the driver's
+    # environment names: the trial's config carries the id, not the manifest, whose file
+    # list would be copied into every trial's saved state.
+    manifest = resolve_snapshot(ctx["snapshot_id"])
     req = TrainRequest(
         cfg=cfg,
-        dataset=ctx["snapshot_id"],
+        manifest=manifest,
         cluster=ClusterSpec(
             workers=ctx["workers"], gpus_per_worker=ctx["gpus"], cpus_per_worker=ctx["cpus"]
         ),
@@ -211,7 +215,7 @@ def run_search(req: SearchRequest, progress: bool = True) -> SearchResult:
     if req.tracking:
         uri = tracking.tracking_uri()
         tracking.check_reachable(uri)
-    manifest = ensure_snapshot(req.dataset, snapshot_root(), base.data.image_size)
+    manifest = req.manifest
     from flows.train.data_config import check_config
 
     check_config(base, manifest)

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from flows.settings import read_yaml_mapping
+from flows.snapshots.manifest import Manifest
 from gan_core.config import ConfigError, GanConfig
 from gan_core.overrides import apply_overrides, resolve_key
 
@@ -116,7 +117,8 @@ def count_trials(space: dict[str, dict], samples: int) -> int:
 @dataclass
 class SearchRequest:
     family: str
-    dataset: str
+    manifest: Manifest
+    """The snapshot searched on, resolved by the caller (flows.orchestration.inputs)."""
     base: GanConfig
     space: dict[str, dict]
     samples: int = 1
