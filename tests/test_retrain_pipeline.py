@@ -143,9 +143,9 @@ def test_keep_warm_measure_fallback_force(env, tmp_path, monkeypatch):
     assert r3.snapshot_id != r1.snapshot_id and trained["n"] == 2
     assert (r3.start, r3.warm_from, r3.start_why) == ("warm", "1", "from champion v1")
     measured = r3.champion_on_snapshot
-    assert measured["version"] == "1" and measured["metric"] == r3.promotion.metric
-    assert measured["at_promotion"] is not None and measured["value"] > 0
-    assert f"{measured['value']:.4g} (v1;" in out.summary
+    assert measured.version == "1" and measured.metric == r3.promotion.metric
+    assert measured.at_promotion is not None and measured.value > 0
+    assert f"{measured.value:.4g} (v1;" in out.summary
     v1, v2 = c.get_model_version(MODEL, "1"), c.get_model_version(MODEL, r3.version)
     assert v2.tags["ganflow.warm_from"] == "1" and v2.tags["ganflow.warm_from_run"] == v1.run_id
     assert c.get_run(r3.run_id).data.tags["ganflow.warm_from"] == "1"
@@ -161,8 +161,8 @@ def test_keep_warm_measure_fallback_force(env, tmp_path, monkeypatch):
     exp = c.get_experiment_by_name(RETRAINING_EXPERIMENT)
     run = c.get_run(out.retraining_run)
     assert run.info.experiment_id == exp.experiment_id
-    key = f"gan.champion.val_{measured['metric']}"
-    assert run.data.metrics[key] == pytest.approx(measured["value"])
+    key = f"gan.champion.val_{measured.metric}"
+    assert run.data.metrics[key] == pytest.approx(measured.value)
     assert run.data.tags["gan.snapshot_id"] == r3.snapshot_id
     assert run.data.tags["gan.start"] == "warm"
 

@@ -156,21 +156,22 @@ def test_summary_and_retraining_run_show_kept_trained_and_unmeasured(tmp_path, m
     from dataclasses import replace
 
     from flows.orchestration.retraining import FamilyOutcome, summary_markdown
-    from flows.registry.promote import Decision
+    from flows.registry.promote import ChampionMeasure, Decision
     from flows.tracking import RETRAINING_EXPERIMENT, client, log_retraining
 
     why = "champion v3 already trained on snapshot s1 with this config"
     kept = FamilyOutcome("gan", "s1", "m-gan", why, "kept", version="3")
     reason = "fd 30 beats champion v3 41 by more than 0 (min)"
     promotion = Decision("m-cgan", "4", "champion", "fd", 30.0, 41.0, "3", 0.0, reason)
-    measured = {"version": "3", "metric": "fd", "value": 41.0, "at_promotion": 35.5}
+    figures = {"fd": 41.0, "coverage": 0.8}
+    measured = ChampionMeasure("3", "fd", "min", 41.0, 35.5, figures)
     warm = FamilyOutcome(
         "cgan", "s2", "m-cgan", "snapshot s1 -> s2", "champion",
         start="warm", start_why="from champion v3", version="4", run_id="r4",
         promotion=promotion, warm_from="3",
-        champion_on_snapshot={**measured, "figures": {"fd": 41.0, "coverage": 0.8}},
+        champion_on_snapshot=measured,
     )  # fmt: skip
-    broken = replace(warm, family="cyclegan", champion_on_snapshot={"error": "E: x", "figures": {}})
+    broken = replace(warm, family="cyclegan", champion_on_snapshot=ChampionMeasure(error="E: x"))
     md = summary_markdown([kept, warm, broken], "sqlite:///x", "rr")
     assert "| gan | m-gan | **kept** |" in md and "- gan: kept: champion v3 already" in md
     assert "| warm from v3 | 4 | fd | 30 | 41 (v3) | 41 (v3; at promotion 35.5) |" in md
@@ -181,6 +182,10 @@ def test_summary_and_retraining_run_show_kept_trained_and_unmeasured(tmp_path, m
         *("run_id", "run_name", "metrics", "promotion", "warm_from", "champion_on_snapshot"),
         "search",
     ]  # `ganflow run --json`'s keys, in their order (no seconds: decided without a chain)
+    assert broken["champion_on_snapshot"] == {"error": "E: x", "figures": {}}
+    assert list(warm["champion_on_snapshot"]) == [
+        *("version", "metric", "mode", "value", "at_promotion", "figures")
+    ]
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("GANFLOW_HOME", str(tmp_path))

@@ -32,7 +32,6 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from prefect import flow, task
 
@@ -46,7 +45,7 @@ from flows.orchestration.lineage import (
     RetrainConfig,
     RetrainError,
 )
-from flows.registry.promote import Decision
+from flows.registry.promote import ChampionMeasure, Decision
 from flows.settings import read_yaml_mapping
 from flows.snapshots.manifest import Manifest
 from flows.train.spec import TrainResult
@@ -272,7 +271,7 @@ class FamilyOutcome:
     """One family's row of a retraining: kept (``promotion`` None), trained or PBT-searched
     and then promoted or rejected (``promotion``: the decision), or failed (``error_stage``:
     the stage, ``why``: its error). ``champion_on_snapshot``: the champion measured on the
-    new snapshot's val split (flows.registry.measure_champion), or {"error": ...}."""
+    new snapshot's val split, when the data changed."""
 
     family: str
     snapshot_id: str
@@ -287,7 +286,7 @@ class FamilyOutcome:
     metrics: Mapping[str, float] = field(default_factory=dict)
     promotion: Decision | None = None
     warm_from: str | None = None
-    champion_on_snapshot: Mapping[str, Any] | None = None
+    champion_on_snapshot: ChampionMeasure | None = None
     search: SearchResult | None = None
     seconds: float | None = None
     """Wall time of the family's chain (None: decided without running it, or failed)."""
@@ -308,9 +307,9 @@ class FamilyOutcome:
             "run_id": self.run_id,
             "run_name": self.run_name,
             "metrics": dict(self.metrics),
-            "promotion": None if self.promotion is None else self.promotion.to_dict(),
+            "promotion": _dict_or_none(self.promotion),
             "warm_from": self.warm_from,
-            "champion_on_snapshot": self.champion_on_snapshot,
+            "champion_on_snapshot": _dict_or_none(self.champion_on_snapshot),
             "search": None if self.search is None else _search_row(self.search),
         }
         if self.seconds is not None:
@@ -318,6 +317,10 @@ class FamilyOutcome:
         if self.error_stage is not None:
             out["error_stage"] = self.error_stage
         return out
+
+
+def _dict_or_none(value) -> dict | None:
+    return None if value is None else value.to_dict()
 
 
 def _search_row(search: SearchResult) -> dict:
@@ -464,7 +467,7 @@ def _selection_data(snapshot_id: str, cfg):
     return splits["val"], judge, load_inception(cfg)
 
 
-def stage_measure_champion(name: str, snapshot_id: str, cfg) -> dict | None:
+def stage_measure_champion(name: str, snapshot_id: str, cfg) -> ChampionMeasure | None:
     """The champion on the new snapshot's val split, as promotion will judge it (None: no
     champion). A champion that cannot be measured on it (e.g. a cGAN trained on fewer
     classes) does not stop the retraining: the reason is returned instead of figures."""
@@ -474,7 +477,7 @@ def stage_measure_champion(name: str, snapshot_id: str, cfg) -> dict | None:
     try:
         return measure_champion(name, val, judge, inception=inception)
     except Exception as exc:  # reported in the summary; the candidate still trains
-        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "figures": {}}
+        return ChampionMeasure(error=f"{type(exc).__name__}: {str(exc)[:300]}")
 
 
 def stage_train(
@@ -658,13 +661,13 @@ def retrain_family(
         # The model in use on the data users have now, before any training: a drift shows
         # here (and in the ganflow-retraining experiment) whatever the candidate does.
         measured = task("measure-champion", stage_measure_champion, name, snapshot, cfg)
-        if measured is not None and "error" in measured:
-            _say(f"{family}: the champion could not be measured on it ({measured['error']})")
+        if measured is not None and measured.error is not None:
+            _say(f"{family}: the champion could not be measured on it ({measured.error})")
         elif measured is not None:
-            was = measured["at_promotion"]
+            was = measured.at_promotion
             _say(
-                f"{family}: champion v{measured['version']} on snapshot {snapshot[:12]}: "
-                f"{measured['metric']} {measured['value']:.4g}"
+                f"{family}: champion v{measured.version} on snapshot {snapshot[:12]}: "
+                f"{measured.metric} {measured.value:.4g}"
                 + ("" if was is None else f" (at its promotion: {was:.4g})")
             )
     if pc.search_scheduler in PBT_SCHEDULERS:
@@ -795,10 +798,10 @@ def summary_markdown(
         p = r.promotion
         m = r.champion_on_snapshot
         on_new = "-"
-        if m and "error" in m:
-            on_new = f"not measured ({m['error'][:80]})"
+        if m and m.error is not None:
+            on_new = f"not measured ({m.error[:80]})"
         elif m:
-            on_new = f"{m['value']:.4g} (v{m['version']}; at promotion {_fmt(m['at_promotion'])})"
+            on_new = f"{m.value:.4g} (v{m.version}; at promotion {_fmt(m.at_promotion)})"
         if r.decision == "failed":
             lines.append(
                 f"| {r.family} | {r.name} | **failed** ({r.error_stage}) | - | - | - | - | - | {on_new} |"

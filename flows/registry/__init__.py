@@ -20,10 +20,18 @@ from flows.registry.package import (
     model_name,
     package_generator,
 )
-from flows.registry.promote import Decision, PromotionLock, promote, promotion_lock, rollback
+from flows.registry.promote import (
+    ChampionMeasure,
+    Decision,
+    PromotionLock,
+    promote,
+    promotion_lock,
+    rollback,
+)
 
 __all__ = [
     "HISTORY_TAG",
+    "ChampionMeasure",
     "Decision",
     "PromotionLock",
     "RegistryError",

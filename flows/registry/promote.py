@@ -43,8 +43,8 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 
 from flows.registry.models import (
     LOCK_SUFFIX,
@@ -267,6 +267,35 @@ class Decision:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ChampionMeasure:
+    """The champion measured under promotion's conditions on data it was not trained on:
+    its ``figures``, the primary ``metric``'s ``value`` and ``mode``, and the figure tagged
+    at its own promotion (``at_promotion``, on its own snapshot; None when untagged). Or,
+    when it could not be measured there, only ``error`` (one line)."""
+
+    version: str | None = None
+    metric: str | None = None
+    mode: str | None = None
+    value: float | None = None
+    at_promotion: float | None = None
+    figures: Mapping[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        """As JSON values, the keys ``ganflow run --json`` has always printed for each case."""
+        if self.error is not None:
+            return {"error": self.error, "figures": dict(self.figures)}
+        return {
+            "version": self.version,
+            "metric": self.metric,
+            "mode": self.mode,
+            "value": self.value,
+            "at_promotion": self.at_promotion,
+            "figures": dict(self.figures),
+        }
+
+
 def _is_better(candidate: float, champion: float, mode: str, margin: float) -> bool:
     return candidate < champion - margin if mode == "min" else candidate > champion + margin
 
@@ -284,7 +313,7 @@ def evaluate_version(
 
 def measure_champion(
     name: str, heldout, judge, seed: int = 0, inception=None, tracking_uri: str | None = None
-) -> dict | None:
+) -> ChampionMeasure | None:
     """The champion under the conditions promotion uses (the given held-out data, judge,
     seed), without the lock (nothing is written): how the model in use does on data it was
     not trained on. Also returns the figure tagged at its own promotion (``eval.<metric>``,
@@ -297,14 +326,14 @@ def measure_champion(
     cfg, figures = evaluate_version(client, name, version, heldout, judge, seed, inception)
     metric, mode = primary_metric(cfg, getattr(heldout, "x_truth", None) is not None)
     before = client.get_model_version(name, version).tags.get(f"eval.{metric}")
-    return {
-        "version": str(version),
-        "metric": metric,
-        "mode": mode,
-        "value": figures[metric],
-        "at_promotion": float(before) if before else None,
-        "figures": figures,
-    }
+    return ChampionMeasure(
+        version=str(version),
+        metric=metric,
+        mode=mode,
+        value=figures[metric],
+        at_promotion=float(before) if before else None,
+        figures=figures,
+    )
 
 
 def promote(
