@@ -78,16 +78,16 @@ def test_pipeline_end_to_end_registers_champions(env, tmp_path, monkeypatch, cap
     started = datetime.datetime.now(datetime.UTC)
     assert main(["run", "--config", config, "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    fams = [r.family for r in out.results]
+    fams = [r["family"] for r in out["results"]]
     assert fams == ["gan", "cgan", "cyclegan"]
     c = client(tracking_uri())
-    for r in out.results:
-        assert r.name.startswith("ganflow-") and r.version == "1"
-        assert r.promotion.decision == "champion"
-        assert str(c.get_model_version_by_alias(r.name, "champion").version) == "1"
-        assert r.metrics  # held-out evaluation came back
-        tags = c.get_model_version(r.name, "1").tags
-        assert tags["ganflow.snapshot_id"] == r.snapshot_id
+    for r in out["results"]:  # the --json output: plain JSON
+        assert r["name"].startswith("ganflow-") and r["version"] == "1"
+        assert r["promotion"]["decision"] == "champion"
+        assert str(c.get_model_version_by_alias(r["name"], "champion").version) == "1"
+        assert r["metrics"]  # held-out evaluation came back
+        tags = c.get_model_version(r["name"], "1").tags
+        assert tags["ganflow.snapshot_id"] == r["snapshot_id"]
     # The summary is a Prefect artifact as well.
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -110,14 +110,15 @@ def test_pipeline_end_to_end_registers_champions(env, tmp_path, monkeypatch, cap
         "cgan": {"labels": [3, 7], "seed": 0},
         "cyclegan": {"images": [[[[0.0] * 16] * 16]] * 2, "direction": "G"},
     }
-    for r in out.results:
-        model = mlflow.pyfunc.load_model(f"models:/{r.name}@champion")
-        pred = model.predict(requests[r.family])
-        assert len(pred["images"]) == 2, r.family
+    for r in out["results"]:
+        model = mlflow.pyfunc.load_model(f"models:/{r['name']}@champion")
+        pred = model.predict(requests[r["family"]])
+        assert len(pred["images"]) == 2, r["family"]
     # And the champion can be sampled from.
     png = tmp_path / "s.png"
     assert (
-        main(["generate", out.results[1].name, "--label", "3", "--n", "8", "--out", str(png)]) == 0
+        main(["generate", out["results"][1]["name"], "--label", "3", "--n", "8", "--out", str(png)])
+        == 0
     )
     assert png.exists()
 
