@@ -195,35 +195,43 @@ def test_small_pbt_search_exploits_and_its_winner_is_the_model(home):
     space = validate_space(
         {"lr_g": {"loguniform": [5e-5, 1e-3]}, "d_steps": {"grid": [1, 3]}}, base
     )
-    result = run_search(
-        SearchRequest(
-            "gan",
-            _snapshot("builtin:digits", base),
-            base,
-            space,
-            samples=2,
-            scheduler="pbt",
-            eval_every=10,
-            quantile=0.5,
-            cpus_per_worker=0.45,
-            name="pbt-small",
-        ),
-        progress=False,
-    )
-    trials = result.trials
-    assert len(trials) == 4 and all(t.error is None and t.step == 40 for t in trials)
-    best = result.best
-    assert best is not None and best.schedule[0][0] == 1
     c = client(tracking_uri())
-    exp = c.get_experiment_by_name("ganflow-search").experiment_id
-    parent = c.search_runs([exp], filter_string="tags.`ganflow.run_name` = 'pbt-small'")[0]
-    children = c.search_runs(
-        [exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
-    )
-    assert len(children) == 4  # one run per trial, kept across its exploits
-    exploits = [
-        (ch, k, v) for ch in children for k, v in ch.data.tags.items() if "pbt.exploit" in k
-    ]
+    exp_name = "ganflow-search"
+    # Whether so short an asynchronous PBT exploits at all depends on how its 4 trials
+    # interleave on the machine (a trial is compared with those that have reported by then):
+    # one fresh-clone CI run of three saw none. A second search is the retry; every check
+    # below is on the search that exploited.
+    for name in ("pbt-small", "pbt-small-2"):
+        result = run_search(
+            SearchRequest(
+                "gan",
+                _snapshot("builtin:digits", base),
+                base,
+                space,
+                samples=2,
+                scheduler="pbt",
+                eval_every=10,
+                quantile=0.5,
+                cpus_per_worker=0.45,
+                name=name,
+            ),
+            progress=False,
+        )
+        trials = result.trials
+        assert len(trials) == 4 and all(t.error is None and t.step == 40 for t in trials)
+        best = result.best
+        assert best is not None and best.schedule[0][0] == 1
+        exp = c.get_experiment_by_name(exp_name).experiment_id
+        parent = c.search_runs([exp], filter_string=f"tags.`ganflow.run_name` = '{name}'")[0]
+        children = c.search_runs(
+            [exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        )
+        assert len(children) == 4  # one run per trial, kept across its exploits
+        exploits = [
+            (ch, k, v) for ch in children for k, v in ch.data.tags.items() if "pbt.exploit" in k
+        ]
+        if exploits:
+            break
     assert exploits, "no exploit in a population of 4 with quantile 0.5"
     last_exploit: dict = {}
     for ch, key, line in exploits:
