@@ -124,3 +124,11 @@ def upload(local: Path, fs, remote: str) -> None:
         for name in names:
             p = Path(dirpath) / name
             fs.pipe_file(f"{remote}/{p.relative_to(local).as_posix()}", p.read_bytes())
+
+
+def snapshot_for(ref: str, cfg):
+    """The dataset ref as a snapshot in the current GANFLOW_HOME's store, at cfg's image size:
+    what the commands resolve before run_training / run_search, which take it resolved."""
+    from flows.ingest.resolve import ensure_snapshot
+
+    return ensure_snapshot(ref, image_size=cfg.data.image_size)

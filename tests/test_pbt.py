@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ingest_data import snapshot_for
 
 from flows.tune import pbt
 from flows.tune.space import SearchError, validate_space
@@ -152,13 +153,6 @@ def test_schedule_keeps_the_donors_segments_up_to_the_exploit():
 # --- a real Tune PBT search ------------------------------------------------------------------
 
 
-def _snapshot(ref: str, base):
-    """The built-in as a snapshot in the test's store (run_search takes it resolved)."""
-    from flows.ingest.resolve import ensure_snapshot
-
-    return ensure_snapshot(ref, image_size=base.data.image_size)
-
-
 @pytest.fixture(scope="module")
 def ray_home(tmp_path_factory, classifier_cache):
     pytest.importorskip("ray")
@@ -205,7 +199,7 @@ def test_small_pbt_search_exploits_and_its_winner_is_the_model(home):
         result = run_search(
             SearchRequest(
                 "gan",
-                _snapshot("builtin:digits", base),
+                snapshot_for("builtin:digits", base),
                 base,
                 space,
                 samples=2,

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from ingest_data import snapshot_for
 
 from flows.tune.search import SearchRequest, run_search
 from flows.tune.space import SearchError, count_trials, default_space, validate_space
@@ -116,13 +117,6 @@ def home(ray_home, monkeypatch):
     return ray_home
 
 
-def _snapshot(ref: str, base):
-    """The built-in as a snapshot in the test's store (run_search takes it resolved)."""
-    from flows.ingest.resolve import ensure_snapshot
-
-    return ensure_snapshot(ref, image_size=base.data.image_size)
-
-
 @pytest.mark.slow
 def test_small_cyclegan_search_with_mlflow_parent_and_children(home):
     from flows.tracking import client, tracking_uri
@@ -132,7 +126,7 @@ def test_small_cyclegan_search_with_mlflow_parent_and_children(home):
     result = run_search(
         SearchRequest(
             "cyclegan",
-            _snapshot("builtin:digits-unpaired", base),
+            snapshot_for("builtin:digits-unpaired", base),
             base,
             space,
             scheduler="fifo",
@@ -192,7 +186,7 @@ def test_asha_stops_clearly_bad_trials(home):
     result = run_search(
         SearchRequest(
             "gan",
-            _snapshot("builtin:digits", base),
+            snapshot_for("builtin:digits", base),
             base,
             space,
             scheduler="asha",
@@ -287,7 +281,7 @@ def test_gpu_search_on_a_cluster_without_gpus_fails_before_any_run(home):
     base = apply_overrides(preset("gan", "tiny"), {"train.steps": 4})
     space = validate_space({"d_steps": {"grid": [1, 2]}}, base)
     req = SearchRequest(
-        "gan", _snapshot("builtin:digits", base), base, space, gpus_per_worker=1, name="s-gpu"
+        "gan", snapshot_for("builtin:digits", base), base, space, gpus_per_worker=1, name="s-gpu"
     )
     with pytest.raises(TrainError, match=r"needs 1 GPUs .* has 0"):
         run_search(req, progress=False)
@@ -311,7 +305,7 @@ def test_search_on_s3_storage_resumes_from_there(home, s3):
     space = validate_space({"d_steps": {"grid": [1, 2]}}, base)
     req = SearchRequest(
         "gan",
-        _snapshot("builtin:digits", base),
+        snapshot_for("builtin:digits", base),
         base,
         space,
         scheduler="fifo",
