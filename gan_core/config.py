@@ -114,6 +114,11 @@ class ModelConfig:
     real and fake minibatches separately)."""
     d_batchnorm: bool = True
     """Batch norm in the conv D after every convolution but the first (Radford et al.)."""
+    minibatch_std: int = 0
+    """Conv D: the minibatch standard deviation layer (Karras et al. 2018) with groups of
+    this many images: before D's head, each group's feature-wise standard deviation,
+    averaged to one number, is appended as an extra 4x4 feature map, so D sees how varied
+    a group is and a G that draws one shape for every z pays for it. 0: off."""
     conditioning: str = "planes"
     """How the conv cGAN sees y. G: class-conditional batch norm for 'planes' and
     'projection'. D: 'planes', y as one-hot input planes; 'projection', Miyato & Koyama
@@ -137,7 +142,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         names = ("z_dim", "hidden", "mlp_layers", "ngf", "ndf", "num_classes", "embed_dim")
         _ints(self, "model", 1, *names, "patch_layers")
-        _ints(self, "model", 0, "n_res_blocks", "g_downsample")
+        _ints(self, "model", 0, "n_res_blocks", "g_downsample", "minibatch_std")
         _bools(self, "model", "sync_batchnorm", "spectral_norm", "d_batchnorm")
         _one_of(self, "model", "g_layout", ("dcgan", "wide"))
         _one_of(self, "model", "conditioning", ("planes", "projection", "concat"))

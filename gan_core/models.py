@@ -7,6 +7,8 @@ Nothing here knows about ranks or devices: distribution is applied at the edge.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -207,6 +209,7 @@ class ConvDiscriminator(nn.Module):
         sn: bool = False,
         conditioning: str = "concat",
         batchnorm: bool = False,
+        mbstd: int = 0,
     ):
         super().__init__()
         n_down = (image_size // 4).bit_length() - 1
@@ -225,6 +228,9 @@ class ConvDiscriminator(nn.Module):
                 layers.append(nn.BatchNorm2d(c))
             layers.append(nn.LeakyReLU(0.2))
             c_in, c = c, c * 2
+        if mbstd:  # only when on: registered models keep their module names
+            layers.append(MinibatchStd(mbstd))
+            c_in += 1
         layers.append(nn.Flatten())
         head = _sn(nn.Linear(c_in * 16, 1), sn)
         # Module names as before projection existed, so registered concat models load.
@@ -245,6 +251,26 @@ class ConvDiscriminator(nn.Module):
         if self.proj is None:
             return h.squeeze(1)
         return self.head(h).squeeze(1) + (self.proj(y) * h).sum(1)
+
+
+class MinibatchStd(nn.Module):
+    """Karras et al. 2018 (ProGAN): split the batch into groups of ``group`` images, take
+    each feature's standard deviation over the group, average it to one number per group
+    and append it to every image of the group as one more feature map. A batch that lacks
+    variety shows as a small number D can read. The group shrinks to the largest divisor
+    of the batch (a last, short minibatch; a single image gets 0)."""
+
+    def __init__(self, group: int = 4):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        g = math.gcd(self.group, n)
+        y = x.view(g, n // g, c, h, w).float()
+        y = (y.var(0, unbiased=False) + 1e-8).sqrt().mean((1, 2, 3))  # one per group
+        y = y.to(x.dtype).view(1, n // g, 1, 1, 1).expand(g, -1, 1, h, w).reshape(n, 1, h, w)
+        return torch.cat([x, y], dim=1)
 
 
 class ResnetBlock(nn.Module):
@@ -366,6 +392,7 @@ def build_models(cfg: GanConfig) -> dict[str, nn.Module]:
             m.spectral_norm,
             m.conditioning,
             m.d_batchnorm,
+            m.minibatch_std,
         ),
     }
     for net in models.values():

@@ -166,6 +166,36 @@ def test_projection_d_scores_depend_on_the_label_through_an_inner_product():
     torch.testing.assert_close(diff, ((D.proj.weight[0] - D.proj.weight[1]) * h).sum(1))
 
 
+def test_minibatch_std_appends_each_groups_feature_std():
+    from gan_core.models import MinibatchStd
+
+    x = torch.randn(8, 3, 4, 4)
+    out = MinibatchStd(4)(x)
+    assert out.shape == (8, 4, 4, 4) and torch.equal(out[:, :3], x)
+    # Groups of 4 are strided: images j, j+2, j+4, j+6 (ProGAN's reshape).
+    for j in range(2):
+        group = x[j::2]
+        want = (group.var(0, unbiased=False) + 1e-8).sqrt().mean()
+        for i in range(j, 8, 2):
+            torch.testing.assert_close(out[i, 3], torch.full((4, 4), float(want)))
+    # One image repeated: no variety to see. A short last batch of 3: groups of 1 (zero).
+    same = MinibatchStd(4)(x[:1].expand(8, -1, -1, -1).contiguous())
+    assert float(same[:, 3].abs().max()) < 1e-3
+    assert MinibatchStd(4)(x[:3]).shape == (3, 4, 4, 4)
+
+
+def test_minibatch_std_lets_d_score_a_collapsed_batch_apart():
+    # The same images scored one by one and in a batch differ only through the group std.
+    D = ConvDiscriminator(3, 16, 8, sn=False, mbstd=4)
+    x = torch.randn(8, 3, 16, 16)
+    collapsed = x[:1].expand(8, -1, -1, -1).contiguous()
+    assert not torch.allclose(D(x)[:1], D(collapsed)[:1])
+    plain = ConvDiscriminator(3, 16, 8, sn=False)
+    assert torch.allclose(plain(x)[:1], plain(collapsed)[:1])
+    with pytest.raises(ConfigError, match="model.minibatch_std"):
+        apply_overrides(preset("gan", "default", 32), {"model.minibatch_std": -1})
+
+
 def test_dcgan_layout_is_radfords():
     # 64 px, ngf 64: 512 channels at 4x4, halved per doubling, the last conv to RGB.
     G = ConvGenerator(100, 3, 64, 64, layout="dcgan")
