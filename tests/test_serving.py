@@ -148,6 +148,78 @@ def test_mlflow_loads_and_predicts_each_champion(store):
         assert images.shape == (3, ch, s, s) and images.min() >= -1 and images.max() <= 1
 
 
+# --- under load: slots, a quick 503, answers of bounded size -------------------------------
+
+
+def test_serve_passes_its_limits_to_the_server(store, env_uri):
+    from flows.registry.pyfunc import ENV_MAX_CONCURRENCY, ENV_QUEUE_TIMEOUT
+    from flows.registry.serve import plan
+
+    p = plan(store[1]["gan"][0], max_concurrency=3, queue_timeout=7.5)
+    assert p.env[ENV_MAX_CONCURRENCY] == "3" and p.env[ENV_QUEUE_TIMEOUT] == "7.5"
+    assert int(p.env["UVICORN_LIMIT_CONCURRENCY"]) >= 3  # a backstop well above the slots
+
+
+def test_a_request_that_finds_every_slot_taken_is_a_one_line_503(store, monkeypatch):
+    # MLflow's own scoring app (mlflow.pyfunc.scoring_server.init), in process, on the
+    # champion as served: its slots come from the variables `ganflow serve` sets. Every slot
+    # held: the next request waits the queue timeout, then is answered 503 in one line; a
+    # slot freed, it is answered 200.
+    import mlflow
+    from mlflow.pyfunc.scoring_server import init
+    from starlette.testclient import TestClient
+
+    from flows.registry.pyfunc import ENV_MAX_CONCURRENCY, ENV_QUEUE_TIMEOUT
+
+    uri, models = store
+    monkeypatch.setenv(ENV_MAX_CONCURRENCY, "1")
+    monkeypatch.setenv(ENV_QUEUE_TIMEOUT, "0.3")
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{models['gan'][0]}@champion")
+    slots = model.unwrap_python_model().slots
+    assert slots is not None and slots.n == 1 and slots.timeout == 0.3
+    client = TestClient(init(model))
+
+    def post(inputs: dict):
+        return client.post("/invocations", json={"inputs": inputs})
+
+    with slots:  # another request being generated
+        t0 = time.perf_counter()
+        busy = post({"n": 2, "seed": 0})
+        waited = time.perf_counter() - t0
+    assert busy.status_code == 503, busy.text
+    message = busy.json()["message"]
+    assert "server busy" in message and "retry later" in message
+    # MLflow frames a model's error as "Failed to predict data ...\nError: <its line>".
+    assert message.splitlines()[-1].startswith("Error: server busy")
+    assert "Traceback" not in busy.text and "stack_trace" not in busy.text
+    assert 0.3 <= waited < 5  # it queued for the timeout, then was told at once
+    assert post({"n": 2, "seed": 0}).status_code == 200
+    # Released on errors too: a bad request does not keep its slot.
+    assert post({"n": 0}).status_code == 400
+    assert post({"n": 2, "seed": 0}).status_code == 200
+    # Outside a server (no variables), there are no slots: nothing ever waits.
+    monkeypatch.delenv(ENV_MAX_CONCURRENCY)
+    again = mlflow.pyfunc.load_model(f"models:/{models['gan'][0]}@champion")
+    assert again.unwrap_python_model().slots is None
+
+
+def test_json_array_answers_are_bounded_and_png_is_the_way_past(store):
+    from flows.registry.pyfunc import MAX_ARRAY_VALUES, BadRequest, GanflowGenerator
+
+    model = GanflowGenerator()
+    model.cfg = apply_overrides(preset("gan", "default", 64), {"data.channels": 3})
+    most = MAX_ARRAY_VALUES // (3 * 64 * 64)
+    model.check_answer(most, "array")
+    model.check_answer(1024, "png")
+    with pytest.raises(BadRequest, match=f"ask for at most {most} images or for PNG"):
+        model.check_answer(most + 1, "array")
+    # The digits models are far inside the bound: 1,024 images as arrays are answered.
+    small = GanflowGenerator()
+    small.cfg = store[1]["gan"][1]
+    small.check_answer(1024, "array")
+
+
 # --- no pickle from the registry ------------------------------------------------------------
 
 
@@ -300,6 +372,8 @@ def test_generate_serve_rollback_bad_input_is_one_line(store, env_uri, tmp_path,
         (["generate", f"{gan}.promotion-lock", "--out", out], ""),
         (["serve", f"{gan}@nope", "--dry-run"], "has no alias 'nope'"),
         (["serve", gan, "--port", "70000", "--dry-run"], "--port must be in"),
+        (["serve", gan, "--max-concurrency", "0", "--dry-run"], "--max-concurrency must be"),
+        (["serve", gan, "--queue-timeout", "-1", "--dry-run"], "--queue-timeout must be"),
         (["rollback", f"{gan}/1"], "names a version or alias"),
         (["rollback", f"{gan}@champion"], "names a version or alias"),
     ]

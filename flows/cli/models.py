@@ -118,7 +118,14 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     from flows.errors import UserError
     from flows.registry.serve import is_loopback, plan
 
-    p = plan(args.model, host=args.host, port=args.port, workers=args.workers)
+    p = plan(
+        args.model,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        max_concurrency=args.max_concurrency,
+        queue_timeout=args.queue_timeout,
+    )
     if not is_loopback(p.host):
         print(
             f"ganflow serve: warning: listening on {p.host}, reachable from other machines; "
@@ -202,6 +209,18 @@ def add_commands(sub, add_common) -> None:
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
     sv.add_argument("--port", type=int, default=5001, help="port (default: 5001)")
     sv.add_argument("--workers", type=int, default=1, help="server processes (default: 1)")
+    sv.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=2,
+        help="requests one server process generates at once; the others wait (default: 2)",
+    )
+    sv.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=20.0,
+        help="seconds a request waits for a free slot before HTTP 503 (default: 20)",
+    )
     sv.add_argument(
         "--dry-run", action="store_true", help="check and print what would be served, then exit"
     )

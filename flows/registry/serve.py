@@ -17,8 +17,19 @@ from pathlib import Path
 
 from flows.registry.models import _client, _download, _resolve, check_mlmodel, parse_model_ref
 from flows.registry.package import RegistryError
+from flows.registry.pyfunc import ENV_MAX_CONCURRENCY, ENV_QUEUE_TIMEOUT
 
 DEFAULT_PORT = 5001  # 5000 is the MLflow tracking server's (infra/compose.yaml)
+# Requests one server process generates at once (the model's slots, flows.registry.pyfunc);
+# the others wait up to the queue timeout, then get HTTP 503. On a CPU two at once already
+# fill the cores, and each answer in flight holds its images (and, as JSON arrays, their
+# encoding: ~200 MB at the largest answer), so the limit also bounds memory. The timeout
+# stays below MLflow's own 60 s request timeout (a 504 whose work would go on anyway).
+DEFAULT_MAX_CONCURRENCY = 2
+DEFAULT_QUEUE_TIMEOUT = 20.0
+# Connections one process holds (uvicorn's limit_concurrency): beyond it HTTP 503 at once,
+# before a request body is even read. A backstop for crowds far beyond what the slots queue.
+CONNECTIONS_PER_SLOT = 16
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,8 @@ def plan(
     port: int = DEFAULT_PORT,
     workers: int = 1,
     tracking_uri: str | None = None,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
 ) -> ServePlan:
     """What `ganflow serve` runs: `mlflow models serve -m models:/NAME/VERSION --env-manager
     local` (the ganflow environment serves its own model code), after the checks."""
@@ -59,6 +72,10 @@ def plan(
         raise RegistryError(f"--port must be in 1..65535, got {port}")
     if not 1 <= workers <= 64:
         raise RegistryError(f"--workers must be in 1..64, got {workers}")
+    if not 1 <= max_concurrency <= 256:
+        raise RegistryError(f"--max-concurrency must be in 1..256, got {max_concurrency}")
+    if not 0 < queue_timeout <= 3600:
+        raise RegistryError(f"--queue-timeout must be in (0, 3600] seconds, got {queue_timeout}")
     name, sel = parse_model_ref(ref)
     client = _client(tracking_uri)
     version = _resolve(client, name, sel)
@@ -92,5 +109,9 @@ def plan(
     # MLflow starts `uvicorn` from PATH: this interpreter's own, even when PATH lacks its venv.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = {**os.environ, "MLFLOW_TRACKING_URI": client.tracking_uri, "PATH": path}
+    env[ENV_MAX_CONCURRENCY] = str(max_concurrency)
+    env[ENV_QUEUE_TIMEOUT] = f"{queue_timeout:g}"
+    # uvicorn reads its options from UVICORN_* variables; MLflow's command line has no flag.
+    env["UVICORN_LIMIT_CONCURRENCY"] = str(CONNECTIONS_PER_SLOT * max_concurrency)
     alias = None if (sel or "").isdigit() else (sel or "champion")
     return ServePlan(name, version, alias, host, port, argv, env)
