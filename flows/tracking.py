@@ -426,6 +426,11 @@ SPOOL_MAX_RECORDS = 1_000_000
 SPOOL_MAX_FILE_BYTES = 256 * 2**20
 PROBE_ENV = "GANFLOW_TRACKING_PROBE_S"
 DEFAULT_PROBE_S = 10.0
+# At the run's end with the server away, it is waited for this long (probed every few
+# seconds) before the spool is kept for a replay: a restart or a short blip at the end
+# should not leave a run for a person to replay. 0: keep the spool at once.
+END_WAIT_ENV = "GANFLOW_TRACKING_END_WAIT_S"
+DEFAULT_END_WAIT_S = 60.0
 PROBE_TIMEOUT_S = 2.0
 # MLflow reads these per request (mlflow.utils.rest_utils.http_request), so they can be set
 # around rank 0's calls alone: one retry, no long backoff, 10 s without a byte is an outage
@@ -472,6 +477,14 @@ def probe_interval() -> float:
         return max(0.0, float(raw)) if raw else DEFAULT_PROBE_S
     except ValueError:
         raise TrackingError(f"{PROBE_ENV} must be a number of seconds, got {raw!r}") from None
+
+
+def end_wait() -> float:
+    raw = os.environ.get(END_WAIT_ENV)
+    try:
+        return max(0.0, float(raw)) if raw else DEFAULT_END_WAIT_S
+    except ValueError:
+        raise TrackingError(f"{END_WAIT_ENV} must be a number of seconds, got {raw!r}") from None
 
 
 @contextlib.contextmanager
@@ -801,7 +814,7 @@ class RunLogger:
         if self.buffering or self.spool.pending():
             self.buffering = True
             self._last_probe = float("-inf")  # the end is worth a probe whatever the interval
-            if not self._recover(None, announce=False):
+            if not self._recover(None, announce=False) and not self._wait_at_end():
                 self._keep_end(status)
                 return
         try:
@@ -867,6 +880,23 @@ class RunLogger:
         )
         self.say(f"MLflow server at {_shown(self.uri)} back: sent {sent} buffered records{lost}")
         return True
+
+    def _wait_at_end(self) -> bool:
+        """Whether the server came back (and got the spool) within the end's wait."""
+        wait = end_wait()
+        if wait <= 0:
+            return False
+        self.say(
+            f"MLflow server at {_shown(self.uri)} unreachable at the end of run "
+            f"{self.run_id}: waiting up to {wait:g} s for it ({END_WAIT_ENV})"
+        )
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+            self._last_probe = float("-inf")
+            if self._recover(None, announce=False):
+                return True
+        return False
 
     def _keep_end(self, status: str) -> None:
         self.spool.open(self.uri, self.run_id)

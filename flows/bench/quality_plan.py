@@ -59,6 +59,7 @@ VARIANTS: dict[str, tuple[tuple[str, ...], dict | str | None]] = {
     "no-sn": (GANS, {"model.spectral_norm": False}),
     "no-bn-d": (GANS, {"model.d_batchnorm": False}),
     "mbstd": (GANS, {"model.minibatch_std": 4}),
+    "no-cutout": (GANS, {"augment.policy": "color,translation"}),
     "projection": (("cgan",), {"model.conditioning": "projection"}),
     "concat": (("cgan",), {"model.conditioning": "concat"}),
     "no-mismatch": (("cgan",), {"loss.mismatch": 0.0}),
