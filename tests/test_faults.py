@@ -11,6 +11,9 @@
   train`; moto's S3 server stopped for 2 s mid-upload is waited out by the retries.
 - Promotion: a promoter SIGKILLed after each of its registry writes in turn (9 points); the
   next promotion finds the registry as if the decision had not started or had finished.
+- Orchestration: the Prefect server SIGKILLed under a running `ganflow train --flow` and
+  started again on its database; the flow completes and the server shows it COMPLETED.
+(The MLflow server's outages: test_tracking_outage.py.)
 """
 
 from __future__ import annotations
@@ -603,3 +606,135 @@ def test_promotion_killed_at_each_write_leaves_the_registry_consistent(tmp_path,
     print(
         f"killed after each of {len(writes)} writes; the decision is recorded at write {recorded}"
     )
+
+
+# --- the Prefect server restarted under a running flow ---------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prefect_api(url: str, path: str, body: dict | None = None):
+    import json
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        f"{url}{path}", data=data, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.loads(r.read())
+
+
+class PrefectServer:
+    """`prefect server start` on loopback with its database in ``home``: stopped with
+    SIGKILL (its whole process group) and started again on the same port and database."""
+
+    def __init__(self, home: Path):
+        self.home, self.port = home, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        self.env |= {
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_URL": self.url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def healthy(self) -> bool:
+        try:
+            return _prefect_api(self.url, "/health") is True
+        except OSError:
+            return False
+
+    def start(self, timeout_s: float = 240) -> None:
+        prefect = Path(sys.executable).parent / "prefect"
+        argv = [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.proc = subprocess.Popen(
+            argv,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while not self.healthy():
+            assert self.proc.poll() is None, "the Prefect server exited"
+            assert time.monotonic() < deadline, "the Prefect server did not come up"
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def flow_runs(self) -> list[dict]:
+        return _prefect_api(self.url, "/flow_runs/filter", {"limit": 50})
+
+
+@pytest.mark.slow
+def test_prefect_server_restart_mid_flow_is_waited_out(tmp_path):
+    # `ganflow train --flow` reports to a Prefect server, which is killed (SIGKILL) while the
+    # flow runs and started again on the same database a few seconds later: the training
+    # goes on, the flow's state calls wait for the server (Prefect's client retries a lost
+    # connection with backoff, about a minute in all), the command exits 0 and the server
+    # shows the flow run COMPLETED, with the MLflow run FINISHED.
+    from ray_isolated import RAY_TEST_ENV
+
+    server = PrefectServer(tmp_path / "prefect")
+    server.start()
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GANFLOW_", "MLFLOW_", "RAY_"))}
+    env |= {k: v for k, v in server.env.items() if k.startswith("PREFECT_")}
+    env |= RAY_TEST_ENV | {"GANFLOW_HOME": str(home)}
+    job = _ganflow(
+        ["train", "--flow", "--family", "gan", "--run-name", "through-restart", "--json"]
+        + ["--set", "train.steps=3000", "--set", "train.log_every=50"],
+        env,
+        start_new_session=True,
+    )
+    restarted = False
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and job.poll() is None:
+            runs = server.flow_runs()
+            if runs and runs[0]["state_type"] == "RUNNING":
+                break
+            time.sleep(0.5)
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        time.sleep(3)  # well inside the flow: Ray's job has started
+        server.stop()
+        time.sleep(4)
+        alive_through_outage = job.poll() is None
+        server.start()
+        restarted = True
+        out, err = job.communicate(timeout=600)
+    finally:
+        family = _descendants(job.pid)
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+        _kill(family)
+        if not restarted:
+            server.stop()
+    try:
+        assert restarted and job.returncode == 0, err[-3000:]
+        assert alive_through_outage, "the flow ended before the server went away: not tested"
+        import json
+
+        result = json.loads(out.strip().splitlines()[-1])
+        [run] = server.flow_runs()
+        assert run["state_type"] == "COMPLETED", run["state_type"]
+        assert run["flow_id"] and run["name"]
+        statuses = dict(_rows(home / "mlflow.db", "select name, status from runs"))
+        assert statuses == {"through-restart": "FINISHED"}, statuses
+        assert result["run_id"]
+    finally:
+        server.stop()
