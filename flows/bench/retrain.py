@@ -3,7 +3,8 @@
 What the retraining pipeline does when a dataset grows (issue 21), measured without Ray or
 MLflow (gan_core's loop in this process, the same warm start the workers run):
 
-1. a folder dataset made from scikit-learn's digits (class folders of 16 px PNGs) holding
+1. a folder dataset made from scikit-learn's digits (class folders of 16 px PNGs; with
+   ``--data shapes``, 32 px RGB shapes in random colours, the conv preset) holding
    80% of each class is ingested, and the champion is trained on it from scratch for the
    family's default ``train.steps``; as in the pipeline, the registered generator is the
    best step on val (every ``eval.every``) and the warm start reads the last step's state;
@@ -60,6 +61,33 @@ def write_digits_folder(root: Path, fraction: float, size: int = 16) -> Path:
             pixels = (d.images[i] * (255 / 16)).round().astype(np.uint8)
             Image.fromarray(pixels, "L").resize((size, size), Image.BILINEAR).save(path)
     return root
+
+
+def write_shapes_folder(root: Path, fraction: float, per_class: int = 200) -> Path:
+    """The quality benchmark's 32 px RGB shapes (circles, squares, triangles; random
+    colours) as class folders of PNGs: an own RGB set nobody tuned for. As with the digits,
+    the first ``fraction`` of each class, so a larger fraction is a superset."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from flows.bench.quality_data import SHAPES, make_shapes
+
+    data = make_shapes("train", per_class)
+    pixels = ((data.images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    root.mkdir(parents=True, exist_ok=True)
+    for label, name in enumerate(SHAPES):
+        idx = np.flatnonzero(data.labels.numpy() == label)
+        folder = root / name
+        folder.mkdir(exist_ok=True)
+        for i in idx[: math.ceil(fraction * len(idx))]:
+            path = folder / f"{i:04d}.png"
+            if not path.exists():
+                Image.fromarray(pixels[i].permute(1, 2, 0).numpy(), "RGB").save(path)
+    return root
+
+
+DATASETS = {"digits": write_digits_folder, "shapes": write_shapes_folder}
 
 
 def _snapshot(folder: Path) -> Manifest:
@@ -145,7 +173,16 @@ def summarise(name: str, curve: list, target: float, judged: Judged, equal: int)
     }
 
 
-def bench(family: str, seed: int, every: int, work: Path, finetune: list[int]) -> dict:
+def bench(
+    family: str,
+    seed: int,
+    every: int,
+    work: Path,
+    finetune: list[int],
+    data: str = "digits",
+    steps: int | None = None,
+    only: list[str] | None = None,
+) -> dict:
     import torch
 
     from flows.orchestration.lineage import RetrainConfig, finetune_config
@@ -156,19 +193,18 @@ def bench(family: str, seed: int, every: int, work: Path, finetune: list[int]) -
     from gan_core.train import state_dict
 
     torch.set_num_threads(1)
-    folder = work / "digits-folder"
-    write_digits_folder(folder, 0.8)
+    folder = work / f"{data}-folder"
+    DATASETS[data](folder, 0.8)
     old = _snapshot(folder)
-    write_digits_folder(folder, 1.0)
+    DATASETS[data](folder, 1.0)
     new = _snapshot(folder)
-    cfg_old = apply_overrides(
-        config_for_snapshot(family, old), {"train.seed": seed, "train.device": "cpu"}
-    )
-    cfg_new = apply_overrides(
-        config_for_snapshot(family, new), {"train.seed": seed + 100, "train.device": "cpu"}
-    )
-    data_old = load_dataset(old["id"], "train", snapshot_root())
-    data_new = load_dataset(new["id"], "train", snapshot_root())
+    over: dict = {"train.device": "cpu"}
+    if steps:  # a shorter champion and scratch schedule (the eval cadence follows it)
+        over |= {"train.steps": steps, "eval.every": max(1, steps // 10)}
+    cfg_old = apply_overrides(config_for_snapshot(family, old), {**over, "train.seed": seed})
+    cfg_new = apply_overrides(config_for_snapshot(family, new), {**over, "train.seed": seed + 100})
+    data_old = load_dataset(old.id, "train", snapshot_root())
+    data_new = load_dataset(new.id, "train", snapshot_root())
     judged_old, judged_new = Judged(old, cfg_old), Judged(new, cfg_new)
     print(
         f"[bench retrain] {family} seed {seed}: {len(data_old)} -> {len(data_new)} train images",
@@ -203,6 +239,8 @@ def bench(family: str, seed: int, every: int, work: Path, finetune: list[int]) -
     for n in finetune:
         candidates.append((f"warm-ft{n}", finetune_config(cfg_new, n), champion_sd))
         candidates.append((f"warm-best-ft{n}", finetune_config(cfg_new, n), best_sd))
+    if only:
+        candidates = [c for c in candidates if c[0] in only]
     for name, cfg, warm in candidates:
         t0 = time.perf_counter()
         out = run_candidate(cfg, data_new, judged_new, every, warm)
@@ -215,6 +253,7 @@ def bench(family: str, seed: int, every: int, work: Path, finetune: list[int]) -
         )
     return {
         "family": family,
+        "data": data,
         "seed": seed,
         "train_images": [len(data_old), len(data_new)],
         "metric": judged_new.metric,
@@ -236,7 +275,7 @@ def table(results: list[dict]) -> str:
     for r in results:
         eq = r["equal_steps"]
         lines += [
-            f"{r['family']}, seed {r['seed']}: {r['train_images'][0]} -> {r['train_images'][1]} "
+            f"{r['family']} on {r.get('data', 'digits')}, seed {r['seed']}: {r['train_images'][0]} -> {r['train_images'][1]} "
             f"train images; target = champion's {r['metric']} on the new val split "
             f"{r['target']:.4g} ({r['mode']} is better)",
             "",
@@ -264,6 +303,14 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated finetune_steps of the warm-ft candidates (default: the pipeline's)",
     )
     p.add_argument("--home", default=None, help="GANFLOW_HOME (default: a temporary folder)")
+    p.add_argument(
+        "--data",
+        default="digits",
+        choices=sorted(DATASETS),
+        help="digits: 16 px grey class folders; shapes: 32 px RGB class folders (conv preset)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="champion and scratch train.steps")
+    p.add_argument("--candidates", default=None, help="comma list (default: all)")
     args = p.parse_args(argv)
     import os
 
@@ -271,7 +318,16 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["GANFLOW_HOME"] = args.home or str(Path(tmp) / "home")
         steps = [int(n) for n in args.finetune.split(",")] if args.finetune else []
         results = [
-            bench(args.family, int(s), args.every, Path(tmp) / s, steps)
+            bench(
+                args.family,
+                int(s),
+                args.every,
+                Path(tmp) / s,
+                steps,
+                args.data,
+                args.steps,
+                args.candidates.split(",") if args.candidates else None,
+            )  # fmt: skip
             for s in args.seeds.split(",")
         ]
     print(table(results))
