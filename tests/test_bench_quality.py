@@ -201,3 +201,19 @@ def test_a_run_whose_best_val_step_is_not_its_last_gets_a_best_row(tmp_path, mon
     assert best["figures"]["judge"]["fd"] != last["figures"]["judge"]["fd"]  # other weights
     assert (out / best["grid"]).is_file() and best["grid"] != last["grid"]
     assert "| defaults best |" in (out / "results.md").read_text()
+
+
+def test_the_retrain_bench_shapes_folder_grows_as_a_superset_of_rgb_pngs(tmp_path):
+    from PIL import Image
+
+    from flows.bench.retrain import write_shapes_folder
+
+    root = write_shapes_folder(tmp_path / "shapes", 0.8, per_class=10)
+    before = {p: p.read_bytes() for p in root.rglob("*.png")}
+    assert sorted(d.name for d in root.iterdir()) == ["circle", "square", "triangle"]
+    assert all(len(list((root / d).iterdir())) == 8 for d in ("circle", "square", "triangle"))
+    write_shapes_folder(root, 1.0, per_class=10)
+    after = {p: p.read_bytes() for p in root.rglob("*.png")}
+    assert len(after) == 30 and all(after[p] == b for p, b in before.items())
+    with Image.open(next(iter(after))) as im:
+        assert im.mode == "RGB" and im.size == (32, 32)
