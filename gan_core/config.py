@@ -108,6 +108,10 @@ class ModelConfig:
     """Conv G: 'dcgan' (Radford et al.: ngf·2^(n-1) channels at 4x4, halved per doubling, the
     last transposed conv straight to the image) or 'wide' (ganflow before 0.9: twice the
     channels per level and an extra 3x3 conv at full resolution, ~2x the cost)."""
+    g_upsample: str = "transposed"
+    """Conv G's doublings: 'transposed' (a stride-2 4x4 transposed conv, DCGAN's) or 'resize'
+    (nearest-neighbour x2 then a 3x3 conv, Odena et al. 2016: no checkerboard by
+    construction; about 2.25x the multiply-adds of G's upsampling layers)."""
     spectral_norm: bool = True
     """Spectral normalisation (Miyato et al. 2018) of every layer of the conv D and the
     PatchGAN: bounds D's Lipschitz constant, per weight (no batch statistics, so D may see
@@ -145,6 +149,7 @@ class ModelConfig:
         _ints(self, "model", 0, "n_res_blocks", "g_downsample", "minibatch_std")
         _bools(self, "model", "sync_batchnorm", "spectral_norm", "d_batchnorm")
         _one_of(self, "model", "g_layout", ("dcgan", "wide"))
+        _one_of(self, "model", "g_upsample", ("transposed", "resize"))
         _one_of(self, "model", "conditioning", ("planes", "projection", "concat"))
 
 

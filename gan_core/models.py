@@ -109,6 +109,20 @@ class ConditionalBatchNorm2d(nn.Module):
         return h * self.gamma(y)[:, :, None, None] + self.beta(y)[:, :, None, None]
 
 
+class ResizeConv(nn.Module):
+    """x2 nearest-neighbour upsampling then a 3x3 conv (Odena et al. 2016, "Deconvolution
+    and checkerboard artifacts"): every output pixel sees the same number of input taps, so
+    G has no built-in checkerboard, which a stride-2 4x4 transposed conv has until it
+    learns its way out of it."""
+
+    def __init__(self, c_in: int, c_out: int, bias: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, 1, 1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+
+
 class ConvGenerator(nn.Module):
     """DCGAN-style G(z) or G(z, y): z (and y) to 4x4, then stride-2 transposed convs up to S.
 
@@ -129,6 +143,7 @@ class ConvGenerator(nn.Module):
         embed_dim: int = 0,
         layout: str = "dcgan",
         conditioning: str = "concat",
+        upsample: str = "transposed",
     ):
         super().__init__()
         n_up = (image_size // 4).bit_length() - 1  # 4 * 2**n_up == image_size
@@ -164,7 +179,10 @@ class ConvGenerator(nn.Module):
         ups: list[nn.Module] = []
         for i in range(n_up):
             last = layout == "dcgan" and i == n_up - 1
-            ups.append(nn.ConvTranspose2d(widths[i], widths[i + 1], 4, 2, 1, bias=last))
+            if upsample == "resize":
+                ups.append(ResizeConv(widths[i], widths[i + 1], bias=last))
+            else:
+                ups.append(nn.ConvTranspose2d(widths[i], widths[i + 1], 4, 2, 1, bias=last))
             if not last and not self.cbn:
                 ups += [nn.BatchNorm2d(widths[i + 1]), nn.ReLU()]
         if layout == "wide":
@@ -178,7 +196,7 @@ class ConvGenerator(nn.Module):
         h = self.project(z)
         if not self.cbn:
             return self.net(h)
-        convs = [m for m in self.net if isinstance(m, (nn.ConvTranspose2d, nn.Conv2d))]
+        convs = [m for m in self.net if isinstance(m, (nn.ConvTranspose2d, nn.Conv2d, ResizeConv))]
         h = torch.relu(self.norms[0](h, y))
         for i, conv in enumerate(convs):
             h = conv(h)
@@ -381,7 +399,15 @@ def build_models(cfg: GanConfig) -> dict[str, nn.Module]:
         return models  # PyTorch's default (Kaiming-uniform) init suits the MLPs
     models = {
         "G": ConvGenerator(
-            m.z_dim, d.channels, d.image_size, m.ngf, ncls, emb, m.g_layout, m.conditioning
+            m.z_dim,
+            d.channels,
+            d.image_size,
+            m.ngf,
+            ncls,
+            emb,
+            m.g_layout,
+            m.conditioning,
+            m.g_upsample,
         ),
         "D": ConvDiscriminator(
             d.channels,

@@ -196,6 +196,28 @@ def test_minibatch_std_lets_d_score_a_collapsed_batch_apart():
         apply_overrides(preset("gan", "default", 32), {"model.minibatch_std": -1})
 
 
+def test_resize_upsampling_g_doubles_by_nearest_then_3x3_conv():
+    from gan_core.models import ResizeConv
+
+    up = ResizeConv(2, 1, bias=False)
+    nn.init.ones_(up.conv.weight)
+    x = torch.arange(4.0).view(1, 1, 2, 2).expand(1, 2, 2, 2)
+    want = nn.functional.conv2d(
+        nn.functional.interpolate(x, scale_factor=2, mode="nearest"), up.conv.weight, padding=1
+    )
+    torch.testing.assert_close(up(x), want)
+    cfg = apply_overrides(
+        preset("cgan", "default", 32),
+        {"model.g_upsample": "resize", "data.channels": 3, "model.num_classes": 3},
+    )
+    G = build_models(cfg)["G"]
+    assert any(isinstance(m, ResizeConv) for m in G.modules())
+    assert not any(isinstance(m, nn.ConvTranspose2d) and m.stride == (2, 2) for m in G.modules())
+    assert G(torch.randn(4, cfg.model.z_dim), torch.tensor([0, 1, 2, 0])).shape == (4, 3, 32, 32)
+    with pytest.raises(ConfigError, match="model.g_upsample"):
+        apply_overrides(preset("gan", "default", 32), {"model.g_upsample": "bilinear"})
+
+
 def test_dcgan_layout_is_radfords():
     # 64 px, ngf 64: 512 channels at 4x4, halved per doubling, the last conv to RGB.
     G = ConvGenerator(100, 3, 64, 64, layout="dcgan")
