@@ -28,6 +28,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from flows.package import (
+    META_FILE,
+    MODEL_CODE,
+    MODEL_FORMAT,
+    MODEL_NAME,
+    PACKAGE_ARTIFACT,
+    PIP_REQUIREMENTS,
+    serving_signature,
+    write_package,
+)
+from flows.package import generator_keys as generator_keys  # flows.bench.retrain imports it here
 from flows.settings import ganflow_home, mlflow_artifact_root, mlflow_tracking_uri, redact
 from gan_core.config import GanConfig
 from gan_core.viz import grid_array
@@ -212,95 +223,14 @@ def log_dataset_input(
             time.sleep(0.05 * (attempt + 1))
 
 
-# --- the generator package and the logged model ---------------------------------------------
+# --- the logged model ------------------------------------------------------------------------
 #
 # One model per run: the chosen generator(s) (a training run's best step on val, EMA weights
 # when kept) as an MLflow logged model with a python_function flavor (models-from-code: the
-# class is shipped as code, never pickled) whose payload is the weights-only package below.
-# The registry registers that logged model; `ganflow generate`, `ganflow serve` and
-# `mlflow models serve` all load the same artifacts.
-
-MODEL_FILE = "generator.safetensors"
-META_FILE = "ganflow_model.json"
-PACKAGE_ARTIFACT = "package"  # key (and folder) of the package inside the logged model
-MODEL_NAME = "generator"  # the logged model's name in its run
-FORMAT_VERSION = 1
-# Marks a logged model as ganflow's (MLmodel metadata); loaders refuse models without it.
-MODEL_FORMAT = "ganflow-generator-v1"
-# The models-from-code file MLflow ships with the model and runs when it loads it. It lives
-# with the registry code that serves it; this module only passes its path to MLflow (it is
-# never imported here, so the layering holds).
-MODEL_CODE = Path(__file__).parent / "registry" / "pyfunc_model.py"
-# Samples one request (or one `ganflow generate`) may ask for: 1,024 images of 64 x 64 RGB
-# are 50 MB as float32; far more ran a machine out of memory (issue 16).
-MAX_SAMPLES = 1024
-# What the served model needs besides ganflow itself (served with --env-manager local in the
-# ganflow environment, the project image on a cluster).
-PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy", "pillow"]
-
-
-def generator_keys(family: str) -> tuple[str, ...]:
-    """The networks a package ships: the family's generators, as gan_core's registry names
-    them (CycleGAN: both directions, G: X -> Y and F: Y -> X)."""
-    from gan_core.train import FAMILIES
-
-    return FAMILIES[family].generators
-
-
-def write_package(
-    cfg: GanConfig, models: dict[str, nn.Module], out_dir: str | Path, extra: dict | None = None
-) -> Path:
-    """The generator(s) as safetensors plus a JSON description (family, flat config, image
-    size, labels, snapshot, metrics) in out_dir: tensors and JSON only, nothing pickled."""
-    from safetensors.torch import save_file
-
-    from gan_core.train import plain
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for key in generator_keys(cfg.family):
-        for pname, t in plain(models[key]).state_dict().items():
-            tensors[f"{key}.{pname}"] = t.detach().cpu().contiguous()
-    save_file(tensors, str(out / MODEL_FILE))
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "family": cfg.family,
-        "config": cfg.to_flat_dict(),
-        "image_size": cfg.data.image_size,
-        "channels": cfg.data.channels,
-        "labels": list(range(cfg.model.num_classes)) if cfg.family == "cgan" else [],
-        "generators": list(generator_keys(cfg.family)),
-        **(extra or {}),
-    }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return out
-
-
-def serving_signature(cfg: GanConfig):
-    """(signature, input example) of the served model, per family (README, "Serving").
-
-    gan: {n, seed} -> n images; cgan: {labels, seed} -> one image per label; cyclegan:
-    {images (base64 PNG strings or [C, S, S] arrays in [-1, 1]), direction G|F} -> images.
-    Param ``format``: ``array`` (default, values in [-1, 1]) or ``png`` (base64 PNG)."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, Array, ColSpec, ParamSchema, ParamSpec, Schema
-
-    seed = ColSpec("long", "seed", required=False)
-    if cfg.family == "gan":
-        inputs = Schema([ColSpec("long", "n"), seed])
-        example = {"n": 4, "seed": 0}
-    elif cfg.family == "cgan":
-        inputs = Schema([ColSpec(Array("long"), "labels"), seed])
-        example = {"labels": [i % cfg.model.num_classes for i in range(4)], "seed": 0}
-    else:
-        inputs = Schema(
-            [ColSpec(AnyType(), "images"), ColSpec("string", "direction", required=False)]
-        )
-        s, ch = cfg.data.image_size, cfg.data.channels
-        example = {"images": [np.zeros((ch, s, s), dtype=np.float32).tolist()], "direction": "G"}
-    params = ParamSchema([ParamSpec("format", "string", "array")])
-    return ModelSignature(inputs=inputs, params=params), example
+# class is shipped as code, never pickled) whose payload is the weights-only package. The
+# package format, the served class and its models-from-code file live in flows.package; this
+# module writes the package and logs the model. The registry registers that logged model;
+# `ganflow generate`, `ganflow serve` and `mlflow models serve` all load the same artifacts.
 
 
 def _run_snapshot(c, run_id: str) -> tuple[str, object | None]:

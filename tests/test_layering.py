@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
-    "shared",  # settings, storage, tracking, orphans, preflight, console, errors
+    "shared",  # settings, storage, package, tracking, orphans, preflight, console, errors
     "snapshots",
     "ingest",
     "train",
@@ -34,7 +34,7 @@ LAYERS = [
     "cli",
     "bench",
 ]
-SHARED = {"settings", "storage", "tracking", "orphans", "preflight", "console", "errors"}
+SHARED = {"settings", "storage", "package", "tracking", "orphans", "preflight", "console", "errors"}
 # (importer, imported) packages: allowed by the order, refused by the house.
 FORBIDDEN = [
     ("train", "ingest"),  # run_training takes a Manifest; the caller resolved it

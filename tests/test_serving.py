@@ -5,7 +5,8 @@ folder through the same code as the pipeline (the run's logged model, then the v
 Then: `mlflow.pyfunc.load_model("models:/NAME@champion")` for each family; MLflow's scoring
 server (`mlflow models serve --env-manager local` on 127.0.0.1) answered over real HTTP, with
 valid requests, malformed ones (4xx, one line, no traceback) and the cGAN's per-label samples
-classified by the judge at the rate evaluation reported; a planted pickle refused; the
+classified by the judge at the rate evaluation reported; a model logged with the old
+models-from-code file (flows.registry.pyfunc) still loading; a planted pickle refused; the
 promotion lock's race with a holder that outlives its TTL; and the bad inputs of
 `ganflow generate/serve/rollback` (issue 16) answered in one line.
 """
@@ -31,6 +32,7 @@ import torch
 from mlflow import MlflowClient
 
 from flows import registry, tracking
+from flows.package import MODEL_FORMAT, PACKAGE_ARTIFACT, write_package
 from gan_core.data import load_builtin
 from gan_core.evaluate import evaluate
 from gan_core.judge import load_or_train_judge
@@ -148,11 +150,47 @@ def test_mlflow_loads_and_predicts_each_champion(store):
         assert images.shape == (3, ch, s, s) and images.min() >= -1 and images.max() <= 1
 
 
+def test_a_model_logged_with_the_old_code_path_still_loads(tmp_path):
+    # Models registered before the served class moved to flows.package carry their own copy
+    # of the models-from-code file, which imports it from flows.registry.pyfunc; MLflow runs
+    # that copy on every load, so the old import must keep answering.
+    import mlflow
+
+    from flows.package.pyfunc import GanflowGenerator
+    from gan_core.models import build_models
+
+    code = tmp_path / "pyfunc_model.py"
+    code.write_text(
+        "from mlflow.models import set_model\n\n"
+        "from flows.registry.pyfunc import GanflowGenerator\n\n"
+        "set_model(GanflowGenerator())\n"
+    )
+    cfg = preset("gan", "tiny")
+    pkg = write_package(cfg, build_models(cfg), tmp_path / PACKAGE_ARTIFACT)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("old", artifact_location=(tmp_path / "artifacts").as_uri())
+    with tracking.fluent_uri(uri):
+        with mlflow.start_run(experiment_id=exp):
+            info = mlflow.pyfunc.log_model(
+                name="generator",
+                python_model=str(code),
+                artifacts={PACKAGE_ARTIFACT: str(pkg)},
+                metadata={"ganflow.format": MODEL_FORMAT},
+                pip_requirements=[],
+            )
+        model = mlflow.pyfunc.load_model(info.model_uri)
+    assert type(model.unwrap_python_model()) is GanflowGenerator
+    out = model.predict({"n": 2, "seed": 0})
+    s, ch = cfg.data.image_size, cfg.data.channels
+    assert np.asarray(out["images"]).shape == (2, ch, s, s)
+
+
 # --- under load: slots, a quick 503, answers of bounded size -------------------------------
 
 
 def test_serve_passes_its_limits_to_the_server(store, env_uri):
-    from flows.registry.pyfunc import ENV_MAX_CONCURRENCY, ENV_QUEUE_TIMEOUT
+    from flows.package.pyfunc import ENV_MAX_CONCURRENCY, ENV_QUEUE_TIMEOUT
     from flows.registry.serve import plan
 
     p = plan(store[1]["gan"][0], max_concurrency=3, queue_timeout=7.5)
@@ -169,7 +207,7 @@ def test_a_request_that_finds_every_slot_taken_is_a_one_line_503(store, monkeypa
     from mlflow.pyfunc.scoring_server import init
     from starlette.testclient import TestClient
 
-    from flows.registry.pyfunc import ENV_MAX_CONCURRENCY, ENV_QUEUE_TIMEOUT
+    from flows.package.pyfunc import ENV_MAX_CONCURRENCY, ENV_QUEUE_TIMEOUT
 
     uri, models = store
     monkeypatch.setenv(ENV_MAX_CONCURRENCY, "1")
@@ -205,7 +243,7 @@ def test_a_request_that_finds_every_slot_taken_is_a_one_line_503(store, monkeypa
 
 
 def test_json_array_answers_are_bounded_and_png_is_the_way_past(store):
-    from flows.registry.pyfunc import MAX_ARRAY_VALUES, BadRequest, GanflowGenerator
+    from flows.package.pyfunc import MAX_ARRAY_VALUES, BadRequest, GanflowGenerator
 
     model = GanflowGenerator()
     model.cfg = apply_overrides(preset("gan", "default", 64), {"data.channels": 3})
@@ -246,8 +284,8 @@ def test_a_planted_pickle_is_refused_and_never_loaded(store, env_uri, tmp_path, 
         info = mlflow.pyfunc.log_model(
             name="generator",
             python_model=Planted(),
-            metadata={"ganflow.format": tracking.MODEL_FORMAT},
-            tags={"ganflow.format": tracking.MODEL_FORMAT},
+            metadata={"ganflow.format": MODEL_FORMAT},
+            tags={"ganflow.format": MODEL_FORMAT},
             pip_requirements=[],
         )
     assert not marker.exists()

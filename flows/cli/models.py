@@ -35,8 +35,8 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     from mlflow.exceptions import MlflowException
 
     from flows.errors import UserError
+    from flows.package import MAX_SAMPLES
     from flows.registry.models import load_registered_generator, parse_model_ref
-    from flows.tracking import MAX_SAMPLES
     from gan_core.viz import save_grid
 
     out = Path(args.out)
@@ -77,7 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> dict:
                 raise UserError("--label is for conditional (cgan) generators")
             images = gen.generate(args.n, seed=args.seed, labels=labels)
             nrow = 10 if cfg.family == "cgan" and args.label is None else None
-    except MlflowException as exc:  # the model's own checks (flows.registry.pyfunc)
+    except MlflowException as exc:  # the model's own checks (flows.package.pyfunc)
         raise UserError(exc.message) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":

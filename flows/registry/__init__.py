@@ -1,8 +1,10 @@
 """Model registry and promotion on MLflow.
 
-package (the weights-only generator package) -> pyfunc (the served model class over it) ->
-models (register, resolve, load) -> promote (the fair comparison, the lock, rollback) ->
-serve (MLflow's scoring server on a champion).
+package (the registry's names around the weights-only generator package) -> models
+(register, resolve, load) -> promote (the fair comparison, the lock, rollback) -> serve
+(MLflow's scoring server on a champion). The package format and the served model class
+over it live below, in flows.package (pyfunc here only re-exports the class, for models
+registered before it moved).
 """
 
 from flows.registry.models import (

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flows.registry.package import RegistryError, load_package
-from flows.tracking import MODEL_FORMAT, MODEL_NAME, PACKAGE_ARTIFACT
+from flows.package import MODEL_FORMAT, MODEL_NAME, PACKAGE_ARTIFACT, load_package
+from flows.registry.package import RegistryError
 from gan_core.config import GanConfig
 from gan_core.evaluate import primary_metric
 
@@ -298,7 +298,7 @@ def load_generator(client, name: str, version: str):
     package folder) load as well."""
     from mlflow.exceptions import MlflowException
 
-    from flows.registry.pyfunc import GanflowGenerator
+    from flows.package.pyfunc import GanflowGenerator
 
     where = f"{name} v{version}"
     try:

@@ -15,12 +15,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows.package.pyfunc import ENV_MAX_CONCURRENCY, ENV_QUEUE_TIMEOUT
 from flows.registry.models import _client, _download, _resolve, check_mlmodel, parse_model_ref
 from flows.registry.package import RegistryError
-from flows.registry.pyfunc import ENV_MAX_CONCURRENCY, ENV_QUEUE_TIMEOUT
 
 DEFAULT_PORT = 5001  # 5000 is the MLflow tracking server's (infra/compose.yaml)
-# Requests one server process generates at once (the model's slots, flows.registry.pyfunc);
+# Requests one server process generates at once (the model's slots, flows.package.pyfunc);
 # the others wait up to the queue timeout, then get HTTP 503. On a CPU two at once already
 # fill the cores, and each answer in flight holds its images (and, as JSON arrays, their
 # encoding: ~200 MB at the largest answer), so the limit also bounds memory. The timeout

@@ -29,7 +29,7 @@ def judged_generators(state) -> dict[str, nn.Module]:
     """CPU copies of the generator(s) evaluation judges (``gan_core.train.eval_models``: the
     EMA copies when the config keeps them): the judge lives on the CPU, and the run's own
     networks are never touched."""
-    from flows.tracking import generator_keys
+    from flows.package import generator_keys
     from gan_core.train import eval_models, plain
 
     nets = eval_models(state)

@@ -317,7 +317,7 @@ def trained_generators(directory: Path) -> tuple:
     the best generator on val when the checkpoint holds one (every run's final checkpoint
     does), else the generator the run would be judged by at that step (the EMA copy when
     the config keeps one), never the optimiser's raw last-step weights when there is better."""
-    from flows.tracking import generator_keys
+    from flows.package import generator_keys
     from gan_core.models import build_models
     from gan_core.overrides import from_flat_dict
     from gan_core.train import read_checkpoint, recalibrate
