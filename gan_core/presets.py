@@ -59,6 +59,11 @@ class DataFacts:
         return len(self.classes)
 
 
+def eval_every(t) -> int:
+    """Ten evaluations per run, at log points, and never past the run's last step."""
+    return min(t.steps, max(t.log_every, t.steps // 10 // t.log_every * t.log_every))
+
+
 def _is_pow2(n: int) -> bool:
     return n >= 8 and n & (n - 1) == 0
 
@@ -151,9 +156,7 @@ def preset(family: str, name: str = "default", image_size: int = 16) -> GanConfi
         )
     # Ten evaluations on val per run, at log points: the best of them is registered (a GAN's
     # figures drift after their best; the gan preset's FD was best near 60-90% of its steps).
-    t = cfg.train
-    every = max(t.log_every, t.steps // 10 // t.log_every * t.log_every)
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, every=every))
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, every=eval_every(cfg.train)))
     if name == "default":
         return cfg
     if name == "tiny":
@@ -249,4 +252,9 @@ def config_for_data(
                 "drop the override"
             )
     cfg = apply_overrides(cfg, wanted)
-    return apply_overrides(cfg, user)
+    cfg = apply_overrides(cfg, user)
+    if "train.steps" in user and "eval.every" not in user and cfg.eval.every:
+        # The preset's cadence was a tenth of its own steps: follow the user's (a run of 40
+        # steps evaluated every 600 would never choose a best step, nor feed a search).
+        cfg = apply_overrides(cfg, {"eval.every": eval_every(cfg.train)})
+    return cfg

@@ -67,7 +67,13 @@ def test_a_preset_is_chosen_with_the_overrides_when_fitting_a_dataset():
 
     facts = DataFacts("labelled", 32, 3, ("a", "b", "c"))
     cpu = config_for_data("cgan", facts, ["preset=cpu", "train.steps=900"])
-    assert (cpu.model.ngf, cpu.train.steps, cpu.eval.every) == (32, 900, 600)
+    # The evaluation cadence follows the user's steps (a tenth, at log points of 100)...
+    assert (cpu.model.ngf, cpu.train.steps, cpu.eval.every) == (32, 900, 100)
+    # ... never past the last step, and an explicit one is kept.
+    assert config_for_data("cgan", facts, ["train.steps=40"]).eval.every == 40
+    kept = config_for_data("cgan", facts, ["train.steps=900", "eval.every=450"])
+    assert kept.eval.every == 450
+    assert config_for_data("cgan", facts, ["train.steps=900", "eval.every=0"]).eval.every == 0
     assert config_for_data("cgan", facts).model.ngf == 64
     with pytest.raises(ConfigError, match="preset: unknown preset 'huge'"):
         config_for_data("cgan", facts, {"preset": "huge"})

@@ -197,3 +197,19 @@ def test_pbt_pipeline_promotes_the_best_trial_without_retraining(home, tmp_path,
     # ... and may start warm from the PBT champion: its recorded checkpoint is the trial's.
     start = pipeline.stage_start(plan, planned["champion"], setups["asha"][0], "auto")
     assert (start.start, start.warm_from.version) == ("warm", version), start.start_why
+
+
+def test_a_search_without_a_best_trial_says_why_in_one_line():
+    from flows.orchestration.retraining import no_best_why
+    from flows.tune.summary import Trial
+
+    def trial(gate=None, error=None):
+        return Trial("t", {}, 1.0, 40, False, gate, error, None)
+
+    gate = "class_accuracy 0.1 is below the gate 0.546"
+    why = no_best_why([trial(gate=gate), trial(gate=gate), trial(error="OOM")])
+    assert why.startswith("no trial passed the gate (2 of 3 finished below it; e.g. class_acc")
+    assert "train longer" in why and "\n" not in why
+    assert no_best_why([trial(error="worker died")]) == (
+        "no trial completed (1 failed; e.g. worker died)"
+    )

@@ -253,8 +253,23 @@ def stage_search(
     )
     result = run_search(req, progress=False)
     if result.best is None:
-        raise PipelineError(f"search {result.name}: no trial completed")
+        raise PipelineError(f"search {result.name}: {no_best_why(result.trials)}")
     return result
+
+
+def no_best_why(trials) -> str:
+    """Why a search has no best trial, in one line: every trial failed, or the ones that
+    finished all failed the gate (the cGAN's class accuracy: an untrained or collapsed G)."""
+    gated = [t for t in trials if t.error is None and t.gate]
+    if gated:
+        return (
+            f"no trial passed the gate ({len(gated)} of {len(trials)} finished below it; "
+            f"e.g. {gated[0].gate}); train longer (search_steps, train.steps)"
+        )
+    failed = [t for t in trials if t.error]
+    if failed:
+        return f"no trial completed ({len(failed)} failed; e.g. {failed[0].error})"
+    return "no trial completed"
 
 
 @dataclass(frozen=True)

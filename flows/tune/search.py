@@ -147,7 +147,8 @@ def _scheduler(req: SearchRequest, steps: int, eval_every: int, interval: int):
         return ASHAScheduler(
             time_attr="step",
             max_t=steps + 1,
-            grace_period=req.grace_period or eval_every,
+            # Never past the last step (Ray asserts grace_period <= max_t).
+            grace_period=min(req.grace_period or eval_every, steps),
             reduction_factor=2,
         )
     if req.scheduler in PBT_SCHEDULERS:
@@ -191,7 +192,12 @@ def run_search(req: SearchRequest, progress: bool = True) -> SearchResult:
 
     req.check()
     steps = req.base.train.steps
-    eval_every = req.eval_every or req.base.eval.every or max(1, steps // 4)
+    eval_every = min(req.eval_every or req.base.eval.every or max(1, steps // 4), steps)
+    if req.grace_period and req.grace_period > steps:
+        raise SearchError(
+            f"grace_period ({req.grace_period}) must be at most train.steps ({steps}): ASHA "
+            "would stop no trial before its end"
+        )
     # Every trial evaluates on val at this interval (its reports carry the metric ASHA reads).
     base = apply_overrides(req.base, {"eval.every": eval_every})
     pbt = req.scheduler in PBT_SCHEDULERS
