@@ -82,12 +82,23 @@ def _modern_conv(family: str) -> dict:
     6,000; a plain DCGAN's 95 -> 114), as D learns the training set; with ADA it keeps
     falling (133 at 1,500, 47 at 6,000). So augmentation is on, and the presets run long
     enough for it to pay. No EMA of G: at 1,500 steps it cost 17 FD points over three seeds
-    (its averaged weights blur the shapes); ``train.ema_half_life`` turns it on."""
+    (its averaged weights blur the shapes); ``train.ema_half_life`` turns it on.
+
+    The cGAN's augmentation leaves cutout out: with it, ADA drives p to 1 and a square of
+    half the side is blanked in every image D sees, often the whole shape, which is what the
+    label is about. Without it (seed 0, 6,000 steps) the judge's FD / intra-class FD / class
+    accuracy went 56 / 68 / 0.70 -> 25 / 37 / 0.78 on 600 shapes, 122 / 145 / 0.48 ->
+    86 / 108 / 0.57 on 150 and 138 / 164 / 0.43 -> 104 / 127 / 0.48 on 60. The GAN keeps
+    it: without it FD at its best step was lower (44 -> 33) but its colours drifted (8x8
+    thumbnail FD 13.7 -> 20) and it drew stripes along one edge."""
     return {
         "model": ModelConfig(arch="conv", z_dim=100, ngf=64, ndf=64, spectral_norm=False),
         "loss": LossConfig(gan_loss="hinge", mismatch=0.5 if family == "cgan" else 0.0),
         "optim": OptimConfig(decay_start=1.0),
-        "augment": AugmentConfig(policy="color,translation,cutout", ada=True),
+        "augment": AugmentConfig(
+            policy="color,translation" if family == "cgan" else "color,translation,cutout",
+            ada=True,
+        ),
         "train": TrainConfig(batch_size=64, steps=6000, log_every=100),
     }
 

@@ -60,6 +60,7 @@ VARIANTS: dict[str, tuple[tuple[str, ...], dict | str | None]] = {
     "no-bn-d": (GANS, {"model.d_batchnorm": False}),
     "mbstd": (GANS, {"model.minibatch_std": 4}),
     "no-cutout": (GANS, {"augment.policy": "color,translation"}),
+    "cutout": (GANS, {"augment.policy": "color,translation,cutout"}),
     "resize": (GANS, {"model.g_upsample": "resize"}),
     "projection": (("cgan",), {"model.conditioning": "projection"}),
     "concat": (("cgan",), {"model.conditioning": "concat"}),
