@@ -64,7 +64,7 @@ gpu-check-dry: setup
 # without augmentation, against the plain DCGAN at equal steps and equal time.
 gpu-quality: setup
 	$(PY) -m flows.bench.quality --device cuda --datasets shapes,shapes-10 \
-		--variants anchor,defaults,no-mismatch,no-aug --time-variants anchor --steps 6000 \
+		--variants anchor,defaults,cutout,no-mismatch,no-aug --time-variants anchor --steps 6000 \
 		--batch 64 --seeds 0,1,2 --out gpu-quality-out
 
 clean:
