@@ -189,57 +189,85 @@ def test_a_model_logged_with_the_old_code_path_still_loads(tmp_path):
 # --- under load: slots, a quick 503, answers of bounded size -------------------------------
 
 
-def test_serve_passes_its_limits_to_the_server(store, env_uri):
-    from flows.package.pyfunc import ENV_MAX_CONCURRENCY, ENV_QUEUE_TIMEOUT
+def test_ganflow_serve_answers_through_its_gate_and_passes_its_limits(store, env_uri):
+    # The command `ganflow serve` runs (its plan's argv and environment), started for real
+    # on loopback: uvicorn on MLflow's scoring app behind the gate, answering a request.
     from flows.registry.serve import plan
+    from flows.registry.serve_app import ENV_MAX_CONCURRENCY, ENV_MODEL_URI, ENV_QUEUE_TIMEOUT
 
-    p = plan(store[1]["gan"][0], max_concurrency=3, queue_timeout=7.5)
+    name = store[1]["gan"][0]
+    p = plan(name, port=_free_port(), max_concurrency=3, queue_timeout=7.5)
     assert p.env[ENV_MAX_CONCURRENCY] == "3" and p.env[ENV_QUEUE_TIMEOUT] == "7.5"
-    assert int(p.env["UVICORN_LIMIT_CONCURRENCY"]) >= 3  # a backstop well above the slots
+    assert p.env[ENV_MODEL_URI] == f"models:/{name}/{p.version}"
+    assert p.argv[p.argv.index("--limit-concurrency") + 1] == "48"  # a backstop above it
+    proc = subprocess.Popen(p.argv, env=p.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            try:
+                with urllib.request.urlopen(p.url.replace("invocations", "ping"), timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "ganflow serve did not come up"
+                time.sleep(0.5)
+        status, body = _post(p.port, {"inputs": {"n": 3, "seed": 1}})
+        assert status == 200 and len(body["predictions"]["images"]) == 3, body
+        _assert_one_line_4xx(*_post(p.port, {"inputs": {"n": 0}}), "n must be in")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
-def test_a_request_that_finds_every_slot_taken_is_a_one_line_503(store, monkeypatch):
-    # MLflow's own scoring app (mlflow.pyfunc.scoring_server.init), in process, on the
-    # champion as served: its slots come from the variables `ganflow serve` sets. Every slot
-    # held: the next request waits the queue timeout, then is answered 503 in one line; a
-    # slot freed, it is answered 200.
+def test_a_crowd_beyond_the_slots_waits_then_gets_a_quick_503(store):
+    # The gate around MLflow's own scoring app (mlflow.pyfunc.scoring_server.init) on the
+    # champion as served, driven over ASGI in process. One slot: a request holding it
+    # (admitted, then held until released) makes the next one wait the queue timeout and
+    # get 503 in one line, while /ping still answers; released, requests are answered 200,
+    # and a bad request gives its slot back.
+    import asyncio
+
+    import httpx
     import mlflow
     from mlflow.pyfunc.scoring_server import init
-    from starlette.testclient import TestClient
 
-    from flows.package.pyfunc import ENV_MAX_CONCURRENCY, ENV_QUEUE_TIMEOUT
+    from flows.registry.serve_app import Admission
 
     uri, models = store
-    monkeypatch.setenv(ENV_MAX_CONCURRENCY, "1")
-    monkeypatch.setenv(ENV_QUEUE_TIMEOUT, "0.3")
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pyfunc.load_model(f"models:/{models['gan'][0]}@champion")
-    slots = model.unwrap_python_model().slots
-    assert slots is not None and slots.n == 1 and slots.timeout == 0.3
-    client = TestClient(init(model))
+    scoring = init(mlflow.pyfunc.load_model(f"models:/{models['gan'][0]}@champion"))
+    body = {"inputs": {"n": 2, "seed": 0}}
 
-    def post(inputs: dict):
-        return client.post("/invocations", json={"inputs": inputs})
+    async def scenario() -> None:
+        release = asyncio.Event()
 
-    with slots:  # another request being generated
-        t0 = time.perf_counter()
-        busy = post({"n": 2, "seed": 0})
-        waited = time.perf_counter() - t0
-    assert busy.status_code == 503, busy.text
-    message = busy.json()["message"]
-    assert "server busy" in message and "retry later" in message
-    # MLflow frames a model's error as "Failed to predict data ...\nError: <its line>".
-    assert message.splitlines()[-1].startswith("Error: server busy")
-    assert "Traceback" not in busy.text and "stack_trace" not in busy.text
-    assert 0.3 <= waited < 5  # it queued for the timeout, then was told at once
-    assert post({"n": 2, "seed": 0}).status_code == 200
-    # Released on errors too: a bad request does not keep its slot.
-    assert post({"n": 0}).status_code == 400
-    assert post({"n": 2, "seed": 0}).status_code == 200
-    # Outside a server (no variables), there are no slots: nothing ever waits.
-    monkeypatch.delenv(ENV_MAX_CONCURRENCY)
-    again = mlflow.pyfunc.load_model(f"models:/{models['gan'][0]}@champion")
-    assert again.unwrap_python_model().slots is None
+        async def inner(scope, receive, send):  # MLflow's app; "x-hold" waits first
+            if (b"x-hold", b"1") in scope.get("headers", []):
+                await release.wait()
+            await scoring(scope, receive, send)
+
+        gate = Admission(inner, slots=1, timeout=0.3)
+        transport = httpx.ASGITransport(app=gate)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gate") as c:
+            held = asyncio.create_task(c.post("/invocations", json=body, headers={"x-hold": "1"}))
+            await asyncio.sleep(0.1)
+            t0 = time.perf_counter()
+            busy = await c.post("/invocations", json=body)
+            waited = time.perf_counter() - t0
+            assert busy.status_code == 503, busy.text
+            assert busy.headers["retry-after"]
+            message = busy.json()["message"]
+            assert (
+                message.startswith("server busy: 1 request(s) in progress") and "\n" not in message
+            )
+            assert 0.3 <= waited < 5  # it queued for the timeout, then was told at once
+            assert (await c.get("/ping")).status_code == 200  # not gated
+            release.set()
+            assert (await held).status_code == 200
+            assert (await c.post("/invocations", json={"inputs": {"n": 0}})).status_code == 400
+            assert (await c.post("/invocations", json=body)).status_code == 200
+
+    asyncio.run(scenario())
 
 
 def test_json_array_answers_are_bounded_and_png_is_the_way_past(store):
@@ -425,9 +453,10 @@ def test_generate_serve_rollback_bad_input_is_one_line(store, env_uri, tmp_path,
     assert not (tmp_path / "x.png").exists()
     assert main(["serve", gan, "--dry-run", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert plan["url"].startswith("http://127.0.0.1:") and f"models:/{gan}/" in " ".join(
-        plan["argv"]
+    assert plan["url"].startswith("http://127.0.0.1:") and plan["model"].startswith(
+        f"models:/{gan}/"
     )
+    assert "flows.registry.serve_app:from_env" in plan["argv"]
 
 
 def test_unreachable_server_is_named_in_seconds(monkeypatch, tmp_path, capsys):

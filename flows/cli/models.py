@@ -135,7 +135,8 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     alias = f" (@{p.alias})" if p.alias else ""
     print(f"serving {p.name} v{p.version}{alias} at {p.url}", file=sys.stderr, flush=True)
     if args.dry_run:
-        return {"name": p.name, "version": p.version, "url": p.url, "argv": p.argv}
+        model = f"models:/{p.name}/{p.version}"
+        return {"name": p.name, "version": p.version, "model": model, "url": p.url, "argv": p.argv}
     try:
         rc = subprocess.run(p.argv, env=p.env, check=False).returncode
     except KeyboardInterrupt:

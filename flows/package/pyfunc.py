@@ -18,10 +18,8 @@ Answers: ``{"images": [N, C, S, S] floats in [-1, 1]}`` (cgan adds ``labels``), 
 ``MlflowException`` with ``INVALID_PARAMETER_VALUE``, which the scoring server answers with
 HTTP 400 and the one-line message, never a 500 or a traceback.
 
-Under load (`ganflow serve` sets the variables below): at most ``max_concurrency`` requests
-are generated at once per server process; a request that waits longer than
-``queue_timeout`` seconds for a slot is answered HTTP 503 (``TEMPORARILY_UNAVAILABLE``) in
-one line, so a crowd queues briefly or is told to retry, and memory stays bounded. An
+How many requests a server takes at once is decided in front of MLflow's app
+(flows.registry.serve_app), not here: the answer's encoding costs more than predict. An
 answer as JSON arrays holds at most ``MAX_ARRAY_VALUES`` numbers (MLflow encodes JSON in
 pure Python: seconds and tens of MB per million numbers); larger answers are asked for as
 PNG.
@@ -31,14 +29,12 @@ import base64
 import binascii
 import io
 import math
-import os
-import threading
 from collections.abc import Iterable
 
 import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 from flows.package.format import MAX_SAMPLES, PACKAGE_ARTIFACT, load_package
@@ -49,8 +45,6 @@ DIRECTIONS = {"G": "G", "F": "F", "x2y": "G", "y2x": "F"}
 # encoder: measured here, 1,024 x 3 x 32 x 32 floats took 7.9 s and a 71 MB answer, the
 # same images as PNG 1.2 s and 1.9 MB. Bigger answers as arrays would take minutes and GBs.
 MAX_ARRAY_VALUES = 1024 * 3 * 32 * 32
-ENV_MAX_CONCURRENCY = "GANFLOW_SERVE_MAX_CONCURRENCY"
-ENV_QUEUE_TIMEOUT = "GANFLOW_SERVE_QUEUE_TIMEOUT"
 
 
 class BadRequest(MlflowException):
@@ -58,40 +52,6 @@ class BadRequest(MlflowException):
 
     def __init__(self, message: str, error_code=INVALID_PARAMETER_VALUE, **kwargs) -> None:
         super().__init__(message, error_code=error_code, **kwargs)
-
-
-class Busy(MlflowException):
-    """Every generation slot stayed taken for the queue timeout: HTTP 503, retry later."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, error_code=TEMPORARILY_UNAVAILABLE)
-
-
-class Slots:
-    """At most ``n`` requests generated at once; a waiter gives up after ``timeout`` s."""
-
-    def __init__(self, n: int, timeout: float):
-        self.n, self.timeout = n, timeout
-        self._sem = threading.BoundedSemaphore(n)
-
-    @classmethod
-    def from_env(cls) -> "Slots | None":
-        """The server's limits as `ganflow serve` set them; None (no limit) elsewhere."""
-        raw = os.environ.get(ENV_MAX_CONCURRENCY)
-        if not raw:
-            return None
-        return cls(max(1, int(raw)), float(os.environ.get(ENV_QUEUE_TIMEOUT) or 20))
-
-    def __enter__(self) -> "Slots":
-        if not self._sem.acquire(timeout=self.timeout):
-            raise Busy(
-                f"server busy: {self.n} request(s) being generated and none finished within "
-                f"{self.timeout:g} s; retry later (or serve with more --workers)"
-            )
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._sem.release()
 
 
 def _records(model_input) -> list[dict]:
@@ -159,11 +119,8 @@ class GanflowGenerator(PythonModel):
     nets: dict
     meta: dict
 
-    slots: Slots | None = None
-
     def load_context(self, context) -> None:
         self.load_package(context.artifacts[PACKAGE_ARTIFACT])
-        self.slots = Slots.from_env()
 
     def load_package(self, path: str) -> "GanflowGenerator":
         self.cfg, self.nets, self.meta = load_package(path)
@@ -219,10 +176,7 @@ class GanflowGenerator(PythonModel):
 
     def predict(self, context, model_input, params: dict | None = None):
         try:
-            if self.slots is None:
-                return self._predict(model_input, params or {})
-            with self.slots:
-                return self._predict(model_input, params or {})
+            return self._predict(model_input, params or {})
         except MlflowException:
             raise
         except Exception as exc:  # never a 500 with a traceback: name the problem

@@ -9,30 +9,22 @@ flows.package.pyfunc."""
 
 from flows.package.pyfunc import (
     DIRECTIONS,
-    ENV_MAX_CONCURRENCY,
-    ENV_QUEUE_TIMEOUT,
     FORMATS,
     MAX_ARRAY_VALUES,
     MAX_SAMPLES,
     PACKAGE_ARTIFACT,
     BadRequest,
-    Busy,
     GanflowGenerator,
-    Slots,
     to_png,
 )
 
 __all__ = [
     "DIRECTIONS",
-    "ENV_MAX_CONCURRENCY",
-    "ENV_QUEUE_TIMEOUT",
     "FORMATS",
     "MAX_ARRAY_VALUES",
     "MAX_SAMPLES",
     "PACKAGE_ARTIFACT",
     "BadRequest",
-    "Busy",
     "GanflowGenerator",
-    "Slots",
     "to_png",
 ]

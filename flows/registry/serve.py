@@ -15,9 +15,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.package.pyfunc import ENV_MAX_CONCURRENCY, ENV_QUEUE_TIMEOUT
 from flows.registry.models import _client, _download, _resolve, check_mlmodel, parse_model_ref
 from flows.registry.package import RegistryError
+from flows.registry.serve_app import ENV_MAX_CONCURRENCY, ENV_MODEL_URI, ENV_QUEUE_TIMEOUT
 
 DEFAULT_PORT = 5001  # 5000 is the MLflow tracking server's (infra/compose.yaml)
 # Requests one server process generates at once (the model's slots, flows.package.pyfunc);
@@ -66,8 +66,10 @@ def plan(
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
 ) -> ServePlan:
-    """What `ganflow serve` runs: `mlflow models serve -m models:/NAME/VERSION --env-manager
-    local` (the ganflow environment serves its own model code), after the checks."""
+    """What `ganflow serve` runs, after the checks: uvicorn on MLflow's own scoring app for
+    models:/NAME/VERSION (what `mlflow models serve --env-manager local` runs: the ganflow
+    environment serves its own model code) behind ganflow's admission gate
+    (flows.registry.serve_app)."""
     if not 1 <= port <= 65535:
         raise RegistryError(f"--port must be in 1..65535, got {port}")
     if not 1 <= workers <= 64:
@@ -90,28 +92,15 @@ def plan(
             ) from None
         check_mlmodel(Path(mlmodel).parent, f"{name} v{version}")
     argv = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "models",
-        "serve",
-        "-m",
-        f"models:/{name}/{version}",
-        "--env-manager",
-        "local",
-        "-h",
-        host,
-        "-p",
-        str(port),
-        "-w",
-        str(workers),
+        *(sys.executable, "-m", "uvicorn", "--factory", "flows.registry.serve_app:from_env"),
+        *("--host", host, "--port", str(port), "--workers", str(workers)),
+        # Beyond this many connections per process, 503 before a request is even read: a
+        # backstop for crowds far beyond what the gate queues.
+        *("--limit-concurrency", str(CONNECTIONS_PER_SLOT * max_concurrency)),
     ]
-    # MLflow starts `uvicorn` from PATH: this interpreter's own, even when PATH lacks its venv.
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "MLFLOW_TRACKING_URI": client.tracking_uri, "PATH": path}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": client.tracking_uri}
+    env[ENV_MODEL_URI] = f"models:/{name}/{version}"
     env[ENV_MAX_CONCURRENCY] = str(max_concurrency)
     env[ENV_QUEUE_TIMEOUT] = f"{queue_timeout:g}"
-    # uvicorn reads its options from UVICORN_* variables; MLflow's command line has no flag.
-    env["UVICORN_LIMIT_CONCURRENCY"] = str(CONNECTIONS_PER_SLOT * max_concurrency)
     alias = None if (sel or "").isdigit() else (sel or "champion")
     return ServePlan(name, version, alias, host, port, argv, env)
