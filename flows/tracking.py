@@ -401,20 +401,21 @@ def spool_dir(run_id: str) -> Path:
     return ganflow_home() / SPOOL_FOLDER / run_id
 
 
-def probe_interval() -> float:
-    raw = os.environ.get(PROBE_ENV)
+def _seconds(name: str, default: float) -> float:
+    """A number of seconds from the environment (at least 0), or one line naming it."""
+    raw = os.environ.get(name)
     try:
-        return max(0.0, float(raw)) if raw else DEFAULT_PROBE_S
+        return max(0.0, float(raw)) if raw else default
     except ValueError:
-        raise TrackingError(f"{PROBE_ENV} must be a number of seconds, got {raw!r}") from None
+        raise TrackingError(f"{name} must be a number of seconds, got {raw!r}") from None
+
+
+def probe_interval() -> float:
+    return _seconds(PROBE_ENV, DEFAULT_PROBE_S)
 
 
 def end_wait() -> float:
-    raw = os.environ.get(END_WAIT_ENV)
-    try:
-        return max(0.0, float(raw)) if raw else DEFAULT_END_WAIT_S
-    except ValueError:
-        raise TrackingError(f"{END_WAIT_ENV} must be a number of seconds, got {raw!r}") from None
+    return _seconds(END_WAIT_ENV, DEFAULT_END_WAIT_S)
 
 
 @contextlib.contextmanager
@@ -633,6 +634,7 @@ class RunLogger:
         self.uri, self.run_id, self.say = uri, run_id, say
         self.spool = (spool or Spool(spool_dir(run_id))) if is_remote(uri) else None
         self.probe_s = probe_interval() if probe_s is None else probe_s
+        self.end_wait_s = end_wait()  # read now: a bad value is one line at the start
         self.down_since: int | None = None
         self._last_probe = float("-inf")
         # Deferred record kinds this process can run when it sends the spool (the worker's
@@ -813,7 +815,7 @@ class RunLogger:
 
     def _wait_at_end(self) -> bool:
         """Whether the server came back (and got the spool) within the end's wait."""
-        wait = end_wait()
+        wait = self.end_wait_s
         if wait <= 0:
             return False
         self.say(
