@@ -102,12 +102,24 @@ class MlflowServer:
             time.sleep(0.1)
 
 
-@pytest.fixture
-def server(tmp_path):
-    srv = MlflowServer(tmp_path / "mlflow-server")
+@pytest.fixture(scope="module")
+def _module_server(tmp_path_factory):
+    """One server (one port, one database) for the module: a start took 46-56 s on a busy
+    2-core machine, and every test here stops and restarts it anyway. Tests tell their own
+    records apart by run id, or count rows from where they started (:func:`_loss_rows`)."""
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     srv.start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def server(_module_server):
+    """The module's server, up at the start of the test (a failed test may have left it
+    down)."""
+    if _module_server.proc is None:
+        _module_server.start()
+    return _module_server
 
 
 def _new_run(uri: str) -> str:
@@ -293,7 +305,8 @@ def test_secrets_stay_out_of_the_lines(tmp_path, monkeypatch):
 
 
 def _loss_rows(db: Path) -> int:
-    """Loss metric rows the server has stored (read beside it, as its own SQLite file)."""
+    """Loss metric rows the server has stored (read beside it, as its own SQLite file), all
+    runs': a test counts from the figure before its own run starts."""
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
             row = con.execute("SELECT count(*) FROM metrics WHERE key LIKE 'loss%'").fetchone()
@@ -356,14 +369,15 @@ def test_training_goes_on_through_a_server_outage(server, tmp_path, classifier_c
     steps = 400
     # A 60 s outage: training may end while the server is away; the end waits for it
     # (however slowly it restarts on a busy machine), then every logged step is sent.
+    before = _loss_rows(server.db)
     home, proc = _train(tmp_path, classifier_cache, server.url, steps, end_wait=300)
     outage: dict[str, float] = {}
 
     def take_the_server_away() -> None:
         # A few log points in (training has started), down for a minute, back.
-        while _loss_rows(server.db) < 6 and proc.poll() is None:
+        while _loss_rows(server.db) < before + 6 and proc.poll() is None:
             time.sleep(0.2)
-        outage["at_rows"] = _loss_rows(server.db)
+        outage["at_rows"] = _loss_rows(server.db) - before
         server.stop()
         outage["down"] = time.time()
         time.sleep(60)
@@ -404,8 +418,9 @@ def test_training_that_ends_without_the_server_is_replayed(server, tmp_path, cla
     and the model wait in the spool; the run ends with one line naming the replay command,
     and the replay (once the server is back) completes the run as it would have been."""
     steps = 200
+    before = _loss_rows(server.db)
     home, proc = _train(tmp_path, classifier_cache, server.url, steps, end_wait=0)
-    rows = 2 * (steps // 5 - 6)  # loss_D and loss_G, 6 log points before the end
+    rows = before + 2 * (steps // 5 - 6)  # loss_D and loss_G, 6 log points before the end
 
     def take_the_server_away() -> None:
         while _loss_rows(server.db) < rows and proc.poll() is None:
