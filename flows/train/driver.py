@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from flows.preflight import ensure_ray
 from flows.settings import cache_dir, forwarded_env, ganflow_home, inside, snapshot_root
@@ -251,7 +251,7 @@ def _track_and_fit(req, cfg, manifest, root, uri, run_id, run_name, use_gpu) -> 
 
     log_every = cfg.train.log_every
     job = WorkerJob(
-        config=cfg.to_flat_dict(),
+        config=cfg,
         snapshot_id=manifest.id,
         snapshot_root=root,
         cache_dir=req.cache_dir or str(cache_dir()),
@@ -261,7 +261,7 @@ def _track_and_fit(req, cfg, manifest, root, uri, run_id, run_name, use_gpu) -> 
         sample_every=req.sample_every or 5 * log_every,
         threads=cluster.threads,
         check_replicas=req.check_replicas,
-        fault=asdict(req.fault) if req.fault else None,
+        fault=req.fault,
         warm_start=req.warm_start,
     )
     return _fit(job, cluster, req, run_name, use_gpu)
@@ -285,7 +285,7 @@ def _fit(
         env["GANFLOW_QUIET_WORKERS"] = "1"  # see worker.quiet_train_reports
     trainer = _Trainer(
         train_loop_per_worker,
-        train_loop_config=asdict(job),
+        train_loop_config=job.to_wire(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cluster.workers, use_gpu=use_gpu, resources_per_worker=resources

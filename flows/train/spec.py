@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from flows.settings import check_name, ray_storage
 from flows.snapshots.manifest import Manifest
 from gan_core.config import GanConfig
+from gan_core.overrides import from_flat_dict
 
 STATE_FILE = "state.pt"
 EXPERIMENT = "ganflow-train"
@@ -32,9 +33,10 @@ class FaultInjection:
 
 @dataclass(frozen=True)
 class WorkerJob:
-    """What the driver hands every worker (the TorchTrainer's train_loop_config)."""
+    """What the driver hands every worker (the TorchTrainer's train_loop_config), typed on
+    both sides: :meth:`to_wire` and :meth:`from_wire` are the one conversion."""
 
-    config: dict
+    config: GanConfig
     snapshot_id: str
     snapshot_root: str
     cache_dir: str
@@ -44,10 +46,33 @@ class WorkerJob:
     sample_every: int = 500
     threads: int = 1
     check_replicas: bool = False
-    fault: dict | None = None
+    fault: FaultInjection | None = None
     warm_start: str | None = None
     """A checkpoint (path in the Ray storage) whose networks, optimiser moments and averages
     a fresh run starts from (gan_core.train.warm_start); a resumed run ignores it."""
+
+    def to_wire(self) -> dict[str, object]:
+        """The job as primitives for the TorchTrainer's train_loop_config. Ray pickles the
+        config to the workers, but Ray Train V2 also exports it, made JSON-safe, as the run's
+        settings (dashboard, state API): there a GanConfig would be a repr, its flat dict is
+        readable. The config's flat form round-trips exactly (gan_core.overrides), so a
+        resumed run rebuilds the same networks and streams."""
+        wire = {f.name: getattr(self, f.name) for f in fields(self)}
+        wire["config"] = self.config.to_flat_dict()
+        wire["fault"] = asdict(self.fault) if self.fault else None
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, object]) -> WorkerJob:
+        """Inverse of :meth:`to_wire` (on the worker)."""
+        fault = wire.get("fault")
+        return cls(
+            **{
+                **wire,
+                "config": from_flat_dict(wire["config"]),
+                "fault": FaultInjection(**fault) if fault else None,
+            }
+        )
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,6 @@ from flows.train.checkpoints import (
 )
 from flows.train.spec import WorkerJob, WorkerUserError
 from gan_core.config import GanConfig
-from gan_core.overrides import from_flat_dict
 
 
 def open_train(job: WorkerJob, cfg: GanConfig):
@@ -192,11 +191,11 @@ class RayCallback:
         fault = self.job.fault
         if (
             fault
-            and fault["rank"] == self.rank
-            and fault["step"] == state.step
-            and not os.path.exists(fault["marker"])
+            and fault.rank == self.rank
+            and fault.step == state.step
+            and not os.path.exists(fault.marker)
         ):
-            Path(fault["marker"]).write_text(str(os.getpid()))
+            Path(fault.marker).write_text(str(os.getpid()))
             # Give the controller time to register checkpoints already reported (it polls
             # workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); then die as a crash does.
             time.sleep(1.0)
@@ -250,7 +249,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     if os.environ.get("GANFLOW_QUIET_WORKERS") == "1":
         quiet_train_reports()
-    job = WorkerJob(**config)
+    job = WorkerJob.from_wire(config)
     # One intra-op thread per worker by default: several workers share a node's cores, and
     # OpenMP oversubscription slowed training 10-30x on a 2-core machine (measured).
     torch.set_num_threads(job.threads)
@@ -258,9 +257,8 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    cfg = from_flat_dict(job.config)
     try:
-        _train_worker(job, cfg, rank, world_size, device)
+        _train_worker(job, job.config, rank, world_size, device)
     except (
         ValueError,
         TypeError,

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
+from flows.tune.request import split_trial_config
 from flows.tune.space import SearchError, _is_int
 from gan_core.config import GanConfig
-from gan_core.overrides import apply_overrides, from_flat_dict
 
 # What may change while a run trains: the losses' weights, the optimisers' numbers and k.
 # Everything else shapes the networks, the data or the schedule's length (a mutated batch size
@@ -214,35 +214,37 @@ def pbt_trial(config: dict) -> None:
     from flows.train.worker import Evaluator, open_train
     from gan_core.train import init_state, train
 
-    ctx = config["__ganflow"]
-    os.environ.update(ctx["env"])
-    torch.set_num_threads(max(1, int(ctx.get("threads", 1))))
-    params = {k: v for k, v in config.items() if k != "__ganflow"}
+    ctx, params = split_trial_config(config)
+    os.environ.update(ctx.env)
+    torch.set_num_threads(max(1, ctx.threads))
     names = sorted(params)
-    cfg = apply_overrides(from_flat_dict(ctx["base"]), params)
+    cfg = ctx.trial_config(params)
     trial_id = tune.get_context().get_trial_id()
-    run_name = f"{ctx['search']}-{trial_id}"
+    run_name = ctx.run_name(trial_id)
     uri = run_id = None
-    if ctx["tracking"]:
+    if ctx.tracking:
         uri = tracking.tracking_uri()
-        exp = tracking.ensure_experiment(uri, ctx["experiment"])
+        exp = tracking.ensure_experiment(uri, ctx.experiment)
         tags = {
             "ganflow.family": cfg.family,
-            "ganflow.snapshot_id": ctx["snapshot_id"],
+            "ganflow.snapshot_id": ctx.snapshot_id,
             "ganflow.kind": "pbt-trial",
-            "mlflow.parentRunId": ctx["parent_run_id"],
+            "mlflow.parentRunId": ctx.parent_run_id,
         }
         run_id = tracking.find_or_create_run(uri, exp, run_name, tags)
-        tracking.log_config(uri, run_id, cfg, {"dataset.id": ctx["snapshot_id"]})
+        tracking.log_config(uri, run_id, cfg, {"dataset.id": ctx.snapshot_id})
+    # Not sent anywhere: the Evaluator and the snapshot reader take a WorkerJob.
     job = WorkerJob(
-        config=cfg.to_flat_dict(),
-        snapshot_id=ctx["snapshot_id"],
-        snapshot_root=ctx["snapshot_root"],
-        cache_dir=ctx["cache_dir"],
+        config=cfg,
+        snapshot_id=ctx.snapshot_id,
+        snapshot_root=ctx.snapshot_root,
+        cache_dir=ctx.cache_dir,
         tracking_uri=uri,
         run_id=run_id,
     )
-    device = torch.device("cuda" if ctx["gpus"] > 0 and torch.cuda.is_available() else "cpu")
+    device = torch.device(
+        "cuda" if ctx.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+    )
     train_rows = open_train(job, cfg)
     data = train_rows.to(device)
     heldout = load_heldout(job.snapshot_id, job.snapshot_root, cfg)

@@ -22,10 +22,14 @@ import time
 import uuid
 
 from flows.settings import forwarded_env, ray_storage
-from flows.tune.space import PBT_SCHEDULERS, SearchError, SearchRequest, to_tune_space
+
+# SearchRequest is asked of run_search: callers import it from here (it is defined in
+# flows.tune.request, which the PBT trial and the summary read without importing this module).
+from flows.tune.request import SearchRequest, TrialContext, split_trial_config
+from flows.tune.space import PBT_SCHEDULERS, SearchError, to_tune_space
 from flows.tune.summary import SearchResult, _summarise
 from gan_core.evaluate import primary_metric
-from gan_core.overrides import apply_overrides, from_flat_dict
+from gan_core.overrides import apply_overrides
 
 EXPERIMENT = "ganflow-search"
 
@@ -110,28 +114,30 @@ def _trial(config: dict) -> None:
     from flows.train.driver import run_training
     from flows.train.spec import ClusterSpec, StorageSpec, TrainRequest
 
-    ctx = config["__ganflow"]
+    ctx, params = split_trial_config(config)
     # The driver's view of where things live (no secrets), so a trial on any node reads the
     # same snapshot store and writes the same MLflow/Ray storage as the driver.
-    os.environ.update(ctx["env"])
-    params = {k: v for k, v in config.items() if k != "__ganflow"}
-    cfg = apply_overrides(from_flat_dict(ctx["base"]), params)
-    trial_name = f"{ctx['search']}-{tune.get_context().get_trial_id()}"
+    os.environ.update(ctx.env)
+    cfg = ctx.trial_config(params)
+    trial_name = ctx.run_name(tune.get_context().get_trial_id())
     # Read by id (an id names one content, whenever it is read), from the root the driver's
     # environment names: the trial's config carries the id, not the manifest, whose file
     # list would be copied into every trial's saved state.
-    manifest = resolve_snapshot(ctx["snapshot_id"])
+    manifest = resolve_snapshot(ctx.snapshot_id)
     req = TrainRequest(
         cfg=cfg,
         manifest=manifest,
         cluster=ClusterSpec(
-            workers=ctx["workers"], gpus_per_worker=ctx["gpus"], cpus_per_worker=ctx["cpus"]
+            workers=ctx.workers,
+            gpus_per_worker=ctx.gpus_per_worker,
+            cpus_per_worker=ctx.cpus_per_worker,
+            threads=ctx.threads,
         ),
-        storage=StorageSpec(url=ctx["storage"]),
+        storage=StorageSpec(url=ctx.storage),
         run_name=trial_name,
-        experiment=EXPERIMENT,
-        tracking=ctx["tracking"],
-        parent_run_id=ctx["parent_run_id"],
+        experiment=ctx.experiment,
+        tracking=ctx.tracking,
+        parent_run_id=ctx.parent_run_id,
         trainer_callbacks=[TuneReportCallback()],
         max_failures=0,
     )
@@ -289,21 +295,23 @@ def run_search(req: SearchRequest, progress: bool = True) -> SearchResult:
         # iterations; ASHA only judges results that carry the metric, so reports without it are
         # valid (Tune's strict check would reject them).
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-        ctx = {
-            "base": base.to_flat_dict(),
-            "snapshot_id": manifest.id,
-            "search": name,
-            "workers": req.workers_per_trial,
-            "gpus": req.gpus_per_worker,
-            "cpus": req.cpus_per_worker,
-            "storage": _storage_root(req),
-            "tracking": req.tracking,
-            "parent_run_id": parent,
-            "env": forwarded_env(),
-            "experiment": EXPERIMENT,
-            "snapshot_root": snapshot_root(),
-            "cache_dir": str(cache_dir()),
-        }
+        ctx = TrialContext(
+            base=base,
+            snapshot_id=manifest.id,
+            search_name=name,
+            workers=req.workers_per_trial,
+            gpus_per_worker=req.gpus_per_worker,
+            cpus_per_worker=req.cpus_per_worker,
+            storage=_storage_root(req),
+            tracking=req.tracking,
+            parent_run_id=parent,
+            env=forwarded_env(),
+            experiment=EXPERIMENT,
+            snapshot_root=snapshot_root(),
+            cache_dir=str(cache_dir()),
+        )
+        # The same param space on a resume: Tune checks its keys against the saved search's.
+        param_space = ctx.param_space(to_tune_space(req.space))
         if pbt:
             from flows.tune.pbt import pbt_trial
 
@@ -338,12 +346,12 @@ def run_search(req: SearchRequest, progress: bool = True) -> SearchResult:
                 resume_unfinished=True,
                 resume_errored=True,
                 storage_filesystem=filesystem,
-                param_space={**to_tune_space(req.space), "__ganflow": ctx},
+                param_space=param_space,
             )
         else:
             tuner = tune.Tuner(
                 trainable,
-                param_space={**to_tune_space(req.space), "__ganflow": ctx},
+                param_space=param_space,
                 tune_config=tune.TuneConfig(
                     metric=metric,
                     mode=mode,

@@ -4,10 +4,8 @@ against a base config, and Ray Tune's form."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 from flows.settings import read_yaml_mapping
-from flows.snapshots.manifest import Manifest
 from gan_core.config import ConfigError, GanConfig
 from gan_core.overrides import apply_overrides, resolve_key
 
@@ -112,63 +110,6 @@ def to_tune_space(space: dict[str, dict]) -> dict:
 def count_trials(space: dict[str, dict], samples: int) -> int:
     grid = math.prod(len(v) for s in space.values() for k, v in s.items() if k == "grid")
     return grid * samples
-
-
-@dataclass
-class SearchRequest:
-    family: str
-    manifest: Manifest
-    """The snapshot searched on, resolved by the caller (flows.orchestration.inputs)."""
-    base: GanConfig
-    space: dict[str, dict]
-    samples: int = 1
-    scheduler: str = "asha"
-    max_concurrent: int | None = None
-    workers_per_trial: int = 1
-    cpus_per_worker: float = 0.9
-    gpus_per_worker: float = 0.0
-    eval_every: int | None = None
-    grace_period: int | None = None
-    perturbation_interval: int | None = None
-    """PBT/PB2: steps between exploit/explore decisions (default: the eval interval; a
-    multiple of it, since decisions read the val metric)."""
-    quantile: float = 0.25
-    """PBT/PB2: the bottom fraction that exploits the top one (Ray's default)."""
-    resample_probability: float = 0.25
-    """PBT: chance that a mutated field is drawn afresh from the space (Ray's default)."""
-    name: str | None = None
-    resume: bool = False
-    storage: str | None = None
-    tracking: bool = True
-    extra_trial_overrides: dict = field(default_factory=dict)
-
-    def check(self) -> SearchRequest:
-        """Numbers and the name, in one line each, before the snapshot or Ray is touched."""
-        check_args(
-            samples=self.samples,
-            scheduler=self.scheduler,
-            max_concurrent=self.max_concurrent,
-            workers_per_trial=self.workers_per_trial,
-            gpus_per_worker=self.gpus_per_worker,
-            name=self.name,
-            resume=self.resume,
-        )
-        if not isinstance(self.cpus_per_worker, (int, float)) or not self.cpus_per_worker > 0:
-            raise SearchError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
-        for what, v in (
-            ("eval_every", self.eval_every),
-            ("grace_period", self.grace_period),
-            ("perturbation_interval", self.perturbation_interval),
-        ):
-            if v is not None and (not _is_int(v) or v < 1):
-                raise SearchError(f"{what} must be an integer >= 1, got {v!r}")
-        check_pbt_args(quantile=self.quantile, resample_probability=self.resample_probability)
-        if self.scheduler in PBT_SCHEDULERS and self.workers_per_trial != 1:
-            raise SearchError(
-                f"--scheduler {self.scheduler} trains each trial in one process "
-                f"(--workers-per-trial 1, got {self.workers_per_trial})"
-            )
-        return self
 
 
 def check_pbt_args(*, quantile: float, resample_probability: float) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.settings import ganflow_home
-from flows.tune.space import SearchRequest
+from flows.tune.request import SearchRequest, trial_params
 from gan_core.evaluate import gate_failure
 
 
@@ -127,7 +127,7 @@ def _summarise(
 ) -> SearchResult:
     trials = []
     for r in grid:
-        params = {k: v for k, v in (r.config or {}).items() if k != "__ganflow"}
+        params = trial_params(r.config or {})
         m = r.metrics or {}
         reached = int(m.get("step", 0))
         trials.append(
