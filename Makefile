@@ -36,8 +36,10 @@ run: setup
 test: setup
 	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=30
 
+# The inner loop: every test not marked slow (no Ray cluster, no server start, no training
+# past a few steps), on the same two workers.
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow"
 
 fmt: setup
 	$(VENV)/bin/ruff format .

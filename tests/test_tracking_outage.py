@@ -147,6 +147,7 @@ def _timed(fn, *args) -> float:
 PIXELS = np.arange(48 * 48, dtype=np.uint8).reshape(48, 48)
 
 
+@pytest.mark.slow  # starts and restarts a real MLflow server
 def test_outage_is_buffered_and_sent_in_order_when_the_server_is_back(server):
     uri = server.url
     run_id = _new_run(uri)
@@ -185,6 +186,7 @@ def test_outage_is_buffered_and_sent_in_order_when_the_server_is_back(server):
     assert not logger.spool.path.exists()
 
 
+@pytest.mark.slow  # starts and restarts a real MLflow server
 def test_server_gone_at_the_end_keeps_the_spool_for_the_replay_command(server, capfd, monkeypatch):
     from flows.cli import main
 
@@ -220,6 +222,7 @@ def test_server_gone_at_the_end_keeps_the_spool_for_the_replay_command(server, c
     assert not spool.exists()
 
 
+@pytest.mark.slow  # starts and restarts a real MLflow server
 def test_the_end_waits_for_a_server_that_comes_back(server, monkeypatch):
     # The server goes away just before the run's end and is back 3 s later: the end waits
     # for it (up to GANFLOW_TRACKING_END_WAIT_S), sends the spool and ends the run itself,

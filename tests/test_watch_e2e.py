@@ -67,7 +67,44 @@ def _wait_runs(port: int, dep: str, n: int, timeout: float) -> list[dict]:
     return _triggered(port, dep)
 
 
-def test_new_data_starts_one_retraining_per_source(tmp_path, s3):
+@pytest.fixture(scope="module")
+def prefect(tmp_path_factory):
+    """`prefect server start` on loopback, one per module (a start is tens of seconds on a
+    busy 2-core machine); yields (port, settings), the settings pointing a client at it (a
+    test adds them to its own environment, which may hold what its other fixtures set)."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    settings = {
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+    }
+    proc = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env={**os.environ, **settings},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/api/health", 120)
+        yield port, settings
+    finally:
+        _stop([proc])
+
+
+def _stop(procs) -> None:
+    for p in reversed(procs):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, 15)
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=20)
+
+
+def test_new_data_starts_one_retraining_per_source(prefect, tmp_path, s3):
     from flows.orchestration.retraining import PipelineConfig, for_source
     from flows.orchestration.watch import source_id
 
@@ -87,37 +124,10 @@ def test_new_data_starts_one_retraining_per_source(tmp_path, s3):
             }
         )
     )
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_SERVER_API_HOST": "127.0.0.1",
-        "GANFLOW_HOME": str(tmp_path / "home"),
-    }
+    port, settings = prefect
+    env = {**os.environ, **settings, "GANFLOW_HOME": str(tmp_path / "home")}
     procs = []
     try:
-        procs.append(
-            subprocess.Popen(
-                [
-                    str(BIN / "prefect"),
-                    "server",
-                    "start",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                ],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        )
-        _wait_http(f"http://127.0.0.1:{port}/api/health", 120)
-
         spec = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())
         spec["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] = str(ROOT)
         deps = {d["name"]: d for d in spec["deployments"]}
@@ -183,9 +193,89 @@ def test_new_data_starts_one_retraining_per_source(tmp_path, s3):
         assert for_source(pc, s3_runs[0]["parameters"]["source"]).families == ("cyclegan",)
         assert watch_log().count("ganflow.dataset.changed") == 2, watch_log()
     finally:
-        for p in reversed(procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, 15)
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=20)
+        _stop(procs)
+
+
+def _runs_of(port: int, deployment_id: str, state: str | None = None) -> list[dict]:
+    body: dict = {"deployments": {"id": {"any_": [deployment_id]}}}
+    if state:
+        body["flow_runs"] = {"state": {"type": {"any_": [state]}}}
+    return _api(port, "/flow_runs/filter", body)
+
+
+def _wait_for(what, timeout: float, log) -> object:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = what()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:g} s; the schedule's log:\n{log()[-4000:]}")
+
+
+def test_schedule_watch_serves_the_trigger_and_new_data_starts_one_run(prefect, tmp_path):
+    """`ganflow schedule --watch` with no worker and no `prefect deploy`: it registers the
+    retraining deployment (cron plus the data trigger) and the watcher on the server and runs
+    both itself. An unchanged folder starts nothing; new images start one retraining run,
+    for that source, served by the same process."""
+    from flows.orchestration.watch import source_id
+
+    port, settings = prefect
+    local = tmp_path / "photos"
+    local.mkdir()
+    for i in range(5):
+        (local / f"{i}.png").write_bytes(_png(i))
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"families": ["gan"], "datasets": {"gan": str(local)}}))
+    env = {
+        **os.environ,
+        **settings,
+        "GANFLOW_HOME": str(tmp_path / "home"),
+        # The served deployments' runner looks for due runs this often (Prefect's default
+        # is 10 s); the watcher's interval below is its schedule.
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+    }
+    log_path = tmp_path / "schedule.log"
+    log = open(log_path, "w")  # noqa: SIM115 (closed with the process)
+    cmd = [sys.executable, "-m", "flows.cli", "schedule", "--config", str(config)]
+    cmd += ["--name", "sched", "--watch", "2", "--quiet", str(QUIET_S)]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
+    log.close()
+
+    def schedule_log() -> str:
+        return log_path.read_text()
+
+    try:
+
+        def deployment(name: str):
+            with contextlib.suppress(OSError):
+                return _api(port, f"/deployments/name/{name}")["id"]
+            return None
+
+        dep = _wait_for(lambda: deployment("ganflow-retraining/sched"), 120, schedule_log)
+        watcher = _wait_for(
+            lambda: deployment("ganflow-dataset-watcher/sched-watcher"), 60, schedule_log
+        )
+        # The watcher has polled the unchanged folder a few times, longer than the quiet
+        # period: still no retraining run.
+        _wait_for(lambda: len(_runs_of(port, watcher, "COMPLETED")) >= 3, 180, schedule_log)
+        time.sleep(QUIET_S)
+        assert [r for r in _runs_of(port, dep) if not r["auto_scheduled"]] == [], schedule_log()
+
+        for i in range(5, 8):
+            (local / f"{i}.png").write_bytes(_png(i))
+
+        def triggered() -> list[dict]:
+            return [r for r in _runs_of(port, dep) if not r["auto_scheduled"]]
+
+        _wait_for(triggered, 180, schedule_log)
+        # More polls of the now unchanged folder, past the quiet period: no second run.
+        done = len(_runs_of(port, watcher, "COMPLETED"))
+        _wait_for(lambda: len(_runs_of(port, watcher, "COMPLETED")) >= done + 2, 120, schedule_log)
+        runs = triggered()
+        assert len(runs) == 1, (runs, schedule_log())
+        assert runs[0]["parameters"]["source"] == source_id(str(local))
+        assert runs[0]["parameters"]["config_path"] == str(config)
+        assert proc.poll() is None, schedule_log()  # still serving
+    finally:
+        _stop([proc])
