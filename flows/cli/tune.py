@@ -73,12 +73,12 @@ def format_trials(result: SearchResult) -> str:
 
 
 def add_commands(sub, add_common) -> None:
-    from gan_core.config import FAMILIES
+    from flows.train.options import OPTIONS, add_arguments
 
     p = sub.add_parser(
         "tune", help="search λ (lambda_cyc), k (d_steps) and other fields with Ray Tune"
     )
-    p.add_argument("--family", required=True, choices=FAMILIES)
+    add_arguments(p, [OPTIONS["family"]])
     p.add_argument(
         "--dataset",
         default=None,
@@ -131,7 +131,9 @@ def add_commands(sub, add_common) -> None:
         help="trials at once (default: what the cluster's CPUs fit)",
     )
     p.add_argument("--workers-per-trial", type=int, default=1)
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    # As `ganflow train` declares it (a trial is a training job); flows.tune.space checks it,
+    # so that a bad value is the search's own error.
+    add_arguments(p, [OPTIONS["gpus_per_worker"]])
     p.add_argument(
         "--set",
         dest="overrides",

@@ -18,7 +18,8 @@ from flows.orchestration.inputs import config_and_snapshot
 from flows.orchestration.reports import artifact_key, train_markdown
 from flows.tracking import redact, tracking_uri
 from flows.train.driver import default_run_name, run_training
-from flows.train.spec import ClusterSpec, StorageSpec, TrainRequest, TrainResult
+from flows.train.options import train_request
+from flows.train.spec import TrainRequest, TrainResult
 
 
 @task(name="build-config")
@@ -50,17 +51,13 @@ def train_flow(
     max_failures: int = 3,
 ) -> TrainResult:
     """Train one family on one snapshot as a Ray Train job, tracked in MLflow."""
+    # The parameters are exactly the declared options (tests/test_options.py), so they go on
+    # to the request as one mapping; this must stay the first statement.
+    values = dict(locals())
     overrides = list(overrides or [])
     cfg, manifest = build_config_task(family, config_file, overrides, dataset)
-    req = TrainRequest(
-        cfg=cfg,
-        manifest=manifest,
-        cluster=ClusterSpec(workers, gpus_per_worker, cpus_per_worker, threads),
-        storage=StorageSpec(storage, s3_endpoint_url),
-        run_name=run_name or default_run_name(cfg),
-        checkpoint_every=checkpoint_every,
-        max_failures=max_failures,
-    )
+    # Fixed before the task starts: a retried task resumes this Ray run, not a new one.
+    req = train_request(cfg, manifest, {**values, "run_name": run_name or default_run_name(cfg)})
     result = train_task(req)
     create_markdown_artifact(
         train_markdown(result, redact(tracking_uri())),
