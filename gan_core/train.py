@@ -312,6 +312,26 @@ def load_state_dict(state: TrainState, sd: dict) -> TrainState:
     return state
 
 
+def set_hyperparameters(state: TrainState, cfg: GanConfig) -> TrainState:
+    """Make ``cfg``'s loss/optim numbers and k the ones the loop uses from the next step on
+    (PBT's explore, after :func:`load_state_dict` of the donor's state). The loop reads λ, the
+    loss weights and k from ``state.cfg`` at every step; the learning rates live in the
+    optimisers' param groups and the schedulers' ``base_lrs`` (the donor's, once loaded), so
+    both are set: the new base rate times the schedule's factor at this step."""
+    state.cfg = cfg
+    o = cfg.optim
+    pairs = ((state.opt_g, state.schedulers[0], o.lr_g), (state.opt_d, state.schedulers[1], o.lr_d))
+    for opt, sched, lr in pairs:
+        factor = sched.lr_lambdas[0](sched.last_epoch)
+        sched.base_lrs = [lr] * len(opt.param_groups)
+        for g in opt.param_groups:
+            g["initial_lr"] = lr
+            g["lr"] = lr * factor
+            g["betas"] = (o.beta1, o.beta2)
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
+    return state
+
+
 def warm_start(state: TrainState, sd: dict) -> TrainState:
     """Start a fresh run from another run's networks: G and D, the optimisers' moments and
     the moving averages come from ``sd`` (a checkpoint's state dict); the step, the learning

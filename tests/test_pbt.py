@@ -247,6 +247,66 @@ def test_small_pbt_search_exploits_and_its_winner_is_the_model(home):
 
 
 @pytest.mark.slow
+def test_pbt_trials_on_two_workers_each_exploit_and_register(home):
+    """--workers-per-trial 2: each trial is a Ray Train run of two data-parallel workers; its
+    checkpoints come back to the trial, which reports them to Tune, so PBT exploits across
+    trials as with one process, and the winner's generator is logged in its run."""
+    from flows.tracking import client, tracking_uri
+    from flows.tune.search import SearchRequest, run_search
+
+    base = apply_overrides(preset("gan", "tiny"), PBT_ARGS)
+    space = validate_space({"lr_g": {"grid": [1e-3, 1e-6]}}, base)
+    c = client(tracking_uri())
+    name = "pbt-2w"
+    result = run_search(
+        SearchRequest(
+            "gan",
+            snapshot_for("builtin:digits", base),
+            base,
+            space,
+            scheduler="pbt",
+            # One decision, at step 20, once both trials are there (synchronous PBT):
+            # the worse of two always exploits the better.
+            eval_every=20,
+            quantile=0.5,
+            synch=True,
+            workers_per_trial=2,
+            cpus_per_worker=0.45,
+            name=name,
+        ),
+        progress=False,
+    )
+    assert len(result.trials) == 2
+    assert all(t.error is None and t.step == 40 for t in result.trials), result.trials
+    exp = c.get_experiment_by_name("ganflow-search").experiment_id
+    parent = c.search_runs([exp], filter_string=f"tags.`ganflow.run_name` = '{name}'")[0]
+    children = c.search_runs(
+        [exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len(children) == 2
+    [(run, line)] = [
+        (ch, v) for ch in children for k, v in ch.data.tags.items() if "pbt.exploit" in k
+    ]
+    assert line.startswith("exploit: from trial ") and " at step 20: " in line, line
+    # The receiver's schedule: the donor's values up to step 20, its own from step 21.
+    sched = json.loads(Path(c.download_artifacts(run.info.run_id, "pbt_schedule.json")).read_text())
+    # (A mutation can land on the donor's own values: then no new segment.)
+    assert [first for first, _ in sched] == ([1] if line.endswith("no change") else [1, 21])
+    # Every trial's last report came from two workers.
+    finals = [
+        json.loads(line)
+        for f in (home / "ray_results" / name).glob("*/result.json")
+        for line in f.read_text().splitlines()
+        if '"ray_workers"' in line
+    ]
+    assert finals and all(r["ray_workers"] == 2 for r in finals), finals
+    best = result.best
+    assert best is not None
+    assert "pbt_schedule.json" in {a.path for a in c.list_artifacts(best.run_id)}
+    assert c.get_run(best.run_id).outputs.model_outputs, "no logged generator"
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_killed_pbt_search_resumes_with_the_same_population(home):
     """The driver is SIGKILLed once a trial has reported a checkpoint; --resume finishes the

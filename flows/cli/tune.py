@@ -37,6 +37,7 @@ def cmd_tune(args: argparse.Namespace) -> dict:
         "perturbation_interval": args.perturbation_interval,
         "quantile": args.quantile,
         "resample_probability": args.resample_probability,
+        "synch": args.synch,
     }
     result = run_search(
         SearchRequest(family=args.family, manifest=manifest, base=base, space=space, **opts, **pbt),
@@ -123,6 +124,12 @@ def add_commands(sub, add_common) -> None:
         type=float,
         default=0.25,
         help="pbt: chance a mutated field is drawn afresh (default: 0.25, Ray's)",
+    )
+    p.add_argument(
+        "--synch",
+        action="store_true",
+        help="pbt/pb2: decide when every trial has reached the interval (early ones wait) "
+        "rather than as each reports; for small populations",
     )
     p.add_argument(
         "--max-concurrent",

@@ -267,6 +267,13 @@ def _track_and_fit(req, cfg, manifest, root, uri, run_id, run_name, use_gpu) -> 
     return _fit(job, cluster, req, run_name, use_gpu)
 
 
+def fit_job(job: WorkerJob, req: TrainRequest, run_name: str) -> _Fit:
+    """Fit ``job`` on ``req.cluster``'s workers as the Ray Train run ``run_name``, for a
+    caller that owns the MLflow run and built the job itself (a PBT trial on several
+    workers)."""
+    return _fit(job, req.cluster, req, run_name, req.cluster.gpus_per_worker > 0)
+
+
 def _fit(
     job: WorkerJob, cluster: ClusterSpec, req: TrainRequest, run_name: str, use_gpu: bool
 ) -> _Fit:

@@ -50,6 +50,15 @@ class WorkerJob:
     warm_start: str | None = None
     """A checkpoint (path in the Ray storage) whose networks, optimiser moments and averages
     a fresh run starts from (gan_core.train.warm_start); a resumed run ignores it."""
+    pbt_clock: str | None = None
+    """Set for a PBT trial that trains on several workers (flows.tune.pbt): every checkpoint
+    report also carries the step under this name (PBT's clock; the final report does not,
+    so a finished trial is never exploited), and a run started from a checkpoint (the
+    donor's, on exploit) takes this job's hyperparameters once the donor's state is loaded."""
+    start_from: str | None = None
+    """A complete checkpoint (a local path or s3:// URL) that a new run resumes from as if it
+    were its own latest: the PBT donor's (Ray Train V2 has no resume_from_checkpoint). A run
+    that has checkpoints of its own resumes from those instead."""
 
     def to_wire(self) -> dict[str, object]:
         """The job as primitives for the TorchTrainer's train_loop_config. Ray pickles the

@@ -207,7 +207,12 @@ class RayCallback:
         # checkpoint is reported after evaluation, with its figures.
         if state.step == self.end:
             return
-        if state.step % self.job.checkpoint_every == 0:
+        clock = self.job.pbt_clock
+        # A PBT trial checkpoints at every evaluation (PBT decides on val, and exploits
+        # from the checkpoint of the step it decided at), the step as its clock.
+        if evaluated if clock else state.step % self.job.checkpoint_every == 0:
+            if clock:
+                metrics[clock] = state.step
             report_checkpoint(state, metrics, self.rank, self.world_size, self.best)
         elif evaluated:
             ray.train.report(metrics)
@@ -299,8 +304,14 @@ def _train_worker(job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, de
         # all-reduce every augment.ada_interval D updates, at the same update on every rank).
         state.augment.reduce = _all_sum
     # Only a complete checkpoint (every file as its hash was recorded) is resumed from.
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and job.start_from:
+        from flows.train.spec import StorageSpec
+
+        path, filesystem = StorageSpec(url=job.start_from).resolve()
+        checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
     checkpoint = complete_checkpoint(
-        ray.train.get_checkpoint(),
+        checkpoint,
         say=lambda line: print(f"[ganflow rank {rank}] {line}", file=sys.__stderr__, flush=True),
     )
     best = None
@@ -315,6 +326,12 @@ def _train_worker(job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, de
         with checkpoint.as_directory() as d:
             exact = restore_checkpoint(state, Path(d), rank, world_size)
             best = read_best(Path(d)) if rank == 0 else None
+        if job.pbt_clock:
+            # A PBT exploit: the donor's complete state, then this trial's hyperparameters
+            # (its learning rates into the restored optimisers and schedules) from the next step.
+            from gan_core.train import set_hyperparameters
+
+            set_hyperparameters(state, cfg)
         print(
             f"[ganflow rank {rank}] resumed at iteration {state.step}"
             + ("" if exact else " (world size changed: fresh data/noise streams)"),

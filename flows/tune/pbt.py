@@ -21,6 +21,7 @@ so the best trial's generator is the search's model: nothing is retrained.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -126,24 +127,11 @@ def clip(space: dict[str, dict]):
 
 
 def apply_hyperparameters(state, cfg: GanConfig):
-    """Make ``cfg``'s loss/optim numbers and k the ones the loop uses from the next step on.
+    """``cfg``'s loss/optim numbers and k in effect from the next step on (gan_core's
+    set_hyperparameters: the optimisers' param groups and the schedulers' base rates too)."""
+    from gan_core.train import set_hyperparameters
 
-    The loop reads λ, the loss weights and k from ``state.cfg`` at every step; the learning
-    rates live in the optimisers' param groups and the LambdaLR schedulers' ``base_lrs``
-    (loading the donor's state restored the donor's), so both are set: the new base rate
-    times the schedule's factor at this step (the linear decay goes on where it was)."""
-    state.cfg = cfg
-    o = cfg.optim
-    pairs = ((state.opt_g, state.schedulers[0], o.lr_g), (state.opt_d, state.schedulers[1], o.lr_d))
-    for opt, sched, lr in pairs:
-        factor = sched.lr_lambdas[0](sched.last_epoch)
-        sched.base_lrs = [lr] * len(opt.param_groups)
-        for g in opt.param_groups:
-            g["initial_lr"] = lr
-            g["lr"] = lr * factor
-            g["betas"] = (o.beta1, o.beta2)
-        sched._last_lr = [g["lr"] for g in opt.param_groups]
-    return state
+    return set_hyperparameters(state, cfg)
 
 
 def exploit(state, sd: dict, cfg: GanConfig):
@@ -233,6 +221,10 @@ def pbt_trial(config: dict) -> None:
         }
         run_id = tracking.find_or_create_run(uri, exp, run_name, tags)
         tracking.log_config(uri, run_id, cfg, {"dataset.id": ctx.snapshot_id})
+    now = hyperparameters(cfg, names)
+    if ctx.workers > 1:
+        _train_on_workers(ctx, cfg, now, trial_id, run_name, uri, run_id)
+        return
     # Not sent anywhere: the Evaluator and the snapshot reader take a WorkerJob.
     job = WorkerJob(
         config=cfg,
@@ -249,7 +241,6 @@ def pbt_trial(config: dict) -> None:
     data = train_rows.to(device)
     heldout = load_heldout(job.snapshot_id, job.snapshot_root, cfg)
     state = init_state(cfg, data, device)
-    now = hyperparameters(cfg, names)
     schedule: list = [[1, now]]
     best_sd = None
     checkpoint = tune.get_checkpoint()
@@ -257,16 +248,7 @@ def pbt_trial(config: dict) -> None:
         with checkpoint.as_directory() as d:
             sd, meta, best_sd = read_trial_checkpoint(Path(d))
         exploit(state, sd, cfg)
-        step, donor = state.step, meta["trial_id"]
-        schedule = schedule_after(meta["schedule"], step, now)
-        if donor != trial_id or meta["hyperparameters"] != now:
-            change = describe_change(meta["hyperparameters"], now)
-            line = f"exploit: from trial {donor} at step {step}: {change or 'no change'}"
-            print(f"[ganflow] {run_name}: {line}", file=sys.__stderr__, flush=True)
-            if run_id:
-                c = tracking.client(uri)
-                c.set_tag(run_id, f"ganflow.pbt.exploit.{step:08d}", line)
-                tracking.log_metrics(uri, run_id, {"pbt.exploit_from_step": step}, step)
+        schedule = _record_exploit(meta, state.step, now, trial_id, run_name, uri, run_id)
     evaluator = Evaluator(job, cfg, train_rows, heldout, best_sd)
     end = cfg.train.steps
 
@@ -302,6 +284,190 @@ def pbt_trial(config: dict) -> None:
             {**final, "step": state.step, "trial_id": trial_id, "pbt_schedule": schedule},
             checkpoint=tune.Checkpoint.from_directory(tmp),
         )
+
+
+def _record_exploit(meta: dict, step: int, now: dict, trial_id, run_name, uri, run_id) -> list:
+    """A restart from a checkpoint (``meta``: its pbt.json) at ``step``: one line, and in the
+    trial's MLflow run a tag and a metric when it is an exploit (another trial's state, or
+    new values); returns the schedule from here on."""
+    from flows import tracking
+
+    donor = meta["trial_id"]
+    if donor != trial_id or meta["hyperparameters"] != now:
+        change = describe_change(meta["hyperparameters"], now)
+        line = f"exploit: from trial {donor} at step {step}: {change or 'no change'}"
+        print(f"[ganflow] {run_name}: {line}", file=sys.__stderr__, flush=True)
+        if run_id:
+            tracking.client(uri).set_tag(run_id, f"ganflow.pbt.exploit.{step:08d}", line)
+            tracking.log_metrics(uri, run_id, {"pbt.exploit_from_step": step}, step)
+    return schedule_after(meta["schedule"], step, now)
+
+
+# --- a trial on several workers -------------------------------------------------------------
+
+
+def _train_on_workers(ctx, cfg: GanConfig, now: dict, trial_id, run_name, uri, run_id) -> None:
+    """The trial as a Ray Train run on ``ctx.workers`` workers (data parallel, the same worker
+    code as `ganflow train`: flows.train.worker). The workers checkpoint at every evaluation
+    with the step as PBT's clock (``WorkerJob.pbt_clock``); a Train callback hands each
+    checkpoint back to this actor, which reports it to Tune with the trial's PBT record
+    (pbt.json) beside the workers' files. After an exploit the new Train run starts from the
+    donor's checkpoint (every rank's streams, the best so far) and the workers apply this
+    trial's hyperparameters once it is loaded. Tune stopping this actor stops the Train run
+    it owns (its controller and workers are this actor's children)."""
+    import tempfile
+    import threading
+    import uuid
+
+    from ray import tune
+    from ray.util.queue import Empty, Queue
+
+    from flows import tracking
+    from flows.snapshots.load import resolve_snapshot
+    from flows.train.driver import fit_job
+    from flows.train.spec import ClusterSpec, StorageSpec, TrainRequest, WorkerJob
+
+    schedule: list = [[1, now]]
+    donor = tune.get_checkpoint()
+    if donor is not None:
+        with donor.as_directory() as d:
+            meta = json.loads((Path(d) / META_FILE).read_text())
+        schedule = _record_exploit(meta, meta["step"], now, trial_id, run_name, uri, run_id)
+    log_every = cfg.train.log_every
+    job = WorkerJob(
+        config=cfg,
+        snapshot_id=ctx.snapshot_id,
+        snapshot_root=ctx.snapshot_root,
+        cache_dir=ctx.cache_dir,
+        tracking_uri=uri,
+        run_id=run_id,
+        sample_every=5 * log_every,
+        threads=ctx.threads,
+        pbt_clock=TIME_ATTR,
+        start_from=_url(donor) if donor is not None else None,
+    )
+    reports = Queue(actor_options={"num_cpus": 0})
+    req = TrainRequest(
+        cfg=cfg,
+        manifest=resolve_snapshot(ctx.snapshot_id),
+        cluster=ClusterSpec(
+            workers=ctx.workers,
+            gpus_per_worker=ctx.gpus_per_worker,
+            cpus_per_worker=ctx.cpus_per_worker,
+            threads=ctx.threads,
+        ),
+        storage=StorageSpec(url=ctx.storage),
+        tracking=ctx.tracking,
+        max_failures=0,  # Tune restarts the trial from its last checkpoint instead
+        # Every checkpoint stays until this trial has copied it (the copy can lag behind the
+        # workers while Tune takes a report); the Train run's folder goes at the trial's end.
+        keep_checkpoints=None,
+        trainer_callbacks=[_HandBack(reports)],
+    )
+    fit: dict = {}
+    # Every start its own Train run: Ray Train resumes a run name it finds in storage from
+    # that run's latest checkpoint, which after an exploit is not the donor's.
+    name = f"{run_name}-{uuid.uuid4().hex[:6]}"
+
+    def run() -> None:
+        try:
+            fit["result"] = fit_job(job, req, name)
+        except BaseException as exc:  # noqa: BLE001 (raised again in the trial's own thread)
+            fit["error"] = exc
+
+    runner = threading.Thread(target=run, name="pbt-train-run", daemon=True)
+    runner.start()
+    last = None
+    while runner.is_alive() or not reports.empty():
+        try:
+            metrics, checkpoint = reports.get(timeout=1.0)
+        except Empty:
+            continue
+        if TIME_ATTR not in metrics:  # the end: reported below, with the schedule
+            last = (metrics, checkpoint)
+            continue
+        step = int(metrics[TIME_ATTR])
+        meta = {"trial_id": trial_id, "step": step, "hyperparameters": now, "schedule": schedule}
+        with tempfile.TemporaryDirectory() as tmp:
+            _tune_checkpoint(checkpoint, Path(tmp), meta)
+            tune.report(
+                {**metrics, "step": step, "trial_id": trial_id},
+                checkpoint=tune.Checkpoint.from_directory(tmp),
+            )
+    runner.join()
+    if "error" in fit:
+        raise fit["error"]
+    result = fit.get("result")
+    if result is None or not result.ok or last is None:
+        why = result.error if result is not None else "the Train run ended without a result"
+        if run_id:
+            with contextlib.suppress(Exception):
+                tracking.finish_run(uri, run_id, "FAILED")
+        raise RuntimeError(f"PBT trial {trial_id}: {why}")
+    metrics, checkpoint = last
+    if run_id:
+        _log_schedule(uri, run_id, schedule, cfg.train.steps)
+        tracking.finish_run(uri, run_id)
+    step = int(metrics.get("step", cfg.train.steps))
+    meta = {"trial_id": trial_id, "step": step, "hyperparameters": now, "schedule": schedule}
+    with tempfile.TemporaryDirectory() as tmp:
+        _tune_checkpoint(checkpoint, Path(tmp), meta)
+        _remove_run(result.storage)
+        tune.report(
+            {**metrics, "step": step, "trial_id": trial_id, "pbt_schedule": schedule},
+            checkpoint=tune.Checkpoint.from_directory(tmp),
+        )
+
+
+def _url(checkpoint) -> str:
+    """Where a Tune checkpoint lives, as the URL flows.train.spec.StorageSpec resolves."""
+    from pyarrow import fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.S3FileSystem):
+        return f"s3://{checkpoint.path}"
+    return checkpoint.path
+
+
+def _tune_checkpoint(checkpoint, out: Path, meta: dict) -> None:
+    """The workers' checkpoint (in the Train run's storage) copied into ``out`` with the
+    trial's PBT record beside it: what Tune keeps, and hands a receiving trial on exploit."""
+    checkpoint.to_directory(str(out))
+    (out / META_FILE).write_text(json.dumps(meta, default=float))
+
+
+def _remove_run(storage: str) -> None:
+    """The finished Train run's folder (its checkpoints were copied into Tune's): best
+    effort, a leftover folder costs space, not correctness."""
+    import shutil
+
+    with contextlib.suppress(Exception):
+        if storage.startswith("s3://"):
+            from flows.storage import get_filesystem
+
+            fs, path = get_filesystem(storage)
+            fs.rm(path, recursive=True)
+        else:
+            shutil.rmtree(storage)
+
+
+def _hand_back_class():
+    from ray.train.v2.api.callback import UserCallback
+
+    class HandBack(UserCallback):
+        """Runs in the Train run's controller: each report's metrics (rank 0's) and
+        checkpoint go to the PBT trial's queue, in order."""
+
+        def __init__(self, queue):
+            self.queue = queue
+
+        def after_report(self, run_context, metrics, checkpoint):
+            self.queue.put((dict(metrics[0]), checkpoint))
+
+    return HandBack
+
+
+def _HandBack(queue):
+    return _hand_back_class()(queue)
 
 
 def _finish_untracked(evaluator, state) -> dict[str, float]:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, fields
 
 from flows.snapshots.manifest import Manifest
 from flows.tune.space import (
-    PBT_SCHEDULERS,
     SearchError,
     _is_int,
     check_args,
@@ -131,6 +130,12 @@ class SearchRequest:
     """PBT/PB2: the bottom fraction that exploits the top one (Ray's default)."""
     resample_probability: float = 0.25
     """PBT: chance that a mutated field is drawn afresh from the space (Ray's default)."""
+    synch: bool = False
+    """PBT/PB2: decide when every trial has reached the interval (Tune's synchronous mode;
+    early trials wait, paused), instead of as each trial reports. Asynchronous PBT compares
+    a trial with the others' latest figures, which in a small population run side by side
+    are often a step behind, and then rarely exploits; synchronous decisions cost a pause
+    and restart per trial and interval."""
     name: str | None = None
     resume: bool = False
     storage: str | None = None
@@ -158,9 +163,4 @@ class SearchRequest:
             if v is not None and (not _is_int(v) or v < 1):
                 raise SearchError(f"{what} must be an integer >= 1, got {v!r}")
         check_pbt_args(quantile=self.quantile, resample_probability=self.resample_probability)
-        if self.scheduler in PBT_SCHEDULERS and self.workers_per_trial != 1:
-            raise SearchError(
-                f"--scheduler {self.scheduler} trains each trial in one process "
-                f"(--workers-per-trial 1, got {self.workers_per_trial})"
-            )
         return self

@@ -167,6 +167,7 @@ def _scheduler(req: SearchRequest, steps: int, eval_every: int, interval: int):
             "custom_explore_fn": pbt.clip(req.space),
             # The final report has no TIME_ATTR (see flows.tune.pbt): not an error.
             "require_attrs": False,
+            "synch": req.synch,
         }
         if req.scheduler == "pb2":
             from ray.tune.schedulers.pb2 import PB2
@@ -279,6 +280,7 @@ def run_search(req: SearchRequest, progress: bool = True) -> SearchResult:
                         "perturbation_interval": interval,
                         "quantile": req.quantile,
                         "resample_probability": req.resample_probability,
+                        "synch": req.synch,
                     }
                     if pbt
                     else {}
@@ -312,14 +314,15 @@ def run_search(req: SearchRequest, progress: bool = True) -> SearchResult:
         )
         # The same param space on a resume: Tune checks its keys against the saved search's.
         param_space = ctx.param_space(to_tune_space(req.space))
+        # A trial on several workers runs a Ray Train run whose workers reserve the real
+        # resources; a 1-worker PBT trial trains in its own actor (flows/tune/pbt.py).
+        on_workers = not pbt or req.workers_per_trial > 1
         if pbt:
             from flows.tune.pbt import pbt_trial
 
-            # A PBT trial trains in its own actor (flows/tune/pbt.py): it reserves the CPUs.
-            trainable = tune.with_resources(
-                pbt_trial, {"cpu": req.cpus_per_worker, "gpu": req.gpus_per_worker}
-            )
-        else:  # the trial's own Ray Train workers reserve the real CPUs
+            resources = {"cpu": req.cpus_per_worker, "gpu": req.gpus_per_worker}
+            trainable = tune.with_resources(pbt_trial, {"cpu": 0.01} if on_workers else resources)
+        else:
             trainable = tune.with_resources(_trial, {"cpu": 0.01})
         max_conc = req.max_concurrent
         if max_conc is None:
@@ -337,7 +340,9 @@ def run_search(req: SearchRequest, progress: bool = True) -> SearchResult:
             storage_path=storage_path,
             storage_filesystem=filesystem,
             verbose=1 if progress else 0,
-            callbacks=[] if pbt else [_reaper_callback()],
+            # A stopped trial's Train run can leave its placement group behind (see the
+            # reaper); a 1-worker PBT trial makes none.
+            callbacks=[_reaper_callback()] if on_workers else [],
         )
         if req.resume:
             tuner = tune.Tuner.restore(
