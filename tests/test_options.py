@@ -139,3 +139,18 @@ def test_flow_builds_its_request_from_its_parameters(monkeypatch):
     assert req.cluster == ClusterSpec(workers=3, gpus_per_worker=1.0)
     assert req.storage == StorageSpec("/s", None)
     assert (req.run_name, req.checkpoint_every, req.max_failures) == ("default-name", 4, 3)
+
+
+def test_flow_refuses_a_bad_parameter_before_any_work(monkeypatch):
+    import flows.orchestration.train as flow_module
+    from flows.train.spec import TrainError
+
+    def build_config(*args):
+        raise AssertionError("the dataset was resolved before the parameters were checked")
+
+    monkeypatch.setattr(flow_module, "build_config_task", build_config)
+    with pytest.raises(TrainError, match="--workers") as info:
+        flow_module.train_flow.fn(family="gan", workers=0)
+    assert "\n" not in str(info.value)
+    with pytest.raises(TrainError, match="--max-failures"):
+        flow_module.train_flow.fn(family="gan", max_failures=-2)

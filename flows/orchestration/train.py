@@ -18,7 +18,7 @@ from flows.orchestration.inputs import config_and_snapshot
 from flows.orchestration.reports import artifact_key, train_markdown
 from flows.tracking import redact, tracking_uri
 from flows.train.driver import default_run_name, run_training
-from flows.train.options import train_request
+from flows.train.options import check_options, train_request
 from flows.train.spec import TrainRequest, TrainResult
 
 
@@ -54,6 +54,9 @@ def train_flow(
     # The parameters are exactly the declared options (tests/test_options.py), so they go on
     # to the request as one mapping; this must stay the first statement.
     values = dict(locals())
+    # A deployment run with a bad parameter fails here, in one line, before the dataset is
+    # resolved (an ingest) or Ray starts, as `ganflow train` does.
+    check_options(values)
     overrides = list(overrides or [])
     cfg, manifest = build_config_task(family, config_file, overrides, dataset)
     # Fixed before the task starts: a retried task resumes this Ray run, not a new one.
