@@ -229,6 +229,7 @@ def stage_search(
     steps: int | None,
     scheduler: str = "asha",
     gpus: float = 0.0,
+    workers: int = 1,
 ) -> SearchResult:
     from flows.tune.search import SearchRequest, run_search
     from flows.tune.space import default_space, validate_space
@@ -238,11 +239,11 @@ def stage_search(
 
         # The winner is the candidate itself: its trials train for the training's length (or
         # search_steps) with the config's own evaluation cadence, so its registered generator
-        # is chosen on val as a training run's would be. A trial is one process with its
-        # own GPU share (PBT has no multi-worker trials; `workers` applies to training).
+        # is chosen on val as a training run's would be, on the workers a training run of
+        # the pipeline gets (`workers`, `gpus_per_worker`).
         steps = steps or cfg.train.steps
         base = cfg if steps == cfg.train.steps else finetune_config(cfg, steps)
-        extra = {"scheduler": scheduler, "gpus_per_worker": gpus}
+        extra = {"scheduler": scheduler, "gpus_per_worker": gpus, "workers_per_trial": workers}
     else:
         steps = steps or max(20, cfg.train.steps // 4)
         base = apply_overrides(cfg, {"train.steps": steps, "train.log_every": max(1, steps // 8)})
@@ -756,6 +757,7 @@ def _pbt_family(
             pc.search_steps,
             pc.search_scheduler,
             pc.gpus_per_worker,
+            pc.workers,
         )
     best = search.best
     line = pbt_candidate_line(search)
