@@ -32,9 +32,9 @@ run: setup
 # number of tests, would start the few-test end-to-end files last). In-process training
 # uses one thread (conftest), so one core trains while the other starts processes, imports or
 # waits on a server. pytest's exit code 5 (no tests collected) still fails the target.
-# The 30 slowest tests are listed at the end: where the suite's time goes.
+# The 60 slowest tests are listed at the end: where the suite's time goes.
 test: setup
-	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=30
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=60
 
 # The inner loop: every test not marked slow (no Ray cluster, no server start, no training
 # past a few steps), on the same two workers.
