@@ -333,11 +333,12 @@ def set_hyperparameters(state: TrainState, cfg: GanConfig) -> TrainState:
 
 
 def warm_start(state: TrainState, sd: dict) -> TrainState:
-    """Start a fresh run from another run's networks: G and D, the optimisers' moments and
-    the moving averages come from ``sd`` (a checkpoint's state dict); the step, the learning
-    rate schedule, the data and noise streams and D's augmentation stay this run's own, so
-    fine-tuning on new data runs its own ``train.steps`` at its own learning rates.
-    Shapes must match (a load_state_dict error names the first that does not)."""
+    """Start a fresh run from another run's networks: G and D, the optimisers' moments, the
+    moving averages and, with ADA, the augmentation strength p come from ``sd`` (a
+    checkpoint's state dict); the step, the learning rate schedule and the data, noise and
+    augmentation draws stay this run's own, so fine-tuning on new data runs its own
+    ``train.steps`` at its own learning rates. Shapes must match (a load_state_dict error
+    names the first that does not)."""
     for k, net in state.models.items():
         plain(net).load_state_dict(sd["models"][k])
     for opt, key in ((state.opt_g, "opt_g"), (state.opt_d, "opt_d")):
@@ -350,6 +351,10 @@ def warm_start(state: TrainState, sd: dict) -> TrainState:
     saved = sd.get("ema") or {}
     for k, avg in state.ema.items():
         avg.load_state_dict(saved.get(k) or plain(state.models[k]).state_dict())
+    if state.cfg.augment.ada and "augment" in sd:
+        # D was trained against reals augmented at the champion's p (ADA drives it near 1 on
+        # small sets); p from its start again would change what D sees at once.
+        state.augment.load_state_dict(sd["augment"], None)
     return state
 
 

@@ -201,3 +201,25 @@ def test_summary_and_retraining_run_show_kept_trained_and_unmeasured(tmp_path, m
     assert [m.step for m in c.get_metric_history(second, "cgan.champion.val_fd")] == [1]
     exp = c.get_experiment_by_name(RETRAINING_EXPERIMENT)
     assert len(c.search_runs([exp.experiment_id])) == 2
+
+
+def test_warm_start_carries_adas_p_not_its_draws():
+    """With ADA, D was trained against reals augmented at the champion's p; the candidate
+    starts from that p (a fresh p of 0 changes what D sees at once), with its own draws."""
+    data = load_builtin("builtin:digits", 16, "train")
+    conv = {"model.arch": "conv", "model.ngf": 8, "model.ndf": 8}
+    over = {**conv, "augment.policy": "translation", "augment.ada": True}
+    champ = init_state(_tiny("gan", **over), data, "cpu")
+    champ.augment.p.fill_(0.7)
+    sd = state_dict(champ)
+    cand = init_state(_tiny("gan", **over, **{"train.seed": 7}), data, "cpu")
+    assert float(cand.augment.p) == 0.0  # ADA starts from p = 0
+    draws = cand.augment.generator.get_state()
+    warm_start(cand, sd)
+    assert float(cand.augment.p) == pytest.approx(0.7)
+    assert torch.equal(cand.augment.generator.get_state(), draws)
+    # A fixed p (no ADA) is the candidate's config's, whatever the champion's was.
+    fixed_p = {**conv, "augment.policy": "translation", "augment.p": 0.2}
+    fixed = init_state(_tiny("gan", **fixed_p), data, "cpu")
+    warm_start(fixed, sd)
+    assert float(fixed.augment.p) == pytest.approx(0.2)

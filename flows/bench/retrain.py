@@ -131,6 +131,22 @@ def _generators(state) -> dict:
     return {k: copy.deepcopy(plain(nets[k])).eval() for k in generator_keys(state.cfg.family)}
 
 
+def _read_champion(path: Path, cfg) -> dict:
+    """A champion saved by an earlier run of this bench (--champion-cache): its last state
+    dict and its best step's generators."""
+    import torch
+
+    from gan_core.models import build_models
+
+    saved = torch.load(path, weights_only=True)
+    built = build_models(cfg)
+    best = {}
+    for k, weights in saved["best"].items():
+        built[k].load_state_dict(weights)
+        best[k] = built[k].eval()
+    return {"sd": saved["sd"], "best": best, "best_step": saved["best_step"]}
+
+
 def run_candidate(cfg, data, judged: Judged, every: int, warm: dict | None) -> dict:
     """Train cfg on data, evaluating every ``every`` steps (and at step 0): the curve of
     (step, training seconds so far, val figure), the state at the end and the best step's
@@ -182,6 +198,7 @@ def bench(
     data: str = "digits",
     steps: int | None = None,
     only: list[str] | None = None,
+    cache: Path | None = None,
 ) -> dict:
     import torch
 
@@ -213,9 +230,18 @@ def bench(
     )
 
     # The champion, and its registered generator: the best step on its own val split.
-    champ = run_candidate(cfg_old, data_old, judged_old, cfg_old.eval.every, None)
+    cached = cache / f"champion-{family}-{data}-{cfg_old.train.steps}-{seed}.pt" if cache else None
+    if cached is not None and cached.exists():
+        champ = _read_champion(cached, cfg_old)
+        champion_sd = champ["sd"]
+    else:
+        champ = run_candidate(cfg_old, data_old, judged_old, cfg_old.eval.every, None)
+        champion_sd = state_dict(champ["state"])  # the last step's: what a warm start reads
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            best = {k: m.state_dict() for k, m in champ["best"].items()}
+            torch.save({"sd": champion_sd, "best": best, "best_step": champ["best_step"]}, cached)
     best_step = champ["best_step"]
-    champion_sd = state_dict(champ["state"])  # the last step's: what a warm start reads
     target = judged_new(cfg_old, champ["best"])
     print(
         f"[bench retrain] champion best step {best_step}; on the new val split "
@@ -311,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--steps", type=int, default=None, help="champion and scratch train.steps")
     p.add_argument("--candidates", default=None, help="comma list (default: all)")
+    p.add_argument(
+        "--champion-cache",
+        default=None,
+        metavar="DIR",
+        help="keep each champion here and reuse it (same family, data, steps and seed)",
+    )
     args = p.parse_args(argv)
     import os
 
@@ -327,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.data,
                 args.steps,
                 args.candidates.split(",") if args.candidates else None,
+                Path(args.champion_cache) if args.champion_cache else None,
             )  # fmt: skip
             for s in args.seeds.split(",")
         ]
