@@ -367,8 +367,9 @@ def load_trained(checkpoint: str):
 
 def read_warm_start(checkpoint: str, map_location="cpu") -> dict:
     """What a warm start takes from a run's checkpoint (path in the Ray storage, local or
-    s3://): the networks, the optimisers' moments, the moving averages and the config they
-    were trained with, read weights-only from its ``state.pt``."""
+    s3://): the networks, the optimisers' moments, the moving averages, D's augmentation
+    strength and the config they were trained with, read weights-only from its
+    ``state.pt``."""
     from ray.train import Checkpoint
 
     from flows.train.spec import StorageSpec
@@ -377,4 +378,5 @@ def read_warm_start(checkpoint: str, map_location="cpu") -> dict:
     _, filesystem = StorageSpec().resolve()
     with Checkpoint(checkpoint, filesystem=filesystem).as_directory() as d:
         sd = read_checkpoint(Path(d) / STATE_FILE, map_location=map_location)
-    return {k: sd[k] for k in ("config", "models", "opt_g", "opt_d", "ema", "step") if k in sd}
+    keys = ("config", "models", "opt_g", "opt_d", "ema", "augment", "step")
+    return {k: sd[k] for k in keys if k in sd}
