@@ -97,6 +97,7 @@ def cmd_schedule(args: argparse.Namespace) -> dict:
         return {"served": args.name, "cron": args.cron}
 
     from prefect import serve
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
     from flows.orchestration.watch import sources_of, watch_flow
 
@@ -113,6 +114,11 @@ def cmd_schedule(args: argparse.Namespace) -> dict:
             name=f"{args.name}-watcher",
             interval=args.watch,
             parameters={**params, "quiet_seconds": args.quiet},
+            # One poll at a time: two overlapping polls (a slow poll, a short interval) both
+            # read the debounce record and both sent the event (seen: two retraining runs).
+            concurrency_limit=ConcurrencyLimitConfig(
+                limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+            ),
         ),
     ]
     if not args.json:
