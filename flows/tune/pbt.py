@@ -198,7 +198,6 @@ def pbt_trial(config: dict) -> None:
     from flows import tracking
     from flows.train.best import evaluation_due
     from flows.train.data_config import load_heldout
-    from flows.train.spec import WorkerJob
     from flows.train.worker import Evaluator, open_train
     from gan_core.train import init_state, train
 
@@ -226,14 +225,7 @@ def pbt_trial(config: dict) -> None:
         _train_on_workers(ctx, cfg, now, trial_id, run_name, uri, run_id)
         return
     # Not sent anywhere: the Evaluator and the snapshot reader take a WorkerJob.
-    job = WorkerJob(
-        config=cfg,
-        snapshot_id=ctx.snapshot_id,
-        snapshot_root=ctx.snapshot_root,
-        cache_dir=ctx.cache_dir,
-        tracking_uri=uri,
-        run_id=run_id,
-    )
+    job = _worker_job(ctx, cfg, uri, run_id)
     device = torch.device(
         "cuda" if ctx.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
     )
@@ -286,6 +278,21 @@ def pbt_trial(config: dict) -> None:
         )
 
 
+def _worker_job(ctx, cfg: GanConfig, uri, run_id, **extra):
+    """The trial's training job: its config, the snapshot and where it logs."""
+    from flows.train.spec import WorkerJob
+
+    return WorkerJob(
+        config=cfg,
+        snapshot_id=ctx.snapshot_id,
+        snapshot_root=ctx.snapshot_root,
+        cache_dir=ctx.cache_dir,
+        tracking_uri=uri,
+        run_id=run_id,
+        **extra,
+    )
+
+
 def _record_exploit(meta: dict, step: int, now: dict, trial_id, run_name, uri, run_id) -> list:
     """A restart from a checkpoint (``meta``: its pbt.json) at ``step``: one line, and in the
     trial's MLflow run a tag and a metric when it is an exploit (another trial's state, or
@@ -325,7 +332,7 @@ def _train_on_workers(ctx, cfg: GanConfig, now: dict, trial_id, run_name, uri, r
     from flows import tracking
     from flows.snapshots.load import resolve_snapshot
     from flows.train.driver import fit_job
-    from flows.train.spec import ClusterSpec, StorageSpec, TrainRequest, WorkerJob
+    from flows.train.spec import StorageSpec, TrainRequest
 
     schedule: list = [[1, now]]
     donor = tune.get_checkpoint()
@@ -334,13 +341,11 @@ def _train_on_workers(ctx, cfg: GanConfig, now: dict, trial_id, run_name, uri, r
             meta = json.loads((Path(d) / META_FILE).read_text())
         schedule = _record_exploit(meta, meta["step"], now, trial_id, run_name, uri, run_id)
     log_every = cfg.train.log_every
-    job = WorkerJob(
-        config=cfg,
-        snapshot_id=ctx.snapshot_id,
-        snapshot_root=ctx.snapshot_root,
-        cache_dir=ctx.cache_dir,
-        tracking_uri=uri,
-        run_id=run_id,
+    job = _worker_job(
+        ctx,
+        cfg,
+        uri,
+        run_id,
         sample_every=5 * log_every,
         threads=ctx.threads,
         pbt_clock=TIME_ATTR,
@@ -350,12 +355,7 @@ def _train_on_workers(ctx, cfg: GanConfig, now: dict, trial_id, run_name, uri, r
     req = TrainRequest(
         cfg=cfg,
         manifest=resolve_snapshot(ctx.snapshot_id),
-        cluster=ClusterSpec(
-            workers=ctx.workers,
-            gpus_per_worker=ctx.gpus_per_worker,
-            cpus_per_worker=ctx.cpus_per_worker,
-            threads=ctx.threads,
-        ),
+        cluster=ctx.cluster(),
         storage=StorageSpec(url=ctx.storage),
         tracking=ctx.tracking,
         max_failures=0,  # Tune restarts the trial from its last checkpoint instead

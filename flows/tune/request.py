@@ -93,6 +93,17 @@ class TrialContext:
         """The config a trial trains: the base with its hyperparameters applied."""
         return apply_overrides(self.base, dict(params))
 
+    def cluster(self):
+        """The workers each trial's training runs on (a flows.train.spec.ClusterSpec)."""
+        from flows.train.spec import ClusterSpec
+
+        return ClusterSpec(
+            workers=self.workers,
+            gpus_per_worker=self.gpus_per_worker,
+            cpus_per_worker=self.cpus_per_worker,
+            threads=self.threads,
+        )
+
     def run_name(self, trial_id: str) -> str:
         return f"{self.search_name}-{trial_id}"
 

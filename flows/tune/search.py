@@ -112,7 +112,7 @@ def _trial(config: dict) -> None:
 
     from flows.snapshots.load import resolve_snapshot
     from flows.train.driver import run_training
-    from flows.train.spec import ClusterSpec, StorageSpec, TrainRequest
+    from flows.train.spec import StorageSpec, TrainRequest
 
     ctx, params = split_trial_config(config)
     # The driver's view of where things live (no secrets), so a trial on any node reads the
@@ -127,12 +127,7 @@ def _trial(config: dict) -> None:
     req = TrainRequest(
         cfg=cfg,
         manifest=manifest,
-        cluster=ClusterSpec(
-            workers=ctx.workers,
-            gpus_per_worker=ctx.gpus_per_worker,
-            cpus_per_worker=ctx.cpus_per_worker,
-            threads=ctx.threads,
-        ),
+        cluster=ctx.cluster(),
         storage=StorageSpec(url=ctx.storage),
         run_name=trial_name,
         experiment=ctx.experiment,
