@@ -124,6 +124,18 @@ def test_registered_generator_round_trips_weights_only(mlflow_uri, models):
         registry.load_registered("ganflow-missing")
 
 
+def test_registering_leaves_mlflows_global_uri_alone(mlflow_uri, models, monkeypatch):
+    """register() points MLflow's global client at the store for one call only: left set, it
+    repointed every later MLflow call of the process (seen in the suite: a later module's runs
+    landed in this store after its own MLFLOW_TRACKING_URI was gone)."""
+    import mlflow
+
+    cfg, _, better = models
+    _register(mlflow_uri, cfg, better, "ganflow-gan-leak")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the caller moves on
+    assert mlflow.get_tracking_uri() != mlflow_uri[0]
+
+
 def test_version_carries_the_runs_best_step(mlflow_uri):
     """The best-step tags training puts on the logged model (and the run) are on the version;
     a run from before has none, and its version none either."""

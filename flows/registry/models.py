@@ -23,6 +23,7 @@ from torch import nn
 
 from flows.package import MODEL_FORMAT, MODEL_NAME, PACKAGE_ARTIFACT, load_package
 from flows.registry.package import RegistryError
+from flows.tracking import fluent_uri
 from gan_core.config import GanConfig
 from gan_core.evaluate import primary_metric
 
@@ -165,13 +166,12 @@ def register(
     }
     # The source is models:/<model_id>, as MLflow's register_model writes it: that is how the
     # version links to the logged model (its params, metrics and dataset) in MLflow's UI and
-    # API. A SQL registry resolves it with MLflow's global client, so that must be ours.
-    import mlflow
-
-    mlflow.set_tracking_uri(client.tracking_uri)
-    mv = client.create_model_version(
-        name, f"models:/{logged.model_id}", run_id=run_id, tags=tags, model_id=logged.model_id
-    )
+    # API. A SQL registry resolves it with MLflow's global client, so that must be ours for
+    # the call, and only for the call: left set, it would repoint the caller's later calls.
+    with fluent_uri(client.tracking_uri):
+        mv = client.create_model_version(
+            name, f"models:/{logged.model_id}", run_id=run_id, tags=tags, model_id=logged.model_id
+        )
     versions = json.loads(logged.tags.get("mlflow.modelVersions", "[]"))
     versions.append({"name": name, "version": str(mv.version)})
     client.set_logged_model_tags(logged.model_id, {"mlflow.modelVersions": json.dumps(versions)})
