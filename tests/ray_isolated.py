@@ -66,11 +66,16 @@ def isolated_cluster(cpus_per_node: list[float], connect: bool = True) -> Iterat
 
 
 @contextlib.contextmanager
-def embedded_pipeline(home) -> Iterator[object]:
+def embedded_pipeline(home, judges=None) -> Iterator[object]:
     """What `make run` uses, for a test module: GANFLOW_HOME at home, Prefect's ephemeral
     server under it (no telemetry), MLflow on its SQLite default, and a 2-CPU Ray cluster of
-    its own. Yields home."""
+    its own. ``judges``: conftest's classifier_cache, copied into home's cache. Yields home."""
     import pytest
+
+    if judges is not None:
+        from home_cache import seed_judges
+
+        seed_judges(home, judges)
 
     with pytest.MonkeyPatch.context() as mp:
         for k, v in {

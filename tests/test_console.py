@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from home_cache import seed_judges
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -31,9 +31,7 @@ STDOUT_OURS = re.compile(r"^(run \S+ \(MLflow run [0-9a-f]+\): |checkpoint: )")
 
 def test_a_default_train_run_prints_only_ganflow_lines(tmp_path, classifier_cache):
     home = tmp_path / "ganflow-home"
-    (home / "cache").mkdir(parents=True)
-    for f in classifier_cache.iterdir():  # a judge another test trained, when there is one
-        shutil.copy(f, home / "cache" / f.name)
+    seed_judges(home, classifier_cache)
     user_home = tmp_path / "user-home"  # no ~/.ray token, no matplotlib cache: a first run
     user_home.mkdir()
     # What `make run` sets, and nothing a test module left behind (a cluster's address,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from home_cache import seed_judges
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,9 +46,7 @@ def _prefect(args, env, **kw):
 
 def test_deployment_runs_through_prefect_server_and_worker(tmp_path, classifier_cache):
     home = tmp_path / "home"
-    (home / "cache").mkdir(parents=True)
-    for f in classifier_cache.iterdir():
-        shutil.copy(f, home / "cache" / f.name)
+    seed_judges(home, classifier_cache)
     port = _free_port()
     env = {
         **os.environ,

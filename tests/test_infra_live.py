@@ -37,6 +37,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from home_cache import seed_judges
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -337,6 +338,9 @@ def live(tmp_path, classifier_cache):
             "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"),
             "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
             "MLFLOW_FLASK_SERVER_SECRET_KEY": "live-test-flask-secret",
+            # MLflow's job runner (GenAI jobs: 7 more Python processes) is not what this
+            # test is about, and ganflow runs no MLflow jobs: 2 cores are better spent.
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         }
         procs.start(
             "mlflow",
@@ -405,9 +409,7 @@ def live(tmp_path, classifier_cache):
         print(f"services up in {time.time() - t0:.1f}s", file=sys.stderr)
 
         home = tmp_path / "home"
-        (home / "cache").mkdir(parents=True)
-        for f in classifier_cache.iterdir():
-            shutil.copy(f, home / "cache" / f.name)
+        seed_judges(home, classifier_cache)
         env = {
             **base,
             **AWS,

@@ -35,18 +35,26 @@ def sources(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, classifier_cache):
     pytest.importorskip("ray")
     from ray_isolated import embedded_pipeline
 
-    with embedded_pipeline(tmp_path_factory.mktemp("own-home")) as home:
+    with embedded_pipeline(tmp_path_factory.mktemp("own-home"), classifier_cache) as home:
         yield home
 
 
 SMALL = {"train.log_every": 5, "model.ngf": 8, "model.ndf": 8, "train.batch_size": 8}
 # The cGAN must learn its labels to pass promotion's gate: 600 steps at ngf 16 reach class
 # accuracy 0.99-1.00 on the shapes (measured, seeds 0 and 1; 300-400 steps sit at the gate).
-CGAN = {"train.log_every": 50, "model.ngf": 16, "model.ndf": 16, "train.steps": 600}
+# Three evaluations (the preset's ten, each a per-class FD and a sample grid, were a fifth of
+# the suite's longest test); the best step is one of them, as in any run.
+CGAN = {
+    "train.log_every": 50,
+    "eval.every": 200,
+    "model.ngf": 16,
+    "model.ndf": 16,
+    "train.steps": 600,
+}
 # Collapse check: the samples of one label spread at least this share of the label's real
 # images (mean pairwise pixel distance). Measured 0.88-0.98 after 600 steps; one image per
 # label is 0.

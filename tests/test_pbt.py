@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from home_cache import seed_judges
 from ingest_data import snapshot_for
 
 from flows.tune import pbt
@@ -159,9 +160,7 @@ def ray_home(tmp_path_factory, classifier_cache):
     from ray_isolated import isolated_cluster, use_test_env
 
     home = tmp_path_factory.mktemp("pbt-home")
-    (home / "cache").mkdir()
-    for f in classifier_cache.iterdir():
-        (home / "cache" / f.name).write_bytes(f.read_bytes())
+    seed_judges(home, classifier_cache)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GANFLOW_HOME", str(home))
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)

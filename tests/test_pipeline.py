@@ -54,11 +54,11 @@ def test_config_validation(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, classifier_cache):
     pytest.importorskip("ray")
     from ray_isolated import embedded_pipeline
 
-    with embedded_pipeline(tmp_path_factory.mktemp("pipeline-home")) as home:
+    with embedded_pipeline(tmp_path_factory.mktemp("pipeline-home"), classifier_cache) as home:
         yield home
 
 

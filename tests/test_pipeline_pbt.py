@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from home_cache import seed_judges
 
 from flows.orchestration import retraining as pipeline
 from flows.orchestration.retraining import PipelineConfig, PipelineError
@@ -52,9 +53,7 @@ def ray_home(tmp_path_factory, classifier_cache):
     from ray_isolated import isolated_cluster, use_test_env
 
     home = tmp_path_factory.mktemp("pipeline-pbt-home")
-    (home / "cache").mkdir()
-    for f in classifier_cache.iterdir():
-        (home / "cache" / f.name).write_bytes(f.read_bytes())
+    seed_judges(home, classifier_cache)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GANFLOW_HOME", str(home))
         mp.setenv("PREFECT_HOME", str(home / "prefect"))

@@ -34,11 +34,11 @@ BASE = {"train.steps": 60, "train.log_every": 20, "train.batch_size": 32, "model
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, classifier_cache):
     pytest.importorskip("ray")
     from ray_isolated import embedded_pipeline
 
-    with embedded_pipeline(tmp_path_factory.mktemp("retrain-home")) as home:
+    with embedded_pipeline(tmp_path_factory.mktemp("retrain-home"), classifier_cache) as home:
         yield home
 
 

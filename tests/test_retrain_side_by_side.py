@@ -32,12 +32,13 @@ CGAN = {"train.steps": 700, "train.log_every": 100, "eval.every": 700}
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
+def two_nodes(tmp_path_factory, classifier_cache):
     """embedded_pipeline's environment on a Ray cluster of two 1-CPU nodes."""
     pytest.importorskip("ray")
+    from home_cache import seed_judges
     from ray_isolated import RAY_TEST_ENV, isolated_cluster
 
-    home = tmp_path_factory.mktemp("sbs-home")
+    home = seed_judges(tmp_path_factory.mktemp("sbs-home"), classifier_cache)
     with pytest.MonkeyPatch.context() as mp:
         for k, v in {
             "GANFLOW_HOME": str(home),

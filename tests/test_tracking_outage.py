@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import sqlite3
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from home_cache import seed_judges
 
 from flows import tracking
 
@@ -62,6 +62,9 @@ class MlflowServer:
 
     def start(self, timeout_s: float = 180) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        # No job runner (MLflow's GenAI jobs, 7 more Python processes at every start): ganflow
+        # runs no MLflow jobs, and this module starts the server 6 times on 2 cores.
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         log = open(self.root / "server.log", "a")  # noqa: SIM115 (closed with the process)
         self.proc = subprocess.Popen(
             [
@@ -320,9 +323,7 @@ def _loss_rows(db: Path) -> int:
 
 def _train(tmp_path: Path, classifier_cache: Path, uri: str, steps: int, end_wait: float):
     home = tmp_path / "home"
-    (home / "cache").mkdir(parents=True)
-    for f in classifier_cache.iterdir():  # a judge another test trained, when there is one
-        shutil.copy(f, home / "cache" / f.name)
+    seed_judges(home, classifier_cache)
     env = {
         k: v
         for k, v in os.environ.items()

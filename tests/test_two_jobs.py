@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+from home_cache import seed_judges
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -137,7 +138,7 @@ def _instance_processes(address: str) -> list[str]:
     return found
 
 
-def test_a_search_and_a_training_at_once(tmp_path):
+def test_a_search_and_a_training_at_once(tmp_path, classifier_cache):
     space = tmp_path / "space.yaml"
     space.write_text("train.d_steps: {grid: [1, 2]}\n")
     jobs = {
@@ -161,8 +162,7 @@ def test_a_search_and_a_training_at_once(tmp_path):
     procs, reports, logs = {}, {}, {}
     t0 = time.monotonic()
     for name, argv in jobs.items():
-        home = tmp_path / name
-        home.mkdir()
+        home = seed_judges(tmp_path / name, classifier_cache)
         reports[name] = tmp_path / f"{name}-report.json"
         logs[name] = (tmp_path / f"{name}.out").open("w+")
         procs[name] = subprocess.Popen(
