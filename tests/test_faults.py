@@ -5,10 +5,11 @@
   changes nothing else about it. The rule itself (whose runs are orphans) on a real SQLite
   store, without Ray.
 - Checkpoints: only committed ones with every file's hash intact are resumed from (a damaged
-  latest one under a real Ray resume: the run goes back to the one before); a full disk (a
-  256 KiB tmpfs, mounted as root) is one line naming the folder and the space needed, with
-  nothing of the checkpoint left, in the upload, in the local write and through `ganflow
-  train`; moto's S3 server stopped for 2 s mid-upload is waited out by the retries.
+  latest one under a real Ray resume, where the run goes back to the one before, is
+  test_train_ray.py's rerun test, on that module's cluster); a full disk (a 256 KiB tmpfs,
+  mounted as root) is one line naming the folder and the space needed, with nothing of the
+  checkpoint left, in the upload, in the local write and through `ganflow train`; moto's S3
+  server stopped for 2 s mid-upload is waited out by the retries.
 - Promotion: a promoter SIGKILLed after each of its registry writes in turn (9 points); the
   next promotion finds the registry as if the decision had not started or had finished.
 - Orchestration: the Prefect server SIGKILLed under a running `ganflow train --flow` and
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import os
 import signal
 import socket
@@ -424,45 +424,6 @@ def pafs_selector(path: str):
     from pyarrow import fs as pafs
 
     return pafs.FileSelector(path)
-
-
-@pytest.mark.slow  # two Ray Train fits of 2 workers: minutes on 2 loaded cores
-def test_resume_skips_a_damaged_checkpoint_under_ray(tmp_path, monkeypatch, classifier_cache):
-    """A run dies at iteration 13 (checkpoints at 5 and 10); the latest checkpoint's state.pt
-    is then damaged in storage. The rerun of the run name is handed 10 by Ray, finds it
-    incomplete, resumes from 5 (the newest complete one) and finishes (iterations 6-13 logged
-    twice, 1-5 and 14-16 once)."""
-    from ray_isolated import RAY_TEST_ENV, isolated_cluster
-    from test_train_ray import _cfg, _counts, _req
-
-    from flows.train.driver import run_training
-    from flows.train.spec import FaultInjection, StorageSpec, TrainError
-
-    for k, v in RAY_TEST_ENV.items():
-        monkeypatch.setenv(k, v)
-    storage = tmp_path / "ray"
-    cfg = _cfg("gan", 16, 8, 1)
-    name = "damaged"
-    kw = dict(run_name=name, checkpoint_every=5, storage=StorageSpec(str(storage)))
-    with isolated_cluster([2]):
-        fault = FaultInjection(rank=0, step=13, marker=str(tmp_path / "killed"))
-        with pytest.raises(TrainError, match="failed"):
-            run_training(_req(cfg, 2, classifier_cache, max_failures=0, fault=fault, **kw))
-        ckpts = sorted((storage / name).glob("checkpoint-*"))
-        assert [c.name for c in ckpts] == ["checkpoint-00000005", "checkpoint-00000010"]
-        state = ckpts[-1] / "state.pt"
-        data = bytearray(state.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        state.write_bytes(bytes(data))
-        out = run_training(_req(cfg, 2, classifier_cache, **kw))
-    # Resumed from 5 though Ray handed out 10: the iterations after 5 were checkpointed
-    # again under new names (never into the skipped checkpoint's folder, which Ray deletes
-    # by its path when it rotates it out), the suffix naming the skipped one.
-    tag = hashlib.sha256(b"checkpoint-00000010").hexdigest()[:6]
-    assert out.checkpoint.endswith(f"/checkpoint-00000016-{tag}")
-    assert out.steps == 16
-    counts = _counts(out.run_id, "loss_D")
-    assert [counts[s] for s in range(1, 17)] == [1] * 5 + [2] * 8 + [1] * 3, counts
 
 
 @pytest.mark.slow  # a `ganflow train` with Ray: about 95 s on 2 loaded cores

@@ -1,14 +1,16 @@
 """Ray Train jobs on a real local Ray cluster (started here, one per module): DDP replicas
 stay identical, 2 workers match 1 worker at the same global batch, the generator registered
 is the best step's on val (not the last), a killed worker resumes from its checkpoint
-exactly (the same best step included), a rerun of a run name resumes after the driver gave up,
-checkpoints and MLflow artifacts go through an S3 API (moto server), and the errors a user
-meets come before any training.
+exactly (the same best step included), a rerun of a run name resumes after the driver gave up
+(from the newest complete checkpoint, past a damaged latest one), checkpoints and MLflow
+artifacts go through an S3 API (moto server), and the errors a user meets come before any
+training.
 
 Costs on 2 shared cores: about 15-25 s per TrainerFit (worker start dominates)."""
 
 from __future__ import annotations
 
+import hashlib
 import socket
 
 import numpy as np
@@ -282,24 +284,41 @@ def test_killed_worker_resumes_from_its_checkpoint(reference, tmp_path, classifi
 def test_rerun_of_a_run_name_resumes_after_the_driver_gave_up(
     reference, tmp_path, classifier_cache
 ):
+    """Rank 0 dies at iteration 14 with max_failures=0, so the driver gives up (checkpoints at
+    4, 8 and 12 kept); the latest checkpoint's state.pt is then damaged in storage. The rerun
+    of the run name continues the same MLflow run: Ray hands it 12, which it finds incomplete,
+    so it resumes from 8 (the newest complete one, not 4) and finishes bit-identical to the
+    uninterrupted reference, its best step included (iterations 9-14 logged twice, 1-8 and
+    15-16 once)."""
+    storage = tmp_path / "ray"
     cfg = _cfg("gan", STEPS, 8, 1, *BEST)
     name = f"resume-{tmp_path.name}"
-    first = _req(
-        cfg,
-        2,
-        classifier_cache,
+    kw = dict(
         run_name=name,
-        checkpoint_every=5,
-        max_failures=0,
-        fault=FaultInjection(rank=0, step=12, marker=str(tmp_path / "killed")),
+        checkpoint_every=4,
+        keep_checkpoints=3,  # 4 is still there to be (wrongly) picked over 8
+        storage=StorageSpec(str(storage)),
     )
+    marker = tmp_path / "killed"
+    fault = FaultInjection(rank=0, step=14, marker=str(marker))
     with pytest.raises(TrainError, match="failed"):
-        run_training(first)
-    out = run_training(_req(cfg, 2, classifier_cache, run_name=name, checkpoint_every=5))
+        run_training(_req(cfg, 2, classifier_cache, max_failures=0, fault=fault, **kw))
+    assert marker.exists(), "the fault was not injected"
+    ckpts = sorted((storage / name).glob("checkpoint-*"))
+    assert [c.name for c in ckpts] == [f"checkpoint-{s:08d}" for s in (4, 8, 12)]
+    state = ckpts[-1] / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a byte flipped, same size: only the hash tells
+    state.write_bytes(bytes(data))
+    out = run_training(_req(cfg, 2, classifier_cache, **kw))
+    # Resumed from 8 though Ray handed out 12: the iterations after 8 were checkpointed
+    # again under new names (never into the skipped checkpoint's folder, which Ray deletes
+    # by its path when it rotates it out), the suffix naming the skipped one.
+    tag = hashlib.sha256(b"checkpoint-00000012").hexdigest()[:6]
+    assert out.checkpoint.endswith(f"/checkpoint-{STEPS:08d}-{tag}"), out.checkpoint
     assert out.steps == STEPS
     counts = _counts(out.run_id, "loss_D")  # the same MLflow run, continued
-    assert all(counts[s] == 1 for s in range(1, 6)), counts
-    assert counts[12] == 2, counts
+    assert [counts[s] for s in range(1, STEPS + 1)] == [1] * 8 + [2] * 6 + [1] * 2, counts
     _assert_same_models(_models(out.checkpoint), _models(reference["checkpoint"]))
     assert out.metrics["best_step"] == reference["metrics"]["best_step"]
     _assert_same_models(_best(out.checkpoint)["weights"], _best(reference["checkpoint"])["weights"])
