@@ -11,7 +11,8 @@ failing case's report names its command line. Cases by command:
 - train: --run-name with ``..`` or ``/`` (it names a folder under the Ray storage root);
   --workers 0 / x; --cpus-per-worker 0; --gpus-per-worker -1; --threads 0;
   --checkpoint-every 0; --max-failures -2; no --family. With a 2-CPU Ray cluster (one,
-  shared): --workers 3, --workers 1000, --cpus-per-worker 3 fail before any MLflow run.
+  shared): --workers 3, --workers 1000, --cpus-per-worker 3 fail before any MLflow run;
+  --storage on a full disk (a 256 KiB tmpfs) ends the run at its checkpoint.
 - tune: --workers-per-trial 0; --samples 0; --max-concurrent 0; --name with ``..``;
   --resume without --name; --resume of a search that never existed; --space with a float
   distribution over an integer field (uniform, loguniform) and randint with float bounds.
@@ -330,6 +331,50 @@ def test_autoscaling_ceiling_is_named(ray_cluster, monkeypatch):
     monkeypatch.setenv("GANFLOW_RAY_MAX_CPUS", "lots")
     with pytest.raises(TrainError, match="GANFLOW_RAY_MAX_CPUS must be a number"):
         check_resources(ClusterSpec(workers=9))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (root can mount one here); skipped where mounting is not allowed. (The
+    same as test_faults.py's: a mount is seen by every process, Ray's workers included.)"""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.slow  # a Ray Train run of 10 iterations on the module's cluster
+def test_full_disk_ends_ganflow_train_in_one_line(
+    ray_cluster, small_disk, tmp_path, monkeypatch, capsys, classifier_cache
+):
+    """`ganflow train` with its Ray storage on a full disk (the gan preset's checkpoint, a few
+    MiB, outgrows the 256 KiB tmpfs): exit 2, one line naming the folder and the space
+    needed, nothing of the checkpoint left (the checkpoint writes themselves: test_faults.py).
+    In this process on the module's cluster: a CLI process would start a Ray of its own."""
+    from home_cache import seed_judges
+
+    for k in [k for k in os.environ if k.startswith(("GANFLOW_", "MLFLOW_"))]:
+        if k != "GANFLOW_HOME":
+            monkeypatch.delenv(k)
+    seed_judges(tmp_path / HOME, classifier_cache)  # the end's evaluation comes first
+    storage = small_disk / "ray"
+    argv = ["train", "--family", "gan", "--set", "train.steps=10", "--storage", str(storage)]
+    rc, err = _run(argv, capsys)
+    lines = [ln for ln in err if not ln.startswith("[ganflow]")]
+    assert rc == 2 and len(lines) == 1, err
+    assert "CheckpointError: disk full: a checkpoint needs " in lines[0]
+    assert f"MiB in {storage}/" in lines[0] and "MiB is free there" in lines[0]
+    # No checkpoint file, whole or cut short (a `.tmp`): Ray's own dot-named storage marker
+    # is all that is left.
+    left = [p for p in small_disk.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert not left, left
 
 
 # --- homes and stores that cannot be written: one line before any work ---------------------
