@@ -180,6 +180,72 @@ PBT_ARGS = {"train.steps": 40, "train.log_every": 5, "model.hidden": 32}
 
 
 @pytest.mark.slow
+def test_small_pbt_search_exploits_and_its_winner_is_the_model(home):
+    from flows.tracking import client, tracking_uri
+    from flows.tune.search import SearchRequest, run_search
+
+    base = apply_overrides(preset("gan", "tiny"), PBT_ARGS)
+    space = validate_space(
+        {"lr_g": {"loguniform": [5e-5, 1e-3]}, "d_steps": {"grid": [1, 3]}}, base
+    )
+    c = client(tracking_uri())
+    exp_name = "ganflow-search"
+    # Whether so short an asynchronous PBT exploits at all depends on how its 4 trials
+    # interleave on the machine (a trial is compared with those that have reported by then):
+    # one fresh-clone CI run of three saw none. A second search is the retry; every check
+    # below is on the search that exploited.
+    for name in ("pbt-small", "pbt-small-2"):
+        result = run_search(
+            SearchRequest(
+                "gan",
+                snapshot_for("builtin:digits", base),
+                base,
+                space,
+                samples=2,
+                scheduler="pbt",
+                eval_every=10,
+                quantile=0.5,
+                cpus_per_worker=0.45,
+                name=name,
+            ),
+            progress=False,
+        )
+        trials = result.trials
+        assert len(trials) == 4 and all(t.error is None and t.step == 40 for t in trials)
+        best = result.best
+        assert best is not None and best.schedule[0][0] == 1
+        exp = c.get_experiment_by_name(exp_name).experiment_id
+        parent = c.search_runs([exp], filter_string=f"tags.`ganflow.run_name` = '{name}'")[0]
+        children = c.search_runs(
+            [exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        )
+        assert len(children) == 4  # one run per trial, kept across its exploits
+        exploits = [
+            (ch, k, v) for ch in children for k, v in ch.data.tags.items() if "pbt.exploit" in k
+        ]
+        if exploits:
+            break
+    assert exploits, "no exploit in a population of 4 with quantile 0.5"
+    last_exploit: dict = {}
+    for ch, key, line in exploits:
+        step = int(key.rsplit(".", 1)[1])
+        assert f"at step {step}:" in line and "from trial" in line
+        if step >= last_exploit.get(ch.info.run_id, (-1,))[0]:
+            last_exploit[ch.info.run_id] = (step, line)
+    # The schedule is the final model's lineage: an exploit replaces the trial's history with
+    # its donor's, so only a trial's last exploit is sure to start a segment (at step + 1).
+    for run_id, (step, line) in last_exploit.items():
+        sched = json.loads(Path(c.download_artifacts(run_id, "pbt_schedule.json")).read_text())
+        if not line.endswith("no change"):  # the donor's own values: no new segment
+            assert any(first == step + 1 for first, _ in sched), (line, sched)
+    # The winner's run holds the schedule and its generator: that is the model, not a retrain.
+    best_arts = {a.path for a in c.list_artifacts(best.run_id)}
+    assert "pbt_schedule.json" in best_arts
+    assert c.get_run(best.run_id).outputs.model_outputs, "no logged generator"
+    assert "pbt_schedule.json" in {a.path for a in c.list_artifacts(parent.info.run_id)}
+
+
+@pytest.mark.slow
 def test_pbt_trials_on_two_workers_each_exploit_and_register(home):
     """--workers-per-trial 2: each trial is a Ray Train run of two data-parallel workers; its
     checkpoints come back to the trial, which reports them to Tune, so PBT exploits across
@@ -241,26 +307,19 @@ def test_pbt_trials_on_two_workers_each_exploit_and_register(home):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_killed_pbt_search_resumes_exploits_and_its_winner_is_the_model(home):
-    """A PBT search through `ganflow tune`: its driver is SIGKILLed once a trial has
-    reported a checkpoint, and --resume finishes the same 4 trials (same ids), each once,
-    at the last step. The resumed search exploited (synchronous decisions at steps 10, 20
-    and 30: the worse half of 4 copies the better half each time), each exploit is in its
-    trial's MLflow run, the schedules start a segment where values changed, and the best
-    trial's run holds its generator: that is the model, not a retrain."""
-    from flows.tracking import client, tracking_uri
-
-    name = "pbt-resume"
+def test_killed_pbt_search_resumes_with_the_same_population(home):
+    """The driver is SIGKILLed once a trial has reported a checkpoint; --resume finishes the
+    same 4 trials (same ids), each once, at the last step."""
     env = {**os.environ, "GANFLOW_HOME": str(home)}
-    args = [sys.executable, "-m", "flows.cli", "tune", "--family", "gan", "--name", name]
+    args = [sys.executable, "-m", "flows.cli", "tune", "--family", "gan", "--name", "pbt-resume"]
     # The gan family's default space: k on a grid of 4, so a population of 4.
-    args += ["--scheduler", "pbt", "--samples", "1", "--quantile", "0.5", "--synch"]
-    for k, v in {**PBT_ARGS, "eval.every": 10}.items():
+    args += ["--scheduler", "pbt", "--samples", "1", "--quantile", "0.5"]
+    for k, v in PBT_ARGS.items():
         args += ["--set", f"{k}={v}"]
     proc = subprocess.Popen(
         args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    state = home / "ray_results" / name
+    state = home / "ray_results" / "pbt-resume"
     # A first checkpoint needs the CLI's imports, Ray and a trial's data and judge: 400 s
     # was not enough on this 2-core machine under a load average of 30.
     deadline = time.time() + 900
@@ -292,35 +351,4 @@ def test_killed_pbt_search_resumes_exploits_and_its_winner_is_the_model(home):
     assert len(trials) == 4 and len(set(ids)) == 4, ids
     assert all(t["error"] is None and t["step"] == 40 for t in trials)
     assert first <= set(ids), (first, ids)  # the same population, not a new one
-    best = result["best"]
-    assert best is not None and best["schedule"][0][0] == 1
-
-    c = client(tracking_uri())
-    exp = c.get_experiment_by_name("ganflow-search").experiment_id
-    [parent] = c.search_runs([exp], filter_string=f"tags.`ganflow.run_name` = '{name}'")
-    children = c.search_runs(
-        [exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
-    )
-    # One run per trial, kept across its exploits and across the driver's kill.
-    assert len(children) == 4, [ch.info.run_name for ch in children]
-    exploits = [
-        (ch, k, v) for ch in children for k, v in ch.data.tags.items() if "pbt.exploit" in k
-    ]
-    assert exploits, "no exploit in a synchronous population of 4 with quantile 0.5"
-    last_exploit: dict = {}
-    for ch, key, line in exploits:
-        step = int(key.rsplit(".", 1)[1])
-        assert step in (10, 20, 30), key
-        assert f"at step {step}:" in line and "from trial" in line
-        if step >= last_exploit.get(ch.info.run_id, (-1,))[0]:
-            last_exploit[ch.info.run_id] = (step, line)
-    # The schedule is the final model's lineage: an exploit replaces the trial's history with
-    # its donor's, so only a trial's last exploit is sure to start a segment (at step + 1).
-    for run_id, (step, line) in last_exploit.items():
-        sched = json.loads(Path(c.download_artifacts(run_id, "pbt_schedule.json")).read_text())
-        if not line.endswith("no change"):  # the donor's own values: no new segment
-            assert any(first == step + 1 for first, _ in sched), (line, sched)
-    # The winner's run holds the schedule and its generator: that is the model, not a retrain.
-    assert "pbt_schedule.json" in {a.path for a in c.list_artifacts(best["run_id"])}
-    assert c.get_run(best["run_id"]).outputs.model_outputs, "no logged generator"
-    assert "pbt_schedule.json" in {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert result["best"]["schedule"]
