@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -177,3 +178,20 @@ def trained_cgan():
     with torch.random.fork_rng(devices=[]):
         models = train(init_state(cfg, data, "cpu"), data).models
     return cfg, models
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (root can mount one here), for full-disk faults; skipped where mounting
+    is not allowed. A mount is seen by every process, Ray's workers included."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

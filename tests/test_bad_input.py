@@ -333,23 +333,6 @@ def test_autoscaling_ceiling_is_named(ray_cluster, monkeypatch):
         check_resources(ClusterSpec(workers=9))
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 256 KiB tmpfs (root can mount one here); skipped where mounting is not allowed. (The
-    same as test_faults.py's: a mount is seen by every process, Ray's workers included.)"""
-    mnt = tmp_path / "small-disk"
-    mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-
-
 @pytest.mark.slow  # a Ray Train run of 10 iterations on the module's cluster
 def test_full_disk_ends_ganflow_train_in_one_line(
     ray_cluster, small_disk, tmp_path, monkeypatch, capsys, classifier_cache

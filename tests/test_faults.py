@@ -318,22 +318,6 @@ def test_resume_takes_only_complete_checkpoints(gan_state, tmp_path):
     assert said[-1].endswith("and no earlier one is complete; starting over")
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 256 KiB tmpfs (root can mount one here); skipped where mounting is not allowed."""
-    mnt = tmp_path / "small-disk"
-    mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-
-
 def test_full_disk_is_one_line_and_leaves_no_half_checkpoint(
     gan_state, small_disk, tmp_path, monkeypatch
 ):
