@@ -11,7 +11,7 @@ import pytest
 from flows.bench import gpu_check
 
 
-@pytest.mark.slow  # ~60 s on 2 cores: Ray's start-up is half of it
+@pytest.mark.slow  # ~160 s on an AVX2-only 2-core CPU (bf16 emulated), ~60 s with native bf16
 def test_dry_run_writes_json_and_markdown(tmp_path, monkeypatch):
     # run_check points GANFLOW_HOME and Ray's settings at the output folder; undo after.
     for key in (
@@ -41,12 +41,12 @@ def test_dry_run_writes_json_and_markdown(tmp_path, monkeypatch):
         ("mlp-gan-28", "fp32"),
         ("mlp-gan-28", "bf16"),
         ("dcgan-32", "bf16"),
-        ("cyclegan-64-b1", "bf16"),
+        ("cyclegan-32-b1", "bf16"),
     }
     for r in report["bench"]:
         assert r["samples_per_s"] > 0 and r["flops_per_step"] > 0 and r["mfu"] > 0
     ray = report["ray_train"]
-    assert ray["ok"] and ray["mlflow_status"] == "FINISHED" and ray["steps"] == 10
+    assert ray["ok"] and ray["mlflow_status"] == "FINISHED" and ray["steps"] == 4
     assert ray["steps_per_s"] > 0 and report["plain_loop"]["steps_per_s"] > 0
     agree = report["bf16_vs_fp32"]
     assert agree["ok"] and {"loss_D", "loss_G"} <= set(agree["abs_gap"])
