@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
+from home_cache import seed_judges
 
 from flows import orphans
 
@@ -180,10 +181,10 @@ def _ganflow(argv: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
 
 
 @pytest.mark.slow  # two `ganflow train` processes with Ray: minutes on 2 loaded cores
-def test_killed_training_run_is_marked_by_the_next_command(tmp_path):
+def test_killed_training_run_is_marked_by_the_next_command(tmp_path, classifier_cache):
     from ray_isolated import RAY_TEST_ENV
 
-    home = tmp_path / "home"
+    home = seed_judges(tmp_path / "home", classifier_cache)
     db = home / "mlflow.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GANFLOW_", "MLFLOW_", "RAY_"))}
     env |= RAY_TEST_ENV | {"GANFLOW_HOME": str(home), "GANFLOW_HEARTBEAT_S": "1"}
@@ -609,7 +610,7 @@ class PrefectServer:
 
 
 @pytest.mark.slow
-def test_prefect_server_restart_mid_flow_is_waited_out(tmp_path):
+def test_prefect_server_restart_mid_flow_is_waited_out(tmp_path, classifier_cache):
     # `ganflow train --flow` reports to a Prefect server, which is killed (SIGKILL) while the
     # flow runs and started again on the same database a few seconds later: the training
     # goes on, the flow's state calls wait for the server (Prefect's client retries a lost
@@ -619,13 +620,16 @@ def test_prefect_server_restart_mid_flow_is_waited_out(tmp_path):
 
     server = PrefectServer(tmp_path / "prefect")
     server.start()
-    home = tmp_path / "home"
+    home = seed_judges(tmp_path / "home", classifier_cache)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GANFLOW_", "MLFLOW_", "RAY_"))}
     env |= {k: v for k, v in server.env.items() if k.startswith("PREFECT_")}
     env |= RAY_TEST_ENV | {"GANFLOW_HOME": str(home)}
     job = _ganflow(
         ["train", "--flow", "--family", "gan", "--run-name", "through-restart", "--json"]
-        + ["--set", "train.steps=3000", "--set", "train.log_every=50"],
+        # The outage comes before training starts (7 s after the flow runs, Ray still
+        # starting); 1,500 steps (~15 s) keep the job going well past the restart, and a job
+        # that ends during an outage waits for the server anyway (the client's retries).
+        + ["--set", "train.steps=1500", "--set", "train.log_every=50"],
         env,
         start_new_session=True,
     )
