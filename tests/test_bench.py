@@ -99,6 +99,31 @@ def test_peak_flops_is_a_plausible_rate():
     assert math.isfinite(peak) and 1e8 < peak < 1e15
 
 
+@pytest.mark.parametrize(
+    ("rates", "want", "full_bf16"),
+    [
+        # bf16 emulated (AVX2 only): the small probe decides, no full-size bf16 measurement.
+        ({"fp32": 9e10, "bf16_probe": 1e9, "bf16": 1e9}, (9e10, "fp32"), False),
+        # native bf16 (AMX, AVX-512 BF16): measured at full size, the faster rate wins.
+        ({"fp32": 9e10, "bf16_probe": 1e11, "bf16": 2e11}, (2e11, "bf16"), True),
+        ({"fp32": 9e10, "bf16_probe": 8e10, "bf16": 7e10}, (9e10, "fp32"), True),
+    ],
+)
+def test_cpu_peak_probes_bf16_before_measuring_it(monkeypatch, rates, want, full_bf16):
+    calls = []
+
+    def fake_peak(n=1024, repeats=5, device="cpu", dtype=torch.float32):
+        calls.append((n, dtype))
+        if dtype == torch.float32:
+            return rates["fp32"]
+        return rates["bf16_probe"] if n < 1024 else rates["bf16"]
+
+    monkeypatch.setattr(bench, "measure_peak_flops", fake_peak)
+    assert bench.measure_device_peak("cpu") == want
+    assert ((1024, torch.bfloat16) in calls) == full_bf16
+    assert calls[1] == (256, torch.bfloat16)  # the probe, right after fp32
+
+
 @pytest.mark.parametrize("family", ["gan", "cgan", "cyclegan"])
 def test_benchmark_result_shape(family):
     cfg = preset(family, "tiny")

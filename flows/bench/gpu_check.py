@@ -14,8 +14,9 @@ One command, no downloads, sized for under 5 minutes on one H100:
 4. bf16 against fp32 from the same seed over a short run: the final-window mean of each
    loss must agree within ``LOSS_TOLERANCE`` (absolute, on losses of order 1).
 
-``--dry`` runs every step that does not need CUDA on the CPU (the bench in quick mode,
-``--gpus-per-worker 0``, still bf16: autocast runs on CPU, few steps), so CI keeps it alive.
+``--dry`` runs every step that does not need CUDA on the CPU (the bench in quick mode with
+CycleGAN at 32 px, ``--gpus-per-worker 0``, still bf16: autocast runs on CPU, few steps), so
+CI keeps it alive.
 Writes ``gpu_check.json`` and ``gpu_check.md`` (plus ``nvidia-smi.txt``, ``train.log``)
 into DIR. GANFLOW_HOME is a new folder under DIR (or --home), so nothing lands elsewhere.
 """
@@ -318,13 +319,11 @@ def run_check(out: Path, dry: bool, home: Path | None = None, compile_rows: bool
     from flows.ingest.resolve import ensure_snapshot
 
     dataset = make_shapes_dataset(home / "shapes")
-    # Dry (CPU): ingested at 32 px and m = 16, so the DCGAN-layout cGAN steps in ~0.1 s;
-    # on the GPU the generated 64 px at the preset's m = 64.
+    # Dry (CPU): ingested at 32 px and m = 16 (the DCGAN-layout cGAN steps in ~0.1 s in fp32,
+    # ~1.7 s in bf16 where the CPU emulates it); on the GPU the generated 64 px at m = 64.
     manifest = ensure_snapshot(str(dataset), image_size=32 if dry else None)
     extra = {"train.batch_size": 16} if dry else {}
-    # Dry: 4 steps (3 timed) rehearse the path; bf16 on a CPU without native bf16 (AVX2
-    # only) is emulated at ~1.7 s a step here, so every step counts.
-    steps = 4 if dry else 300
+    steps = 4 if dry else 300  # dry: 4 steps (3 timed) rehearse the path
     report["ray_train"] = _ray_train(manifest.id, out, steps, 0 if dry else 1, extra, env)
     report["plain_loop"] = _plain_loop(manifest, steps, device, "bf16", extra)
     report["bf16_vs_fp32"] = _agreement(manifest, 20 if dry else 200, device, extra)
