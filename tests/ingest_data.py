@@ -132,3 +132,11 @@ def snapshot_for(ref: str, cfg):
     from flows.ingest.resolve import ensure_snapshot
 
     return ensure_snapshot(ref, image_size=cfg.data.image_size)
+
+
+def search_request(family: str, ref: str, base, space: dict, **options):
+    """A SearchRequest for ``family`` on the dataset ref, resolved as the commands resolve it
+    (snapshot_for), with ``options`` as SearchRequest's keyword fields."""
+    from flows.tune.search import SearchRequest
+
+    return SearchRequest(family, snapshot_for(ref, base), base, space, **options)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from home_cache import seed_judges
-from ingest_data import snapshot_for
+from ingest_data import search_request
 
 from flows.tune import pbt
 from flows.tune.space import SearchError, validate_space
@@ -182,7 +182,7 @@ PBT_ARGS = {"train.steps": 40, "train.log_every": 5, "model.hidden": 32}
 @pytest.mark.slow
 def test_small_pbt_search_exploits_and_its_winner_is_the_model(home):
     from flows.tracking import client, tracking_uri
-    from flows.tune.search import SearchRequest, run_search
+    from flows.tune.search import run_search
 
     base = apply_overrides(preset("gan", "tiny"), PBT_ARGS)
     space = validate_space(
@@ -196,9 +196,9 @@ def test_small_pbt_search_exploits_and_its_winner_is_the_model(home):
     # below is on the search that exploited.
     for name in ("pbt-small", "pbt-small-2"):
         result = run_search(
-            SearchRequest(
+            search_request(
                 "gan",
-                snapshot_for("builtin:digits", base),
+                "builtin:digits",
                 base,
                 space,
                 samples=2,
@@ -251,16 +251,16 @@ def test_pbt_trials_on_two_workers_each_exploit_and_register(home):
     checkpoints come back to the trial, which reports them to Tune, so PBT exploits across
     trials as with one process, and the winner's generator is logged in its run."""
     from flows.tracking import client, tracking_uri
-    from flows.tune.search import SearchRequest, run_search
+    from flows.tune.search import run_search
 
     base = apply_overrides(preset("gan", "tiny"), PBT_ARGS)
     space = validate_space({"lr_g": {"grid": [1e-3, 1e-6]}}, base)
     c = client(tracking_uri())
     name = "pbt-2w"
     result = run_search(
-        SearchRequest(
+        search_request(
             "gan",
-            snapshot_for("builtin:digits", base),
+            "builtin:digits",
             base,
             space,
             scheduler="pbt",

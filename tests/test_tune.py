@@ -12,9 +12,9 @@ import time
 
 import pytest
 from home_cache import seed_judges
-from ingest_data import snapshot_for
+from ingest_data import search_request
 
-from flows.tune.search import SearchRequest, run_search
+from flows.tune.search import run_search
 from flows.tune.space import SearchError, count_trials, default_space, validate_space
 from gan_core.overrides import apply_overrides
 from gan_core.presets import preset
@@ -125,9 +125,9 @@ def test_small_cyclegan_search_with_mlflow_parent_and_children(home):
     # searched field, with its column and its params.
     space = validate_space({"lambda_cyc": {"grid": [1.0, 10.0]}, "d_steps": {"grid": [2]}}, base)
     result = run_search(
-        SearchRequest(
+        search_request(
             "cyclegan",
-            snapshot_for("builtin:digits-unpaired", base),
+            "builtin:digits-unpaired",
             base,
             space,
             scheduler="fifo",
@@ -184,9 +184,9 @@ def test_asha_stops_clearly_bad_trials(home):
     # lr 1e-7 barely moves G from its initialisation: clearly bad, and ASHA should see it.
     space = validate_space({"lr_g": {"grid": [2e-4, 1e-7, 2e-4, 1e-7, 1e-7, 1e-7]}}, base)
     result = run_search(
-        SearchRequest(
+        search_request(
             "gan",
-            snapshot_for("builtin:digits", base),
+            "builtin:digits",
             base,
             space,
             scheduler="asha",
@@ -286,9 +286,7 @@ def test_gpu_search_on_a_cluster_without_gpus_fails_before_any_run(home):
 
     base = apply_overrides(preset("gan", "tiny"), {"train.steps": 4})
     space = validate_space({"d_steps": {"grid": [1, 2]}}, base)
-    req = SearchRequest(
-        "gan", snapshot_for("builtin:digits", base), base, space, gpus_per_worker=1, name="s-gpu"
-    )
+    req = search_request("gan", "builtin:digits", base, space, gpus_per_worker=1, name="s-gpu")
     with pytest.raises(TrainError, match=r"needs 1 GPUs .* has 0"):
         run_search(req, progress=False)
     exp = client(tracking_uri()).get_experiment_by_name("ganflow-search")
@@ -309,9 +307,9 @@ def test_search_on_s3_storage_resumes_from_there(home, s3):
         preset("gan", "tiny"), {"train.steps": 8, "train.log_every": 4, "model.hidden": 32}
     )
     space = validate_space({"d_steps": {"grid": [1, 2]}}, base)
-    req = SearchRequest(
+    req = search_request(
         "gan",
-        snapshot_for("builtin:digits", base),
+        "builtin:digits",
         base,
         space,
         scheduler="fifo",
