@@ -165,6 +165,20 @@ def test_small_cyclegan_search_with_mlflow_parent_and_children(home):
     )
     assert parent.data.params["best.loss.lambda_cyc"] == str(best.config["loss.lambda_cyc"])
     assert best.run_id in {ch.info.run_id for ch in children}
+    # Each 1-worker trial trained in its own actor, and its run is a training run like any:
+    # config, dataset, sample grids through training, the best step and its generator.
+    for ch in children:
+        assert ch.info.status == "FINISHED"
+        assert ch.data.tags["ganflow.workers"] == "1" and "ganflow.best_step" in ch.data.tags
+        assert ch.inputs.dataset_inputs, "the snapshot is the run's dataset input"
+        grids = [a.path for a in c.list_artifacts(ch.info.run_id, "images")]
+        assert any("best_samples" in g for g in grids) and len(grids) >= 3, grids
+    assert c.search_logged_models([parent.info.experiment_id], filter_string="name = 'generator'")
+    # The best trial's checkpoint is what the registry stage reads: its best step's generator.
+    from flows.train.checkpoints import load_trained
+
+    cfg, models = load_trained(best.checkpoint)
+    assert cfg.loss.lambda_cyc == best.config["loss.lambda_cyc"] and set(models) == {"G", "F"}
     arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
     assert {"trials.json", "metric_vs_params.png"} <= arts
     # The table the Prefect search flow records as its artifact.
@@ -300,7 +314,9 @@ def test_gpu_search_on_a_cluster_without_gpus_fails_before_any_run(home):
 @pytest.mark.slow
 def test_search_on_s3_storage_resumes_from_there(home, s3):
     """Trials, their checkpoints and the search state live in the bucket (the S3 API of a
-    moto server); --resume restores the search from there with every trial once."""
+    moto server); --resume restores the search from there with every trial once. Each trial
+    is a Ray Train run on two workers (the path a 1-worker trial, trained in its own actor,
+    does not take): its reports reach Tune through Train's TuneReportCallback."""
     import dataclasses
 
     base = apply_overrides(
@@ -316,9 +332,13 @@ def test_search_on_s3_storage_resumes_from_there(home, s3):
         eval_every=4,
         name="s-s3",
         storage=s3.url("ray"),
+        workers_per_trial=2,
+        cpus_per_worker=0.5,
     )
     first = run_search(req, progress=False)
     assert len(first.trials) == 2 and all(t.step == 8 for t in first.trials)
+    # A Train run's checkpoint (the workers' files), not a Tune one.
+    assert "/checkpoint-" in first.best.checkpoint, first.best.checkpoint
     assert first.best.checkpoint.startswith(f"{s3.bucket}/ray/")
     stored = s3.fs().find(f"{s3.bucket}/ray/s-s3")
     assert any("experiment_state" in k for k in stored), stored

@@ -166,20 +166,12 @@ def run_training(req: TrainRequest) -> TrainResult:
         inside(storage_path, os.path.join(storage_path, run_name))
     if req.tracking:
         _route_mlflow_logs()
-        exp_id = tracking.ensure_experiment(uri, req.experiment)
-        tags = {
-            "ganflow.family": cfg.family,
-            "ganflow.snapshot_id": manifest.id,
-            "ganflow.workers": str(cluster.workers),
-        }
-        if req.parent_run_id:
-            tags["mlflow.parentRunId"] = req.parent_run_id
-        orphans.reap(uri, [exp_id])  # runs a SIGKILL left RUNNING (before one is resumed)
-        run_id = tracking.find_or_create_run(uri, exp_id, run_name, tags)
+        run_id = _open_run(req, cfg, uri, run_name, reap=True)
     try:
         # The heartbeat tells a later command whether this process still owns the run.
         with orphans.Heartbeat(uri, run_id) if run_id else contextlib.nullcontext():
-            result = _track_and_fit(req, cfg, manifest, root, uri, run_id, run_name, use_gpu)
+            job = _track(req, cfg, manifest, root, uri, run_id)
+            result = _fit(job, cluster, req, run_name, use_gpu)
     except BaseException as exc:
         # Never leave the MLflow run RUNNING: Ctrl-C is KILLED, any other failure FAILED.
         if run_id is not None:
@@ -199,6 +191,57 @@ def run_training(req: TrainRequest) -> TrainResult:
         checkpoint=result.checkpoint,
         storage=result.storage,
     )
+
+
+def train_in_trial(req: TrainRequest) -> None:
+    """A 1-worker run trained in the calling Tune trial's own actor (flows.tune.search), not
+    as a Ray Train run inside it: the trial's process is the worker, so a trial costs one
+    process, not a controller, a worker group and their placement group (about 10 s and as
+    many CPU-seconds per trial on a 2-core machine, measured). The MLflow run, its config
+    and dataset, the loop, evaluations, checkpoints and the registered generator are a
+    Train run's (flows.train.worker); reports and checkpoints go to Tune
+    (:class:`flows.train.worker.TuneReports`), which keeps ``req.keep_checkpoints`` of them
+    and resumes the trial from its latest. The search checked the tracking server, the
+    config and the resources, and reaped orphaned runs, before any trial started."""
+    from flows import orphans, tracking
+    from flows.train.worker import TuneReports, train_in_this_process
+
+    req.check()
+    if req.cluster.workers != 1:
+        raise TrainError(f"a run in a trial's process has one worker, not {req.cluster.workers}")
+    cfg = apply_overrides(req.cfg, {"data.dataset": req.manifest.id})
+    run_name = req.run_name or default_run_name(cfg)
+    uri = run_id = None
+    if req.tracking:
+        uri = tracking.tracking_uri()
+        run_id = _open_run(req, cfg, uri, run_name, reap=False)
+    try:
+        with orphans.Heartbeat(uri, run_id) if run_id else contextlib.nullcontext():
+            job = _track(req, cfg, req.manifest, snapshot_root(), uri, run_id)
+            train_in_this_process(job, TuneReports())
+    except BaseException as exc:
+        if run_id is not None:
+            _end_run(uri, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    if run_id is not None:
+        tracking.finish_run(uri, run_id)
+
+
+def _open_run(req: TrainRequest, cfg: GanConfig, uri: str, run_name: str, reap: bool) -> str:
+    """The run's MLflow run (found by name when resumed, else created) with its tags."""
+    from flows import orphans, tracking
+
+    exp_id = tracking.ensure_experiment(uri, req.experiment)
+    tags = {
+        "ganflow.family": cfg.family,
+        "ganflow.snapshot_id": req.manifest.id,
+        "ganflow.workers": str(req.cluster.workers),
+    }
+    if req.parent_run_id:
+        tags["mlflow.parentRunId"] = req.parent_run_id
+    if reap:
+        orphans.reap(uri, [exp_id])  # runs a SIGKILL left RUNNING (before one is resumed)
+    return tracking.find_or_create_run(uri, exp_id, run_name, tags)
 
 
 def _route_mlflow_logs() -> None:
@@ -234,7 +277,8 @@ class _Fit:
         return self.error is None
 
 
-def _track_and_fit(req, cfg, manifest, root, uri, run_id, run_name, use_gpu) -> _Fit:
+def _track(req, cfg, manifest, root, uri, run_id) -> WorkerJob:
+    """The run's config and dataset into its MLflow run; the job its workers train."""
     from flows import tracking
 
     cluster = req.cluster
@@ -250,7 +294,7 @@ def _track_and_fit(req, cfg, manifest, root, uri, run_id, run_name, use_gpu) -> 
         tracking.log_dataset_input(uri, run_id, manifest.id, manifest.name, root)
 
     log_every = cfg.train.log_every
-    job = WorkerJob(
+    return WorkerJob(
         config=cfg,
         snapshot_id=manifest.id,
         snapshot_root=root,
@@ -264,7 +308,6 @@ def _track_and_fit(req, cfg, manifest, root, uri, run_id, run_name, use_gpu) -> 
         fault=req.fault,
         warm_start=req.warm_start,
     )
-    return _fit(job, cluster, req, run_name, use_gpu)
 
 
 def fit_job(job: WorkerJob, req: TrainRequest, run_name: str) -> _Fit:

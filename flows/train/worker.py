@@ -3,7 +3,10 @@
 One CPU process or many GPU nodes, by configuration alone. The boundary between Ray and
 gan_core is :func:`train_loop_per_worker`: it loads the dataset snapshot, builds gan_core's
 state with :func:`ddp_wrap` applied to each network separately, restores the latest Ray
-checkpoint, and runs gan_core's one training loop with :class:`RayCallback` attached.
+checkpoint, and runs gan_core's one training loop with :class:`RayCallback` attached. A
+1-worker Tune trial runs the same worker code in its own actor
+(:func:`train_in_this_process`): where it resumes from and reports to is the one difference
+(:class:`TrainReports`, :class:`TuneReports`).
 
 Distribution, stated once:
 
@@ -136,6 +139,59 @@ def replica_divergence(models: dict[str, nn.Module], device: torch.device) -> fl
     return float((hi - lo).max())
 
 
+# --- where a worker reports -----------------------------------------------------------------
+
+
+class TrainReports:
+    """A Ray Train worker's side: it resumes from the run's latest checkpoint and reports to
+    the Train run's controller (every rank, the same number of times)."""
+
+    distributed = True
+
+    def latest(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict) -> None:
+        import ray.train
+
+        ray.train.report(metrics)
+
+    def report_checkpoint(self, state, metrics: dict, rank: int, world_size: int, best) -> None:
+        report_checkpoint(state, metrics, rank, world_size, best)
+
+
+class TuneReports:
+    """A 1-worker run trained in a Tune trial's own actor (flows.tune.search): no Train run,
+    so no controller, worker group or placement group per trial. It resumes from the trial's
+    latest Tune checkpoint and reports to Tune; the checkpoint's files are the ones a Train
+    run writes (:func:`flows.train.checkpoints.write_checkpoint`), so the registry, warm
+    starts and resumes read either alike."""
+
+    distributed = False
+
+    def latest(self):
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    def report(self, metrics: dict) -> None:
+        from ray import tune
+
+        tune.report(metrics)
+
+    def report_checkpoint(self, state, metrics: dict, rank: int, world_size: int, best) -> None:
+        from ray import tune
+
+        from flows.train.checkpoints import write_checkpoint
+
+        # Tune copies the folder into the trial's storage before report returns.
+        with tempfile.TemporaryDirectory(prefix="ganflow-ckpt-") as tmp:
+            write_checkpoint(state, Path(tmp), rank, world_size, best)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
 # --- the worker side ------------------------------------------------------------------------
 
 
@@ -145,9 +201,12 @@ class RayCallback:
     the best step), and report to Ray with a checkpoint every ``checkpoint_every`` iterations.
     Every rank calls it at the same iterations, so collectives and reports line up."""
 
-    def __init__(self, job: WorkerJob, rank: int, world_size: int, end: int, evaluator):
+    def __init__(
+        self, job: WorkerJob, rank: int, world_size: int, end: int, evaluator, reports=None
+    ):
         self.job, self.rank, self.world_size, self.end = job, rank, world_size, end
         self.evaluator = evaluator
+        self.reports = reports or TrainReports()
         self.last_t: float | None = None
         self.latest_eval: dict[str, float] = {}
         self.last_step = 0
@@ -158,8 +217,6 @@ class RayCallback:
         return self.evaluator.best if self.evaluator is not None else None
 
     def __call__(self, state, metrics: dict[str, float]) -> None:
-        import ray.train
-
         now = time.perf_counter()
         if self.last_t is not None:
             metrics["steps_per_s"] = (state.step - self.last_step) / max(now - self.last_t, 1e-9)
@@ -213,9 +270,9 @@ class RayCallback:
         if evaluated if clock else state.step % self.job.checkpoint_every == 0:
             if clock:
                 metrics[clock] = state.step
-            report_checkpoint(state, metrics, self.rank, self.world_size, self.best)
+            self.reports.report_checkpoint(state, metrics, self.rank, self.world_size, self.best)
         elif evaluated:
-            ray.train.report(metrics)
+            self.reports.report(metrics)
 
     def _track(self, state, metrics: dict[str, float]) -> None:
         from flows import tracking
@@ -263,7 +320,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     try:
-        _train_worker(job, job.config, rank, world_size, device)
+        _train_worker(job, job.config, rank, world_size, device, TrainReports())
     except (
         ValueError,
         TypeError,
@@ -283,9 +340,19 @@ def train_loop_per_worker(config: dict) -> None:
         raise WorkerUserError(f"{type(exc).__name__}: {text}") from exc
 
 
-def _train_worker(job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, device) -> None:
-    import ray.train
+def train_in_this_process(job: WorkerJob, reports) -> None:
+    """The whole run as one worker in the calling process (a Tune trial's actor), reporting
+    through ``reports`` (:class:`TuneReports`): the same loop, evaluation, checkpoints and
+    MLflow logging as a Train run's rank 0."""
+    torch.set_num_threads(job.threads)
+    # The trial's GPU when it asked for one (Ray sets CUDA_VISIBLE_DEVICES for the actor).
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _train_worker(job, job.config, 0, 1, device, reports)
 
+
+def _train_worker(
+    job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, device, reports
+) -> None:
     from gan_core.train import init_state, train
 
     train_rows = open_train(job, cfg)
@@ -296,20 +363,22 @@ def _train_worker(job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, de
 
         heldout = load_heldout(job.snapshot_id, job.snapshot_root, cfg)
     sync_bn = cfg.model.sync_batchnorm and world_size > 1 and device.type == "cuda"
-    state = init_state(
-        cfg, data, device, rank, world_size, wrap=lambda m: ddp_wrap(m, sync_bn=sync_bn)
-    )
+    # Outside a Train run there is no process group (and one worker needs none).
+    wrap = (lambda m: ddp_wrap(m, sync_bn=sync_bn)) if reports.distributed else None
+    state = init_state(cfg, data, device, rank, world_size, wrap=wrap)
     if world_size > 1:
         # ADA's r_t over every rank's reals, so all replicas move p alike (one small
         # all-reduce every augment.ada_interval D updates, at the same update on every rank).
         state.augment.reduce = _all_sum
     # Only a complete checkpoint (every file as its hash was recorded) is resumed from.
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = reports.latest()
     if checkpoint is None and job.start_from:
+        from ray.train import Checkpoint
+
         from flows.train.spec import StorageSpec
 
         path, filesystem = StorageSpec(url=job.start_from).resolve()
-        checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
+        checkpoint = Checkpoint(path, filesystem=filesystem)
     checkpoint = complete_checkpoint(
         checkpoint,
         say=lambda line: print(f"[ganflow rank {rank}] {line}", file=sys.__stderr__, flush=True),
@@ -342,7 +411,7 @@ def _train_worker(job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, de
     nodes = _count_nodes(world_size)
     start_step, t0 = state.step, time.perf_counter()
     evaluator = Evaluator(job, cfg, train_rows, heldout, best) if rank == 0 else None
-    train(state, data, callbacks=[RayCallback(job, rank, world_size, end, evaluator)])
+    train(state, data, callbacks=[RayCallback(job, rank, world_size, end, evaluator, reports)])
     seconds = time.perf_counter() - t0
     final: dict[str, float] = {
         "step": state.step,
@@ -355,7 +424,7 @@ def _train_worker(job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, de
         final.update(evaluator.finish(state))
     # Result.metrics on the driver are those of the latest checkpoint: the best step's
     # figures. Its best.pt holds the registered generator (the last step was a candidate).
-    report_checkpoint(state, final, rank, world_size, evaluator.best if rank == 0 else None)
+    reports.report_checkpoint(state, final, rank, world_size, evaluator.best if rank == 0 else None)
 
 
 def _count_nodes(world_size: int) -> int:

@@ -1,8 +1,11 @@
 """Hyperparameter search with Ray Tune over λ (``lambda_cyc``) and k (``d_steps``), and any
 other config field, at cluster scale.
 
-Each trial is a Ray Train run of the training stage's trainer (Ray Train V2: a Tune function
-builds one TorchTrainer per trial and forwards its reports with ``TuneReportCallback``), so
+A trial is the training stage's run. On one worker (the default) it trains in the trial's
+own Tune actor, the same loop, checkpoints and MLflow run as a Train run's rank 0, reporting
+to Tune directly (flows.train.driver.train_in_trial): no Train controller, worker group or
+placement group per trial. On several workers it is a Ray Train run (Ray Train V2: the Tune
+function builds one TorchTrainer and forwards its reports with ``TuneReportCallback``), so
 a trial can itself span several GPU workers. Trials report the family's primary quality
 metric on val every ``eval.every`` iterations (the training config's one evaluation
 interval: the search's ``eval_every`` sets it in every trial's config); ASHA stops poor
@@ -16,6 +19,7 @@ that ``ganflow train --set``/``--config`` and the retraining flow take as they a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -106,12 +110,13 @@ def _reaper_callback():
 
 
 def _trial(config: dict) -> None:
-    """One Tune trial: a Ray Train run of the training stage's trainer."""
+    """One Tune trial: the training stage's run. A 1-worker trial trains in this actor
+    (flows.train.driver.train_in_trial); a trial on several workers is a Ray Train run whose
+    reports Tune gets through ``TuneReportCallback``."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from flows.snapshots.load import resolve_snapshot
-    from flows.train.driver import run_training
+    from flows.train.driver import run_training, train_in_trial
     from flows.train.spec import StorageSpec, TrainRequest
 
     ctx, params = split_trial_config(config)
@@ -133,10 +138,15 @@ def _trial(config: dict) -> None:
         experiment=ctx.experiment,
         tracking=ctx.tracking,
         parent_run_id=ctx.parent_run_id,
-        trainer_callbacks=[TuneReportCallback()],
+        cache_dir=ctx.cache_dir,
         max_failures=0,
     )
-    run_training(req)
+    if ctx.workers == 1:
+        train_in_trial(req)
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    run_training(dataclasses.replace(req, trainer_callbacks=[TuneReportCallback()]))
 
 
 def _scheduler(req: SearchRequest, steps: int, eval_every: int, interval: int):
@@ -310,15 +320,15 @@ def run_search(req: SearchRequest, progress: bool = True) -> SearchResult:
         # The same param space on a resume: Tune checks its keys against the saved search's.
         param_space = ctx.param_space(to_tune_space(req.space))
         # A trial on several workers runs a Ray Train run whose workers reserve the real
-        # resources; a 1-worker PBT trial trains in its own actor (flows/tune/pbt.py).
-        on_workers = not pbt or req.workers_per_trial > 1
+        # resources (the trial's actor only waits on it); a 1-worker trial trains in its own
+        # actor (flows.train.driver.train_in_trial, flows/tune/pbt.py), which reserves them.
+        on_workers = req.workers_per_trial > 1
+        resources = {"cpu": req.cpus_per_worker, "gpu": req.gpus_per_worker}
         if pbt:
-            from flows.tune.pbt import pbt_trial
-
-            resources = {"cpu": req.cpus_per_worker, "gpu": req.gpus_per_worker}
-            trainable = tune.with_resources(pbt_trial, {"cpu": 0.01} if on_workers else resources)
+            from flows.tune.pbt import pbt_trial as trial_fn
         else:
-            trainable = tune.with_resources(_trial, {"cpu": 0.01})
+            trial_fn = _trial
+        trainable = tune.with_resources(trial_fn, {"cpu": 0.01} if on_workers else resources)
         max_conc = req.max_concurrent
         if max_conc is None:
             # GPU trials: as many as the GPUs allow, counting those an autoscaling cluster can add
@@ -336,8 +346,11 @@ def run_search(req: SearchRequest, progress: bool = True) -> SearchResult:
             storage_filesystem=filesystem,
             verbose=1 if progress else 0,
             # A stopped trial's Train run can leave its placement group behind (see the
-            # reaper); a 1-worker PBT trial makes none.
+            # reaper); a 1-worker trial makes none.
             callbacks=[_reaper_callback()] if on_workers else [],
+            # A 1-worker ASHA/FIFO trial checkpoints into Tune: the latest two stay, as a
+            # Train run's do (PBT keeps every one: an exploit may take any trial's latest).
+            checkpoint_config=None if pbt or on_workers else tune.CheckpointConfig(num_to_keep=2),
         )
         if req.resume:
             tuner = tune.Tuner.restore(
