@@ -220,8 +220,10 @@ def train_in_trial(req: TrainRequest) -> None:
             job = _track(req, cfg, req.manifest, snapshot_root(), uri, run_id)
             train_in_this_process(job, TuneReports())
     except BaseException as exc:
+        # Tune stops a trial (ASHA) by ending its thread at the next report (SystemExit).
         if run_id is not None:
-            _end_run(uri, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
+            _end_run(uri, run_id, "KILLED" if stopped else "FAILED")
         raise
     if run_id is not None:
         tracking.finish_run(uri, run_id)

@@ -371,6 +371,11 @@ def run_search(req: SearchRequest, progress: bool = True) -> SearchResult:
                     scheduler=scheduler,
                     num_samples=req.samples,
                     max_concurrent_trials=max_conc,
+                    # A 1-worker trial's actor (its process, torch and ganflow imported)
+                    # takes the next trial, or a PBT trial's restart after an exploit, instead
+                    # of a new process each time. A trial on several workers owns a Train run
+                    # that a reset could not stop in time: its actor is not reused.
+                    reuse_actors=not on_workers,
                 ),
                 run_config=run_config,
             )
