@@ -19,6 +19,7 @@ import torch
 from home_cache import seed_judges
 from ingest_data import search_request
 
+from flows.train.checkpoints import restore_checkpoint, write_checkpoint
 from flows.tune import pbt
 from flows.tune.space import SearchError, validate_space
 from gan_core.data import load_builtin
@@ -58,11 +59,12 @@ def test_exploit_restores_the_donor_exactly_and_new_values_apply_from_the_next_s
     donor_cfg = _cyclegan()
     donor = init_state(donor_cfg, data, "cpu")
     train(donor, data, until=s)
-    meta = {"trial_id": "donor", "step": s, "hyperparameters": {}, "schedule": []}
-    # Through the files a Tune checkpoint holds, as the receiving trial reads them.
-    pbt.save_trial_checkpoint(donor, tmp_path / "ckpt", meta)
-    sd, _, _ = pbt.read_trial_checkpoint(tmp_path / "ckpt")
-    saved = copy.deepcopy(sd)
+    # Through the files a trial's checkpoint holds (a Train worker's, as a 1-process trial
+    # writes them into Tune's), as the receiving trial reads them.
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    write_checkpoint(donor, ckpt, 0, 1)
+    saved = copy.deepcopy(state_dict(donor))
 
     # The receiver has trained on with other values: none of its own state may survive.
     recv_cfg = _cyclegan(**{"optim.lr_g": 5e-4, "train.d_steps": 3, "train.seed": 7})
@@ -70,7 +72,7 @@ def test_exploit_restores_the_donor_exactly_and_new_values_apply_from_the_next_s
     train(receiver, data, until=25)
     new = {"optim.lr_g": 2.4e-4, "optim.lr_d": 1.6e-4, "loss.lambda_cyc": 12.0, "train.d_steps": 2}
     new_cfg = apply_overrides(donor_cfg, new)
-    pbt.exploit(receiver, sd, new_cfg)
+    assert restore_checkpoint(receiver, ckpt, 0, 1, new_cfg)  # every stream, exactly
 
     after = state_dict(receiver)
     assert after["step"] == s
@@ -93,7 +95,8 @@ def test_exploit_restores_the_donor_exactly_and_new_values_apply_from_the_next_s
     train(receiver, data, until=s + 1)
     assert receiver.d_updates - d0 == 2 and receiver.step == s + 1
     ref_cfg = apply_overrides(new_cfg, {"optim.lr_g": donor_cfg.optim.lr_g})
-    ref = pbt.exploit(init_state(ref_cfg, data, "cpu"), copy.deepcopy(saved), ref_cfg)
+    ref = init_state(ref_cfg, data, "cpu")
+    restore_checkpoint(ref, ckpt, 0, 1, ref_cfg)
     train(ref, data, until=s + 1)
     ratio = 2.4e-4 / donor_cfg.optim.lr_g
     for name, t in receiver.models["G"].named_parameters():

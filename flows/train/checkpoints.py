@@ -270,10 +270,17 @@ def complete_checkpoint(checkpoint, say=print):
     return None
 
 
-def restore_checkpoint(state, directory: Path, rank: int, world_size: int) -> bool:
+def restore_checkpoint(
+    state, directory: Path, rank: int, world_size: int, hyperparameters=None
+) -> bool:
     """Load a checkpoint into state. Returns whether this rank's random streams were restored
-    (False when the run was resumed at another world size: fresh streams for the new shard)."""
-    from gan_core.train import load_state_dict, read_checkpoint, state_dict
+    (False when the run was resumed at another world size: fresh streams for the new shard).
+
+    ``hyperparameters`` (a GanConfig): a PBT exploit. The checkpoint is the donor's complete
+    training state; then this config's loss/optim numbers and k take effect from the next
+    step (gan_core's set_hyperparameters: the restored optimisers' param groups and
+    schedules too)."""
+    from gan_core.train import load_state_dict, read_checkpoint, set_hyperparameters, state_dict
 
     sd = read_checkpoint(directory / STATE_FILE, map_location=state.device)
     rank_path = directory / _rank_file(rank)
@@ -285,6 +292,8 @@ def restore_checkpoint(state, directory: Path, rank: int, world_size: int) -> bo
         per_rank = {k: fresh[k] for k in PER_RANK_KEYS}
     per_rank["noise"] = per_rank["noise"].cpu()  # Generator.set_state wants a CPU ByteTensor
     load_state_dict(state, {**sd, **per_rank})
+    if hyperparameters is not None:
+        set_hyperparameters(state, hyperparameters)
     return exact
 
 

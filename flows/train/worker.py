@@ -176,10 +176,17 @@ class TuneReports:
 
         return tune.get_checkpoint()
 
+    def tagged(self, metrics: dict) -> dict:
+        """What a report tells Tune besides the run's figures (a PBT trial: its id)."""
+        return metrics
+
+    def add_files(self, directory: Path, step: int) -> None:
+        """Files a checkpoint holds beside the run's (a PBT trial: its record)."""
+
     def report(self, metrics: dict) -> None:
         from ray import tune
 
-        tune.report(metrics)
+        tune.report(self.tagged(metrics))
 
     def report_checkpoint(self, state, metrics: dict, rank: int, world_size: int, best) -> None:
         from ray import tune
@@ -189,7 +196,8 @@ class TuneReports:
         # Tune copies the folder into the trial's storage before report returns.
         with tempfile.TemporaryDirectory(prefix="ganflow-ckpt-") as tmp:
             write_checkpoint(state, Path(tmp), rank, world_size, best)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+            self.add_files(Path(tmp), state.step)
+            tune.report(self.tagged(metrics), checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
 # --- the worker side ------------------------------------------------------------------------
@@ -393,14 +401,12 @@ def _train_worker(
             print(f"[ganflow] warm start from {job.warm_start}", file=sys.__stderr__, flush=True)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            exact = restore_checkpoint(state, Path(d), rank, world_size)
+            # A PBT trial's start from a checkpoint (the donor's, on exploit) then takes this
+            # trial's hyperparameters.
+            exact = restore_checkpoint(
+                state, Path(d), rank, world_size, cfg if job.pbt_clock else None
+            )
             best = read_best(Path(d)) if rank == 0 else None
-        if job.pbt_clock:
-            # A PBT exploit: the donor's complete state, then this trial's hyperparameters
-            # (its learning rates into the restored optimisers and schedules) from the next step.
-            from gan_core.train import set_hyperparameters
-
-            set_hyperparameters(state, cfg)
         print(
             f"[ganflow rank {rank}] resumed at iteration {state.step}"
             + ("" if exact else " (world size changed: fresh data/noise streams)"),

@@ -10,11 +10,12 @@ stream, the image pools, the EMA weights, D's augmentation) and *explores*: the 
 hyperparameters mutated (x 1.2 / x 0.8, k one step up or down, or resampled), clipped to the
 space's bounds, applied to the optimisers' param groups and the loop from the next step on.
 
-The trial trains in its own Tune actor (one process: ``cpus_per_worker`` CPUs, and
-``gpus_per_worker`` GPUs when asked), not in a Ray Train run: Tune's exploit hands checkpoints
-to the trial function, and a Ray Train V2 run inside a Tune trial reports metrics to Tune but
-not checkpoints. Each trial's MLflow run records every exploit (donor, step, old -> new) and,
-at the end, its schedule (hyperparameters per step, donors' segments included) as
+On one worker the trial trains in its own Tune actor (one process: ``cpus_per_worker`` CPUs,
+and ``gpus_per_worker`` GPUs when asked) with the Train worker's code, reporting to Tune: the
+exploit is a resume from the donor's checkpoint (flows.train.checkpoints.restore_checkpoint
+with the trial's hyperparameters). On several workers it is a Ray Train run whose checkpoints
+the trial hands to Tune (:func:`_train_on_workers`). Each trial's MLflow run records every
+exploit (donor, step, old -> new) and, at the end, its schedule (hyperparameters per step, donors' segments included) as
 ``pbt_schedule.json`` and a plot; its best step's generator is logged like any training run's,
 so the best trial's generator is the search's model: nothing is retrained.
 """
@@ -28,8 +29,7 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
+from flows.train.worker import TuneReports, train_in_this_process
 from flows.tune.request import split_trial_config
 from flows.tune.space import SearchError, _is_int
 from gan_core.config import GanConfig
@@ -45,8 +45,6 @@ MUTABLE_FIELDS = ("train.d_steps",)
 # has finished (it would restart a run whose model is already logged).
 TIME_ATTR = "pbt_step"
 
-STATE_FILE = "state.pt"
-BEST_FILE = "best.pt"
 META_FILE = "pbt.json"
 
 
@@ -123,24 +121,7 @@ def clip(space: dict[str, dict]):
     return explore
 
 
-# --- exploit: the donor's state, then the new hyperparameters -----------------------------------
-
-
-def apply_hyperparameters(state, cfg: GanConfig):
-    """``cfg``'s loss/optim numbers and k in effect from the next step on (gan_core's
-    set_hyperparameters: the optimisers' param groups and the schedulers' base rates too)."""
-    from gan_core.train import set_hyperparameters
-
-    return set_hyperparameters(state, cfg)
-
-
-def exploit(state, sd: dict, cfg: GanConfig):
-    """The donor's complete training state ``sd`` (gan_core.train.state_dict at step s) into
-    ``state``, then ``cfg``'s hyperparameters: step s+1 is the first under the new values."""
-    from gan_core.train import load_state_dict
-
-    load_state_dict(state, sd)
-    return apply_hyperparameters(state, cfg)
+# --- the hyperparameters a trial runs with -----------------------------------------------------
 
 
 def hyperparameters(cfg: GanConfig, names) -> dict[str, float]:
@@ -155,30 +136,6 @@ def describe_change(old: dict, new: dict) -> str:
 # --- the trial ------------------------------------------------------------------------------------
 
 
-def save_trial_checkpoint(state, out: Path, meta: dict, best=None) -> Path:
-    """A Tune checkpoint folder: gan_core's state dict (tensors and primitives only), the
-    best-so-far tracker, and ``pbt.json`` (whose trial, step, hyperparameters, schedule)."""
-    from gan_core.train import save_checkpoint
-
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(state, out / STATE_FILE)
-    if best is not None:
-        torch.save(best.state_dict(), out / BEST_FILE)
-    (out / META_FILE).write_text(json.dumps(meta, default=float))
-    return out
-
-
-def read_trial_checkpoint(d: Path) -> tuple[dict, dict, dict | None]:
-    from gan_core.train import read_checkpoint
-
-    best = d / BEST_FILE
-    return (
-        read_checkpoint(d / STATE_FILE),
-        json.loads((d / META_FILE).read_text()),
-        torch.load(best, weights_only=True) if best.exists() else None,
-    )
-
-
 def schedule_after(schedule: list, step: int, params: dict) -> list:
     """The schedule's segments up to ``step``, then ``params`` from step+1 ([[first step,
     params], ...], first steps increasing)."""
@@ -190,20 +147,18 @@ def schedule_after(schedule: list, step: int, params: dict) -> list:
 
 def pbt_trial(config: dict) -> None:
     """One PBT trial (a Tune function): train, report the val metric with a checkpoint every
-    eval interval, and on a restart with someone else's checkpoint, record the exploit."""
-    import tempfile
+    eval interval, and on a restart with someone else's checkpoint, record the exploit.
 
+    On one worker the trial's actor is the worker: the Train worker's code runs here
+    (flows.train.worker.train_in_this_process) with the step as PBT's clock, so an exploit
+    loads the donor's checkpoint as a resume does (every stream, the best so far) and then
+    applies this trial's hyperparameters; :class:`_PbtReports` adds the trial's PBT record."""
     from ray import tune
 
     from flows import tracking
-    from flows.train.best import evaluation_due
-    from flows.train.data_config import load_heldout
-    from flows.train.worker import Evaluator, open_train
-    from gan_core.train import init_state, train
 
     ctx, params = split_trial_config(config)
     os.environ.update(ctx.env)
-    torch.set_num_threads(max(1, ctx.threads))
     names = sorted(params)
     cfg = ctx.trial_config(params)
     trial_id = tune.get_context().get_trial_id()
@@ -224,58 +179,57 @@ def pbt_trial(config: dict) -> None:
     if ctx.workers > 1:
         _train_on_workers(ctx, cfg, now, trial_id, run_name, uri, run_id)
         return
-    # Not sent anywhere: the Evaluator and the snapshot reader take a WorkerJob.
-    job = _worker_job(ctx, cfg, uri, run_id)
-    device = torch.device(
-        "cuda" if ctx.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+    job = _worker_job(
+        ctx,
+        cfg,
+        uri,
+        run_id,
+        sample_every=5 * cfg.train.log_every,
+        threads=max(1, ctx.threads),
+        pbt_clock=TIME_ATTR,
     )
-    train_rows = open_train(job, cfg)
-    data = train_rows.to(device)
-    heldout = load_heldout(job.snapshot_id, job.snapshot_root, cfg)
-    state = init_state(cfg, data, device)
-    schedule: list = [[1, now]]
-    best_sd = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            sd, meta, best_sd = read_trial_checkpoint(Path(d))
-        exploit(state, sd, cfg)
-        schedule = _record_exploit(meta, state.step, now, trial_id, run_name, uri, run_id)
-    evaluator = Evaluator(job, cfg, train_rows, heldout, best_sd)
-    end = cfg.train.steps
-
-    def report(st, metrics: dict[str, float]) -> None:
-        metrics["step"] = st.step
-        if run_id:
-            tracking.log_metrics(uri, run_id, metrics, st.step)
-        if st.step == end or not evaluation_due(st.step, cfg.eval.every, cfg.train.log_every, end):
-            return
-        figures = evaluator.validate(st)
-        meta = {
-            "trial_id": trial_id,
-            "step": st.step,
-            "hyperparameters": now,
-            "schedule": schedule,
-        }
-        with tempfile.TemporaryDirectory() as tmp:
-            save_trial_checkpoint(st, Path(tmp), meta, evaluator.best)
-            tune.report(
-                {**figures, "step": st.step, TIME_ATTR: st.step, "trial_id": trial_id},
-                checkpoint=tune.Checkpoint.from_directory(tmp),
-            )
-
-    train(state, data, callbacks=[report])
-    final = evaluator.finish(state) if run_id else _finish_untracked(evaluator, state)
+    reports = _PbtReports(trial_id, now, run_name, uri, run_id)
+    train_in_this_process(job, reports)
     if run_id:
-        _log_schedule(uri, run_id, schedule, end)
+        _log_schedule(uri, run_id, reports.schedule, cfg.train.steps)
         tracking.finish_run(uri, run_id)
-    meta = {"trial_id": trial_id, "step": state.step, "hyperparameters": now, "schedule": schedule}
-    with tempfile.TemporaryDirectory() as tmp:
-        save_trial_checkpoint(state, Path(tmp), meta, evaluator.best)
-        tune.report(
-            {**final, "step": state.step, "trial_id": trial_id, "pbt_schedule": schedule},
-            checkpoint=tune.Checkpoint.from_directory(tmp),
-        )
+
+
+class _PbtReports(TuneReports):
+    """A 1-process PBT trial's reports to Tune: each carries the trial's id, each checkpoint
+    the trial's PBT record (``pbt.json``: whose trial, step, hyperparameters, schedule), and
+    the final one (no PBT clock) the schedule; a restart from a checkpoint records the
+    exploit (donor, step, old -> new) and continues the schedule from it."""
+
+    def __init__(self, trial_id: str, now: dict, run_name: str, uri, run_id):
+        self.trial_id, self.now, self.run_name = trial_id, now, run_name
+        self.uri, self.run_id = uri, run_id
+        self.schedule: list = [[1, now]]
+
+    def latest(self):
+        checkpoint = super().latest()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                meta = json.loads((Path(d) / META_FILE).read_text())
+            self.schedule = _record_exploit(
+                meta, meta["step"], self.now, self.trial_id, self.run_name, self.uri, self.run_id
+            )
+        return checkpoint
+
+    def tagged(self, metrics: dict) -> dict:
+        out = {**metrics, "trial_id": self.trial_id}
+        if TIME_ATTR not in metrics:  # the end: the schedule that led to this model
+            out["pbt_schedule"] = self.schedule
+        return out
+
+    def add_files(self, directory: Path, step: int) -> None:
+        meta = {
+            "trial_id": self.trial_id,
+            "step": step,
+            "hyperparameters": self.now,
+            "schedule": self.schedule,
+        }
+        (directory / META_FILE).write_text(json.dumps(meta, default=float))
 
 
 def _worker_job(ctx, cfg: GanConfig, uri, run_id, **extra):
@@ -468,14 +422,6 @@ def _hand_back_class():
 
 def _HandBack(queue):
     return _hand_back_class()(queue)
-
-
-def _finish_untracked(evaluator, state) -> dict[str, float]:
-    """The end without MLflow: the last step offered, the best step's val figures."""
-    evaluator.validate(state)
-    if not evaluator.best.found:
-        return {}
-    return {f"val_{k}": v for k, v in evaluator.best.figures.items()}
 
 
 def _log_schedule(uri: str, run_id: str, schedule: list, end: int) -> None:
