@@ -207,7 +207,6 @@ def test_asha_stops_clearly_bad_trials(home):
             eval_every=20,
             grace_period=20,
             max_concurrent=2,
-            tracking=False,
             name="s-asha",
         ),
         progress=False,
@@ -219,6 +218,17 @@ def test_asha_stops_clearly_bad_trials(home):
     completed = [t for t in trials if not t.stopped_early and t.error is None]
     assert result.best.metric == min(t.metric for t in completed)
     assert all(t.config["optim.lr_g"] != 1e-7 or t.step <= 120 for t in trials)
+    # In MLflow a trial ASHA stopped is KILLED (its actor may go on to the next trial), a
+    # completed one FINISHED: none is left RUNNING or marked FAILED.
+    from flows.tracking import RUN_NAME_TAG, client, tracking_uri
+
+    c = client(tracking_uri())
+    exp = c.get_experiment_by_name("ganflow-search").experiment_id
+    runs = c.search_runs([exp], filter_string=f"tags.`{RUN_NAME_TAG}` LIKE 's-asha-%'")
+    status = {r.data.tags[RUN_NAME_TAG].removeprefix("s-asha-"): r.info.status for r in runs}
+    assert {t.trial_id: status.get(t.trial_id) for t in trials} == {
+        t.trial_id: "KILLED" if t.stopped_early else "FINISHED" for t in trials
+    }
 
 
 @pytest.mark.slow
