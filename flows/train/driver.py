@@ -218,7 +218,7 @@ def train_in_trial(req: TrainRequest) -> None:
     try:
         with orphans.Heartbeat(uri, run_id) if run_id else contextlib.nullcontext():
             job = _track(req, cfg, req.manifest, snapshot_root(), uri, run_id)
-            train_in_this_process(job, TuneReports())
+            train_in_this_process(job, TuneReports(), use_gpu=req.cluster.gpus_per_worker > 0)
     except BaseException as exc:
         # Tune stops a trial (ASHA) by ending its thread at the next report (SystemExit).
         if run_id is not None:

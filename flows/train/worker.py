@@ -209,12 +209,9 @@ class RayCallback:
     the best step), and report to Ray with a checkpoint every ``checkpoint_every`` iterations.
     Every rank calls it at the same iterations, so collectives and reports line up."""
 
-    def __init__(
-        self, job: WorkerJob, rank: int, world_size: int, end: int, evaluator, reports=None
-    ):
+    def __init__(self, job: WorkerJob, rank: int, world_size: int, end: int, evaluator, reports):
         self.job, self.rank, self.world_size, self.end = job, rank, world_size, end
-        self.evaluator = evaluator
-        self.reports = reports or TrainReports()
+        self.evaluator, self.reports = evaluator, reports
         self.last_t: float | None = None
         self.latest_eval: dict[str, float] = {}
         self.last_step = 0
@@ -348,13 +345,14 @@ def train_loop_per_worker(config: dict) -> None:
         raise WorkerUserError(f"{type(exc).__name__}: {text}") from exc
 
 
-def train_in_this_process(job: WorkerJob, reports) -> None:
+def train_in_this_process(job: WorkerJob, reports, use_gpu: bool) -> None:
     """The whole run as one worker in the calling process (a Tune trial's actor), reporting
     through ``reports`` (:class:`TuneReports`): the same loop, evaluation, checkpoints and
     MLflow logging as a Train run's rank 0."""
     torch.set_num_threads(job.threads)
-    # The trial's GPU when it asked for one (Ray sets CUDA_VISIBLE_DEVICES for the actor).
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # The trial's GPU when it asked for one (Ray sets CUDA_VISIBLE_DEVICES for the actor);
+    # a CPU trial stays on the CPU even where Ray leaves the node's GPUs visible.
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     _train_worker(job, job.config, 0, 1, device, reports)
 
 

@@ -15,8 +15,8 @@ and ``gpus_per_worker`` GPUs when asked) with the Train worker's code, reporting
 exploit is a resume from the donor's checkpoint (flows.train.checkpoints.restore_checkpoint
 with the trial's hyperparameters). On several workers it is a Ray Train run whose checkpoints
 the trial hands to Tune (:func:`_train_on_workers`). Each trial's MLflow run records every
-exploit (donor, step, old -> new) and, at the end, its schedule (hyperparameters per step, donors' segments included) as
-``pbt_schedule.json`` and a plot; its best step's generator is logged like any training run's,
+exploit (donor, step, old -> new) and, at the end, its schedule (hyperparameters per step,
+donors' segments included) as ``pbt_schedule.json`` and a plot; its best step's generator is logged like any training run's,
 so the best trial's generator is the search's model: nothing is retrained.
 """
 
@@ -136,6 +136,12 @@ def describe_change(old: dict, new: dict) -> str:
 # --- the trial ------------------------------------------------------------------------------------
 
 
+def trial_record(trial_id: str, step: int, now: dict, schedule: list) -> dict:
+    """A checkpoint's PBT record (``pbt.json``): whose trial, at which step, with which
+    hyperparameters, and the schedule that led there (what an exploit reads back)."""
+    return {"trial_id": trial_id, "step": step, "hyperparameters": now, "schedule": schedule}
+
+
 def schedule_after(schedule: list, step: int, params: dict) -> list:
     """The schedule's segments up to ``step``, then ``params`` from step+1 ([[first step,
     params], ...], first steps increasing)."""
@@ -189,7 +195,7 @@ def pbt_trial(config: dict) -> None:
         pbt_clock=TIME_ATTR,
     )
     reports = _PbtReports(trial_id, now, run_name, uri, run_id)
-    train_in_this_process(job, reports)
+    train_in_this_process(job, reports, use_gpu=ctx.gpus_per_worker > 0)
     if run_id:
         _log_schedule(uri, run_id, reports.schedule, cfg.train.steps)
         tracking.finish_run(uri, run_id)
@@ -223,12 +229,7 @@ class _PbtReports(TuneReports):
         return out
 
     def add_files(self, directory: Path, step: int) -> None:
-        meta = {
-            "trial_id": self.trial_id,
-            "step": step,
-            "hyperparameters": self.now,
-            "schedule": self.schedule,
-        }
+        meta = trial_record(self.trial_id, step, self.now, self.schedule)
         (directory / META_FILE).write_text(json.dumps(meta, default=float))
 
 
@@ -341,7 +342,7 @@ def _train_on_workers(ctx, cfg: GanConfig, now: dict, trial_id, run_name, uri, r
             last = (metrics, checkpoint)
             continue
         step = int(metrics[TIME_ATTR])
-        meta = {"trial_id": trial_id, "step": step, "hyperparameters": now, "schedule": schedule}
+        meta = trial_record(trial_id, step, now, schedule)
         with tempfile.TemporaryDirectory() as tmp:
             _tune_checkpoint(checkpoint, Path(tmp), meta)
             tune.report(
@@ -363,7 +364,7 @@ def _train_on_workers(ctx, cfg: GanConfig, now: dict, trial_id, run_name, uri, r
         _log_schedule(uri, run_id, schedule, cfg.train.steps)
         tracking.finish_run(uri, run_id)
     step = int(metrics.get("step", cfg.train.steps))
-    meta = {"trial_id": trial_id, "step": step, "hyperparameters": now, "schedule": schedule}
+    meta = trial_record(trial_id, step, now, schedule)
     with tempfile.TemporaryDirectory() as tmp:
         _tune_checkpoint(checkpoint, Path(tmp), meta)
         _remove_run(result.storage)
