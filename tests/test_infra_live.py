@@ -295,7 +295,17 @@ def live(tmp_path, classifier_cache):
             ],
             node_env,
         )
-        _wait(lambda: _port_open(ports["pg"]), "PostgreSQL", 60, procs)
+        # An open port is not enough: during recovery PostgreSQL listens but answers "the
+        # database system is starting up" (seen once in CI); pg_isready waits for connections.
+        pg_ready = [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(ports["pg"])]
+        _wait(
+            lambda: (
+                subprocess.run(pg_ready, env=base, capture_output=True, timeout=10).returncode == 0
+            ),
+            "PostgreSQL",
+            60,
+            procs,
+        )
         pg_env = {**base, "PGPASSWORD": PG_PASSWORD}
         for db in ("mlflow", "mlflow_auth", "prefect"):
             r = subprocess.run(
