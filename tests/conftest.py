@@ -163,6 +163,24 @@ def classifier_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def store_templates(tmp_path_factory):
+    """A migrated MLflow SQLite store and Prefect database for the whole run (both xdist
+    workers), built once under a file lock; tests copy them into a new home with
+    home_cache.seed_stores before a subprocess or server opens it."""
+    from home_cache import build_store_templates
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = root / "store-templates"
+    with open(root / "store-templates.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (folder / ".ready").exists():
+            build_store_templates(folder)
+            (folder / ".ready").touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
 def trained_cgan():
     """preset("cgan") trained 700 steps on the built-in digits, once per session (about 20 s
     on 2 cores): a cGAN that has learnt its labels (class accuracy about 0.96), for the tests

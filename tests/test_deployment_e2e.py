@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from home_cache import seed_judges
+from home_cache import seed_judges, seed_stores
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,9 +44,12 @@ def _prefect(args, env, **kw):
     )
 
 
-def test_deployment_runs_through_prefect_server_and_worker(tmp_path, classifier_cache):
+def test_deployment_runs_through_prefect_server_and_worker(
+    tmp_path, classifier_cache, store_templates
+):
     home = tmp_path / "home"
     seed_judges(home, classifier_cache)
+    seed_stores(store_templates, mlflow_db=home / "mlflow.db", prefect_home=tmp_path / "prefect")
     port = _free_port()
     env = {
         **os.environ,

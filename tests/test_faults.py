@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
-from home_cache import seed_judges
+from home_cache import seed_judges, seed_stores
 
 from flows import orphans
 
@@ -181,11 +181,14 @@ def _ganflow(argv: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
 
 
 @pytest.mark.slow  # two `ganflow train` processes with Ray: minutes on 2 loaded cores
-def test_killed_training_run_is_marked_by_the_next_command(tmp_path, classifier_cache):
+def test_killed_training_run_is_marked_by_the_next_command(
+    tmp_path, classifier_cache, store_templates
+):
     from ray_isolated import RAY_TEST_ENV
 
     home = seed_judges(tmp_path / "home", classifier_cache)
     db = home / "mlflow.db"
+    seed_stores(store_templates, mlflow_db=db)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GANFLOW_", "MLFLOW_", "RAY_"))}
     env |= RAY_TEST_ENV | {"GANFLOW_HOME": str(home), "GANFLOW_HEARTBEAT_S": "1"}
     victim = _ganflow(
@@ -610,7 +613,7 @@ class PrefectServer:
 
 
 @pytest.mark.slow
-def test_prefect_server_restart_mid_flow_is_waited_out(tmp_path, classifier_cache):
+def test_prefect_server_restart_mid_flow_is_waited_out(tmp_path, classifier_cache, store_templates):
     # `ganflow train --flow` reports to a Prefect server, which is killed (SIGKILL) while the
     # flow runs and started again on the same database a few seconds later: the training
     # goes on, the flow's state calls wait for the server (Prefect's client retries a lost
@@ -618,9 +621,11 @@ def test_prefect_server_restart_mid_flow_is_waited_out(tmp_path, classifier_cach
     # shows the flow run COMPLETED, with the MLflow run FINISHED.
     from ray_isolated import RAY_TEST_ENV
 
+    seed_stores(store_templates, prefect_home=tmp_path / "prefect")
     server = PrefectServer(tmp_path / "prefect")
     server.start()
     home = seed_judges(tmp_path / "home", classifier_cache)
+    seed_stores(store_templates, mlflow_db=home / "mlflow.db")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GANFLOW_", "MLFLOW_", "RAY_"))}
     env |= {k: v for k, v in server.env.items() if k.startswith("PREFECT_")}
     env |= RAY_TEST_ENV | {"GANFLOW_HOME": str(home)}

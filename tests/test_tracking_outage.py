@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from home_cache import seed_judges
+from home_cache import seed_judges, seed_stores
 
 from flows import tracking
 
@@ -106,11 +106,12 @@ class MlflowServer:
 
 
 @pytest.fixture(scope="module")
-def _module_server(tmp_path_factory):
+def _module_server(tmp_path_factory, store_templates):
     """One server (one port, one database) for the module: a start took 46-56 s on a busy
     2-core machine, and every test here stops and restarts it anyway. Tests tell their own
     records apart by run id, or count rows from where they started (:func:`_loss_rows`)."""
     srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    seed_stores(store_templates, mlflow_db=srv.db)
     srv.start()
     yield srv
     srv.stop()

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from home_cache import seed_judges
+from home_cache import seed_judges, seed_stores
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -138,7 +138,7 @@ def _instance_processes(address: str) -> list[str]:
     return found
 
 
-def test_a_search_and_a_training_at_once(tmp_path, classifier_cache):
+def test_a_search_and_a_training_at_once(tmp_path, classifier_cache, store_templates):
     space = tmp_path / "space.yaml"
     space.write_text("train.d_steps: {grid: [1, 2]}\n")
     jobs = {
@@ -163,6 +163,7 @@ def test_a_search_and_a_training_at_once(tmp_path, classifier_cache):
     t0 = time.monotonic()
     for name, argv in jobs.items():
         home = seed_judges(tmp_path / name, classifier_cache)
+        seed_stores(store_templates, mlflow_db=home / "mlflow.db", prefect_home=home / "prefect")
         reports[name] = tmp_path / f"{name}-report.json"
         logs[name] = (tmp_path / f"{name}.out").open("w+")
         procs[name] = subprocess.Popen(

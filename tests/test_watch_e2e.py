@@ -24,6 +24,7 @@ import urllib.request
 
 import pytest
 import yaml
+from home_cache import seed_stores
 from test_deployment_e2e import BIN, ROOT, _free_port, _prefect, _wait_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -68,11 +69,12 @@ def _wait_runs(port: int, dep: str, n: int, timeout: float) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def prefect(tmp_path_factory):
+def prefect(tmp_path_factory, store_templates):
     """`prefect server start` on loopback, one per module (a start is tens of seconds on a
     busy 2-core machine); yields (port, settings), the settings pointing a client at it (a
     test adds them to its own environment, which may hold what its other fixtures set)."""
     home = tmp_path_factory.mktemp("prefect-server")
+    seed_stores(store_templates, prefect_home=home / "prefect")
     port = _free_port()
     settings = {
         "PREFECT_HOME": str(home / "prefect"),

@@ -326,7 +326,9 @@ def run_check(out: Path, dry: bool, home: Path | None = None, compile_rows: bool
     steps = 4 if dry else 300  # dry: 4 steps (3 timed) rehearse the path
     report["ray_train"] = _ray_train(manifest.id, out, steps, 0 if dry else 1, extra, env)
     report["plain_loop"] = _plain_loop(manifest, steps, device, "bf16", extra)
-    report["bf16_vs_fp32"] = _agreement(manifest, 20 if dry else 200, device, extra)
+    # Dry: 8 steps (a 2-step final window). A CPU without native bf16 emulates it at ~2 s a
+    # step for this cGAN (AVX2-only, measured): 20 steps were a fifth of the dry run.
+    report["bf16_vs_fp32"] = _agreement(manifest, 8 if dry else 200, device, extra)
     report["data_path"] = _data_path(dry)
     report["wall_s"] = time.perf_counter() - t0
     # A skipped Ray step (ok None: not installed) is reported, not failed.
