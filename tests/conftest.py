@@ -144,6 +144,20 @@ def _train_builtin_judges(cache: Path, home: Path) -> None:
             load_judge(sid, cache, judge_data(sid, None, heldout))
 
 
+def _built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder for the whole run, shared by both xdist workers: ``build(folder, root)`` runs
+    once, under a file lock, in the first worker that asks; the others wait for it."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (folder / ".ready").exists():
+            build(folder, root)
+            (folder / ".ready").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def classifier_cache(tmp_path_factory):
     """Judges and classifiers for the whole run, shared by both xdist workers: the built-in
@@ -151,15 +165,11 @@ def classifier_cache(tmp_path_factory):
     its GANFLOW_HOME (a judge costs seconds on the critical path of every fresh home's first
     evaluation: trials starting together each trained it). Other keys are trained by the
     first test that asks for them (writes are atomic, so two workers never see half a file)."""
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    cache = root / "judge-cache"
-    with open(root / "judge-cache.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not (cache / ".ready").exists():
-            _train_builtin_judges(cache, root / "judge-cache-home")
-            (cache / ".ready").touch()
-    return cache
+    return _built_once(
+        tmp_path_factory,
+        "judge-cache",
+        lambda cache, root: _train_builtin_judges(cache, root / "judge-cache-home"),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -169,15 +179,9 @@ def store_templates(tmp_path_factory):
     home_cache.seed_stores before a subprocess or server opens it."""
     from home_cache import build_store_templates
 
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    folder = root / "store-templates"
-    with open(root / "store-templates.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not (folder / ".ready").exists():
-            build_store_templates(folder)
-            (folder / ".ready").touch()
-    return folder
+    return _built_once(
+        tmp_path_factory, "store-templates", lambda folder, _root: build_store_templates(folder)
+    )
 
 
 @pytest.fixture(scope="session")
