@@ -30,7 +30,6 @@ def build_store_templates(folder: Path) -> None:
     migrates from scratch when it is first opened: about 5 CPU-seconds for MLflow and 10 for
     Prefect's server on this 2-core machine (measured), in every `ganflow` subprocess or
     server a test starts on a new home."""
-    import subprocess
     import sys
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -39,17 +38,25 @@ def build_store_templates(folder: Path) -> None:
         "import sqlalchemy, mlflow.store.db.utils as u; "
         f"u._initialize_tables(sqlalchemy.create_engine('sqlite:///{mlflow_db}'))"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    _run_or_say_why("MLflow store", [sys.executable, "-c", code], None)
     prefect = Path(sys.executable).parent / "prefect"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env |= {"PREFECT_HOME": str(folder / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    subprocess.run(
-        [str(prefect), "server", "database", "upgrade", "-y"],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+    argv = [str(prefect), "server", "database", "upgrade", "-y"]
+    _run_or_say_why("Prefect database", argv, env)
     shutil.move(folder / "prefect" / "prefect.db", folder / "prefect.db")
+
+
+def _run_or_say_why(what: str, argv: list[str], env: dict | None) -> None:
+    """Run a template build step; when it fails, the error carries the step's own last lines
+    (a bare CalledProcessError names only the exit status, and every test that needs the
+    templates would fail with it)."""
+    import subprocess
+
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(f"building the {what} template failed (exit {proc.returncode}):\n{tail}")
 
 
 def seed_stores(templates: Path, mlflow_db: Path | None = None, prefect_home=None) -> None:
