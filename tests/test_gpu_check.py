@@ -11,7 +11,7 @@ import pytest
 from flows.bench import gpu_check
 
 
-@pytest.mark.slow  # ~160 s on an AVX2-only 2-core CPU (bf16 emulated), ~60 s with native bf16
+@pytest.mark.slow  # ~70 s on an AVX2-only 2-core CPU (bf16 emulated)
 def test_dry_run_writes_json_and_markdown(tmp_path, monkeypatch):
     # run_check points GANFLOW_HOME and Ray's settings at the output folder; undo after.
     for key in (
