@@ -268,13 +268,14 @@ def live(tmp_path, classifier_cache):
             "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD,
             "RAY_TMPDIR": str(ray_root),
         }
-        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--block"]
-        common += ["--disable-usage-stats"]
+        # `ray start` for both nodes: what they share, then each node's own ports.
+        ray_start = [str(BIN / "ray"), "start", "--temp-dir", str(ray_root), "--block"]
+        ray_start += ["--node-ip-address", "127.0.0.1", "--num-cpus", "1"]
+        ray_start += ["--disable-usage-stats"]
         procs.start(
             "ray-head",
             [
-                str(BIN / "ray"),
-                "start",
+                *ray_start,
                 "--head",
                 "--port",
                 str(ports["ray"]),
@@ -284,15 +285,12 @@ def live(tmp_path, classifier_cache):
                 str(ports["head_agent"]),
                 "--metrics-export-port",
                 str(ports["head_metrics"]),
-                "--temp-dir",
-                str(ray_root),
                 "--include-dashboard",
                 "false",
                 # Not Ray's default 8265: without the dashboard Ray still binds it, and another
                 # Ray instance on the machine (a parallel test, another job) may hold it.
                 "--dashboard-port",
                 str(ports["dashboard"]),
-                *common,
             ],
             node_env,
         )
@@ -404,17 +402,13 @@ def live(tmp_path, classifier_cache):
         _wait(lambda: _http_ok(f"http://127.0.0.1:{ports['prefect']}/api/health"), "Prefect", 180, procs)  # fmt: skip
         _wait(lambda: _http_ok(f"http://127.0.0.1:{ports['mlflow']}/health"), "MLflow", 180, procs)  # fmt: skip
         worker_node = [
-            str(BIN / "ray"),
-            "start",
+            *ray_start,
             "--address",
             f"127.0.0.1:{ports['ray']}",
             "--dashboard-agent-listen-port",
             str(ports["worker_agent"]),
             "--metrics-export-port",
             str(ports["worker_metrics"]),
-            "--temp-dir",
-            str(ray_root),
-            *common,
         ]
         worker = procs.start("ray-worker", worker_node, node_env)
         try:
