@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -30,8 +32,6 @@ def build_store_templates(folder: Path) -> None:
     migrates from scratch when it is first opened: about 5 CPU-seconds for MLflow and 10 for
     Prefect's server on this 2-core machine (measured), in every `ganflow` subprocess or
     server a test starts on a new home."""
-    import sys
-
     folder.mkdir(parents=True, exist_ok=True)
     mlflow_db = folder / "mlflow.db"
     code = (
@@ -51,8 +51,6 @@ def _run_or_say_why(what: str, argv: list[str], env: dict | None) -> None:
     """Run a template build step; when it fails, the error carries the step's own last lines
     (a bare CalledProcessError names only the exit status, and every test that needs the
     templates would fail with it)."""
-    import subprocess
-
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
