@@ -176,10 +176,14 @@ class PromotionLock:
                 self.client.set_model_version_tag(
                     self.lock, self.version, "heartbeat", f"{time.time():.3f}"
                 )
-            except MlflowException:  # our entry is gone: the lock was broken
-                self._lost = True
-                return
-            except Exception:  # a transient failure; the next beat tries again
+            except MlflowException as exc:
+                # Only a missing entry means the lock was broken. Anything else (a SQLite file
+                # another writer holds past its 5 s busy timeout, a server's 503) is transient:
+                # giving up the beat on it let a contender break a live holder's lock.
+                if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    self._lost = True
+                    return
+            except Exception:  # a transient failure (a dropped connection); beat again
                 continue
 
     def check(self) -> None:
