@@ -65,3 +65,64 @@ def test_loading_a_pickle_payload_is_refused(tmp_path):
         torch.save({"step": 1, "payload": Evil()}, f)
     with pytest.raises(pickle.UnpicklingError):
         read_checkpoint(path)
+
+
+# --- the staging folders Ray's report copies from (flows.train.checkpoints) -----------------
+
+
+def test_staging_folders_of_killed_processes_are_swept(tmp_path, monkeypatch):
+    """Ray kills a worker inside report, so its staging folder's clean-up never runs: the next
+    staging folder on the host removes those of gone processes, and nothing of a live process,
+    of another host (a shared /tmp) or, for unnamed ones from before, younger than a day."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from flows.train import checkpoints
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, signal\n"
+            "from flows.train.checkpoints import staging_folder\n"
+            "with staging_folder() as d:\n"
+            "    (d / 'rank-00001.pt').write_bytes(b'0' * 4096)\n"
+            "    print(d, flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n",
+        ],
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == -9, killed.stderr
+    left = tmp_path / killed.stdout.strip().rsplit("/", 1)[-1]
+    assert left.is_dir() and (left / "rank-00001.pt").exists()  # what Ray's kill leaves
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = checkpoints._host()
+        kept = [
+            tmp_path / f"ganflow-ckpt-{live.pid}@{host}-live0001",
+            tmp_path / "ganflow-ckpt-999999999@other.host-shared01",
+            tmp_path / "ganflow-ckpt-young001",
+        ]
+        old = tmp_path / "ganflow-ckpt-old00001"
+        for folder in [*kept, old]:
+            folder.mkdir()
+        two_days_ago = time.time() - 2 * 86400
+        os.utime(old, (two_days_ago, two_days_ago))
+
+        with checkpoints.staging_folder() as fresh:
+            assert fresh.parent == tmp_path and fresh.is_dir()
+            assert not left.exists() and not old.exists()
+            assert all(folder.is_dir() for folder in kept)
+        assert not fresh.exists()
+    finally:
+        live.kill()
+        live.wait()
+    assert checkpoints.sweep_staging(tmp_path) == 1  # the live one, now gone

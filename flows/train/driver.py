@@ -355,6 +355,9 @@ def _fit(
             callbacks=list(req.trainer_callbacks) or None,
         ),
     )
+    from flows.train.checkpoints import sweep_staging
+
+    sweep_staging()  # what killed workers of earlier runs on this node left in /tmp
     try:
         result = trainer.fit()
     except Exception as exc:  # TrainingFailedError and friends: one line for the user

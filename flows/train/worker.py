@@ -191,13 +191,13 @@ class TuneReports:
     def report_checkpoint(self, state, metrics: dict, rank: int, world_size: int, best) -> None:
         from ray import tune
 
-        from flows.train.checkpoints import write_checkpoint
+        from flows.train.checkpoints import staging_folder, write_checkpoint
 
         # Tune copies the folder into the trial's storage before report returns.
-        with tempfile.TemporaryDirectory(prefix="ganflow-ckpt-") as tmp:
-            write_checkpoint(state, Path(tmp), rank, world_size, best)
-            self.add_files(Path(tmp), state.step)
-            tune.report(self.tagged(metrics), checkpoint=tune.Checkpoint.from_directory(tmp))
+        with staging_folder() as tmp:
+            write_checkpoint(state, tmp, rank, world_size, best)
+            self.add_files(tmp, state.step)
+            tune.report(self.tagged(metrics), checkpoint=tune.Checkpoint.from_directory(str(tmp)))
 
 
 # --- the worker side ------------------------------------------------------------------------

@@ -199,6 +199,7 @@ def run_search(req: SearchRequest, progress: bool = True) -> SearchResult:
 
     from flows import orphans, tracking
     from flows.settings import cache_dir, snapshot_root
+    from flows.train.checkpoints import sweep_staging
     from flows.train.driver import check_resources, ensure_ray, gpu_capacity
     from flows.train.spec import ClusterSpec, StorageSpec
 
@@ -379,6 +380,7 @@ def run_search(req: SearchRequest, progress: bool = True) -> SearchResult:
                 ),
                 run_config=run_config,
             )
+        sweep_staging()  # what stopped trials of earlier searches on this node left in /tmp
         with orphans.Heartbeat(uri, parent) if parent else contextlib.nullcontext():
             grid = tuner.fit()
         return _summarise(req, name, grid, metric, mode, steps, parent, uri, path)
