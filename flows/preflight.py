@@ -378,9 +378,30 @@ def _init_ray(log_to_driver: bool) -> None:
             kwargs["logging_config"] = ray.LoggingConfig(log_level="WARNING")
         address = os.environ.get("RAY_ADDRESS", "").strip()
         if address and address.lower() != "local":
-            ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
+            try:
+                ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
+            except Exception as exc:  # a version mismatch, a cluster gone since the check
+                _shutdown_quietly()
+                raise PreflightError(
+                    f"Ray cluster at {address}: could not connect ({_first_line(exc)}); "
+                    "start it or fix RAY_ADDRESS"
+                ) from None
         else:
             _start_local_ray(log_to_driver=log_to_driver, **kwargs)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _shutdown_quietly() -> None:
+    """Stop what a failed ray.init started (its GCS or raylet may be up)."""
+    import ray
+
+    with contextlib.suppress(Exception):
+        ray.shutdown()
 
 
 def _start_local_ray(**init_kwargs) -> str:
@@ -406,14 +427,25 @@ def _start_local_ray(**init_kwargs) -> str:
         # The host Ray's node uses for its GCS address (the same lookup ray.init makes).
         host = ray.util.get_node_ip_address()
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        with _environ({"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": address}):
-            ray.init(address="local", **init_kwargs)
+        try:
+            with _environ({"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": address}):
+                ray.init(address="local", **init_kwargs)
+        except Exception as exc:
+            # Seen: Ray's start-up timeout on a machine loaded by other jobs, a RAY_TMPDIR
+            # that is not a folder. One line naming Ray, not Ray's traceback.
+            _shutdown_quietly()
+            logs = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray"
+            raise PreflightError(
+                f"Ray: the local instance did not start ({_first_line(exc)}); check free "
+                f"memory, disk and RAY_TMPDIR (Ray's logs: {logs}/session_latest/logs), or set "
+                "RAY_ADDRESS to a running cluster"
+            ) from None
         if ray.get_runtime_context().gcs_address == address:
             return address
         # Another process took the port first, or Ray chose another host: the raylet's
         # RAY_ADDRESS would name something else. Start again.
         ray.shutdown()
-    raise RuntimeError("could not start a local Ray instance on the port chosen for it")
+    raise PreflightError("Ray: could not start a local instance on a free port (3 tries)")
 
 
 @contextlib.contextmanager

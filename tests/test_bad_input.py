@@ -493,6 +493,34 @@ def test_unwritable_as_another_user():
         shutil.rmtree(base)
 
 
+def test_ray_that_cannot_start_is_one_line(tmp_path):
+    """A local Ray that fails to start (here its temp dir is under a file; on a loaded machine,
+    Ray's own start-up timeout) ends `ganflow train` in one line naming Ray, with no MLflow run
+    left RUNNING and no Ray process left behind."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    home = tmp_path / HOME
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_SERVICES)}
+    env |= {"GANFLOW_HOME": str(home), "RAY_TMPDIR": str(blocker / "ray")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "train", "--family", "gan", "--set", "steps=2"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith("[ganflow] library logs:")]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, lines
+    assert "Ray: the local instance did not start" in lines[0], lines[0]
+    assert "Not a directory" in lines[0] and "RAY_TMPDIR" in lines[0], lines[0]
+    assert not _running_runs(home)
+    ours = subprocess.run(["pgrep", "-f", str(blocker)], capture_output=True, text=True)
+    assert not ours.stdout.strip(), f"Ray processes left: {ours.stdout}"
+
+
 # --- a job that fails or is interrupted ends its MLflow run ----------------------------------
 
 
