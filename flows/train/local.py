@@ -24,7 +24,7 @@ from gan_core.config import GanConfig
 from gan_core.data import load_builtin
 from gan_core.evaluate import evaluate, primary_metric, sample_grid
 from gan_core.judge import load_or_train_judge
-from gan_core.train import init_state, save_checkpoint, train
+from gan_core.train import emulated_bf16_warning, init_state, save_checkpoint, train
 from gan_core.viz import save_grid
 
 
@@ -95,6 +95,9 @@ def train_and_evaluate(cfg: GanConfig, out_dir: Path, progress: bool = True) -> 
         best.offer(s.step, figures, generators)
 
     state = init_state(cfg, data)
+    slow = emulated_bf16_warning(cfg.train.precision, state.device.type)
+    if slow and progress:
+        print(f"[{cfg.family}] warning: {slow}", file=sys.stderr, flush=True)
     history: list[tuple[int, dict[str, float]]] = []
     end, log_every = cfg.train.steps, cfg.train.log_every
 

@@ -359,7 +359,7 @@ def train_in_this_process(job: WorkerJob, reports, use_gpu: bool) -> None:
 def _train_worker(
     job: WorkerJob, cfg: GanConfig, rank: int, world_size: int, device, reports
 ) -> None:
-    from gan_core.train import init_state, train
+    from gan_core.train import emulated_bf16_warning, init_state, train
 
     train_rows = open_train(job, cfg)
     data = train_rows.to(device)  # labels only: rows stay on the host, minibatches move
@@ -411,6 +411,9 @@ def _train_worker(
             file=sys.__stderr__,
             flush=True,
         )
+    slow = emulated_bf16_warning(cfg.train.precision, device.type)
+    if slow and rank == 0:
+        print(f"[ganflow] warning: {slow}", file=sys.__stderr__, flush=True)
     end = cfg.train.steps
     nodes = _count_nodes(world_size)
     start_step, t0 = state.step, time.perf_counter()
