@@ -394,6 +394,23 @@ def test_a_live_holder_past_the_ttl_keeps_the_lock(tmp_path):
     assert peak == 1 and order == [("A", "in"), ("A", "out"), ("B", "in"), ("B", "out")]
 
 
+def test_a_holder_is_judged_by_its_own_ttl(tmp_path):
+    """A holds with a 6 s TTL and beats every 1.5 s; B, configured with a 0.5 s TTL, must wait
+    for A rather than judge A's beats by B's own TTL and break a live lock."""
+    uri = f"sqlite:///{tmp_path}/lock.db"
+    client = MlflowClient(uri, registry_uri=uri)
+    peak, events = _lock_race(
+        client,
+        "ganflow-lock-ttl",
+        [
+            ("A", 0.0, 4.0, {"ttl_s": 6.0, "wait_s": 30, "heartbeat_s": 1.5}),
+            ("B", 0.3, 0.0, {"ttl_s": 0.5, "wait_s": 30}),
+        ],
+    )
+    order = [(tag, what) for tag, what, _ in sorted(events, key=lambda e: e[2])]
+    assert peak == 1 and order == [("A", "in"), ("A", "out"), ("B", "in"), ("B", "out")], events
+
+
 def test_a_heartbeat_that_meets_a_locked_database_keeps_the_lock(tmp_path):
     """Another writer holds the registry's SQLite file past MLflow's 20 s busy timeout, so A's
     heartbeat fails with a transient error (TEMPORARILY_UNAVAILABLE), not a missing entry. A

@@ -20,7 +20,8 @@ the registry itself, so it works across processes and machines with any MLflow b
   atomically and never reuses a number (deleted versions are kept, marked deleted);
 - the live entry with the lowest number holds the lock (first come, first served);
 - the holder renews a heartbeat tag on its entry while it works; an entry whose heartbeat is
-  older than the TTL belongs to a crashed holder and is deleted by the next contender;
+  older than its holder's TTL (a tag on the entry; a contender's own TTL for entries from
+  before) belongs to a crashed holder and is deleted by the next contender;
 - every delete names one entry by its number: releasing deletes only one's own entry, and
   breaking a stale lock deletes only the stale entry, so a late holder can never delete its
   successor's lock (compare-and-delete by identity);
@@ -127,8 +128,14 @@ class PromotionLock:
         return sorted(found, key=lambda mv: int(mv.version))
 
     def _stale(self, mv) -> bool:
+        # The holder's own TTL, which its heartbeat is paced for: judged by a contender's
+        # shorter one, a live holder with a long TTL (a slow registry) was broken.
         beat = float(mv.tags.get("heartbeat", "0") or 0)
-        return time.time() - beat > self.ttl_s
+        try:
+            ttl = float(mv.tags.get("ttl_s") or self.ttl_s)
+        except ValueError:
+            ttl = self.ttl_s
+        return time.time() - beat > ttl
 
     def _sleep_or_time_out(self) -> None:
         if time.monotonic() > self._deadline:
@@ -147,7 +154,11 @@ class PromotionLock:
         mv = self.client.create_model_version(
             self.lock,
             LOCK_SOURCE,
-            tags={"owner": self.token, "heartbeat": f"{time.time():.3f}"},
+            tags={
+                "owner": self.token,
+                "heartbeat": f"{time.time():.3f}",
+                "ttl_s": f"{self.ttl_s:g}",
+            },
         )
         self.version = str(mv.version)
         while True:
