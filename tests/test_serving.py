@@ -343,9 +343,10 @@ def test_a_planted_pickle_is_refused_and_never_loaded(store, env_uri, tmp_path, 
 # --- the promotion lock ---------------------------------------------------------------------
 
 
-def _lock_race(client, name, holders):
+def _lock_race(client, name, holders, before_inside=None):
     """Run holders (start delay, hold seconds, lock kwargs) as threads; each marks itself
-    inside the critical section after check(). Returns (max inside at once, events)."""
+    inside the critical section after check(). Returns (max inside at once, events).
+    before_inside: {tag: fn(lock)} run once the hold is over, before check()."""
     inside, peak, events, lock = [0], [0], [], threading.Lock()
 
     def go(tag, delay, hold, kwargs):
@@ -353,6 +354,8 @@ def _lock_race(client, name, holders):
         try:
             with registry.promotion_lock(client, name, **kwargs) as lk:
                 time.sleep(hold)
+                if before_inside and tag in before_inside:
+                    before_inside[tag](lk)
                 lk.check()
                 with lock:
                     inside[0] += 1
@@ -394,6 +397,30 @@ def test_a_live_holder_past_the_ttl_keeps_the_lock(tmp_path):
     assert peak == 1 and order == [("A", "in"), ("A", "out"), ("B", "in"), ("B", "out")]
 
 
+def test_an_entry_abandoned_long_ago_is_broken_at_once_and_a_fresh_one_after_its_ttl(tmp_path):
+    """A dead promoter's entry whose heartbeat is an hour old is broken at first sight; one
+    whose beat is recent is watched for the holder's TTL first (a live holder would beat)."""
+    from flows.registry.promote import LOCK_SOURCE, PromotionLock
+
+    uri = f"sqlite:///{tmp_path}/lock.db"
+    client = MlflowClient(uri, registry_uri=uri)
+    for name, age, ttl, least, most in [
+        ("ganflow-old", 3600.0, 60.0, 0.0, 3.0),
+        ("ganflow-recent", 0.0, 1.5, 1.5, 6.0),
+    ]:
+        PromotionLock(client, name)._ensure_container()
+        client.create_model_version(
+            f"{name}.promotion-lock",
+            LOCK_SOURCE,
+            tags={"owner": "dead", "heartbeat": f"{time.time() - age:.3f}", "ttl_s": f"{ttl:g}"},
+        )
+        t0 = time.monotonic()
+        with registry.promotion_lock(client, name, ttl_s=60.0, wait_s=20.0) as lk:
+            took = time.monotonic() - t0
+            lk.check()
+        assert least <= took < most, (name, took)
+
+
 def test_a_holder_is_judged_by_its_own_ttl(tmp_path):
     """A holds with a 6 s TTL and beats every 1.5 s; B, configured with a 0.5 s TTL, must wait
     for A rather than judge A's beats by B's own TTL and break a live lock."""
@@ -411,28 +438,50 @@ def test_a_holder_is_judged_by_its_own_ttl(tmp_path):
     assert peak == 1 and order == [("A", "in"), ("A", "out"), ("B", "in"), ("B", "out")], events
 
 
-def test_a_heartbeat_that_meets_a_locked_database_keeps_the_lock(tmp_path):
-    """Another writer holds the registry's SQLite file past MLflow's 20 s busy timeout, so A's
-    heartbeat fails with a transient error (TEMPORARILY_UNAVAILABLE), not a missing entry. A
-    must still hold the lock and beat again after. Before, the first such error stopped the
-    heartbeat for good and a contender broke A's live lock one TTL later: a CI run on a loaded
-    machine failed so, by SQLite's immediate 'database is locked' when two writers' deferred
-    transactions cross (not reproducible on cue; a lock held past the timeout is)."""
+def test_a_locked_database_neither_breaks_the_holder_nor_fails_the_contender(tmp_path):
+    """Another writer holds the registry's SQLite file past MLflow's 20 s busy timeout while A
+    holds the lock and B arrives: A's heartbeat and B's first registry call fail with a
+    transient error (TEMPORARILY_UNAVAILABLE), not a missing entry. A must keep the lock and
+    beat again after; B must try again, then wait for A. Before, the first such error stopped
+    A's heartbeat for good and B broke A's live lock one TTL later (a CI run on a loaded
+    machine failed so, by SQLite's immediate 'database is locked' when two writers'
+    transactions cross, which cannot be produced on cue; a lock held past the timeout can)."""
     import sqlite3
 
     db = tmp_path / "lock.db"
     uri = f"sqlite:///{db}"
     client = MlflowClient(uri, registry_uri=uri)
-    with registry.promotion_lock(client, "ganflow-lock-busy", ttl_s=60, heartbeat_s=0.2) as lk:
+    name, beats = "ganflow-lock-busy", []
+
+    def hold_the_file():
+        time.sleep(1.0)  # A is inside by then
         con = sqlite3.connect(db, isolation_level=None)
         con.execute("BEGIN EXCLUSIVE")
-        time.sleep(21.0)  # the first beat waits out the busy timeout and fails
+        time.sleep(21.0)  # A's beat and B's call wait out the busy timeout and fail
         con.execute("COMMIT")
         con.close()
-        time.sleep(1.0)
+
+    def a_checks(lk):
+        time.sleep(1.5)
         lk.check()
         beat = float(client.get_model_version(lk.lock, lk.version).tags["heartbeat"])
-        assert time.time() - beat < 1.0, "the heartbeat did not resume after the outage"
+        beats.append(time.time() - beat)
+
+    outage = threading.Thread(target=hold_the_file)
+    outage.start()
+    peak, events = _lock_race(
+        client,
+        name,
+        [
+            ("A", 0.0, 23.0, {"ttl_s": 3.0, "wait_s": 60, "heartbeat_s": 0.3}),
+            ("B", 1.5, 0.0, {"ttl_s": 3.0, "wait_s": 60}),
+        ],
+        before_inside={"A": a_checks},
+    )
+    outage.join()
+    order = [(tag, what) for tag, what, _ in sorted(events, key=lambda e: e[2])]
+    assert peak == 1 and order == [("A", "in"), ("A", "out"), ("B", "in"), ("B", "out")], events
+    assert beats and beats[0] < 1.0, "A's heartbeat did not resume after the outage"
 
 
 def test_a_stalled_holder_cannot_release_its_successors_lock(tmp_path):

@@ -19,9 +19,13 @@ the registry itself, so it works across processes and machines with any MLflow b
   of ganflow's listings); each contender adds a version to it, and MLflow numbers versions
   atomically and never reuses a number (deleted versions are kept, marked deleted);
 - the live entry with the lowest number holds the lock (first come, first served);
-- the holder renews a heartbeat tag on its entry while it works; an entry whose heartbeat is
-  older than its holder's TTL (a tag on the entry; a contender's own TTL for entries from
-  before) belongs to a crashed holder and is deleted by the next contender;
+- the holder renews a heartbeat tag on its entry while it works; an entry whose heartbeat a
+  contender has watched stay unchanged for the holder's TTL (a tag on the entry; the
+  contender's own TTL for entries from before) belongs to a crashed holder and is deleted by
+  that contender. Staleness is timed on the contender's own clock from when it first saw that
+  heartbeat: no clocks are compared across machines, and a registry outage, during which no
+  holder can beat, is not counted against a live holder. Only a beat older than 10 minutes
+  (or 10 TTLs) by the clock is taken as abandoned at first sight;
 - every delete names one entry by its number: releasing deletes only one's own entry, and
   breaking a stale lock deletes only the stale entry, so a late holder can never delete its
   successor's lock (compare-and-delete by identity);
@@ -64,8 +68,31 @@ from gan_core.overrides import apply_overrides
 # the gate can be checked from the registry alone.
 GATE_FIGURES = ("class_accuracy", "class_accuracy_floor")
 PENDING_TAG = "ganflow.promotion_pending"
+ABANDONED_AFTER_S = 600.0  # see PromotionLock._stale
 LOCK_SOURCE = "ganflow:/promotion-lock"  # no artifacts behind it; an absolute path, as
 # MLflow's server requires of any model version source (a relative one is refused)
+
+
+def _transient(exc) -> bool:
+    """A registry error worth one more try: MLflow's name for a locked SQLite file (past its
+    20 s busy timeout, or at once when two writers' transactions cross) and a server's 503."""
+    return getattr(exc, "error_code", None) in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+
+
+def _retrying(call, *args, tries: int = 4, **kwargs):
+    """call(*args, **kwargs), tried again on a transient registry error (a failed SQLite write
+    is rolled back, so a retry does it once). Writes of the lock only: the promotion's own
+    are recorded first and completed by the next one (see the module notes)."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(tries):
+        try:
+            return call(*args, **kwargs)
+        except MlflowException as exc:
+            if attempt == tries - 1 or not _transient(exc):
+                raise
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 class PromotionLock:
@@ -82,6 +109,7 @@ class PromotionLock:
         self._stop = threading.Event()
         self._lost = False
         self._thread: threading.Thread | None = None
+        self._seen: dict[str, tuple[str, float]] = {}  # entry -> (heartbeat, first seen)
 
     # --- the registry side --------------------------------------------------------------
 
@@ -89,15 +117,18 @@ class PromotionLock:
         from mlflow.exceptions import MlflowException
 
         try:
-            held = self.client.get_registered_model(self.lock)
-        except MlflowException:
+            held = _retrying(self.client.get_registered_model, self.lock)
+        except MlflowException as exc:
+            if _transient(exc):
+                raise
             held = None
         if held is not None and LOCK_TAG not in held.tags:
             self._wait_for_legacy(held)
             held = None
         if held is None:
             with contextlib.suppress(MlflowException):  # a concurrent contender made it
-                self.client.create_registered_model(
+                _retrying(
+                    self.client.create_registered_model,
                     self.lock,
                     tags={LOCK_TAG: "2"},
                     description="ganflow promotion lock (internal; not a model)",
@@ -124,18 +155,29 @@ class PromotionLock:
 
     def _entries(self) -> list:
         """Live entries, lowest number first."""
-        found = self.client.search_model_versions(f"name = '{self.lock}'")
+        found = _retrying(self.client.search_model_versions, f"name = '{self.lock}'")
         return sorted(found, key=lambda mv: int(mv.version))
 
     def _stale(self, mv) -> bool:
-        # The holder's own TTL, which its heartbeat is paced for: judged by a contender's
-        # shorter one, a live holder with a long TTL (a slow registry) was broken.
-        beat = float(mv.tags.get("heartbeat", "0") or 0)
+        # Timed from when this contender first saw the entry's current heartbeat (see the
+        # module notes): the beat's own timestamp is another machine's clock, and right after
+        # an outage every holder's beat is old. The holder's own TTL, which its heartbeat is
+        # paced for: judged by a contender's shorter one, a live holder was broken.
+        beat, now = mv.tags.get("heartbeat", ""), time.monotonic()
+        seen = self._seen.get(str(mv.version))
+        if seen is None or seen[0] != beat:
+            self._seen[str(mv.version)] = (beat, now)
+            seen = (beat, now)
         try:
             ttl = float(mv.tags.get("ttl_s") or self.ttl_s)
         except ValueError:
             ttl = self.ttl_s
-        return time.time() - beat > ttl
+        # A beat far older than any outage or clock skew worth waiting out (a promoter that
+        # died yesterday) is broken at once rather than after one more TTL of watching.
+        with contextlib.suppress(ValueError):
+            if time.time() - float(beat) > max(10 * ttl, ABANDONED_AFTER_S):
+                return True
+        return now - seen[1] > ttl
 
     def _sleep_or_time_out(self) -> None:
         if time.monotonic() > self._deadline:
@@ -151,7 +193,8 @@ class PromotionLock:
 
         self._deadline = time.monotonic() + self.wait_s
         self._ensure_container()
-        mv = self.client.create_model_version(
+        mv = _retrying(
+            self.client.create_model_version,
             self.lock,
             LOCK_SOURCE,
             tags={
@@ -216,7 +259,7 @@ class PromotionLock:
 
         if self.version is not None:
             with contextlib.suppress(MlflowException):
-                self.client.delete_model_version(self.lock, self.version)
+                _retrying(self.client.delete_model_version, self.lock, self.version)
 
     def release(self) -> None:
         self._stop.set()
