@@ -78,6 +78,7 @@ def test_staging_folders_of_killed_processes_are_swept(tmp_path, monkeypatch):
     import subprocess
     import sys
     import tempfile
+    import threading
     import time
 
     from flows.train import checkpoints
@@ -106,8 +107,12 @@ def test_staging_folders_of_killed_processes_are_swept(tmp_path, monkeypatch):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         host = checkpoints._host()
+        busy = threading.Event()
+        other = threading.Thread(target=busy.wait)  # another thread of this process
+        other.start()
         kept = [
             tmp_path / f"ganflow-ckpt-{live.pid}@{host}-live0001",
+            tmp_path / f"ganflow-ckpt-{os.getpid()}.{other.ident}@{host}-thread01",
             tmp_path / "ganflow-ckpt-999999999@other.host-shared01",
             tmp_path / "ganflow-ckpt-young001",
         ]
@@ -117,12 +122,16 @@ def test_staging_folders_of_killed_processes_are_swept(tmp_path, monkeypatch):
         two_days_ago = time.time() - 2 * 86400
         os.utime(old, (two_days_ago, two_days_ago))
 
+        mine = tmp_path / f"ganflow-ckpt-{os.getpid()}.{threading.get_ident()}@{host}-mine0001"
+        mine.mkdir()  # this thread's own from a report it never returned from
         with checkpoints.staging_folder() as fresh:
             assert fresh.parent == tmp_path and fresh.is_dir()
-            assert not left.exists() and not old.exists()
+            assert not left.exists() and not old.exists() and not mine.exists()
             assert all(folder.is_dir() for folder in kept)
         assert not fresh.exists()
     finally:
         live.kill()
         live.wait()
-    assert checkpoints.sweep_staging(tmp_path) == 1  # the live one, now gone
+        busy.set()
+        other.join()
+    assert checkpoints.sweep_staging(tmp_path) == 2  # the other process's and thread's, gone

@@ -30,6 +30,7 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -313,7 +314,7 @@ def read_best(directory: Path) -> dict | None:
 # --- staging folders -----------------------------------------------------------------------
 
 STAGING_PREFIX = "ganflow-ckpt-"
-_OWNED = re.compile(rf"^{STAGING_PREFIX}(\d+)@([A-Za-z0-9.]+)-")
+_OWNED = re.compile(rf"^{STAGING_PREFIX}(\d+)(?:\.(\d+))?@([A-Za-z0-9.]+)-")
 OLD_STAGING_AGE_S = 24 * 3600  # folders named before they carried an owner
 
 
@@ -333,11 +334,13 @@ def _alive(pid: int) -> bool:
 
 def sweep_staging(root: Path | None = None) -> int:
     """Remove the staging folders whose process is gone: on this host, those of pids no
-    longer alive and this process's own (a process reports one checkpoint at a time, so an
-    own folder that exists before a new one is a leftover); older unnamed ones after a day.
+    longer alive, and this process's own whose thread is gone or is this one (a thread
+    reports one checkpoint at a time, so its folder that exists before a new one is a
+    leftover; Tune reuses a trial's actor for the next trial); older unnamed ones after a day.
     Folders of other hosts (a /tmp shared across nodes) are never touched. Returns how many."""
     root = Path(root) if root is not None else Path(tempfile.gettempdir())
     me, host, removed = os.getpid(), _host(), 0
+    threads = {t.ident for t in threading.enumerate()} - {threading.get_ident()}
     try:
         found = list(root.glob(f"{STAGING_PREFIX}*"))
     except OSError:
@@ -350,8 +353,9 @@ def sweep_staging(root: Path | None = None) -> int:
             except OSError:
                 continue
         else:
-            pid = int(owner.group(1))
-            gone = owner.group(2) == host and (pid == me or not _alive(pid))
+            pid, tid = int(owner.group(1)), owner.group(2)
+            mine = pid == me and (tid is None or int(tid) not in threads)
+            gone = owner.group(3) == host and (mine or (pid != me and not _alive(pid)))
         if gone and folder.is_dir():
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
@@ -365,10 +369,11 @@ def staging_folder() -> Iterator[Path]:
     Ray kills a worker or a trial's actor while it is inside report (a trial Tune's
     scheduler stopped, a worker group torn down at the end of a run or after a failure), so
     a plain temporary folder's clean-up never ran: on a test machine, 32 such folders of up
-    to 3.3 MB had piled up in /tmp. The folder is named after its process (pid@host), and
+    to 3.3 MB had piled up in /tmp. The folder is named after its owner (pid.thread@host), and
     each new one first sweeps the folders of processes that are gone."""
     sweep_staging()
-    tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}@{_host()}-"))
+    owner = f"{os.getpid()}.{threading.get_ident()}@{_host()}"
+    tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{owner}-"))
     try:
         yield tmp
     finally:
