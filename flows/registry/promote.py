@@ -81,8 +81,9 @@ def _transient(exc) -> bool:
 
 def _retrying(call, *args, tries: int = 4, **kwargs):
     """call(*args, **kwargs), tried again on a transient registry error (a failed SQLite write
-    is rolled back, so a retry does it once). Writes of the lock only: the promotion's own
-    are recorded first and completed by the next one (see the module notes)."""
+    is rolled back, so a retry does it once). For the lock's calls and the decision's writes,
+    which are idempotent: on one SQLite file, another model's promotion or a training run's
+    logging can cross them (the pipeline promotes its families side by side)."""
     from mlflow.exceptions import MlflowException
 
     for attempt in range(tries):
@@ -283,19 +284,19 @@ def promotion_lock(
 def _apply(client, name: str, intent: dict) -> None:
     """A decision's writes, each idempotent, then the record of it goes."""
     if intent.get("history") is not None:
-        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(intent["history"]))
+        _retrying(client.set_registered_model_tag, name, HISTORY_TAG, json.dumps(intent["history"]))
     for alias, version in intent.get("aliases", {}).items():
-        client.set_registered_model_alias(name, alias, version)
+        _retrying(client.set_registered_model_alias, name, alias, version)
     for version, tags in intent.get("version_tags", {}).items():
         for k, v in tags.items():
-            client.set_model_version_tag(name, version, k, v)
-    client.delete_registered_model_tag(name, PENDING_TAG)
+            _retrying(client.set_model_version_tag, name, version, k, v)
+    _retrying(client.delete_registered_model_tag, name, PENDING_TAG)
 
 
 def _commit(client, name: str, lock: PromotionLock, intent: dict) -> None:
     """Record the decision (one write), then apply it (see the module notes)."""
     lock.check()  # a stalled promoter whose lock was broken must not write
-    client.set_registered_model_tag(name, PENDING_TAG, json.dumps(intent))
+    _retrying(client.set_registered_model_tag, name, PENDING_TAG, json.dumps(intent))
     _apply(client, name, intent)
 
 
@@ -424,10 +425,12 @@ def promote(
         cfg, figures = evaluate_version(client, name, version, heldout, judge, seed, inception)
         metric, mode = primary_metric(cfg, has_truth)
         cand = figures[metric]
-        client.set_model_version_tag(name, version, f"eval.{metric}", f"{cand:.6g}")
+        _retrying(client.set_model_version_tag, name, version, f"eval.{metric}", f"{cand:.6g}")
         for k in GATE_FIGURES:
             if k in figures:
-                client.set_model_version_tag(name, version, f"eval.{k}", f"{figures[k]:.6g}")
+                _retrying(
+                    client.set_model_version_tag, name, version, f"eval.{k}", f"{figures[k]:.6g}"
+                )
         failed = gate_failure(figures, metric)
         try:
             champ_version = _resolve(client, name, "champion")
