@@ -74,3 +74,19 @@ def test_a_default_train_run_prints_only_ganflow_lines(tmp_path, classifier_cach
     assert "Token authentication is enabled" in Path(log_file).read_text()
     session = [p.read_text(errors="replace") for p in Path(ray_logs).glob("worker-*.err")]
     assert any("generated new fontManager" in text for text in session)
+
+
+def test_local_progress_goes_to_the_stderr_of_the_moment(monkeypatch):
+    """`ganflow local`'s progress lines go to sys.stderr as it is when each line is printed.
+    Bound at import as a default argument, they went to whatever stream was current then: in
+    a pytest worker, an earlier test's capture, closed since ('I/O operation on closed file')."""
+    import io
+    from types import SimpleNamespace
+
+    from flows.train.local import _progress
+
+    cb = _progress("gan", 4)
+    now = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", now)
+    cb(SimpleNamespace(step=2), {"loss_D": 1.25, "loss_G": 0.5})
+    assert now.getvalue().startswith("[gan] step 2/4 loss_D=1.250 loss_G=0.500 ("), now.getvalue()

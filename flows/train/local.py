@@ -38,7 +38,9 @@ class FamilyResult:
     out_dir: str
 
 
-def _progress(family: str, total: int, stream=sys.stderr):
+def _progress(family: str, total: int, stream=None):
+    """Progress lines to ``stream``, or to sys.stderr as it is at each line (bound at import,
+    a default kept a stream that a caller had since closed: pytest's capture, a redirect)."""
     start = time.perf_counter()
 
     def cb(state, m: dict[str, float]) -> None:
@@ -47,7 +49,7 @@ def _progress(family: str, total: int, stream=sys.stderr):
         eta = (total - state.step) / max(rate, 1e-9)
         print(
             f"[{family}] step {state.step}/{total} {losses} ({rate:.0f} it/s, eta {eta:.0f}s)",
-            file=stream,
+            file=stream or sys.stderr,
             flush=True,
         )
 
