@@ -480,6 +480,7 @@ _STORES_BY_COMMAND = {
     "models": ("tracking",),
 }
 PROBE_PREFIX = ".ganflow-write-check-"
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def local_stores(command: str, args: object = None) -> list[tuple[str, Path, str, bool]]:
@@ -540,8 +541,15 @@ def check_writable(what: str, path: Path, fix: str, is_file: bool = False) -> No
         if is_file and path.is_dir():
             raise _NotWritable("is a folder, not a database file")
         if is_file and path.exists():
-            with open(path, "r+b"):
-                pass
+            with open(path, "r+b") as db:
+                head = db.read(16)
+            # An empty file is a new database to SQLite; anything else must say it is one
+            # (a damaged or foreign file was MLflow's raw 'file is not a database' traceback).
+            if head and head != SQLITE_HEADER:
+                raise PreflightError(
+                    f"{what} {path} is not an SQLite database (damaged, or another kind of "
+                    f"file); {fix}"
+                )
         folder = path.parent if is_file else path
         existing = next(p for p in (folder, *folder.parents) if p.exists())
         if not existing.is_dir():

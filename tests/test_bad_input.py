@@ -366,6 +366,15 @@ def test_full_disk_ends_ganflow_train_in_one_line(
 # cannot be created even by root (ENOTDIR), whom permission bits do not stop; the real
 # permission case, as an unprivileged user, is test_unwritable_as_another_user below.
 STORE_CASES = [
+    # A file that is not a database (damaged, or another kind): MLflow's own traceback before.
+    (
+        ["models"],
+        "MLFLOW_TRACKING_URI",
+        "sqlite:///{file}",
+        "MLflow tracking store {file} is not an SQLite database (damaged, or another kind of "
+        "file); set MLFLOW_TRACKING_URI",
+    ),
+    (["train", "--family", "gan"], "MLFLOW_TRACKING_URI", "sqlite:///{file}", "is not an SQLite"),
     (
         ["ingest", "builtin:digits"],
         "GANFLOW_HOME",
