@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar
 
+from flows.errors import first_line
 from flows.settings import redact
 
 T = TypeVar("T")
@@ -383,17 +384,11 @@ def _init_ray(log_to_driver: bool) -> None:
             except Exception as exc:  # a version mismatch, a cluster gone since the check
                 _shutdown_quietly()
                 raise PreflightError(
-                    f"Ray cluster at {address}: could not connect ({_first_line(exc)}); "
+                    f"Ray cluster at {address}: could not connect ({first_line(exc)}); "
                     "start it or fix RAY_ADDRESS"
                 ) from None
         else:
             _start_local_ray(log_to_driver=log_to_driver, **kwargs)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _shutdown_quietly() -> None:
@@ -436,7 +431,7 @@ def _start_local_ray(**init_kwargs) -> str:
             _shutdown_quietly()
             logs = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray"
             raise PreflightError(
-                f"Ray: the local instance did not start ({_first_line(exc)}); check free "
+                f"Ray: the local instance did not start ({first_line(exc)}); check free "
                 f"memory, disk and RAY_TMPDIR (Ray's logs: {logs}/session_latest/logs), or set "
                 "RAY_ADDRESS to a running cluster"
             ) from None

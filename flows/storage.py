@@ -141,12 +141,15 @@ def with_retries(
     attempts: int | None = None,
     base_delay: float = 0.2,
     sleep: Callable[[float], None] = time.sleep,
+    transient: Callable[[BaseException], bool] = is_transient,
     **kwargs,
 ) -> T:
-    """Call fn, retrying transient storage errors with exponential backoff (0.2 s, 0.4 s...).
+    """Call fn, retrying transient errors with exponential backoff (0.2 s, 0.4 s...).
 
-    attempts defaults to GANFLOW_STORAGE_RETRIES + 1 (4 in all). Non-transient errors
-    (missing path, denied access) are raised at once: retrying them only delays the message.
+    attempts defaults to GANFLOW_STORAGE_RETRIES + 1 (4 in all). ``transient`` says which
+    errors are worth another try (storage's by default; the registry passes MLflow's).
+    Others (missing path, denied access) are raised at once: retrying them only delays the
+    message.
     """
     if attempts is None:
         attempts = int(os.environ.get("GANFLOW_STORAGE_RETRIES", "3")) + 1
@@ -154,7 +157,7 @@ def with_retries(
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            if attempt == attempts - 1 or not is_transient(exc):
+            if attempt == attempts - 1 or not transient(exc):
                 raise
             sleep(base_delay * 2**attempt)
     raise AssertionError("unreachable")

@@ -66,10 +66,10 @@ def _client(tracking_uri: str | None = None):
 
 def _mlflow_error(client, exc) -> RegistryError:
     """An MLflow failure that is not 'not found' as one line naming the server."""
+    from flows.errors import first_line
     from flows.settings import redact
 
-    first = (getattr(exc, "message", None) or str(exc)).strip().splitlines()[0][:300]
-    return RegistryError(f"MLflow at {redact(client.tracking_uri)}: {first}")
+    return RegistryError(f"MLflow at {redact(client.tracking_uri)}: {first_line(exc)}")
 
 
 def is_lock(model) -> bool:

@@ -60,6 +60,7 @@ from flows.registry.models import (
     load_generator,
 )
 from flows.registry.package import HISTORY_TAG, RegistryError
+from flows.storage import with_retries
 from gan_core.config import GanConfig
 from gan_core.evaluate import evaluate, gate_failure, primary_metric
 from gan_core.overrides import apply_overrides
@@ -79,21 +80,13 @@ def _transient(exc) -> bool:
     return getattr(exc, "error_code", None) in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
 
 
-def _retrying(call, *args, tries: int = 4, **kwargs):
-    """call(*args, **kwargs), tried again on a transient registry error (a failed SQLite write
-    is rolled back, so a retry does it once). For the lock's calls and the decision's writes,
-    which are idempotent: on one SQLite file, another model's promotion or a training run's
-    logging can cross them (the pipeline promotes its families side by side)."""
-    from mlflow.exceptions import MlflowException
-
-    for attempt in range(tries):
-        try:
-            return call(*args, **kwargs)
-        except MlflowException as exc:
-            if attempt == tries - 1 or not _transient(exc):
-                raise
-            time.sleep(0.2 * 2**attempt)
-    raise AssertionError("unreachable")
+def _retrying(call, *args, **kwargs):
+    """call(*args, **kwargs), tried again (4 tries in all) on a transient registry error (a
+    failed SQLite write is rolled back, so a retry does it once). For the lock's calls and the
+    decision's writes, which are idempotent: on one SQLite file, another model's promotion or
+    a training run's logging can cross them (the pipeline promotes its families side by
+    side)."""
+    return with_retries(call, *args, attempts=4, transient=_transient, **kwargs)
 
 
 class PromotionLock:
@@ -233,7 +226,7 @@ class PromotionLock:
                 )
             except MlflowException as exc:
                 # Only a missing entry means the lock was broken. Anything else (a SQLite file
-                # another writer holds past its 5 s busy timeout, a server's 503) is transient:
+                # another writer holds past MLflow's 20 s busy timeout, a server's 503) is transient:
                 # giving up the beat on it let a contender break a live holder's lock.
                 if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
                     self._lost = True

@@ -386,7 +386,7 @@ def report_checkpoint(state, metrics: dict, rank: int, world_size: int, best=Non
     import ray.train
 
     with staging_folder() as tmp:
-        write_checkpoint(state, Path(tmp), rank, world_size, best)
+        write_checkpoint(state, tmp, rank, world_size, best)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),

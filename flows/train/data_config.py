@@ -149,7 +149,9 @@ def dry_run(cfg: GanConfig, train, heldout) -> None:
                 evaluate(trial, eval_models(state), probe, judge)
                 sample_grid(trial, eval_models(state), probe)
     except (RuntimeError, ValueError, IndexError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        from flows.errors import first_line
+
+        first = first_line(exc)
         raise ConfigError(
             f"the {cfg.family} config does not run on {cfg.data.dataset} "
             f"({cfg.data.image_size}px, {cfg.data.channels} ch, model.arch={cfg.model.arch}): {first}"
